@@ -1,0 +1,44 @@
+"""mmconnect: Dense Connector for multimodal LLMs.
+
+Take features from many layers of a vision encoder, fuse them (STI / SCI / DCI) and project them
+to the LLM. Importing this package needs only torch, einops and safetensors; the adapters for
+transformers, timm, open_clip and peft live in :mod:`mmconnect.integrations`.
+
+Layer indices everywhere follow the HF ``hidden_states`` convention: 0 is the embedding output,
+``k`` the output of block ``k``, negatives count from the end (see :mod:`mmconnect.layers`).
+"""
+
+from mmconnect.config import ConnectorConfig
+from mmconnect.connector import DenseConnector
+from mmconnect.encoder_blocks import EncoderBlocks, find_encoder_blocks
+from mmconnect.features import LayerFeatures
+from mmconnect.fusion import concat, grouped_average, pool_tokens, stack
+from mmconnect.layers import normalize_layer, paper_layer
+from mmconnect.presets import list_presets
+from mmconnect.projectors import build_projector, list_projectors, load_projector_weights, register_projector
+from mmconnect.resample import TokenResampler, resample_tokens
+from mmconnect.tap import MultiLayerFeatureTap
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConnectorConfig",
+    "DenseConnector",
+    "EncoderBlocks",
+    "LayerFeatures",
+    "MultiLayerFeatureTap",
+    "TokenResampler",
+    "build_projector",
+    "concat",
+    "find_encoder_blocks",
+    "grouped_average",
+    "list_presets",
+    "list_projectors",
+    "load_projector_weights",
+    "normalize_layer",
+    "paper_layer",
+    "pool_tokens",
+    "register_projector",
+    "resample_tokens",
+    "stack",
+]

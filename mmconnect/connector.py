@@ -1,0 +1,232 @@
+"""``DenseConnector``: fuse tapped encoder layers, resample, project to the LLM width.
+
+Example:
+    >>> config = ConnectorConfig.from_preset("dc-dci-clip-l-336", vision_dim=32, llm_dim=64)
+    >>> connector = DenseConnector(config)
+    >>> connector.num_tokens((24, 24))
+    576
+    >>> tap = connector.make_tap(clip_vision_model)          # doctest: +SKIP
+    >>> tokens = connector(tap(pixel_values))                 # [B, 576, 64]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mmconnect.checkpoint import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    prepare_directory,
+    read_state_dict,
+    write_state_dict,
+)
+from mmconnect.config import ConnectorConfig
+from mmconnect.features import LayerFeatures, check_grid, infer_square_grid
+from mmconnect.fusion import ChannelConcat, Fusion, GroupedChannelConcat, TokenStack, require_layer
+from mmconnect.layers import normalize_groups, normalize_layer, normalize_layers
+from mmconnect.projectors import build_projector, load_projector_weights
+from mmconnect.resample import TokenResampler
+from mmconnect.tap import MultiLayerFeatureTap
+
+
+def build_fusion(config: ConnectorConfig) -> Fusion:
+    """The fusion module of ``config`` with its layer indices made non-negative."""
+    final = normalize_layer(config.final_layer, config.num_layers, argument="final_layer")
+    layers = normalize_layers(config.layers, config.num_layers, argument="layers")
+    if config.fusion == "sti":
+        return TokenStack(final, layers, window=config.sti_window, mode=config.sti_pool)
+    if config.fusion == "dci":
+        groups = normalize_groups(config.groups, config.num_layers, argument="groups")
+        return GroupedChannelConcat(final, groups, accumulate_dtype=config.accumulate_torch_dtype)
+    return ChannelConcat(final, layers)  # "sci"; "none" has no extra layers
+
+
+class DenseConnector(nn.Module):
+    """A Dense Connector: multi-layer fusion -> optional resampling -> projector.
+
+    Input: a mapping ``layer -> [B, N, C]`` (a :class:`LayerFeatures` from a tap, or any dict
+    with non-negative HF ``hidden_states`` indices; prefix tokens already dropped).
+    Output: ``[B, num_tokens(grid), llm_dim]``.
+
+    Attributes:
+        config: the :class:`ConnectorConfig`.
+        fusion: the fusion module (STI / SCI / DCI / single layer).
+        resampler: the token resampler, or ``None``.
+        projector: the projector (``mlp2x_gelu`` keys ``0.*``, ``2.*`` as in LLaVA).
+    """
+
+    def __init__(self, config: ConnectorConfig) -> None:
+        super().__init__()
+        if not isinstance(config, ConnectorConfig):
+            raise TypeError(f"config must be a ConnectorConfig, got {type(config).__name__}")
+        self.config = config
+        self.fusion = build_fusion(config)
+        self.resampler = (
+            TokenResampler(config.resample_grid, config.resample_mode) if config.resample_grid else None
+        )
+        self.projector = build_projector(
+            config.projector, self.fusion.output_channels(config.vision_dim), config.llm_dim
+        )
+
+    # ------------------------------------------------------------------ what it reads
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """Every non-negative layer index the connector reads, sorted (group members included)."""
+        members = {layer for group in self.fusion.groups for layer in group}
+        return tuple(sorted(set(self.fusion.layers) | members))
+
+    @property
+    def individual_layers(self) -> tuple[int, ...]:
+        """The layers read one by one, final layer first (a streaming tap captures only these)."""
+        return self.fusion.layers
+
+    @property
+    def groups(self) -> tuple[tuple[int, ...], ...]:
+        """The DCI layer groups (non-negative indices); empty for other fusions."""
+        return self.fusion.groups
+
+    def make_tap(self, encoder: nn.Module, *, streaming: bool = True, **tap_options: Any) -> MultiLayerFeatureTap:
+        """A :class:`MultiLayerFeatureTap` on ``encoder`` that captures what this connector needs.
+
+        Args:
+            encoder: the vision encoder.
+            streaming: average DCI groups inside the tap (one running sum per group) instead of
+                holding every member layer.
+            tap_options: further :class:`MultiLayerFeatureTap` options (``blocks``, ``early_exit``...).
+
+        Raises:
+            ValueError: the encoder's depth differs from ``config.num_layers``.
+        """
+        if streaming:
+            tap_options.setdefault("accumulate_dtype", self.config.accumulate_torch_dtype)
+            tap = MultiLayerFeatureTap(encoder, self.individual_layers, groups=self.groups, **tap_options)
+        else:
+            tap = MultiLayerFeatureTap(encoder, self.layers, **tap_options)
+        if tap.num_layers != self.config.num_layers:
+            raise ValueError(
+                f"the encoder has {tap.num_layers} blocks but the connector config says "
+                f"num_layers={self.config.num_layers}; build the config for this encoder"
+            )
+        return tap
+
+    # ------------------------------------------------------------------ token bookkeeping
+    def num_tokens(self, grid: tuple[int, int]) -> int:
+        """The output token count for an encoder token grid ``(height, width)``; runs nothing."""
+        if self.resampler is not None:
+            return self.resampler.target[0] * self.resampler.target[1]
+        return self.fusion.num_tokens(grid)
+
+    @property
+    def fused_dim(self) -> int:
+        """Channel width of :meth:`fuse`'s output (the projector's input)."""
+        return self.fusion.output_channels(self.config.vision_dim)
+
+    # ------------------------------------------------------------------ forward
+    def _resolve_grid(self, features: Mapping[int, Tensor], grid: tuple[int, int] | None) -> tuple[int, int]:
+        final = require_layer(features, self.fusion.final_layer)
+        if grid is None:
+            if isinstance(features, LayerFeatures) and self.fusion.final_layer in features.grids:
+                grid = features.grids[self.fusion.final_layer]
+            else:
+                grid = infer_square_grid(final.shape[1])
+        check_grid(final, grid, argument=f"features[{self.fusion.final_layer}]")
+        return grid
+
+    def _check_widths(self, features: Mapping[int, Tensor]) -> None:
+        expected = self.config.vision_dim
+        tensors = [(f"layer {layer}", require_layer(features, layer)) for layer in self.fusion.layers]
+        if isinstance(features, LayerFeatures):
+            tensors += [(f"group {group[0]}..{group[-1]}", mean) for group, mean in features.group_means.items()]
+        for name, tensor in tensors:
+            if tensor.dim() != 3:
+                raise ValueError(f"features {name} must be [batch, tokens, channels], got {tuple(tensor.shape)}")
+            if tensor.shape[-1] != expected:
+                raise ValueError(
+                    f"features {name} has {tensor.shape[-1]} channels but config.vision_dim is "
+                    f"{expected}: channel widths differ across fused layers or from the config"
+                )
+
+    def fuse(self, features: Mapping[int, Tensor], grid: tuple[int, int] | None = None) -> Tensor:
+        """The fused features before the projector: ``[B, N, C_fused]``.
+
+        Args:
+            features: layer index -> ``[B, h*w, C]``.
+            grid: ``(h, w)``; defaults to the grid the tap recorded, else a square grid.
+
+        With ``resample_placement="before_projector"`` the result is already resampled.
+        """
+        return self._fuse(features, grid)[0]
+
+    def forward(self, features: Mapping[int, Tensor], grid: tuple[int, int] | None = None) -> Tensor:
+        """Fuse, project and (if so configured) resample: ``-> [B, num_tokens(grid), llm_dim]``."""
+        fused, grid = self._fuse(features, grid)
+        weight = next(self.projector.parameters(), None)
+        if weight is not None and fused.dtype != weight.dtype:
+            fused = fused.to(weight.dtype)  # e.g. a bf16 tower feeding an fp32 connector
+        projected = self.projector(fused)
+        if self.resampler is not None and self.config.resample_placement == "after_projector":
+            projected = self.resampler(projected, grid)
+        return projected
+
+    def _fuse(
+        self, features: Mapping[int, Tensor], grid: tuple[int, int] | None
+    ) -> tuple[Tensor, tuple[int, int]]:
+        if not isinstance(features, Mapping):
+            raise TypeError(
+                "features must be a mapping from layer index to [B, tokens, C] (e.g. a tap's "
+                f"LayerFeatures or LayerFeatures.from_hidden_states(...)), got {type(features).__name__}"
+            )
+        grid = self._resolve_grid(features, grid)
+        self._check_widths(features)
+        fused = self.fusion(features, grid)
+        if self.resampler is not None and self.config.resample_placement == "before_projector":
+            fused = self.resampler(fused, grid)
+        return fused, grid
+
+    # ------------------------------------------------------------------ weights
+    def load_projector_weights(self, source: str | Path | Mapping[str, Tensor]) -> None:
+        """Load official LLaVA / Dense Connector ``mm_projector.bin`` or HF LLaVA projector weights.
+
+        See :func:`mmconnect.projectors.load_projector_weights`.
+        """
+        load_projector_weights(self.projector, source)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write ``config.json`` and ``model.safetensors`` into ``directory``."""
+        directory = prepare_directory(directory)
+        self.config.save(directory / CONFIG_NAME)
+        write_state_dict(self.state_dict(), directory / WEIGHTS_NAME)
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | Path, *, map_location: str | torch.device = "cpu"
+    ) -> DenseConnector:
+        """Load a connector written by :meth:`save_pretrained`.
+
+        Raises:
+            ValueError: the weights do not match the config (missing / unexpected keys or shapes).
+        """
+        directory = Path(directory)
+        connector = cls(ConnectorConfig.load(directory / CONFIG_NAME))
+        state = read_state_dict(directory / WEIGHTS_NAME)
+        connector.load_checked_state_dict(state, source=str(directory / WEIGHTS_NAME))
+        return connector.to(map_location)
+
+    def load_checked_state_dict(self, state: Mapping[str, Tensor], *, source: str = "state dict") -> None:
+        """``load_state_dict`` with one clear error listing every key or shape that does not fit."""
+        expected = self.state_dict()
+        problems = [f"missing {key}" for key in expected if key not in state]
+        problems += [f"unexpected {key}" for key in state if key not in expected]
+        problems += [
+            f"{key}: {tuple(state[key].shape)} in the file, {tuple(value.shape)} expected by the config"
+            for key, value in expected.items()
+            if key in state and state[key].shape != value.shape
+        ]
+        if problems:
+            raise ValueError(f"{source} does not match the connector config: " + "; ".join(problems))
+        self.load_state_dict(state)

@@ -1,0 +1,173 @@
+"""Finding the block list of a vision encoder from its structure (never from its name).
+
+A multi-layer tap needs three facts about an encoder: the ordered list of blocks whose outputs are
+the layers ``1 .. L``, how many prefix tokens (CLS, registers) lead each token sequence, and how to
+read a block's output as ``[batch, tokens, channels]``. :func:`find_encoder_blocks` reads them off
+the module tree, duck-typed:
+
+================================  ====================================  =======================
+layout                            block list                            prefix tokens from
+================================  ====================================  =======================
+HF CLIP / SigLIP (>= 5.6)         ``encoder.layers``                    ``embeddings`` positions
+HF CLIP / SigLIP (older, or       ``vision_model.encoder.layers``       ``embeddings`` positions
+the full CLIP model)
+timm ViT (CLS + registers)        ``blocks``                            ``num_prefix_tokens``
+open_clip ``VisionTransformer``   ``transformer.resblocks``             ``class_embedding``
+open_clip CLIP model              ``visual.transformer.resblocks``      ``class_embedding``
+timm ConvNeXt                     ``stages``                            none (4-D outputs)
+open_clip ConvNeXt (timm trunk)   ``trunk.stages`` / ``visual.trunk.*``  none (4-D outputs)
+================================  ====================================  =======================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+#: (block list path, owner path) pairs tried in order; the owner holds the embeddings.
+_KNOWN_LAYOUTS: tuple[tuple[str, str], ...] = (
+    ("encoder.layers", ""),
+    ("vision_model.encoder.layers", "vision_model"),
+    ("vision_tower.encoder.layers", "vision_tower"),
+    ("vision_tower.vision_model.encoder.layers", "vision_tower.vision_model"),
+    ("blocks", ""),
+    ("transformer.resblocks", ""),
+    ("visual.transformer.resblocks", "visual"),
+    ("stages", ""),
+    ("trunk.stages", "trunk"),
+    ("trunk.blocks", "trunk"),
+    ("visual.trunk.stages", "visual.trunk"),
+    ("visual.trunk.blocks", "visual.trunk"),
+)
+
+
+@dataclass(frozen=True)
+class EncoderBlocks:
+    """The structure of a vision encoder as the tap sees it.
+
+    Attributes:
+        blocks: the ordered blocks; the output of ``blocks[k - 1]`` is layer ``k``.
+        path: the dotted path of ``blocks`` inside the encoder.
+        owner: the module that holds the embeddings (and the prefix-token parameters).
+        num_prefix_tokens: CLS and register tokens leading every token sequence, or ``None``
+            when the structure does not tell (then it is inferred from the patch grid at run time).
+        patch_embedding: the convolution that makes the patch grid (its output's spatial shape
+            is the token grid), or ``None``.
+        batch_first: ``False`` when blocks exchange ``[tokens, batch, channels]`` tensors
+            (open_clip built with ``batch_first=False``).
+    """
+
+    blocks: nn.ModuleList | nn.Sequential
+    path: str
+    owner: nn.Module
+    num_prefix_tokens: int | None
+    patch_embedding: nn.Conv2d | None
+    batch_first: bool
+
+    @property
+    def num_layers(self) -> int:
+        """The number of blocks ``L``; valid layer indices are ``0 .. L``."""
+        return len(self.blocks)
+
+
+def _resolve(module: nn.Module, path: str) -> nn.Module | None:
+    """Follow a dotted attribute path; ``None`` where any step is missing or not a module."""
+    current: object = module
+    for name in path.split(".") if path else ():
+        current = getattr(current, name, None)
+        if current is None:
+            return None
+    return current if isinstance(current, nn.Module) else None
+
+
+def _is_block_list(module: nn.Module | None) -> bool:
+    return isinstance(module, nn.ModuleList | nn.Sequential) and len(module) > 0
+
+
+def _count_prefix_tokens(owner: nn.Module) -> int | None:
+    """Prefix tokens from the owner's structure: timm attribute, HF positions, open_clip CLS."""
+    timm_count = getattr(owner, "num_prefix_tokens", None)
+    if isinstance(timm_count, int) and not isinstance(timm_count, bool):
+        return timm_count
+    embeddings = getattr(owner, "embeddings", None)
+    positions = getattr(embeddings, "num_positions", None)
+    patches = getattr(embeddings, "num_patches", None)
+    if isinstance(positions, int) and isinstance(patches, int) and positions >= patches:
+        # HF: CLIP has one position more than patches (its CLS token), SigLIP none.
+        return positions - patches
+    if hasattr(owner, "class_embedding"):
+        return 0 if owner.class_embedding is None else 1
+    return None
+
+
+def _find_patch_embedding(owner: nn.Module, blocks: nn.Module) -> nn.Conv2d | None:
+    """The first ``Conv2d`` of the owner that is not inside the block list."""
+    inside_blocks = {id(module) for module in blocks.modules()}
+    for module in owner.modules():
+        if isinstance(module, nn.Conv2d) and id(module) not in inside_blocks:
+            return module
+    return None
+
+
+def find_encoder_blocks(
+    encoder: nn.Module, blocks: str | None = None, *, num_prefix_tokens: int | None = None
+) -> EncoderBlocks:
+    """Discover the block list, prefix-token count and token layout of a vision encoder.
+
+    Args:
+        encoder: an HF ``CLIPVisionModel`` / ``SiglipVisionModel`` (any transformers layout), a
+            timm ``VisionTransformer`` or ``ConvNeXt``, an open_clip ``VisionTransformer``,
+            ``TimmModel`` or full CLIP model, or any module whose blocks ``blocks`` names.
+        blocks: a dotted path to the ``nn.ModuleList`` / ``nn.Sequential`` of blocks inside
+            ``encoder`` (e.g. ``"encoder.layers"``); overrides discovery.
+        num_prefix_tokens: overrides the prefix-token count read from the structure.
+
+    Raises:
+        TypeError: ``encoder`` is not an ``nn.Module``.
+        ValueError: no block list is found (the message says how to pass ``blocks=``), or
+            ``blocks`` does not name a non-empty block list.
+    """
+    if not isinstance(encoder, nn.Module):
+        raise TypeError(f"encoder must be a torch.nn.Module, got {type(encoder).__name__}")
+    if num_prefix_tokens is not None and (
+        isinstance(num_prefix_tokens, bool)
+        or not isinstance(num_prefix_tokens, int)
+        or num_prefix_tokens < 0
+    ):
+        raise ValueError(f"num_prefix_tokens must be a non-negative int, got {num_prefix_tokens!r}")
+
+    if blocks is not None:
+        if not isinstance(blocks, str) or not blocks:
+            raise TypeError(f"blocks must be a dotted module path such as 'encoder.layers', got {blocks!r}")
+        found = _resolve(encoder, blocks)
+        if not _is_block_list(found):
+            raise ValueError(
+                f"blocks={blocks!r} does not name a non-empty nn.ModuleList or nn.Sequential inside "
+                f"{type(encoder).__name__} (found {type(found).__name__ if found is not None else 'nothing'})"
+            )
+        path, owner = blocks, encoder
+    else:
+        for candidate, owner_path in _KNOWN_LAYOUTS:
+            found = _resolve(encoder, candidate)
+            if _is_block_list(found):
+                # Owner paths are prefixes of their block paths, so they resolve too.
+                path, owner = candidate, _resolve(encoder, owner_path) or encoder
+                break
+        else:
+            children = ", ".join(name for name, _ in encoder.named_children()) or "none"
+            raise ValueError(
+                f"could not find the block list of {type(encoder).__name__} (children: {children}); "
+                f"pass blocks='dotted.path.to.blocks' naming its nn.ModuleList of blocks, "
+                f"e.g. MultiLayerFeatureTap(encoder, layers, blocks='encoder.layers')"
+            )
+
+    parent = _resolve(encoder, path.rpartition(".")[0]) if "." in path else encoder
+    return EncoderBlocks(
+        blocks=found,
+        path=path,
+        owner=owner,
+        num_prefix_tokens=num_prefix_tokens if num_prefix_tokens is not None else _count_prefix_tokens(owner),
+        patch_embedding=_find_patch_embedding(owner, found),
+        batch_first=bool(getattr(parent, "batch_first", True)),
+    )

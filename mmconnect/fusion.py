@@ -1,0 +1,280 @@
+"""Fusion of several encoder layers into one token sequence: the Dense Connector's STI, SCI, DCI.
+
+Pure functions on ``[B, N, C]`` tensors, composable into any variant:
+
+* :func:`stack` concatenates along tokens, :func:`pool_tokens` shrinks a token sequence,
+* :func:`concat` concatenates along channels,
+* :func:`grouped_average` averages groups of layers.
+
+The three published integrations are one line each (``f`` maps layer index to ``[B, N, C]``;
+indices in the HF ``hidden_states`` convention)::
+
+    sti = stack([f[23], pool_tokens(f[7], 8), pool_tokens(f[15], 8)])      # 576 + 72 + 72 tokens
+    sci = concat([f[23], f[7], f[15]])                                      # 3 * C channels
+    dci = concat([f[23], *grouped_average(f, [range(0, 12), range(12, 24)])])
+
+The modules at the end (:class:`TokenStack`, :class:`ChannelConcat`, :class:`GroupedChannelConcat`)
+wrap these compositions with the bookkeeping a connector needs: which layers they read, their
+output width and token count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from mmconnect.features import LayerFeatures, check_grid
+
+PoolMode = Literal["raster", "grid"]
+
+
+def _check_token_tensors(tensors: Sequence[Tensor], argument: str) -> None:
+    if isinstance(tensors, Tensor) or len(tensors) == 0:
+        raise ValueError(f"{argument} must be a non-empty sequence of [batch, tokens, channels] tensors")
+    for position, tensor in enumerate(tensors):
+        if not isinstance(tensor, Tensor) or tensor.dim() != 3:
+            shape = tuple(tensor.shape) if isinstance(tensor, Tensor) else type(tensor).__name__
+            raise ValueError(f"{argument}[{position}] must be a [batch, tokens, channels] tensor, got {shape}")
+        if tensor.shape[0] != tensors[0].shape[0]:
+            raise ValueError(
+                f"{argument} have different batch sizes: {tensors[0].shape[0]} and "
+                f"{tensor.shape[0]} (at position {position})"
+            )
+
+
+def stack(tensors: Sequence[Tensor]) -> Tensor:
+    """Concatenate token sequences along the token axis (STI), in the given order.
+
+    Shapes: ``[B, N_i, C]`` each -> ``[B, sum(N_i), C]``.
+
+    Raises:
+        ValueError: the channel widths differ.
+    """
+    _check_token_tensors(tensors, "tensors")
+    widths = [tensor.shape[-1] for tensor in tensors]
+    if len(set(widths)) != 1:
+        raise ValueError(
+            f"cannot stack along tokens: channel widths differ across fused layers ({widths}); "
+            "stacking needs one width (use concat for different widths)"
+        )
+    return torch.cat(list(tensors), dim=1)
+
+
+def concat(tensors: Sequence[Tensor]) -> Tensor:
+    """Concatenate token sequences along channels (SCI, DCI), in the given order.
+
+    Shapes: ``[B, N, C_i]`` each -> ``[B, N, sum(C_i)]``.
+
+    Raises:
+        ValueError: the token counts differ.
+    """
+    _check_token_tensors(tensors, "tensors")
+    counts = [tensor.shape[1] for tensor in tensors]
+    if len(set(counts)) != 1:
+        raise ValueError(
+            f"cannot concatenate along channels: token counts differ across fused layers ({counts})"
+        )
+    return torch.cat(list(tensors), dim=-1)
+
+
+def pool_tokens(
+    tokens: Tensor, window: int, *, mode: PoolMode = "raster", grid: tuple[int, int] | None = None
+) -> Tensor:
+    """Average-pool a token sequence with a window equal to its stride (remainders dropped).
+
+    ``mode="raster"`` pools the flattened raster sequence in 1-D, as the official STI does: windows
+    cross grid rows, ``[B, N, C] -> [B, N // window, C]`` (576 -> 72 for window 8, 729 -> 91).
+    ``mode="grid"`` pools the ``(height, width)`` grid in 2-D with a ``window x window`` kernel:
+    ``[B, h*w, C] -> [B, (h // window) * (w // window), C]``.
+
+    Raises:
+        ValueError: ``window`` is not a positive int or exceeds the sequence (or grid), or the
+            tokens do not form ``grid``.
+    """
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be a positive int, got {window!r}")
+    _check_token_tensors([tokens], "tokens")
+    if mode == "raster":
+        if window > tokens.shape[1]:
+            raise ValueError(f"window={window} is larger than the {tokens.shape[1]} tokens it pools")
+        pooled = F.avg_pool1d(rearrange(tokens, "b n c -> b c n"), kernel_size=window, stride=window)
+        return rearrange(pooled, "b c n -> b n c")
+    if mode == "grid":
+        if grid is None:
+            raise ValueError("mode='grid' needs grid=(height, width)")
+        check_grid(tokens, grid, argument="tokens")
+        height, width = grid
+        if window > min(height, width):
+            raise ValueError(f"window={window} is larger than the {height}x{width} grid it pools")
+        maps = rearrange(tokens, "b (h w) c -> b c h w", h=height, w=width)
+        pooled = F.avg_pool2d(maps, kernel_size=window, stride=window)
+        return rearrange(pooled, "b c h w -> b (h w) c")
+    raise ValueError(f"mode must be 'raster' or 'grid', got {mode!r}")
+
+
+def pooled_token_count(num_tokens: int, grid: tuple[int, int], window: int, mode: PoolMode) -> int:
+    """How many tokens :func:`pool_tokens` returns, without running it."""
+    if mode == "raster":
+        return num_tokens // window
+    return (grid[0] // window) * (grid[1] // window)
+
+
+def require_layer(features: Mapping[int, Tensor], layer: int) -> Tensor:
+    """``features[layer]`` with a clear error naming what is missing and what is there."""
+    try:
+        return features[layer]
+    except (KeyError, IndexError):
+        available = sorted(features) if isinstance(features, Mapping) else list(range(len(features)))
+        raise ValueError(
+            f"features are missing layer {layer}, which the connector needs; they hold layers "
+            f"{available} (build the tap with connector.layers / connector.groups, or pass all "
+            "hidden states)"
+        ) from None
+
+
+def grouped_average(
+    features: Mapping[int, Tensor],
+    groups: Iterable[Iterable[int]],
+    *,
+    accumulate_dtype: torch.dtype | None = None,
+) -> list[Tensor]:
+    """Mean over each group of layers (DCI), one ``[B, N, C]`` tensor per group.
+
+    Follows the official code: stack the group's layers, sum, divide by the group size, all in
+    the features' dtype unless ``accumulate_dtype`` upcasts (the result is cast back). When
+    ``features`` is a :class:`LayerFeatures` that already holds a group's streamed mean, that
+    mean is used.
+
+    Args:
+        features: layer index -> ``[B, N, C]`` (non-negative HF ``hidden_states`` indices).
+        groups: the layer indices of each group.
+
+    Raises:
+        ValueError: a group is empty, a layer is missing, or shapes differ within a group.
+    """
+    streamed = features.group_means if isinstance(features, LayerFeatures) else {}
+    means = []
+    for position, group in enumerate(groups):
+        members = tuple(group)
+        if not members:
+            raise ValueError(f"groups[{position}] is empty: every group needs at least one layer")
+        if members in streamed:
+            means.append(streamed[members])
+            continue
+        tensors = [require_layer(features, layer) for layer in members]
+        shapes = {tuple(tensor.shape) for tensor in tensors}
+        if len(shapes) != 1:
+            raise ValueError(f"groups[{position}] mixes layers of different shapes: {sorted(shapes)}")
+        dtype = tensors[0].dtype
+        total = torch.stack([tensor.to(accumulate_dtype or dtype) for tensor in tensors]).sum(dim=0)
+        means.append((total / len(members)).to(dtype))
+    return means
+
+
+# ---------------------------------------------------------------------------- modules
+
+
+class Fusion(nn.Module):
+    """Base of the fusion modules: the final layer first, then the extra layers or groups.
+
+    Attributes:
+        final_layer: the layer whose tokens lead the output (LLaVA's ``hidden_states[-2]``).
+        layers: every individual layer the module reads, final layer first.
+        groups: the layer groups it averages (empty unless DCI).
+    """
+
+    def __init__(self, final_layer: int, extra_layers: Sequence[int] = (), groups: Sequence[Sequence[int]] = ()):
+        super().__init__()
+        self.final_layer = final_layer
+        self.extra_layers = tuple(extra_layers)
+        self.layers = (final_layer, *self.extra_layers)
+        self.groups = tuple(tuple(group) for group in groups)
+
+    def output_channels(self, vision_dim: int) -> int:
+        """Channel width of the fused output for an encoder of width ``vision_dim``."""
+        return vision_dim
+
+    def num_tokens(self, grid: tuple[int, int]) -> int:
+        """Token count of the fused output for a ``(height, width)`` token grid."""
+        return grid[0] * grid[1]
+
+    def output_grid(self, grid: tuple[int, int]) -> tuple[int, int] | None:
+        """The output's token grid, or ``None`` when its tokens form no grid (STI)."""
+        return grid
+
+    def forward(self, features: Mapping[int, Tensor], grid: tuple[int, int]) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+class ChannelConcat(Fusion):
+    """SCI: ``concat([F, f[l1], f[l2], ...])`` along channels; with no extra layers, just ``F``.
+
+    ``[B, N, C]`` per layer -> ``[B, N, C * (1 + len(extra_layers))]``.
+    """
+
+    def output_channels(self, vision_dim: int) -> int:
+        return vision_dim * len(self.layers)
+
+    def forward(self, features: Mapping[int, Tensor], grid: tuple[int, int]) -> Tensor:
+        tensors = [require_layer(features, layer) for layer in self.layers]
+        return tensors[0] if len(tensors) == 1 else concat(tensors)
+
+
+class TokenStack(Fusion):
+    """STI: ``stack([F, pool(f[l1]), pool(f[l2]), ...])`` along tokens; width unchanged.
+
+    ``[B, N, C]`` per layer -> ``[B, N + len(extra_layers) * pooled, C]``.
+    """
+
+    def __init__(self, final_layer: int, extra_layers: Sequence[int], *, window: int, mode: PoolMode):
+        super().__init__(final_layer, extra_layers)
+        self.window = window
+        self.mode = mode
+
+    def num_tokens(self, grid: tuple[int, int]) -> int:
+        tokens = grid[0] * grid[1]
+        return tokens + len(self.extra_layers) * pooled_token_count(tokens, grid, self.window, self.mode)
+
+    def output_grid(self, grid: tuple[int, int]) -> tuple[int, int] | None:
+        return None
+
+    def forward(self, features: Mapping[int, Tensor], grid: tuple[int, int]) -> Tensor:
+        final = require_layer(features, self.final_layer)
+        shallow = [
+            pool_tokens(require_layer(features, layer), self.window, mode=self.mode, grid=grid)
+            for layer in self.extra_layers
+        ]
+        return stack([final, *shallow])
+
+    def extra_repr(self) -> str:
+        return f"layers={self.layers}, window={self.window}, mode={self.mode!r}"
+
+
+class GroupedChannelConcat(Fusion):
+    """DCI: ``concat([F, mean(group_1), mean(group_2), ...])`` along channels.
+
+    ``[B, N, C]`` per layer -> ``[B, N, C * (1 + len(groups))]``.
+    """
+
+    def __init__(
+        self, final_layer: int, groups: Sequence[Sequence[int]], *, accumulate_dtype: torch.dtype | None = None
+    ):
+        super().__init__(final_layer, (), groups)
+        self.accumulate_dtype = accumulate_dtype
+
+    def output_channels(self, vision_dim: int) -> int:
+        return vision_dim * (1 + len(self.groups))
+
+    def forward(self, features: Mapping[int, Tensor], grid: tuple[int, int]) -> Tensor:
+        final = require_layer(features, self.final_layer)
+        means = grouped_average(features, self.groups, accumulate_dtype=self.accumulate_dtype)
+        return concat([final, *means])
+
+    def extra_repr(self) -> str:
+        spans = ", ".join(f"{group[0]}..{group[-1]}" for group in self.groups)
+        return f"final_layer={self.final_layer}, groups=[{spans}]"
