@@ -15,7 +15,12 @@ from mmconnect.features import LayerFeatures
 from mmconnect.fusion import concat, grouped_average, pool_tokens, stack
 from mmconnect.layers import normalize_layer, paper_layer
 from mmconnect.presets import list_presets
-from mmconnect.projectors import build_projector, list_projectors, load_projector_weights, register_projector
+from mmconnect.projectors import (
+    build_projector,
+    list_projectors,
+    load_projector_weights,
+    register_projector,
+)
 from mmconnect.resample import TokenResampler, resample_tokens
 from mmconnect.tap import MultiLayerFeatureTap
 

@@ -46,7 +46,9 @@ def parse_dtype(name: str | None, *, argument: str = "accumulate_dtype") -> torc
         return None
     dtype = getattr(torch, name, None) if isinstance(name, str) else None
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"{argument} must be None or a floating dtype name such as 'float32', got {name!r}")
+        raise ValueError(
+            f"{argument} must be None or a floating dtype name such as 'float32', got {name!r}"
+        )
     return dtype
 
 
@@ -104,19 +106,27 @@ class ConnectorConfig:
         _check_iterable(self.groups, "groups")
         # The dataclass is frozen: normalise containers (lists, ranges) to tuples once, here.
         object.__setattr__(self, "layers", tuple(self.layers))
-        groups = tuple(tuple(_check_iterable(group, f"groups[{i}]")) for i, group in enumerate(self.groups))
+        groups = tuple(
+            tuple(_check_iterable(group, f"groups[{i}]")) for i, group in enumerate(self.groups)
+        )
         object.__setattr__(self, "groups", groups)
         final = normalize_layer(self.final_layer, self.num_layers, argument="final_layer")
         extra = normalize_layers(self.layers, self.num_layers, argument="layers")
         normalize_groups(self.groups, self.num_layers, argument="groups")
         if final in extra:
-            raise ValueError(f"layers contains the final layer {final} (final_layer={self.final_layer}); list only the extra layers")
+            raise ValueError(
+                f"layers contains the final layer {final} (final_layer={self.final_layer}); list only the extra layers"
+            )
         if self.fusion in ("sti", "sci") and (not self.layers or self.groups):
-            raise ValueError(f"fusion={self.fusion!r} needs at least one index in layers= and no groups=")
+            raise ValueError(
+                f"fusion={self.fusion!r} needs at least one index in layers= and no groups="
+            )
         if self.fusion == "dci" and (not self.groups or self.layers):
             raise ValueError("fusion='dci' needs at least one group in groups= and no layers=")
         if self.fusion == "none" and (self.layers or self.groups):
-            raise ValueError("fusion='none' uses only final_layer; pass neither layers= nor groups=")
+            raise ValueError(
+                "fusion='none' uses only final_layer; pass neither layers= nor groups="
+            )
         _choice(self.sti_pool, "sti_pool", STI_POOL_MODES)
         _choice(self.resample_mode, "resample_mode", RESAMPLE_MODES)
         _choice(self.resample_placement, "resample_placement", PLACEMENTS)
@@ -129,7 +139,9 @@ class ConnectorConfig:
                     "form no grid; resample with 'none', 'sci' or 'dci'"
                 )
         if self.projector not in list_projectors():
-            raise ValueError(f"unknown projector {self.projector!r}; known projectors: {', '.join(list_projectors())}")
+            raise ValueError(
+                f"unknown projector {self.projector!r}; known projectors: {', '.join(list_projectors())}"
+            )
         parse_dtype(self.accumulate_dtype)
 
     # ------------------------------------------------------------------ derived
@@ -163,7 +175,9 @@ class ConnectorConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown connector config keys {unknown}; known keys: {sorted(known)}")
+            raise ValueError(
+                f"unknown connector config keys {unknown}; known keys: {sorted(known)}"
+            )
         version = data.get("format_version", FORMAT_VERSION)
         if isinstance(version, int) and version > FORMAT_VERSION:
             raise ValueError(

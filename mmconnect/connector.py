@@ -26,6 +26,7 @@ from mmconnect.checkpoint import (
     write_state_dict,
 )
 from mmconnect.config import ConnectorConfig
+from mmconnect.encoder_blocks import find_encoder_blocks
 from mmconnect.features import LayerFeatures, check_grid, infer_square_grid
 from mmconnect.fusion import ChannelConcat, Fusion, GroupedChannelConcat, TokenStack, require_layer
 from mmconnect.layers import normalize_groups, normalize_layer, normalize_layers
@@ -67,7 +68,9 @@ class DenseConnector(nn.Module):
         self.config = config
         self.fusion = build_fusion(config)
         self.resampler = (
-            TokenResampler(config.resample_grid, config.resample_mode) if config.resample_grid else None
+            TokenResampler(config.resample_grid, config.resample_mode)
+            if config.resample_grid
+            else None
         )
         self.projector = build_projector(
             config.projector, self.fusion.output_channels(config.vision_dim), config.llm_dim
@@ -90,7 +93,9 @@ class DenseConnector(nn.Module):
         """The DCI layer groups (non-negative indices); empty for other fusions."""
         return self.fusion.groups
 
-    def make_tap(self, encoder: nn.Module, *, streaming: bool = True, **tap_options: Any) -> MultiLayerFeatureTap:
+    def make_tap(
+        self, encoder: nn.Module, *, streaming: bool = True, **tap_options: Any
+    ) -> MultiLayerFeatureTap:
         """A :class:`MultiLayerFeatureTap` on ``encoder`` that captures what this connector needs.
 
         Args:
@@ -102,17 +107,20 @@ class DenseConnector(nn.Module):
         Raises:
             ValueError: the encoder's depth differs from ``config.num_layers``.
         """
-        if streaming:
-            tap_options.setdefault("accumulate_dtype", self.config.accumulate_torch_dtype)
-            tap = MultiLayerFeatureTap(encoder, self.individual_layers, groups=self.groups, **tap_options)
-        else:
-            tap = MultiLayerFeatureTap(encoder, self.layers, **tap_options)
-        if tap.num_layers != self.config.num_layers:
+        # Check the depth first: on a shallower encoder the layer indices would otherwise fail
+        # with a less helpful out-of-range error.
+        depth = find_encoder_blocks(encoder, tap_options.get("blocks")).num_layers
+        if depth != self.config.num_layers:
             raise ValueError(
-                f"the encoder has {tap.num_layers} blocks but the connector config says "
+                f"the encoder has {depth} blocks but the connector config says "
                 f"num_layers={self.config.num_layers}; build the config for this encoder"
             )
-        return tap
+        if streaming:
+            tap_options.setdefault("accumulate_dtype", self.config.accumulate_torch_dtype)
+            return MultiLayerFeatureTap(
+                encoder, self.individual_layers, groups=self.groups, **tap_options
+            )
+        return MultiLayerFeatureTap(encoder, self.layers, **tap_options)
 
     # ------------------------------------------------------------------ token bookkeeping
     def num_tokens(self, grid: tuple[int, int]) -> int:
@@ -127,7 +135,9 @@ class DenseConnector(nn.Module):
         return self.fusion.output_channels(self.config.vision_dim)
 
     # ------------------------------------------------------------------ forward
-    def _resolve_grid(self, features: Mapping[int, Tensor], grid: tuple[int, int] | None) -> tuple[int, int]:
+    def _resolve_grid(
+        self, features: Mapping[int, Tensor], grid: tuple[int, int] | None
+    ) -> tuple[int, int]:
         final = require_layer(features, self.fusion.final_layer)
         if grid is None:
             if isinstance(features, LayerFeatures) and self.fusion.final_layer in features.grids:
@@ -139,12 +149,19 @@ class DenseConnector(nn.Module):
 
     def _check_widths(self, features: Mapping[int, Tensor]) -> None:
         expected = self.config.vision_dim
-        tensors = [(f"layer {layer}", require_layer(features, layer)) for layer in self.fusion.layers]
-        if isinstance(features, LayerFeatures):
-            tensors += [(f"group {group[0]}..{group[-1]}", mean) for group, mean in features.group_means.items()]
+        tensors = [
+            (f"layer {layer}", require_layer(features, layer)) for layer in self.fusion.layers
+        ]
+        streamed = features.group_means if isinstance(features, LayerFeatures) else {}
+        tensors += [(f"group {group[0]}..{group[-1]}", mean) for group, mean in streamed.items()]
+        for group in self.fusion.groups:  # groups averaged here: check their member layers
+            if group not in streamed:
+                tensors += [(f"layer {layer}", require_layer(features, layer)) for layer in group]
         for name, tensor in tensors:
             if tensor.dim() != 3:
-                raise ValueError(f"features {name} must be [batch, tokens, channels], got {tuple(tensor.shape)}")
+                raise ValueError(
+                    f"features {name} must be [batch, tokens, channels], got {tuple(tensor.shape)}"
+                )
             if tensor.shape[-1] != expected:
                 raise ValueError(
                     f"features {name} has {tensor.shape[-1]} channels but config.vision_dim is "
@@ -162,7 +179,9 @@ class DenseConnector(nn.Module):
         """
         return self._fuse(features, grid)[0]
 
-    def forward(self, features: Mapping[int, Tensor], grid: tuple[int, int] | None = None) -> Tensor:
+    def forward(
+        self, features: Mapping[int, Tensor], grid: tuple[int, int] | None = None
+    ) -> Tensor:
         """Fuse, project and (if so configured) resample: ``-> [B, num_tokens(grid), llm_dim]``."""
         fused, grid = self._fuse(features, grid)
         weight = next(self.projector.parameters(), None)
@@ -217,7 +236,9 @@ class DenseConnector(nn.Module):
         connector.load_checked_state_dict(state, source=str(directory / WEIGHTS_NAME))
         return connector.to(map_location)
 
-    def load_checked_state_dict(self, state: Mapping[str, Tensor], *, source: str = "state dict") -> None:
+    def load_checked_state_dict(
+        self, state: Mapping[str, Tensor], *, source: str = "state dict"
+    ) -> None:
         """``load_state_dict`` with one clear error listing every key or shape that does not fit."""
         expected = self.state_dict()
         problems = [f"missing {key}" for key in expected if key not in state]
@@ -228,5 +249,7 @@ class DenseConnector(nn.Module):
             if key in state and state[key].shape != value.shape
         ]
         if problems:
-            raise ValueError(f"{source} does not match the connector config: " + "; ".join(problems))
+            raise ValueError(
+                f"{source} does not match the connector config: " + "; ".join(problems)
+            )
         self.load_state_dict(state)

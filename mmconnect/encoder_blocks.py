@@ -26,19 +26,22 @@ from dataclasses import dataclass
 from torch import nn
 
 #: (block list path, owner path) pairs tried in order; the owner holds the embeddings.
+#: A vision tower nested in a multimodal model is tried before the top-level layouts, because such
+#: a model may keep its *text* tower at the top level (open_clip's ``CLIP`` holds its text
+#: ``transformer.resblocks`` next to ``visual``).
 _KNOWN_LAYOUTS: tuple[tuple[str, str], ...] = (
-    ("encoder.layers", ""),
     ("vision_model.encoder.layers", "vision_model"),
     ("vision_tower.encoder.layers", "vision_tower"),
     ("vision_tower.vision_model.encoder.layers", "vision_tower.vision_model"),
+    ("visual.transformer.resblocks", "visual"),
+    ("visual.trunk.stages", "visual.trunk"),
+    ("visual.trunk.blocks", "visual.trunk"),
+    ("encoder.layers", ""),
     ("blocks", ""),
     ("transformer.resblocks", ""),
-    ("visual.transformer.resblocks", "visual"),
     ("stages", ""),
     ("trunk.stages", "trunk"),
     ("trunk.blocks", "trunk"),
-    ("visual.trunk.stages", "visual.trunk"),
-    ("visual.trunk.blocks", "visual.trunk"),
 )
 
 
@@ -139,7 +142,9 @@ def find_encoder_blocks(
 
     if blocks is not None:
         if not isinstance(blocks, str) or not blocks:
-            raise TypeError(f"blocks must be a dotted module path such as 'encoder.layers', got {blocks!r}")
+            raise TypeError(
+                f"blocks must be a dotted module path such as 'encoder.layers', got {blocks!r}"
+            )
         found = _resolve(encoder, blocks)
         if not _is_block_list(found):
             raise ValueError(
@@ -167,7 +172,9 @@ def find_encoder_blocks(
         blocks=found,
         path=path,
         owner=owner,
-        num_prefix_tokens=num_prefix_tokens if num_prefix_tokens is not None else _count_prefix_tokens(owner),
+        num_prefix_tokens=num_prefix_tokens
+        if num_prefix_tokens is not None
+        else _count_prefix_tokens(owner),
         patch_embedding=_find_patch_embedding(owner, found),
         batch_first=bool(getattr(parent, "batch_first", True)),
     )

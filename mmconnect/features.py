@@ -110,7 +110,9 @@ def infer_square_grid(num_tokens: int) -> tuple[int, int]:
 def check_grid(tokens: Tensor, grid: tuple[int, int], *, argument: str = "features") -> None:
     """Raise a clear error unless ``tokens`` (``[B, N, C]``) has ``N == height * width``."""
     if tokens.dim() != 3:
-        raise ValueError(f"{argument} must be [batch, tokens, channels], got shape {tuple(tokens.shape)}")
+        raise ValueError(
+            f"{argument} must be [batch, tokens, channels], got shape {tuple(tokens.shape)}"
+        )
     height, width = grid
     if tokens.shape[1] != height * width:
         raise ValueError(

@@ -35,11 +35,15 @@ PoolMode = Literal["raster", "grid"]
 
 def _check_token_tensors(tensors: Sequence[Tensor], argument: str) -> None:
     if isinstance(tensors, Tensor) or len(tensors) == 0:
-        raise ValueError(f"{argument} must be a non-empty sequence of [batch, tokens, channels] tensors")
+        raise ValueError(
+            f"{argument} must be a non-empty sequence of [batch, tokens, channels] tensors"
+        )
     for position, tensor in enumerate(tensors):
         if not isinstance(tensor, Tensor) or tensor.dim() != 3:
             shape = tuple(tensor.shape) if isinstance(tensor, Tensor) else type(tensor).__name__
-            raise ValueError(f"{argument}[{position}] must be a [batch, tokens, channels] tensor, got {shape}")
+            raise ValueError(
+                f"{argument}[{position}] must be a [batch, tokens, channels] tensor, got {shape}"
+            )
         if tensor.shape[0] != tensors[0].shape[0]:
             raise ValueError(
                 f"{argument} have different batch sizes: {tensors[0].shape[0]} and "
@@ -101,8 +105,12 @@ def pool_tokens(
     _check_token_tensors([tokens], "tokens")
     if mode == "raster":
         if window > tokens.shape[1]:
-            raise ValueError(f"window={window} is larger than the {tokens.shape[1]} tokens it pools")
-        pooled = F.avg_pool1d(rearrange(tokens, "b n c -> b c n"), kernel_size=window, stride=window)
+            raise ValueError(
+                f"window={window} is larger than the {tokens.shape[1]} tokens it pools"
+            )
+        pooled = F.avg_pool1d(
+            rearrange(tokens, "b n c -> b c n"), kernel_size=window, stride=window
+        )
         return rearrange(pooled, "b c n -> b n c")
     if mode == "grid":
         if grid is None:
@@ -129,7 +137,9 @@ def require_layer(features: Mapping[int, Tensor], layer: int) -> Tensor:
     try:
         return features[layer]
     except (KeyError, IndexError):
-        available = sorted(features) if isinstance(features, Mapping) else list(range(len(features)))
+        available = (
+            sorted(features) if isinstance(features, Mapping) else list(range(len(features)))
+        )
         raise ValueError(
             f"features are missing layer {layer}, which the connector needs; they hold layers "
             f"{available} (build the tap with connector.layers / connector.groups, or pass all "
@@ -169,7 +179,9 @@ def grouped_average(
         tensors = [require_layer(features, layer) for layer in members]
         shapes = {tuple(tensor.shape) for tensor in tensors}
         if len(shapes) != 1:
-            raise ValueError(f"groups[{position}] mixes layers of different shapes: {sorted(shapes)}")
+            raise ValueError(
+                f"groups[{position}] mixes layers of different shapes: {sorted(shapes)}"
+            )
         dtype = tensors[0].dtype
         total = torch.stack([tensor.to(accumulate_dtype or dtype) for tensor in tensors]).sum(dim=0)
         means.append((total / len(members)).to(dtype))
@@ -188,7 +200,12 @@ class Fusion(nn.Module):
         groups: the layer groups it averages (empty unless DCI).
     """
 
-    def __init__(self, final_layer: int, extra_layers: Sequence[int] = (), groups: Sequence[Sequence[int]] = ()):
+    def __init__(
+        self,
+        final_layer: int,
+        extra_layers: Sequence[int] = (),
+        groups: Sequence[Sequence[int]] = (),
+    ):
         super().__init__()
         self.final_layer = final_layer
         self.extra_layers = tuple(extra_layers)
@@ -207,7 +224,9 @@ class Fusion(nn.Module):
         """The output's token grid, or ``None`` when its tokens form no grid (STI)."""
         return grid
 
-    def forward(self, features: Mapping[int, Tensor], grid: tuple[int, int]) -> Tensor:  # pragma: no cover
+    def forward(
+        self, features: Mapping[int, Tensor], grid: tuple[int, int]
+    ) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
 
@@ -231,14 +250,18 @@ class TokenStack(Fusion):
     ``[B, N, C]`` per layer -> ``[B, N + len(extra_layers) * pooled, C]``.
     """
 
-    def __init__(self, final_layer: int, extra_layers: Sequence[int], *, window: int, mode: PoolMode):
+    def __init__(
+        self, final_layer: int, extra_layers: Sequence[int], *, window: int, mode: PoolMode
+    ):
         super().__init__(final_layer, extra_layers)
         self.window = window
         self.mode = mode
 
     def num_tokens(self, grid: tuple[int, int]) -> int:
         tokens = grid[0] * grid[1]
-        return tokens + len(self.extra_layers) * pooled_token_count(tokens, grid, self.window, self.mode)
+        return tokens + len(self.extra_layers) * pooled_token_count(
+            tokens, grid, self.window, self.mode
+        )
 
     def output_grid(self, grid: tuple[int, int]) -> tuple[int, int] | None:
         return None
@@ -262,7 +285,11 @@ class GroupedChannelConcat(Fusion):
     """
 
     def __init__(
-        self, final_layer: int, groups: Sequence[Sequence[int]], *, accumulate_dtype: torch.dtype | None = None
+        self,
+        final_layer: int,
+        groups: Sequence[Sequence[int]],
+        *,
+        accumulate_dtype: torch.dtype | None = None,
     ):
         super().__init__(final_layer, (), groups)
         self.accumulate_dtype = accumulate_dtype

@@ -43,7 +43,9 @@ def normalize_layer(index: int, num_layers: int, *, argument: str = "layer") -> 
         23
     """
     if isinstance(index, bool) or not isinstance(index, int):
-        raise TypeError(f"{argument} must be an int layer index, got {index!r} ({type(index).__name__})")
+        raise TypeError(
+            f"{argument} must be an int layer index, got {index!r} ({type(index).__name__})"
+        )
     if not isinstance(num_layers, int) or num_layers < 1:
         raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
     if not -(num_layers + 1) <= index <= num_layers:
@@ -61,8 +63,10 @@ def normalize_layers(
     """Normalise several layer indices (see :func:`normalize_layer`), keeping their order.
 
     Raises:
+        TypeError: ``indices`` is not a collection of ints (e.g. a bare int).
         ValueError: an index is out of range, or two indices name the same layer.
     """
+    _check_collection(indices, argument, "int layer indices")
     normalized: list[int] = []
     for position, index in enumerate(indices):
         value = normalize_layer(index, num_layers, argument=f"{argument}[{position}]")
@@ -83,14 +87,18 @@ def normalize_groups(
     inside one group nor across groups.
 
     Raises:
+        TypeError: ``groups`` is not a collection of collections of ints.
         ValueError: a group is empty, a layer repeats or two groups overlap.
     """
+    _check_collection(groups, argument, "layer groups, e.g. [range(0, 12), range(12, 24)]")
     normalized: list[tuple[int, ...]] = []
     seen: dict[int, int] = {}
     for position, group in enumerate(groups):
         members = normalize_layers(group, num_layers, argument=f"{argument}[{position}]")
         if not members:
-            raise ValueError(f"{argument}[{position}] is empty: every group needs at least one layer")
+            raise ValueError(
+                f"{argument}[{position}] is empty: every group needs at least one layer"
+            )
         for layer in members:
             if layer in seen:
                 raise ValueError(
@@ -100,6 +108,12 @@ def normalize_groups(
             seen[layer] = position
         normalized.append(members)
     return tuple(normalized)
+
+
+def _check_collection(value: object, argument: str, expected: str) -> None:
+    """Refuse a bare value where a collection is expected (``layers=-2`` instead of ``[-2]``)."""
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        raise TypeError(f"{argument} must be a collection of {expected}, got {value!r} ({type(value).__name__})")
 
 
 def paper_layer(layer: int) -> int:

@@ -23,9 +23,19 @@ from __future__ import annotations
 
 from typing import Any
 
-_CLIP_L_336: dict[str, Any] = {"vision_dim": 1024, "llm_dim": 4096, "num_layers": 24, "final_layer": 23}
+_CLIP_L_336: dict[str, Any] = {
+    "vision_dim": 1024,
+    "llm_dim": 4096,
+    "num_layers": 24,
+    "final_layer": 23,
+}
 # The official SigLIP tower drops block 27, so F = H[26] (= stock HF hidden_states[-2]).
-_SIGLIP_SO400M: dict[str, Any] = {"vision_dim": 1152, "llm_dim": 4096, "num_layers": 27, "final_layer": 26}
+_SIGLIP_SO400M: dict[str, Any] = {
+    "vision_dim": 1152,
+    "llm_dim": 4096,
+    "num_layers": 27,
+    "final_layer": 26,
+}
 _STI = {"fusion": "sti", "layers": (7, 15), "sti_window": 8, "sti_pool": "raster"}
 _SCI = {"fusion": "sci", "layers": (7, 15)}
 
@@ -33,7 +43,11 @@ _PRESETS: dict[str, dict[str, Any]] = {
     "baseline-clip-l-336": {**_CLIP_L_336, "fusion": "none"},
     "dc-sti-clip-l-336": {**_CLIP_L_336, **_STI},
     "dc-sci-clip-l-336": {**_CLIP_L_336, **_SCI},
-    "dc-dci-clip-l-336": {**_CLIP_L_336, "fusion": "dci", "groups": (tuple(range(0, 12)), tuple(range(12, 24)))},
+    "dc-dci-clip-l-336": {
+        **_CLIP_L_336,
+        "fusion": "dci",
+        "groups": (tuple(range(0, 12)), tuple(range(12, 24))),
+    },
     "dc-dci-clip-l-336-efficient": {
         **_CLIP_L_336,
         "fusion": "dci",

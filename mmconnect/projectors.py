@@ -51,7 +51,9 @@ def build_projector(name: str, in_dim: int, out_dim: int) -> nn.Module:
         ValueError: unknown name (the message lists the known ones) or bad widths.
     """
     if name not in _PROJECTORS:
-        raise ValueError(f"unknown projector {name!r}; known projectors: {', '.join(list_projectors())}")
+        raise ValueError(
+            f"unknown projector {name!r}; known projectors: {', '.join(list_projectors())}"
+        )
     for argument, value in (("in_dim", in_dim), ("out_dim", out_dim)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{argument} must be a positive int, got {value!r}")
@@ -111,12 +113,10 @@ def projector_state_from_checkpoint(state: Mapping[str, Tensor]) -> dict[str, Te
                 break
         match = _HF_LINEAR_NAME.match(key)
         if match:  # linear_1 -> 0, linear_2 -> 2, linear_3 -> 4 ...
-            key = f"{2 * (int(match.group(1)) - 1)}.{key[match.end():]}"
+            key = f"{2 * (int(match.group(1)) - 1)}.{key[match.end() :]}"
         stripped[key] = value
     projector_keys = {
-        key: value
-        for key, value in stripped.items()
-        if re.fullmatch(r"(\d+\.)?(weight|bias)", key)
+        key: value for key, value in stripped.items() if re.fullmatch(r"(\d+\.)?(weight|bias)", key)
     }
     if not projector_keys:
         sample = ", ".join(list(state)[:5])

@@ -27,12 +27,18 @@ def check_target_grid(target: tuple[int, int], *, argument: str = "target") -> t
         or len(target) != 2
         or any(isinstance(side, bool) or not isinstance(side, int) or side < 1 for side in target)
     ):
-        raise ValueError(f"{argument} must be a (height, width) pair of positive ints, got {target!r}")
+        raise ValueError(
+            f"{argument} must be a (height, width) pair of positive ints, got {target!r}"
+        )
     return int(target[0]), int(target[1])
 
 
 def resample_tokens(
-    tokens: Tensor, grid: tuple[int, int], target: tuple[int, int], *, mode: ResampleMode = "bilinear"
+    tokens: Tensor,
+    grid: tuple[int, int],
+    target: tuple[int, int],
+    *,
+    mode: ResampleMode = "bilinear",
 ) -> Tensor:
     """Resize a token grid: ``[B, h*w, C] -> [B, th*tw, C]``, raster order in and out.
 
@@ -61,7 +67,9 @@ def resample_tokens(
         return tokens
     maps = rearrange(tokens, "b (h w) c -> b c h w", h=height, w=width)
     if mode == "bilinear":
-        maps = F.interpolate(maps, size=(target_height, target_width), mode="bilinear", align_corners=False)
+        maps = F.interpolate(
+            maps, size=(target_height, target_width), mode="bilinear", align_corners=False
+        )
     elif mode == "avg":
         maps = F.adaptive_avg_pool2d(maps, (target_height, target_width))
     else:

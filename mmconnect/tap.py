@@ -92,16 +92,22 @@ class MultiLayerFeatureTap:
         self.layers = normalize_layers(layers, self.num_layers, argument="layers")
         self.groups = normalize_groups(groups, self.num_layers, argument="groups")
         if not self.layers and not self.groups:
-            raise ValueError("nothing to capture: pass at least one index in layers= or one group in groups=")
+            raise ValueError(
+                "nothing to capture: pass at least one index in layers= or one group in groups="
+            )
         if accumulate_dtype is not None and not (
             isinstance(accumulate_dtype, torch.dtype) and accumulate_dtype.is_floating_point
         ):
-            raise ValueError(f"accumulate_dtype must be None or a floating torch.dtype, got {accumulate_dtype!r}")
+            raise ValueError(
+                f"accumulate_dtype must be None or a floating torch.dtype, got {accumulate_dtype!r}"
+            )
         self.keep_prefix = keep_prefix
         self.early_exit = early_exit
         self.accumulate_dtype = accumulate_dtype
 
-        self._group_of = {layer: index for index, group in enumerate(self.groups) for layer in group}
+        self._group_of = {
+            layer: index for index, group in enumerate(self.groups) for layer in group
+        }
         self._needed = sorted(set(self.layers) | set(self._group_of))
         self._handles: list[RemovableHandle] = []
         self._stop_after_last = False
@@ -155,7 +161,9 @@ class MultiLayerFeatureTap:
         if self._result is None:
             missing = [layer for layer in self._needed if layer not in self._seen]
             if not self._seen:
-                raise RuntimeError("no features captured yet: call tap(pixel_values) or run the encoder inside `with tap:`")
+                raise RuntimeError(
+                    "no features captured yet: call tap(pixel_values) or run the encoder inside `with tap:`"
+                )
             if missing:
                 raise RuntimeError(
                     f"the encoder's forward ended before reaching layers {missing}; captured only "
@@ -181,12 +189,18 @@ class MultiLayerFeatureTap:
         self._reset_pass()
         self._result = None
         blocks = self.structure.blocks
-        handles = [blocks[0].register_forward_pre_hook(self._on_first_block_input, with_kwargs=True)]
+        handles = [
+            blocks[0].register_forward_pre_hook(self._on_first_block_input, with_kwargs=True)
+        ]
         for layer in self._needed:
             if layer >= 1:
-                handles.append(blocks[layer - 1].register_forward_hook(self._make_output_hook(layer)))
+                handles.append(
+                    blocks[layer - 1].register_forward_hook(self._make_output_hook(layer))
+                )
         if self.structure.patch_embedding is not None:
-            handles.append(self.structure.patch_embedding.register_forward_hook(self._on_patch_grid))
+            handles.append(
+                self.structure.patch_embedding.register_forward_hook(self._on_patch_grid)
+            )
         self._handles = handles
 
     def _detach(self) -> None:
@@ -239,7 +253,10 @@ class MultiLayerFeatureTap:
         if not self.structure.batch_first:
             value = value.transpose(0, 1)
         prefix = self._prefix_count(layer, value)
-        if self._patch_grid is not None and value.shape[1] - prefix == self._patch_grid[0] * self._patch_grid[1]:
+        if (
+            self._patch_grid is not None
+            and value.shape[1] - prefix == self._patch_grid[0] * self._patch_grid[1]
+        ):
             self._grids[layer] = self._patch_grid
         return value if self.keep_prefix else value[:, prefix:]
 

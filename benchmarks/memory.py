@@ -1,0 +1,55 @@
+"""Peak memory of CPU tensor work, measured exactly by watching tensor storages.
+
+On a GPU ``torch.cuda.max_memory_allocated`` answers this; on a CPU nothing in torch does, and
+process RSS is blurred by the allocator. :class:`PeakTensorMemory` intercepts every aten op with a
+``TorchDispatchMode``, counts each new storage once, and subtracts it when the storage is freed
+(a ``weakref.finalize`` on the storage), so its ``peak`` is the high-water mark of bytes held by
+tensors created inside the block. Tensors that existed before (weights, inputs) are not counted.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+
+class PeakTensorMemory(TorchDispatchMode):
+    """Context manager; after it, ``peak`` holds the largest number of live tensor bytes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._storages: dict[int, int] = {}
+
+    def _release(self, key: int, nbytes: int) -> None:
+        self.live -= nbytes
+        self._storages.pop(key, None)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        output = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(output)[0]:
+            if not isinstance(tensor, torch.Tensor) or tensor.device.type != "cpu":
+                continue
+            storage = tensor.untyped_storage()
+            key, nbytes = storage.data_ptr(), storage.nbytes()
+            if nbytes == 0 or key in self._storages:
+                continue  # a view of a storage already counted
+            self._storages[key] = nbytes
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._release, key, nbytes)
+        return output
+
+
+def peak_tensor_bytes(function: Callable[[], Any]) -> int:
+    """Peak bytes of tensors alive at once while ``function()`` runs (its result included)."""
+    with PeakTensorMemory() as tracker:
+        result = function()
+    del result
+    return tracker.peak

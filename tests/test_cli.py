@@ -1,0 +1,46 @@
+"""The ``mmconnect`` command line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mmconnect import list_presets
+from mmconnect.cli import main
+
+
+def test_presets_lists_every_preset_with_its_token_count(capsys):
+    assert main(["presets"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line.split() for line in lines[1:]}
+    assert sorted(rows) == list_presets()
+    expected_tokens = {
+        "baseline-clip-l-336": "576",
+        "dc-sti-clip-l-336": "720",
+        "dc-sci-clip-l-336": "576",
+        "dc-dci-clip-l-336": "576",
+        "dc-dci-clip-l-336-efficient": "144",
+        "dc-sti-siglip-so400m": "911",
+        "dc-sci-siglip-so400m": "729",
+        "dc-dci-siglip-so400m": "729",
+    }
+    assert {name: row[-2] for name, row in rows.items()} == expected_tokens
+    assert rows["dc-dci-clip-l-336"][-1] == "3072"
+
+
+def test_unknown_command_exits_with_usage(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["no-such-command"])
+    assert exit_info.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_console_script_is_installed():
+    # The script is installed beside the interpreter of the environment running the tests.
+    executable = Path(sys.executable).parent / "mmconnect"
+    assert executable.is_file(), f"{executable} is missing: is mmconnect installed in this environment?"
+    result = subprocess.run([str(executable), "presets"], capture_output=True, text=True, check=True)
+    assert "dc-dci-clip-l-336" in result.stdout

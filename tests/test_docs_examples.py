@@ -1,0 +1,19 @@
+"""Every Python example in the README and docs/ runs as written."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+PYTHON_BLOCK = re.compile(r"```python\n(.*?)```", re.DOTALL)
+
+
+@pytest.mark.parametrize("page", [page for page in PAGES if PYTHON_BLOCK.search(page.read_text())], ids=lambda page: page.name)
+def test_python_examples_run(page: Path, capsys):
+    namespace: dict = {"__name__": f"docs_example_{page.stem}"}
+    for block in PYTHON_BLOCK.findall(page.read_text()):
+        exec(compile(block, str(page), "exec"), namespace)  # the page's blocks share one namespace
