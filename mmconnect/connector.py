@@ -47,6 +47,13 @@ def build_fusion(config: ConnectorConfig) -> Fusion:
     return ChannelConcat(final, layers)  # "sci"; "none" has no extra layers
 
 
+def count_output_tokens(config: ConnectorConfig, grid: tuple[int, int]) -> int:
+    """The connector's output token count for an encoder token grid, from its config alone."""
+    if config.resample_grid is not None:
+        return config.resample_grid[0] * config.resample_grid[1]
+    return build_fusion(config).num_tokens(grid)
+
+
 class DenseConnector(nn.Module):
     """A Dense Connector: multi-layer fusion -> optional resampling -> projector.
 
@@ -125,9 +132,15 @@ class DenseConnector(nn.Module):
     # ------------------------------------------------------------------ token bookkeeping
     def num_tokens(self, grid: tuple[int, int]) -> int:
         """The output token count for an encoder token grid ``(height, width)``; runs nothing."""
-        if self.resampler is not None:
-            return self.resampler.target[0] * self.resampler.target[1]
-        return self.fusion.num_tokens(grid)
+        return count_output_tokens(self.config, grid)
+
+    def token_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
+        """The ``(height, width)`` grid formed by the leading output tokens for an encoder grid.
+
+        The resample target when resampling, else the encoder grid itself; STI appends its
+        pooled tokens after these ``height * width`` tokens.
+        """
+        return self.resampler.target if self.resampler is not None else tuple(grid)
 
     @property
     def fused_dim(self) -> int:
@@ -233,6 +246,9 @@ class DenseConnector(nn.Module):
         directory = Path(directory)
         connector = cls(ConnectorConfig.load(directory / CONFIG_NAME))
         state = read_state_dict(directory / WEIGHTS_NAME)
+        dtypes = {tensor.dtype for tensor in state.values()}
+        if len(dtypes) == 1:  # keep the saved precision (e.g. a bf16 connector stays bf16)
+            connector.to(dtypes.pop())
         connector.load_checked_state_dict(state, source=str(directory / WEIGHTS_NAME))
         return connector.to(map_location)
 

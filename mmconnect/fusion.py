@@ -259,6 +259,11 @@ class TokenStack(Fusion):
 
     def num_tokens(self, grid: tuple[int, int]) -> int:
         tokens = grid[0] * grid[1]
+        if self.window > (tokens if self.mode == "raster" else min(grid)):
+            raise ValueError(
+                f"window={self.window} is larger than the {grid[0]}x{grid[1]} grid STI pools "
+                f"(mode={self.mode!r})"
+            )
         return tokens + len(self.extra_layers) * pooled_token_count(
             tokens, grid, self.window, self.mode
         )

@@ -113,7 +113,9 @@ def normalize_groups(
 def _check_collection(value: object, argument: str, expected: str) -> None:
     """Refuse a bare value where a collection is expected (``layers=-2`` instead of ``[-2]``)."""
     if isinstance(value, str | bytes) or not isinstance(value, Iterable):
-        raise TypeError(f"{argument} must be a collection of {expected}, got {value!r} ({type(value).__name__})")
+        raise TypeError(
+            f"{argument} must be a collection of {expected}, got {value!r} ({type(value).__name__})"
+        )
 
 
 def paper_layer(layer: int) -> int:

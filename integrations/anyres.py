@@ -1,0 +1,120 @@
+"""LLaVA-NeXT AnyRes bookkeeping for any connector: tile selection, token counts, packing.
+
+An AnyRes image is ``[base, tile_00, tile_01, ...]``: the base is the image resized to the tile
+size, the tiles cover the best-fitting pinpoint resolution in row-major order. Every crop goes
+through tower -> Dense Connector independently (the official Dense Connector AnyRes path). The
+connector's leading ``h x w`` tokens per crop form a grid (the encoder grid, or the resample target
+for the efficient Dense Connector); the tiles' grids are stitched, the padding is cropped back to
+the image's aspect ratio, and a learned newline token ends each row. STI's pooled tokens form no
+grid: they are appended after packing, base first, then the tiles in row-major order.
+
+Token count: ``h*w + H'*(W'+1) + extra * (1 + tiles)`` where ``H' x W'`` is the unpadded map
+(REFERENCE: 672x672 -> 2928, 1920x1080 -> 1948 for a 24x24 grid).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from einops import rearrange
+from torch import Tensor
+from transformers.image_processing_utils import select_best_resolution
+from transformers.models.llava_next.modeling_llava_next import unpad_image
+
+from mmconnect import DenseConnector
+
+
+def check_pinpoints(pinpoints: Sequence[Sequence[int]], tile_size: int) -> None:
+    """Raise a clear ``ValueError`` unless every ``(height, width)`` pinpoint is a multiple of the tile."""
+    for position, pinpoint in enumerate(pinpoints):
+        if len(pinpoint) != 2 or any(int(side) <= 0 or int(side) % tile_size for side in pinpoint):
+            raise ValueError(
+                f"image_grid_pinpoints[{position}]={list(pinpoint)} is not a (height, width) pair of "
+                f"positive multiples of the tile size {tile_size}"
+            )
+
+
+def tile_grid(
+    image_size: Sequence[int], pinpoints: Sequence[Sequence[int]], tile_size: int
+) -> tuple[int, int]:
+    """``(rows, columns)`` of tiles for an image of ``(height, width)`` pixels."""
+    height, width = select_best_resolution(
+        [int(image_size[0]), int(image_size[1])], [list(p) for p in pinpoints]
+    )
+    return height // tile_size, width // tile_size
+
+
+def crop_layout(
+    connector: DenseConnector, encoder_grid: tuple[int, int]
+) -> tuple[tuple[int, int], int]:
+    """The grid of each crop's leading tokens and how many extra (STI) tokens follow it."""
+    grid = connector.token_grid(encoder_grid)
+    extra = connector.num_tokens(encoder_grid) - grid[0] * grid[1]
+    return grid, extra
+
+
+def unpadded_size(stitched: tuple[int, int], image_size: Sequence[int]) -> tuple[int, int]:
+    """The map size after cropping the padding of a ``stitched`` ``(H, W)`` map (HF's rule)."""
+    return tuple(
+        unpad_image(torch.empty(0, *stitched), [int(image_size[0]), int(image_size[1])]).shape[1:]
+    )
+
+
+def anyres_token_count(
+    connector: DenseConnector,
+    image_size: Sequence[int],
+    pinpoints: Sequence[Sequence[int]],
+    tile_size: int,
+    encoder_grid: tuple[int, int],
+) -> int:
+    """Visual tokens one AnyRes image of ``image_size = (height, width)`` pixels fills."""
+    (height, width), extra = crop_layout(connector, encoder_grid)
+    rows, columns = tile_grid(image_size, pinpoints, tile_size)
+    map_height, map_width = unpadded_size((rows * height, columns * width), image_size)
+    return height * width + map_height * (map_width + 1) + extra * (1 + rows * columns)
+
+
+def pack_anyres(
+    crop_tokens: Tensor,
+    image_size: Sequence[int],
+    pinpoints: Sequence[Sequence[int]],
+    tile_size: int,
+    grid: tuple[int, int],
+    newline: Tensor,
+) -> Tensor:
+    """Pack one image's crops into its LLM token sequence.
+
+    Args:
+        crop_tokens: ``[1 + tiles, h*w + extra, D]``, the connector output of base and tiles.
+        image_size: the original ``(height, width)`` in pixels.
+        pinpoints: the AnyRes ``(height, width)`` resolutions.
+        tile_size: the tower's image size.
+        grid: ``(h, w)``, the grid of each crop's leading tokens.
+        newline: ``[D]``, the learned row terminator.
+
+    Returns:
+        ``[h*w + H'*(W'+1) + extra*(1 + tiles), D]``.
+    """
+    height, width = grid
+    rows, columns = tile_grid(image_size, pinpoints, tile_size)
+    if crop_tokens.shape[0] != 1 + rows * columns:
+        raise ValueError(
+            f"an image of size {list(image_size)} needs 1 + {rows}x{columns} crops, got {crop_tokens.shape[0]}"
+        )
+    grid_tokens, extra_tokens = crop_tokens[:, : height * width], crop_tokens[:, height * width :]
+    stitched = rearrange(
+        grid_tokens[1:],
+        "(gh gw) (h w) d -> d (gh h) (gw w)",
+        gh=rows,
+        gw=columns,
+        h=height,
+        w=width,
+    )
+    stitched = unpad_image(stitched, [int(image_size[0]), int(image_size[1])])
+    newlines = newline.to(stitched)[:, None, None].expand(-1, stitched.shape[1], 1)
+    rows_with_newlines = rearrange(torch.cat([stitched, newlines], dim=-1), "d h w -> (h w) d")
+    parts = [grid_tokens[0], rows_with_newlines]
+    if extra_tokens.shape[1]:
+        parts.append(rearrange(extra_tokens, "crops n d -> (crops n) d"))
+    return torch.cat(parts, dim=0)

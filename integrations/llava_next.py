@@ -1,0 +1,300 @@
+"""Hugging Face LLaVA-NeXT (AnyRes) with a Dense Connector applied to every crop.
+
+``DenseLlavaNextForConditionalGeneration`` is an HF ``LlavaNextForConditionalGeneration`` whose
+projector is a :class:`mmconnect.DenseConnector`: base image and tiles each go through tower ->
+connector, then :func:`mmconnect.integrations.anyres.pack_anyres` stitches the tiles, crops the
+padding and appends the learned ``image_newline`` per row. SCI / DCI give exactly HF's token
+counts; STI's pooled tokens are appended per crop after packing, and the efficient Dense
+Connector packs its resampled 12x12 grids (see :mod:`mmconnect.integrations.anyres`).
+``model_type="dense_llava_next"`` is registered with the Auto classes on import;
+:func:`from_llava_next` converts an existing model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from huggingface_hub.dataclasses import strict
+from mmconnect.integrations.anyres import (
+    anyres_token_count,
+    check_pinpoints,
+    crop_layout,
+    pack_anyres,
+    tile_grid,
+)
+from mmconnect.integrations.llava import (
+    attach_connector,
+    check_connector_fits,
+    checked_grid,
+    convert_model,
+    native_grid,
+    reject_feature_layer,
+)
+from torch import Tensor, nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageTextToText,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextModel,
+    LlavaNextProcessor,
+)
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.llava_next.modeling_llava_next import LlavaNextPreTrainedModel
+
+from mmconnect import ConnectorConfig, DenseConnector
+
+MODEL_TYPE = "dense_llava_next"
+
+
+@strict
+class DenseLlavaNextConfig(LlavaNextConfig):
+    """``LlavaNextConfig`` plus ``connector`` (a :class:`mmconnect.ConnectorConfig` as a dict).
+
+    Raises:
+        ValueError: a pinpoint is not a multiple of the tile (vision tower image) size.
+    """
+
+    model_type = MODEL_TYPE
+    connector: dict | None = None
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        super().__post_init__(**kwargs)
+        attach_connector(self)
+        check_pinpoints(self.image_grid_pinpoints, self.vision_config.image_size)
+
+    @property
+    def connector_config(self) -> ConnectorConfig:
+        """``connector`` as a validated :class:`mmconnect.ConnectorConfig`."""
+        return ConnectorConfig.from_dict(self.connector)
+
+
+class DenseLlavaNextModel(LlavaNextModel):
+    """HF ``LlavaNextModel`` with a Dense Connector per AnyRes crop."""
+
+    config_class = DenseLlavaNextConfig
+
+    def __init__(self, config: DenseLlavaNextConfig) -> None:
+        LlavaNextPreTrainedModel.__init__(
+            self, config
+        )  # LlavaNextModel.__init__ builds the stock projector
+        connector_config = config.connector_config
+        check_connector_fits(connector_config, config.vision_config, config.text_config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = DenseConnector(connector_config)
+        embed_std = 1 / math.sqrt(config.text_config.hidden_size)
+        self.image_newline = nn.Parameter(
+            torch.randn(config.text_config.hidden_size, dtype=self.dtype) * embed_std
+        )
+        self.vocab_size = config.text_config.vocab_size
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.post_init()
+
+    @property
+    def connector(self) -> DenseConnector:
+        """The Dense Connector (stored as ``multi_modal_projector`` for HF compatibility)."""
+        return self.multi_modal_projector
+
+    def image_token_count(self, image_size: Any) -> int:
+        """Visual tokens of one image of original ``(height, width)`` pixels."""
+        vision = self.config.vision_config
+        return anyres_token_count(
+            self.connector,
+            _pair(image_size),
+            self.config.image_grid_pinpoints,
+            vision.image_size,
+            native_grid(vision),
+        )
+
+    def _crops(self, pixel_values: Tensor, image_sizes: Tensor | None) -> tuple[Tensor, list[int]]:
+        """All crops as ``[crops, 3, S, S]`` and how many belong to each image."""
+        if image_sizes is None:
+            raise ValueError(
+                "image_sizes is required for AnyRes: pass the processor's image_sizes ([images, 2], "
+                "original (height, width) of each image)"
+            )
+        tile = self.config.vision_config.image_size
+        counts = [
+            1 + math.prod(tile_grid(_pair(size), self.config.image_grid_pinpoints, tile))
+            for size in image_sizes
+        ]
+        if pixel_values.dim() == 5:
+            if pixel_values.shape[0] != len(counts):
+                raise ValueError(
+                    f"pixel_values holds {pixel_values.shape[0]} images but image_sizes {len(counts)}"
+                )
+            pixel_values = torch.cat(
+                [crops[:count] for crops, count in zip(pixel_values, counts, strict=True)]
+            )
+        if pixel_values.shape[0] != sum(counts):
+            raise ValueError(
+                f"pixel_values holds {pixel_values.shape[0]} crops but image_sizes need {sum(counts)} ({counts})"
+            )
+        return pixel_values, counts
+
+    def get_image_features(
+        self,
+        pixel_values: Tensor,
+        image_sizes: Tensor | None = None,
+        vision_feature_layer: Any = None,
+        vision_feature_select_strategy: Any = None,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPooling:
+        """Every crop through tap -> connector, then AnyRes packing; ``pooler_output`` is a list
+        with one ``[tokens, llm_dim]`` tensor per image."""
+        reject_feature_layer(self.config, vision_feature_layer)
+        crops, counts = self._crops(pixel_values, image_sizes)
+        grid = checked_grid(crops, self.config.vision_config)
+        tap = self.connector.make_tap(self.vision_tower)
+        tokens = self.connector(tap(crops.to(self.vision_tower.dtype)), grid)
+        crop_grid, _ = crop_layout(self.connector, grid)
+        packed = [
+            pack_anyres(
+                image_crops,
+                _pair(size),
+                self.config.image_grid_pinpoints,
+                self.config.vision_config.image_size,
+                crop_grid,
+                self.image_newline,
+            )
+            for image_crops, size in zip(torch.split(tokens, counts), image_sizes, strict=True)
+        ]
+        return BaseModelOutputWithPooling(pooler_output=packed)
+
+    def check_image_tokens(
+        self, input_ids: Tensor | None, pixel_values: Tensor | None, image_sizes: Any
+    ) -> None:
+        """Before any tensor work: the prompt's image tokens must equal what the images fill."""
+        if input_ids is None or pixel_values is None:
+            return
+        if image_sizes is None:
+            self._crops(pixel_values, image_sizes)  # raises the missing image_sizes error
+        found = int((input_ids == self.config.image_token_id).sum())
+        per_image = [self.image_token_count(size) for size in image_sizes]
+        if found != sum(per_image):
+            raise ValueError(
+                f"the prompt holds {found} image tokens but the {len(per_image)} image(s) fill "
+                f"{sum(per_image)} ({per_image} with this connector); build the prompt with "
+                "DenseLlavaNextProcessor so the counts agree"
+            )
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        pixel_values: Tensor | None = None,
+        image_sizes: Tensor | None = None,
+        **kwargs: Any,
+    ):
+        self.check_image_tokens(input_ids, pixel_values, image_sizes)
+        return super().forward(
+            input_ids=input_ids, pixel_values=pixel_values, image_sizes=image_sizes, **kwargs
+        )
+
+
+class DenseLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration):
+    """HF ``LlavaNextForConditionalGeneration`` with a Dense Connector (``"dense_llava_next"``)."""
+
+    config_class = DenseLlavaNextConfig
+
+    def __init__(self, config: DenseLlavaNextConfig) -> None:
+        LlavaNextPreTrainedModel.__init__(
+            self, config
+        )  # the parent __init__ would build a stock model
+        self.model = DenseLlavaNextModel(config)
+        self.lm_head = nn.Linear(
+            config.text_config.hidden_size, config.text_config.vocab_size, bias=False
+        )
+        self.post_init()
+
+    @property
+    def connector(self) -> DenseConnector:
+        """The Dense Connector."""
+        return self.model.connector
+
+
+def from_llava_next(
+    model: LlavaNextForConditionalGeneration, connector: ConnectorConfig | str
+) -> DenseLlavaNextForConditionalGeneration:
+    """A Dense LLaVA-NeXT around an existing HF LLaVA-NeXT (tower, LLM, head and
+    ``image_newline`` shared; projector weights reused when their shapes fit), as
+    :func:`mmconnect.integrations.llava.from_llava`."""
+    if not isinstance(model, LlavaNextForConditionalGeneration) or isinstance(
+        model, DenseLlavaNextForConditionalGeneration
+    ):
+        raise TypeError(
+            f"model must be an HF LlavaNextForConditionalGeneration, got {type(model).__name__}"
+        )
+    return convert_model(model, connector, DenseLlavaNextForConditionalGeneration)
+
+
+class DenseLlavaNextProcessor(LlavaNextProcessor):
+    """``LlavaNextProcessor`` whose ``<image>`` expansion follows the connector's AnyRes count.
+
+    Args:
+        connector: the connector config (dict or :class:`ConnectorConfig`); saved with the processor.
+        patch_size: the vision tower's patch size.
+    """
+
+    def __init__(
+        self,
+        image_processor: Any = None,
+        tokenizer: Any = None,
+        patch_size: int | None = None,
+        connector: dict | ConnectorConfig | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if connector is None or patch_size is None:
+            raise ValueError(
+                "DenseLlavaNextProcessor needs connector= (a connector config) and patch_size="
+            )
+        self.connector = (
+            connector.to_dict() if isinstance(connector, ConnectorConfig) else dict(connector)
+        )
+        kwargs.pop("vision_feature_select_strategy", None)
+        kwargs.pop("num_additional_image_tokens", None)
+        # "full" and no additional tokens: HF's count adjustments for CLS must not apply here.
+        super().__init__(
+            image_processor,
+            tokenizer,
+            patch_size=patch_size,
+            vision_feature_select_strategy="full",
+            num_additional_image_tokens=0,
+            **kwargs,
+        )
+
+    def _get_number_of_features(
+        self, orig_height: int, orig_width: int, height: int, width: int
+    ) -> int:
+        with torch.device("meta"):  # token bookkeeping only
+            connector = DenseConnector(ConnectorConfig.from_dict(self.connector))
+        grid = (height // self.patch_size, width // self.patch_size)
+        return anyres_token_count(
+            connector,
+            (orig_height, orig_width),
+            self.image_processor.image_grid_pinpoints,
+            height,
+            grid,
+        )
+
+
+def _pair(size: Any) -> tuple[int, int]:
+    values = size.tolist() if hasattr(size, "tolist") else list(size)
+    return int(values[0]), int(values[1])
+
+
+def register() -> None:
+    """Register ``dense_llava_next`` with the HF Auto classes (idempotent; done on import)."""
+    try:
+        AutoConfig.register(MODEL_TYPE, DenseLlavaNextConfig)
+    except ValueError:
+        return  # already registered
+    AutoModel.register(DenseLlavaNextConfig, DenseLlavaNextModel)
+    AutoModelForImageTextToText.register(
+        DenseLlavaNextConfig, DenseLlavaNextForConditionalGeneration
+    )
+
+
+register()

@@ -1,0 +1,409 @@
+"""``DenseConnector``: what it reads, token bookkeeping, forward errors, save / load, dtypes.
+
+Presets run with tiny widths (``vision_dim=4``, ``llm_dim=6``) on features made here; the
+encoder depth and token grids are the real ones (CLIP-L/336: 24 blocks, 24x24; SigLIP: 27, 27x27).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from mmconnect import ConnectorConfig, DenseConnector, LayerFeatures, list_presets
+
+EXACT = {"atol": 0.0, "rtol": 0.0}
+VISION, LLM = 4, 6
+
+CLIP_GROUPS = (tuple(range(0, 12)), tuple(range(12, 24)))
+SIGLIP_GROUPS = (tuple(range(0, 13)), tuple(range(13, 26)))
+#: preset -> (layers, individual_layers, groups, fused width / VISION, tokens on its own grid)
+EXPECTED = {
+    "baseline-clip-l-336": ((23,), (23,), (), 1, 576),
+    "dc-sti-clip-l-336": ((7, 15, 23), (23, 7, 15), (), 1, 720),
+    "dc-sci-clip-l-336": ((7, 15, 23), (23, 7, 15), (), 3, 576),
+    "dc-dci-clip-l-336": (tuple(range(24)), (23,), CLIP_GROUPS, 3, 576),
+    "dc-dci-clip-l-336-efficient": (tuple(range(24)), (23,), CLIP_GROUPS, 3, 144),
+    "dc-sti-siglip-so400m": ((7, 15, 26), (26, 7, 15), (), 1, 911),
+    "dc-sci-siglip-so400m": ((7, 15, 26), (26, 7, 15), (), 3, 729),
+    "dc-dci-siglip-so400m": (tuple(range(27)), (26,), SIGLIP_GROUPS, 3, 729),
+}
+
+
+def _randn(seed: int, *shape: int, dtype=torch.float32) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def _connector(preset: str, seed: int = 0, **overrides) -> DenseConnector:
+    torch.manual_seed(seed)
+    config = ConnectorConfig.from_preset(
+        preset, **{"vision_dim": VISION, "llm_dim": LLM, **overrides}
+    )
+    return DenseConnector(config)
+
+
+def _features(
+    num_layers: int, tokens: int, *, batch: int = 2, width: int = VISION, dtype=torch.float32
+):
+    """All ``num_layers + 1`` hidden states, as a plain dict."""
+    return {k: _randn(100 + k, batch, tokens, width, dtype=dtype) for k in range(num_layers + 1)}
+
+
+def _own_grid(preset: str) -> tuple[int, int]:
+    return (27, 27) if "siglip" in preset else (24, 24)
+
+
+def test_expected_covers_every_preset():
+    assert sorted(EXPECTED) == list_presets()
+
+
+# ---------------------------------------------------------------------------- what it reads
+
+
+@pytest.mark.parametrize("preset", sorted(EXPECTED))
+def test_layers_individual_layers_groups(preset):
+    layers, individual, groups, _, _ = EXPECTED[preset]
+    connector = _connector(preset)
+    assert connector.layers == layers
+    assert connector.individual_layers == individual
+    assert connector.groups == groups
+
+
+# ---------------------------------------------------------------------------- token bookkeeping
+
+
+@pytest.mark.parametrize("preset", sorted(EXPECTED))
+def test_num_tokens_and_widths_on_own_grid(preset):
+    _, _, _, width_factor, tokens = EXPECTED[preset]
+    connector = _connector(preset)
+    grid = _own_grid(preset)
+    assert connector.num_tokens(grid) == tokens
+    assert connector.fused_dim == width_factor * VISION
+    features = _features(connector.config.num_layers, grid[0] * grid[1], batch=1)
+    fused = connector.fuse(features)
+    assert fused.shape[-1] == connector.fused_dim
+    assert connector(features).shape == (1, tokens, LLM)
+
+
+# (preset, overrides, grid, tokens): non-square grids; STI raster pools 60 -> 7, grid pools 6x10 -> 3x5
+NON_SQUARE = [
+    ("baseline-clip-l-336", {}, (6, 10), 60),
+    ("dc-sci-clip-l-336", {}, (6, 10), 60),
+    ("dc-dci-siglip-so400m", {}, (10, 6), 60),
+    ("dc-sti-clip-l-336", {}, (6, 10), 60 + 2 * 7),
+    ("dc-sti-clip-l-336", {"sti_pool": "grid", "sti_window": 2}, (6, 10), 60 + 2 * 15),
+    ("dc-sti-siglip-so400m", {"sti_window": 3}, (5, 9), 45 + 2 * 15),
+    ("dc-sti-siglip-so400m", {"sti_pool": "grid", "sti_window": 3}, (5, 9), 45 + 2 * 3),
+    ("dc-dci-clip-l-336-efficient", {}, (6, 10), 144),
+    ("dc-dci-clip-l-336", {"resample_grid": (3, 5), "resample_mode": "avg"}, (6, 10), 15),
+]
+
+
+@pytest.mark.parametrize(("preset", "overrides", "grid", "tokens"), NON_SQUARE)
+def test_num_tokens_non_square(preset, overrides, grid, tokens):
+    connector = _connector(preset, **overrides)
+    assert connector.num_tokens(grid) == tokens
+    features = _features(connector.config.num_layers, grid[0] * grid[1])
+    assert connector(features, grid=grid).shape == (2, tokens, LLM)
+    # the grid may also come from LayerFeatures
+    recorded = LayerFeatures(features, grids=dict.fromkeys(features, grid))
+    assert_close(connector(recorded), connector(features, grid=grid), **EXACT)
+
+
+@pytest.mark.parametrize(
+    ("preset", "expected"),
+    [("baseline-clip-l-336", [23]), ("dc-sci-clip-l-336", [23, 7, 15])],
+)
+def test_fuse_is_channel_concat_in_reference_order(preset, expected):
+    connector = _connector(preset)
+    features = _features(24, 16)
+    assert_close(connector.fuse(features), torch.cat([features[k] for k in expected], -1), **EXACT)
+
+
+def test_fuse_dci_reads_plain_dicts_and_streamed_means_alike():
+    connector = _connector("dc-dci-clip-l-336")
+    features = _features(24, 16)
+    means = {
+        group: torch.stack([features[k] for k in group]).sum(0) / len(group)
+        for group in CLIP_GROUPS
+    }
+    streamed = LayerFeatures({23: features[23]}, group_means=means)
+    expected = torch.cat([features[23], means[CLIP_GROUPS[0]], means[CLIP_GROUPS[1]]], -1)
+    assert_close(connector.fuse(features), expected, **EXACT)
+    assert_close(connector.fuse(streamed), expected, **EXACT)
+
+
+# ---------------------------------------------------------------------------- save / load
+
+
+@pytest.mark.parametrize("preset", sorted(EXPECTED))
+def test_save_pretrained_round_trip(tmp_path, preset):
+    connector = _connector(preset, seed=3)
+    connector.save_pretrained(tmp_path / "connector")
+    assert sorted(path.name for path in (tmp_path / "connector").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+    ]
+    loaded = DenseConnector.from_pretrained(tmp_path / "connector")
+    assert loaded.config == connector.config
+    original, restored = connector.state_dict(), loaded.state_dict()
+    assert list(restored) == list(original)
+    for key, value in original.items():
+        assert restored[key].dtype == value.dtype
+        assert_close(restored[key], value, **EXACT)
+    grid = _own_grid(preset)
+    features = _features(connector.config.num_layers, grid[0] * grid[1], batch=1)
+    with torch.no_grad():
+        assert_close(loaded(features), connector(features), **EXACT)
+
+
+def test_save_pretrained_identity_projector(tmp_path):
+    config = ConnectorConfig(
+        fusion="sci", vision_dim=2, llm_dim=6, num_layers=4, layers=(0, 1), projector="identity"
+    )
+    connector = DenseConnector(config)
+    connector.save_pretrained(tmp_path)
+    loaded = DenseConnector.from_pretrained(tmp_path)
+    features = _features(4, 9, width=2)
+    assert_close(loaded(features), torch.cat([features[3], features[0], features[1]], -1), **EXACT)
+
+
+def test_weights_that_do_not_fit_the_config(tmp_path):
+    connector = _connector("dc-sci-clip-l-336", vision_dim=8)
+    connector.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["vision_dim"] = 16
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    message = re.escape(
+        f"model.safetensors does not match the connector config: projector.0.weight: ({LLM}, 24) "
+        f"in the file, ({LLM}, 48) expected by the config"
+    )
+    with pytest.raises(ValueError, match=message):
+        DenseConnector.from_pretrained(tmp_path)
+
+
+def test_weights_of_another_projector(tmp_path):
+    _connector("dc-sci-clip-l-336").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["projector"] = "linear"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        ValueError, match=r"missing projector\.weight; .*unexpected projector\.0\.weight"
+    ):
+        DenseConnector.from_pretrained(tmp_path)
+
+
+def test_from_pretrained_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"config\.json"):
+        DenseConnector.from_pretrained(tmp_path / "nothing")
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def test_features_missing_a_needed_layer():
+    connector = _connector("dc-sci-clip-l-336")
+    features = _features(24, 16)
+    del features[15]
+    with pytest.raises(
+        ValueError,
+        match=r"features are missing layer 15, which the connector needs; they hold layers \[0, 1, .*, 14, 16, .*24\]",
+    ):
+        connector(features)
+
+
+def test_features_missing_a_group_member():
+    connector = _connector("dc-dci-clip-l-336")
+    features = {k: v for k, v in _features(24, 16).items() if k != 5}
+    with pytest.raises(ValueError, match="features are missing layer 5"):
+        connector(features)
+
+
+def test_features_not_a_mapping():
+    connector = _connector("dc-sci-clip-l-336")
+    with pytest.raises(TypeError, match="features must be a mapping from layer index"):
+        connector(list(_features(24, 16).values()))
+
+
+@pytest.mark.parametrize("preset", ["dc-sci-clip-l-336", "dc-sti-clip-l-336", "dc-dci-clip-l-336"])
+def test_channel_width_differs_from_config(preset):
+    connector = _connector(preset)
+    with pytest.raises(
+        ValueError, match=f"features layer 23 has 5 channels but config.vision_dim is {VISION}"
+    ):
+        connector(_features(24, 16, width=5))
+
+
+@pytest.mark.parametrize("layer", [7, 15])
+def test_one_layer_of_different_width(layer):
+    connector = _connector("dc-sti-clip-l-336")
+    features = _features(24, 16)
+    features[layer] = _randn(0, 2, 16, 5)
+    with pytest.raises(
+        ValueError, match=f"features layer {layer} has 5 channels but config.vision_dim is {VISION}"
+    ):
+        connector(features)
+
+
+def test_dci_group_of_different_width():
+    # A whole group of another width would concatenate fine and fail deep inside the projector.
+    connector = _connector("dc-dci-clip-l-336")
+    features = _features(24, 16)
+    features.update({k: _randn(k, 2, 16, 5) for k in range(12)})
+    with pytest.raises(
+        ValueError, match=f"features layer 0 has 5 channels but config.vision_dim is {VISION}"
+    ):
+        connector(features)
+
+
+def test_streamed_group_mean_of_different_width():
+    connector = _connector("dc-dci-clip-l-336")
+    means = {CLIP_GROUPS[0]: _randn(0, 2, 16, 5), CLIP_GROUPS[1]: _randn(1, 2, 16, VISION)}
+    features = LayerFeatures({23: _randn(2, 2, 16, VISION)}, group_means=means)
+    with pytest.raises(
+        ValueError, match=f"features group 0..11 has 5 channels but config.vision_dim is {VISION}"
+    ):
+        connector(features)
+
+
+def test_non_square_tokens_without_grid():
+    connector = _connector("dc-sci-clip-l-336")
+    with pytest.raises(
+        ValueError, match=r"60 tokens do not form a square grid; pass grid=\(height, width\)"
+    ):
+        connector(_features(24, 60))
+
+
+@pytest.mark.parametrize("grid", [(5, 5), (4, 8), (36, 2)])
+def test_explicit_grid_that_does_not_match(grid):
+    connector = _connector("dc-sci-clip-l-336")
+    message = re.escape(
+        f"features[23] has 36 tokens, which do not form the stated grid {grid[0]}x{grid[1]}"
+    )
+    with pytest.raises(ValueError, match=message):
+        connector(_features(24, 36), grid=grid)
+
+
+def test_bad_config_type():
+    with pytest.raises(TypeError, match="config must be a ConnectorConfig, got dict"):
+        DenseConnector({"fusion": "sci"})
+
+
+# ---------------------------------------------------------------------------- resampling
+
+
+def test_resample_before_vs_after_projector():
+    before = _connector("dc-dci-clip-l-336-efficient")
+    after = DenseConnector(before.config.replace(resample_placement="after_projector"))
+    after.load_state_dict(before.state_dict())
+    features = _features(24, 576, batch=1)
+    out_before, out_after = before(features), after(features)
+    assert out_before.shape == out_after.shape == (1, 144, LLM)
+    assert before.num_tokens((24, 24)) == after.num_tokens((24, 24)) == 144
+    assert (out_before - out_after).abs().max() > 1e-3  # the GELU makes the order matter
+    assert before.fuse(features).shape == (1, 144, 3 * VISION)  # resampled inside fuse
+    assert after.fuse(features).shape == (1, 576, 3 * VISION)
+    # linear maps commute with the (linear) bilinear resize: both placements agree without GELU
+    linear = {"projector": "linear", "resample_placement": "before_projector"}
+    first = _connector("dc-dci-clip-l-336-efficient", **linear)
+    second = DenseConnector(first.config.replace(resample_placement="after_projector"))
+    second.load_state_dict(first.state_dict())
+    assert_close(first(features), second(features), atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------- dtype / gradients
+
+
+def test_bf16_features_into_fp32_connector():
+    connector = _connector("dc-sci-clip-l-336")
+    features = _features(24, 16, dtype=torch.bfloat16)
+    out = connector(features)
+    assert out.dtype == torch.float32
+    upcast = {k: v.float() for k, v in features.items()}
+    assert_close(out, connector(upcast), **EXACT)  # concat, then an exact bf16 -> fp32 cast
+
+
+@pytest.mark.parametrize("accumulate_dtype", [None, "float32"])
+def test_bf16_dci_into_fp32_connector(accumulate_dtype):
+    connector = _connector("dc-dci-clip-l-336", accumulate_dtype=accumulate_dtype)
+    features = _features(24, 16, dtype=torch.bfloat16)
+    fused = connector.fuse(features)
+    assert fused.dtype == torch.bfloat16  # fusion stays in the features' dtype (official)
+    out = connector(features)
+    assert out.dtype == torch.float32
+    assert_close(out, connector.projector(fused.float()), **EXACT)
+
+
+def test_gradients_reach_projector_and_features():
+    connector = _connector("dc-dci-clip-l-336")
+    features = {k: v.requires_grad_() for k, v in _features(24, 16).items()}
+    connector(features).square().sum().backward()
+    for name, parameter in connector.projector.named_parameters():
+        assert parameter.grad is not None, name
+        assert parameter.grad.abs().sum() > 0, name
+    assert all(features[k].grad is not None and features[k].grad.abs().sum() > 0 for k in range(24))
+    assert features[24].grad is None  # H[24] is never used
+
+
+# ---------------------------------------------------------------------------- make_tap
+
+
+@pytest.fixture(scope="module")
+def tiny_clip():
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(
+        hidden_size=VISION * 2,
+        intermediate_size=16,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        image_size=56,
+        patch_size=14,
+    )
+    return CLIPVisionModel(config).eval()
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+@pytest.mark.parametrize(
+    ("preset", "depth"),
+    [
+        ("dc-dci-clip-l-336", 24),
+        ("dc-sci-clip-l-336", 24),
+        ("baseline-clip-l-336", 24),
+        ("dc-sti-siglip-so400m", 27),
+    ],
+)
+def test_make_tap_on_encoder_of_other_depth(tiny_clip, preset, depth, streaming):
+    connector = _connector(preset, vision_dim=VISION * 2)
+    message = f"the encoder has 3 blocks but the connector config says num_layers={depth}"
+    with pytest.raises(ValueError, match=message):
+        connector.make_tap(tiny_clip, streaming=streaming)
+
+
+def test_make_tap_on_deeper_encoder(tiny_clip):
+    config = ConnectorConfig(
+        fusion="sci", vision_dim=VISION * 2, llm_dim=LLM, num_layers=2, layers=(0,)
+    )
+    with pytest.raises(
+        ValueError, match="the encoder has 3 blocks but the connector config says num_layers=2"
+    ):
+        DenseConnector(config).make_tap(tiny_clip)
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_make_tap_on_matching_encoder(tiny_clip, streaming):
+    config = ConnectorConfig(
+        fusion="dci", vision_dim=VISION * 2, llm_dim=LLM, num_layers=3, groups=((0, 1), (2, 3))
+    )
+    connector = DenseConnector(config)
+    pixels = _randn(0, 1, 3, 56, 56)
+    with torch.no_grad():
+        states = tiny_clip(pixels, output_hidden_states=True).hidden_states
+        out = connector(connector.make_tap(tiny_clip, streaming=streaming)(pixels))
+        expected = connector(LayerFeatures.from_hidden_states(states, num_prefix_tokens=1))
+    assert out.shape == (1, 16, LLM)
+    assert_close(out, expected, atol=1e-6, rtol=1e-6)

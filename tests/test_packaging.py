@@ -1,0 +1,63 @@
+"""Packaging: ``import mmconnect`` stays light, its public names resolve, integrations install."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mmconnect
+
+HEAVY = ("transformers", "timm", "open_clip", "peft", "accelerate")
+
+# One fresh interpreter: which heavy packages does `import mmconnect` pull in, and does the
+# integrations subpackage then import under its installed name?
+_PROBE = f"""
+import json, sys
+import mmconnect
+heavy = sorted(name for name in {HEAVY!r} if name in sys.modules)
+import mmconnect.integrations as integrations
+print(json.dumps({{"heavy": heavy, "integrations": integrations.__name__}}))
+"""
+
+
+def _probe() -> dict:
+    result = subprocess.run(
+        [sys.executable, "-c", _PROBE],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_fresh_import_is_light_and_integrations_resolve():
+    report = _probe()
+    assert report["heavy"] == [], f"import mmconnect imported {report['heavy']}"
+    assert report["integrations"] == "mmconnect.integrations"
+
+
+def test_all_names_resolve():
+    assert len(mmconnect.__all__) == len(set(mmconnect.__all__))
+    for name in mmconnect.__all__:
+        assert getattr(mmconnect, name) is not None, name
+    star: dict[str, object] = {}
+    exec("from mmconnect import *", star)
+    assert set(mmconnect.__all__) <= set(star)
+
+
+def test_version():
+    assert isinstance(mmconnect.__version__, str)
+    assert mmconnect.__version__.count(".") >= 2
+
+
+def test_integrations_is_a_subpackage():
+    integrations = importlib.import_module("mmconnect.integrations")
+    assert integrations.__name__ == "mmconnect.integrations"
+    assert hasattr(integrations, "__path__")  # a package, not a module
+    assert Path(integrations.__file__).parent.name == "integrations"
