@@ -1,0 +1,72 @@
+"""A Llama-shaped LLM with random weights for the prefill benchmark, built once per session.
+
+``MMCONNECT_BENCH_SIZE=real`` (default) builds TinyLlama-1.1B's shape from a
+``transformers.LlamaConfig`` (hidden 2048, MLP 5632, 22 layers, 32 query heads, 4 KV heads,
+vocabulary 32000, untied output head: 1,100,048,384 parameters, 4.4 GB in fp32); ``tiny`` builds
+a 2-layer, width-64 Llama that runs in milliseconds. Weights are random (never downloaded): the
+prefill's cost depends on the shapes, not on the values.
+
+Test modules use the fixtures by importing them::
+
+    from llm_fixtures import llama, llama_size  # noqa: F401
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from harness import SIZE
+
+
+@dataclass(frozen=True)
+class LlamaSize:
+    """Dimensions of the benchmarked Llama and of the text part of its prompt."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    #: Text tokens of the prompt around the image (system prompt, question, role tags).
+    text_tokens: int
+
+    def config_kwargs(self) -> dict:
+        """Keyword arguments of the ``transformers.LlamaConfig`` of this size."""
+        return {
+            "hidden_size": self.hidden,
+            "intermediate_size": self.intermediate,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
+            "vocab_size": self.vocab,
+            "max_position_embeddings": 2048,
+            "tie_word_embeddings": False,
+            "attn_implementation": "sdpa",
+        }
+
+
+#: TinyLlama-1.1B's shape: 1,100,048,384 parameters.
+TINYLLAMA_1B = LlamaSize(
+    hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4, vocab=32000, text_tokens=64
+)
+TINY_LLAMA = LlamaSize(
+    hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=1000, text_tokens=64
+)
+
+
+@pytest.fixture(scope="session")
+def llama_size() -> LlamaSize:
+    return TINYLLAMA_1B if SIZE == "real" else TINY_LLAMA
+
+
+@pytest.fixture(scope="session")
+def llama(llama_size):
+    """A randomly initialised ``LlamaForCausalLM`` of ``llama_size`` (eval mode, fp32, SDPA)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**llama_size.config_kwargs())
+    return LlamaForCausalLM(config).eval()
