@@ -90,6 +90,8 @@ _PROJECTOR_PREFIXES = (
     "model.multi_modal_projector.",  # HF transformers >= 4.52 LlavaForConditionalGeneration
     "multi_modal_projector.",
 )
+#: Where a :class:`mmconnect.DenseConnector` keeps its projector in its own state dict.
+_CONNECTOR_PROJECTOR = "projector."
 # HF LlavaMultiModalProjector names its two Linears linear_1 / linear_2 (at 0 and 2 in LLaVA's MLP).
 _HF_LINEAR_NAME = re.compile(r"^linear_(\d+)\.")
 
@@ -99,7 +101,8 @@ def projector_state_from_checkpoint(state: Mapping[str, Tensor]) -> dict[str, Te
 
     Accepts official ``mm_projector.bin`` keys (``model.mm_projector.0.weight`` ...), HF
     ``LlavaMultiModalProjector`` keys (``linear_1.weight`` ..., with or without the
-    ``model.multi_modal_projector.`` prefix) and bare keys (``0.weight``). Returns keys of an
+    ``model.multi_modal_projector.`` prefix), a DenseConnector's own keys (``projector.0.weight``,
+    also under those prefixes) and bare keys (``0.weight``). Returns keys of an
     mmconnect projector (``0.weight``, ``2.weight``; ``weight`` for ``linear``).
 
     Raises:
@@ -111,6 +114,8 @@ def projector_state_from_checkpoint(state: Mapping[str, Tensor]) -> dict[str, Te
             if key.startswith(prefix):
                 key = key[len(prefix) :]
                 break
+        if key.startswith(_CONNECTOR_PROJECTOR):  # a DenseConnector's own keys (LLaVA code saves
+            key = key[len(_CONNECTOR_PROJECTOR) :]  # them as mm_projector.projector.* after a swap)
         match = _HF_LINEAR_NAME.match(key)
         if match:  # linear_1 -> 0, linear_2 -> 2, linear_3 -> 4 ...
             key = f"{2 * (int(match.group(1)) - 1)}.{key[match.end() :]}"

@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -186,6 +187,12 @@ class MultiLayerFeatureTap:
         if self._handles:
             raise RuntimeError("this tap is already attached; a tap can be active once at a time")
         self._stop_after_last = stop_after_last
+        # A block that runs without grad inside a grad-enabled call cuts the tapped layers off the
+        # encoder's graph (reentrant activation checkpointing does that): warn, once per attach.
+        self._expects_grad = torch.is_grad_enabled() and any(
+            parameter.requires_grad for parameter in self.encoder.parameters()
+        )
+        self._warned_no_grad = False
         self._reset_pass()
         self._result = None
         blocks = self.structure.blocks
@@ -271,6 +278,16 @@ class MultiLayerFeatureTap:
         return value.shape[1] - self._patch_grid[0] * self._patch_grid[1]
 
     def _receive(self, layer: int, value: Tensor) -> None:
+        if self._expects_grad and not torch.is_grad_enabled() and not self._warned_no_grad:
+            self._warned_no_grad = True
+            warnings.warn(
+                f"layer {layer} of {type(self.encoder).__name__} was computed without grad although "
+                "the call runs with grad and the encoder has trainable parameters, so no gradient "
+                "will flow back through the tapped layers; this happens with reentrant activation "
+                "checkpointing (use use_reentrant=False) or a forward wrapped in torch.no_grad",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         tokens = self._as_tokens(layer, value)
         self._seen.add(layer)
         if layer in self.layers:
