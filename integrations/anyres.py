@@ -15,6 +15,7 @@ Token count: ``h*w + H'*(W'+1) + extra * (1 + tiles)`` where ``H' x W'`` is the 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from numbers import Integral
 
 import torch
 from einops import rearrange
@@ -27,18 +28,36 @@ from mmconnect import DenseConnector
 
 def check_pinpoints(pinpoints: Sequence[Sequence[int]], tile_size: int) -> None:
     """Raise a clear ``ValueError`` unless every ``(height, width)`` pinpoint is a multiple of the tile."""
+    if isinstance(pinpoints, str | bytes) or not isinstance(pinpoints, Sequence) or not pinpoints:
+        raise ValueError(
+            f"image_grid_pinpoints must be a non-empty list of (height, width) pairs, got {pinpoints!r}"
+        )
     for position, pinpoint in enumerate(pinpoints):
-        if len(pinpoint) != 2 or any(int(side) <= 0 or int(side) % tile_size for side in pinpoint):
+        if (
+            not isinstance(pinpoint, Sequence)
+            or len(pinpoint) != 2
+            or any(isinstance(side, bool) or not isinstance(side, Integral) for side in pinpoint)
+            or any(side <= 0 or side % tile_size for side in pinpoint)
+        ):
             raise ValueError(
-                f"image_grid_pinpoints[{position}]={list(pinpoint)} is not a (height, width) pair of "
+                f"image_grid_pinpoints[{position}]={_shown(pinpoint)} is not a (height, width) pair of "
                 f"positive multiples of the tile size {tile_size}"
             )
+
+
+def _shown(pinpoint: object) -> object:
+    return list(pinpoint) if isinstance(pinpoint, Sequence) else pinpoint
 
 
 def tile_grid(
     image_size: Sequence[int], pinpoints: Sequence[Sequence[int]], tile_size: int
 ) -> tuple[int, int]:
-    """``(rows, columns)`` of tiles for an image of ``(height, width)`` pixels."""
+    """``(rows, columns)`` of tiles for an image of ``(height, width)`` pixels.
+
+    Raises:
+        ValueError: a pinpoint is not a ``(height, width)`` pair of multiples of ``tile_size``.
+    """
+    check_pinpoints(pinpoints, tile_size)
     height, width = select_best_resolution(
         [int(image_size[0]), int(image_size[1])], [list(p) for p in pinpoints]
     )

@@ -19,16 +19,21 @@ Example:
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
 from huggingface_hub.dataclasses import strict
+from safetensors import safe_open
 from torch import Tensor, nn
 from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForImageTextToText,
+    AutoProcessor,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaModel,
@@ -37,6 +42,7 @@ from transformers import (
 from transformers.image_utils import get_image_size, to_numpy_array
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava.modeling_llava import LlavaPreTrainedModel
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from mmconnect import ConnectorConfig, DenseConnector
 from mmconnect.connector import count_output_tokens
@@ -231,6 +237,12 @@ class DenseLlavaModel(LlavaModel):
         self.check_image_tokens(input_ids, pixel_values)
         return super().forward(input_ids=input_ids, pixel_values=pixel_values, **kwargs)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any):
+        """HF ``from_pretrained``; a local checkpoint's connector weights are checked first."""
+        check_saved_connector(cls, pretrained_model_name_or_path, kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
 
 class DenseLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     """HF ``LlavaForConditionalGeneration`` with a Dense Connector (``model_type="dense_llava"``)."""
@@ -251,6 +263,88 @@ class DenseLlavaForConditionalGeneration(LlavaForConditionalGeneration):
     def connector(self) -> DenseConnector:
         """The Dense Connector."""
         return self.model.connector
+
+    def generate(self, inputs: Tensor | None = None, *args: Any, **kwargs: Any):
+        """HF ``generate``; the prompt's image-token count is checked before the tower runs
+        (HF encodes the images before the first forward, which would check it too late)."""
+        input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+        self.model.check_image_tokens(input_ids, kwargs.get("pixel_values"))
+        return super().generate(inputs, *args, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any):
+        """HF ``from_pretrained``; a local checkpoint's connector weights are checked first."""
+        check_saved_connector(cls, pretrained_model_name_or_path, kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+#: Where a saved Dense model keeps its connector (ForConditionalGeneration / bare model).
+_CONNECTOR_PREFIXES = ("model.multi_modal_projector.", "multi_modal_projector.")
+
+
+def check_checkpoint_connector(directory: str | os.PathLike, connector: ConnectorConfig) -> None:
+    """Check the connector weights saved in ``directory`` against ``connector`` before loading.
+
+    HF's loader re-initialises missing connector weights silently and reports shape mismatches
+    with an error that does not say why; this reads only the safetensors headers
+    (``model.safetensors`` or a sharded index). Other directories are left to HF.
+
+    Raises:
+        ValueError: a connector weight is missing, unexpected or has another shape (all listed,
+            with the connector config's fusion and widths).
+    """
+    directory = Path(directory)
+    index = directory / SAFE_WEIGHTS_INDEX_NAME
+    if index.is_file():
+        names = json.loads(index.read_text())["weight_map"].values()
+        files = sorted({directory / name for name in names})
+    elif (directory / SAFE_WEIGHTS_NAME).is_file():
+        files = [directory / SAFE_WEIGHTS_NAME]
+    else:
+        return
+    saved: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 (safe_open handles are not iterable)
+                prefix = next((p for p in _CONNECTOR_PREFIXES if key.startswith(p)), None)
+                if prefix is not None:
+                    saved[key[len(prefix) :]] = tuple(handle.get_slice(key).get_shape())
+    with torch.device("meta"):
+        expected = {
+            key: tuple(tensor.shape)
+            for key, tensor in DenseConnector(connector).state_dict().items()
+        }
+    problems = [f"missing {key}" for key in expected if key not in saved]
+    problems += [f"unexpected {key}" for key in saved if key not in expected]
+    problems += [
+        f"{key}: {saved[key]} in the weights, {shape} expected by the config"
+        for key, shape in expected.items()
+        if key in saved and saved[key] != shape
+    ]
+    if problems:
+        raise ValueError(
+            f"the connector weights in {str(directory)!r} do not match the connector config in its "
+            f"config.json (fusion={connector.fusion!r}, vision_dim={connector.vision_dim}, "
+            f"llm_dim={connector.llm_dim}, projector={connector.projector!r}): "
+            + "; ".join(problems)
+        )
+
+
+def check_saved_connector(model_class: type, path: Any, kwargs: dict[str, Any]) -> None:
+    """``from_pretrained`` helper: run :func:`check_checkpoint_connector` on a local directory."""
+    if not isinstance(path, str | os.PathLike):
+        return
+    directory = Path(path) / kwargs.get("subfolder", "")
+    if not directory.is_dir():
+        return
+    config = kwargs.get("config")
+    if not isinstance(config, model_class.config_class):
+        config = model_class.config_class.from_pretrained(directory)
+    connector = config.connector_config
+    check_connector_fits(connector, config.vision_config, config.text_config)
+    check_checkpoint_connector(directory, connector)
 
 
 # ---------------------------------------------------------------------------- conversion
@@ -413,6 +507,7 @@ def register() -> None:
         return  # already registered
     AutoModel.register(DenseLlavaConfig, DenseLlavaModel)
     AutoModelForImageTextToText.register(DenseLlavaConfig, DenseLlavaForConditionalGeneration)
+    AutoProcessor.register(DenseLlavaConfig, DenseLlavaProcessor)
 
 
 register()

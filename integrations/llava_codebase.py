@@ -42,7 +42,9 @@ class DenseVisionTower(nn.Module):
         self.tower = tower
         inner = getattr(tower, "vision_tower", None)
         # Tap the HF model inside LLaVA's wrapper: the wrapper's own forward asks for all hidden states.
-        self.encoder = inner if isinstance(inner, nn.Module) else tower
+        # Not registered as a submodule: it already lives in ``tower``, and a second registration
+        # would put every tower weight twice into state_dict() (and break safetensors saving).
+        object.__setattr__(self, "encoder", inner if isinstance(inner, nn.Module) else tower)
         self._connector_tokens = connector.num_tokens
         self._tap = connector.make_tap(self.encoder)
 
@@ -62,7 +64,8 @@ class DenseVisionTower(nn.Module):
         size = getattr(getattr(self.encoder, "config", None), "image_size", None)
         patch = getattr(getattr(self.encoder, "config", None), "patch_size", None)
         if size is None or patch is None:
-            raise AttributeError(
+            # Not AttributeError: __getattr__ would answer with the wrapped tower's one-layer count.
+            raise ValueError(
                 "num_patches needs the tower's config.image_size and config.patch_size"
             )
         return self._connector_tokens((size // patch, size // patch))

@@ -27,6 +27,7 @@ from mmconnect.integrations.anyres import (
 from mmconnect.integrations.llava import (
     attach_connector,
     check_connector_fits,
+    check_saved_connector,
     checked_grid,
     convert_model,
     native_grid,
@@ -37,6 +38,7 @@ from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForImageTextToText,
+    AutoProcessor,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
     LlavaNextModel,
@@ -193,6 +195,12 @@ class DenseLlavaNextModel(LlavaNextModel):
             input_ids=input_ids, pixel_values=pixel_values, image_sizes=image_sizes, **kwargs
         )
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any):
+        """HF ``from_pretrained``; a local checkpoint's connector weights are checked first."""
+        check_saved_connector(cls, pretrained_model_name_or_path, kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
 
 class DenseLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration):
     """HF ``LlavaNextForConditionalGeneration`` with a Dense Connector (``"dense_llava_next"``)."""
@@ -213,6 +221,21 @@ class DenseLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration):
     def connector(self) -> DenseConnector:
         """The Dense Connector."""
         return self.model.connector
+
+    def generate(self, inputs: Tensor | None = None, *args: Any, **kwargs: Any):
+        """HF ``generate``; the prompt's image-token count is checked before the tower runs
+        (HF encodes the images before the first forward, which would check it too late)."""
+        input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+        self.model.check_image_tokens(
+            input_ids, kwargs.get("pixel_values"), kwargs.get("image_sizes")
+        )
+        return super().generate(inputs, *args, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any):
+        """HF ``from_pretrained``; a local checkpoint's connector weights are checked first."""
+        check_saved_connector(cls, pretrained_model_name_or_path, kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
 
 def from_llava_next(
@@ -295,6 +318,7 @@ def register() -> None:
     AutoModelForImageTextToText.register(
         DenseLlavaNextConfig, DenseLlavaNextForConditionalGeneration
     )
+    AutoProcessor.register(DenseLlavaNextConfig, DenseLlavaNextProcessor)
 
 
 register()

@@ -1,0 +1,763 @@
+"""HF LLaVA with a Dense Connector: ``DenseLlavaForConditionalGeneration``, ``from_llava`` and
+``DenseLlavaProcessor``.
+
+Tiny models built from configs (random weights, nothing downloaded): a CLIP tower with the depth
+and grid of CLIP-L/336 (24 blocks, 336 px / patch 14 -> 24x24) and a SigLIP tower with those of
+SO400M/384 (27 blocks, 384 px / patch 14 -> 27x27), both 16 wide, so every preset applies with
+``vision_dim`` / ``llm_dim`` overrides and gives its published token count. The LLM is a 2-layer
+Llama (CLIP) or Qwen2 (SigLIP), 32 wide, vocabulary 120. Tokenizers are built here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("tokenizers")
+
+from mmconnect.integrations.llava import (  # noqa: E402
+    DenseLlavaConfig,
+    DenseLlavaForConditionalGeneration,
+    DenseLlavaProcessor,
+    from_llava,
+)
+from tokenizers import Tokenizer  # noqa: E402
+from tokenizers.models import WordLevel  # noqa: E402
+from tokenizers.pre_tokenizers import Whitespace  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoConfig,
+    AutoModelForImageTextToText,
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    SiglipImageProcessor,
+    SiglipVisionConfig,
+)
+
+from mmconnect import ConnectorConfig, list_presets  # noqa: E402
+
+VISION, LLM, VOCAB = 16, 32, 120
+PAD, BOS, EOS, IMAGE = 0, 1, 2, 3
+EXACT = {"atol": 1e-6, "rtol": 0.0}
+
+#: preset -> visual tokens per image on the tower's native grid (CLIP 24x24, SigLIP 27x27).
+TOKENS = {
+    "baseline-clip-l-336": 576,
+    "dc-sti-clip-l-336": 720,
+    "dc-sci-clip-l-336": 576,
+    "dc-dci-clip-l-336": 576,
+    "dc-dci-clip-l-336-efficient": 144,
+    "dc-sti-siglip-so400m": 911,
+    "dc-sci-siglip-so400m": 729,
+    "dc-dci-siglip-so400m": 729,
+}
+
+
+def test_every_preset_is_covered():
+    assert sorted(TOKENS) == list_presets()
+
+
+# ---------------------------------------------------------------------------- tiny parts
+
+
+def clip_config() -> CLIPVisionConfig:
+    return CLIPVisionConfig(
+        hidden_size=VISION,
+        intermediate_size=2 * VISION,
+        num_hidden_layers=24,
+        num_attention_heads=2,
+        image_size=336,
+        patch_size=14,
+    )
+
+
+def siglip_config() -> SiglipVisionConfig:
+    return SiglipVisionConfig(
+        hidden_size=VISION,
+        intermediate_size=2 * VISION,
+        num_hidden_layers=27,
+        num_attention_heads=2,
+        image_size=384,
+        patch_size=14,
+    )
+
+
+def llm_config(kind: str = "llama"):
+    fields = {
+        "hidden_size": LLM,
+        "intermediate_size": 2 * LLM,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 2,
+        "vocab_size": VOCAB,
+        "max_position_embeddings": 2048,
+        "pad_token_id": PAD,
+        "bos_token_id": BOS,
+        "eos_token_id": EOS,
+    }
+    return LlamaConfig(**fields) if kind == "llama" else Qwen2Config(**fields)
+
+
+def is_siglip(preset: str) -> bool:
+    return "siglip" in preset
+
+
+def connector_config(preset: str, **overrides) -> ConnectorConfig:
+    return ConnectorConfig.from_preset(
+        preset, **{"vision_dim": VISION, "llm_dim": LLM, **overrides}
+    )
+
+
+def dense_config(preset: str) -> DenseLlavaConfig:
+    """CLIP presets on a Llama LLM, SigLIP presets on a Qwen2 LLM."""
+    vision, text = (
+        (siglip_config(), llm_config("qwen2"))
+        if is_siglip(preset)
+        else (clip_config(), llm_config())
+    )
+    return DenseLlavaConfig(
+        vision_config=vision.to_dict(),
+        text_config=text.to_dict(),
+        image_token_id=IMAGE,
+        connector=connector_config(preset).to_dict(),
+    )
+
+
+def build_dense(preset: str, seed: int = 0) -> DenseLlavaForConditionalGeneration:
+    torch.manual_seed(seed)
+    return DenseLlavaForConditionalGeneration(dense_config(preset)).eval()
+
+
+def build_llava(vision_feature_layer, act: str = "gelu") -> LlavaForConditionalGeneration:
+    torch.manual_seed(0)
+    config = LlavaConfig(
+        vision_config=clip_config(),
+        text_config=llm_config(),
+        image_token_id=IMAGE,
+        vision_feature_layer=vision_feature_layer,
+        projector_hidden_act=act,
+    )
+    return LlavaForConditionalGeneration(config).eval()
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    words = [
+        "USER",
+        "ASSISTANT",
+        ":",
+        "what",
+        "is",
+        "in",
+        "the",
+        "image",
+        "a",
+        "cat",
+        "dog",
+        "on",
+        "mat",
+        "describe",
+        "this",
+        "photo",
+    ]
+    vocab = {
+        token: i for i, token in enumerate(["<pad>", "<s>", "</s>", "<image>", "<unk>", *words])
+    }
+    backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+
+
+def build_processor(preset: str, tokenizer) -> DenseLlavaProcessor:
+    if is_siglip(preset):
+        images = SiglipImageProcessor(size={"height": 384, "width": 384})
+    else:
+        images = CLIPImageProcessor(
+            size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}
+        )
+    return DenseLlavaProcessor(
+        image_processor=images,
+        tokenizer=tokenizer,
+        patch_size=14,
+        connector=connector_config(preset),
+    )
+
+
+def image(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+
+
+def pixels(count: int, size: int = 336, seed: int = 0) -> torch.Tensor:
+    return torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def prompt_ids(image_tokens: int, batch: int = 1) -> torch.Tensor:
+    """``<s> what <image>*n is in the image`` per row (one image per row)."""
+    row = [BOS, 7, *[IMAGE] * image_tokens, 8, 9, 10, 11]
+    return torch.tensor([row] * batch)
+
+
+def count_calls(module: torch.nn.Module, calls: list[int]):
+    return module.register_forward_hook(lambda *_: calls.append(1))
+
+
+# ---------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def dense_models():
+    """preset -> Dense LLaVA in eval mode, built once per module (tests must not change them)."""
+    cache: dict[str, DenseLlavaForConditionalGeneration] = {}
+
+    def get(preset: str) -> DenseLlavaForConditionalGeneration:
+        if preset not in cache:
+            cache[preset] = build_dense(preset)
+        return cache[preset]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def llava_multi():
+    """HF LLaVA reading ``vision_feature_layer=[-2, 7, 15]`` (HF's own SCI)."""
+    return build_llava([-2, 7, 15])
+
+
+@pytest.fixture(scope="module")
+def llava_single():
+    """HF LLaVA-1.5 layout: ``vision_feature_layer=-2``, ``mlp2x_gelu`` projector."""
+    return build_llava(-2)
+
+
+@pytest.fixture(scope="module")
+def saved_dense(tmp_path_factory):
+    """The directory of a Dense LLaVA (DCI) saved with ``save_pretrained``."""
+    model = build_dense("dc-dci-clip-l-336")
+    directory = tmp_path_factory.mktemp("dense_llava")
+    model.save_pretrained(directory)
+    return directory
+
+
+# ---------------------------------------------------------------------------- HF parity / conversion
+
+
+def test_sci_conversion_of_list_valued_llava_reproduces_its_logits(llava_multi):
+    """HF's list-valued ``vision_feature_layer`` is SCI: converting it to an SCI connector on the
+    same layers reuses the projector and gives the same logits."""
+    dense = from_llava(llava_multi, connector_config("dc-sci-clip-l-336"))
+    assert isinstance(dense, DenseLlavaForConditionalGeneration)
+    assert dense.config.model_type == "dense_llava"
+    assert dense.config.image_seq_length == 576
+    ids, images = prompt_ids(576, batch=2), pixels(2)
+    with torch.no_grad():
+        expected = llava_multi(input_ids=ids, pixel_values=images).logits
+        actual = dense(input_ids=ids, pixel_values=images).logits
+    assert_close(actual, expected, **EXACT)
+
+
+def test_from_llava_shares_tower_llm_and_head_and_copies_projector(llava_single):
+    dense = from_llava(llava_single, "baseline-clip-l-336")  # a preset name, resized to the model
+    source = llava_single.model
+    assert dense.model.vision_tower is source.vision_tower
+    assert dense.model.language_model is source.language_model
+    assert dense.lm_head is llava_single.lm_head
+    for name, parameter in source.vision_tower.named_parameters():
+        assert dense.model.vision_tower.get_parameter(name) is parameter
+    for name, parameter in source.language_model.named_parameters():
+        assert dense.model.language_model.get_parameter(name) is parameter
+    projector = dense.connector.projector
+    assert torch.equal(projector[0].weight, source.multi_modal_projector.linear_1.weight)
+    assert torch.equal(projector[0].bias, source.multi_modal_projector.linear_1.bias)
+    assert torch.equal(projector[2].weight, source.multi_modal_projector.linear_2.weight)
+    assert torch.equal(projector[2].bias, source.multi_modal_projector.linear_2.bias)
+    ids, images = prompt_ids(576), pixels(1, seed=1)
+    with torch.no_grad():
+        expected = llava_single(input_ids=ids, pixel_values=images).logits
+        actual = dense(input_ids=ids, pixel_values=images).logits
+    assert_close(actual, expected, **EXACT)
+
+
+@pytest.mark.parametrize(
+    ("source", "reason"),
+    [("single", "projector weight shapes do not match"), ("relu", "'relu' activation")],
+)
+def test_from_llava_starts_fresh_when_projector_does_not_fit(source, reason, llava_single, caplog):
+    llava = llava_single if source == "single" else build_llava(-2, act="relu")
+    preset = "dc-sci-clip-l-336" if source == "single" else "baseline-clip-l-336"
+    with caplog.at_level(logging.WARNING, logger="mmconnect.integrations.llava"):
+        dense = from_llava(llava, connector_config(preset))
+    assert "not reusing the projector weights" in caplog.text
+    assert reason in caplog.text
+    assert dense.model.vision_tower is llava.model.vision_tower  # tower / LLM reused all the same
+    assert dense.model.language_model is llava.model.language_model
+    fresh = dense.connector.projector[2].weight
+    assert not torch.equal(fresh, llava.model.multi_modal_projector.linear_2.weight)
+
+
+def test_siglip_llava_with_full_strategy_converts_exactly():
+    """SigLIP has no CLS token: HF's ``"full"`` strategy keeps all 729 tokens, as the tap does."""
+    torch.manual_seed(0)
+    llava = LlavaForConditionalGeneration(
+        LlavaConfig(
+            vision_config=siglip_config(),
+            text_config=llm_config("qwen2"),
+            image_token_id=IMAGE,
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="full",
+        )
+    ).eval()
+    connector = ConnectorConfig(
+        fusion="none", vision_dim=VISION, llm_dim=LLM, num_layers=27, final_layer=-2
+    )
+    dense = from_llava(llava, connector)
+    assert dense.config.image_seq_length == 729
+    ids, images = prompt_ids(729), pixels(1, size=384)
+    with torch.no_grad():
+        expected = llava(input_ids=ids, pixel_values=images).logits
+        actual = dense(input_ids=ids, pixel_values=images).logits
+    assert_close(actual, expected, **EXACT)
+
+
+def test_full_strategy_on_a_tower_with_cls_is_refused():
+    llava = build_llava(-2)
+    llava.config.vision_feature_select_strategy = "full"
+    with pytest.raises(ValueError, match="'full' keeps the CLS token"):
+        from_llava(llava, "baseline-clip-l-336")
+
+
+def test_from_llava_rejects_other_models(dense_models):
+    with pytest.raises(TypeError, match="LlavaForConditionalGeneration, got DenseLlava"):
+        from_llava(dense_models("baseline-clip-l-336"), "baseline-clip-l-336")
+
+
+# ---------------------------------------------------------------------------- training
+
+
+@pytest.mark.parametrize(
+    ("preset", "freeze_tower"), [("dc-dci-clip-l-336", False), ("dc-sti-clip-l-336", True)]
+)
+def test_loss_with_labels_and_backward(preset, freeze_tower):
+    model = build_dense(preset).train()
+    if freeze_tower:
+        model.model.vision_tower.requires_grad_(False)
+    ids = prompt_ids(TOKENS[preset])
+    labels = ids.masked_fill(ids == IMAGE, -100)
+    output = model(input_ids=ids, pixel_values=pixels(1), labels=labels)
+    assert torch.isfinite(output.loss)
+    expected = F.cross_entropy(
+        output.logits[0, :-1].float(), labels[0, 1:], ignore_index=-100
+    )  # HF shifts the labels by one
+    assert_close(output.loss, expected, atol=1e-5, rtol=1e-5)
+    output.loss.backward()
+
+    for name, parameter in model.connector.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+    assert model.model.language_model.layers[0].self_attn.q_proj.weight.grad is not None
+    blocks = model.model.vision_tower.encoder.layers
+    if freeze_tower:
+        assert all(p.grad is None for p in model.model.vision_tower.parameters())
+    else:
+        assert blocks[0].mlp.fc1.weight.grad is not None  # DCI reads H[0] .. H[23]
+        assert blocks[22].mlp.fc1.weight.grad is not None
+        # block 24 never runs (early exit), so it cannot get a gradient
+        assert all(p.grad is None for p in blocks[23].parameters())
+
+
+def test_peft_lora_on_the_llm():
+    peft = pytest.importorskip("peft")
+    model = build_dense("dc-sci-clip-l-336")
+    lora = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        exclude_modules=r".*vision_tower.*",  # the recipe never adapts the vision tower
+        modules_to_save=["multi_modal_projector"],  # the connector trains fully
+    )
+    wrapped = peft.get_peft_model(model, lora)
+    trainable = [name for name, p in wrapped.named_parameters() if p.requires_grad]
+    assert any("language_model" in name and "lora_A" in name for name in trainable)
+    assert any("multi_modal_projector" in name for name in trainable)
+    assert not any("vision_tower" in name for name in trainable)
+
+    ids = prompt_ids(576)
+    labels = ids.masked_fill(ids == IMAGE, -100)
+    output = wrapped(input_ids=ids, pixel_values=pixels(1), labels=labels)
+    assert torch.isfinite(output.loss)
+    output.loss.backward()
+    with_grad = {name for name, p in wrapped.named_parameters() if p.grad is not None}
+    assert with_grad == set(trainable)
+
+
+# ---------------------------------------------------------------------------- generate / early exit
+
+
+@pytest.mark.parametrize("preset", sorted(TOKENS))
+def test_generate_every_preset(preset, dense_models, tokenizer):
+    """Prompt built by the processor (count from the connector), greedy generation, and the
+    tower stops after the last layer the connector reads (its last block never runs)."""
+    model = dense_models(preset)
+    processor = build_processor(preset, tokenizer)
+    inputs = processor(
+        images=[image()], text=["USER : <image> what is this ASSISTANT :"], return_tensors="pt"
+    )
+    assert int((inputs["input_ids"] == IMAGE).sum()) == TOKENS[preset]
+    assert model.model.image_tokens_per_image() == TOKENS[preset]
+    assert model.config.image_seq_length == TOKENS[preset]
+
+    blocks = model.model.vision_tower.encoder.layers
+    last, penultimate = [], []
+    handles = [count_calls(blocks[-1], last), count_calls(blocks[-2], penultimate)]
+    try:
+        output = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert output.shape == (1, inputs["input_ids"].shape[1] + 3)
+    assert torch.equal(output[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
+    assert ((output[:, -3:] >= 0) & (output[:, -3:] < VOCAB)).all()
+    assert (len(last), len(penultimate)) == (0, 1)  # one prefill, early exit after block 23 / 26
+
+
+def test_generate_matches_forward(dense_models):
+    """Greedy generation's first step sees the same image features as a plain forward."""
+    model = dense_models("dc-dci-clip-l-336-efficient")
+    ids, images = prompt_ids(144), pixels(1, seed=3)
+    with torch.no_grad():
+        logits = model(input_ids=ids, pixel_values=images).logits[:, -1]
+    output = model.generate(
+        input_ids=ids,
+        pixel_values=images,
+        max_new_tokens=1,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    assert_close(output.logits[0], logits, atol=1e-5, rtol=1e-5)
+    assert output.sequences[0, -1] == logits.argmax(-1)[0]
+
+
+def test_batched_generate_with_left_padding(dense_models):
+    """Two prompts of different lengths in one batch generate what each generates alone."""
+    preset = "dc-dci-clip-l-336-efficient"
+    model = dense_models(preset)
+    left_padding = build_tokenizer()  # not the shared fixture: padding_side is changed here
+    left_padding.padding_side = "left"
+    processor = build_processor(preset, left_padding)
+    texts = ["<image> what", "USER : <image> describe this photo ASSISTANT :"]
+    images = [image(0), image(1)]
+    batch = processor(images=images, text=texts, return_tensors="pt", padding=True)
+    assert batch["attention_mask"][0, 0] == 0  # the shorter prompt is padded on the left
+    output = model.generate(**batch, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    for row, (text, picture) in enumerate(zip(texts, images, strict=True)):
+        alone = processor(images=[picture], text=[text], return_tensors="pt")
+        expected = model.generate(**alone, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+        assert torch.equal(output[row, -3:], expected[0, -3:])
+
+
+def test_early_exit_runs_only_the_blocks_the_connector_needs():
+    connector = ConnectorConfig(
+        fusion="sci", vision_dim=VISION, llm_dim=LLM, num_layers=24, final_layer=15, layers=(7,)
+    )
+    config = DenseLlavaConfig(
+        vision_config=clip_config().to_dict(),
+        text_config=llm_config().to_dict(),
+        image_token_id=IMAGE,
+        connector=connector.to_dict(),
+    )
+    torch.manual_seed(0)
+    model = DenseLlavaForConditionalGeneration(config).eval()
+    tower = model.model.vision_tower
+    calls = [[] for _ in tower.encoder.layers]
+    post = []
+    handles = [count_calls(block, calls[i]) for i, block in enumerate(tower.encoder.layers)]
+    post_layernorm = next(m for name, m in tower.named_modules() if name.endswith("post_layernorm"))
+    handles.append(count_calls(post_layernorm, post))
+    try:
+        with torch.no_grad():
+            model(input_ids=prompt_ids(576), pixel_values=pixels(1))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert [len(c) for c in calls] == [1] * 15 + [0] * 9  # H[15] is the output of block 15
+    assert post == []
+
+
+# ---------------------------------------------------------------------------- save / load
+
+
+def test_save_pretrained_then_auto_from_pretrained(tmp_path, dense_models):
+    model = dense_models("dc-sti-clip-l-336")
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model_type"] == "dense_llava"
+    assert saved["connector"] == connector_config("dc-sti-clip-l-336").to_dict()
+
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(config, DenseLlavaConfig)
+    assert config.connector_config == model.connector.config
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path)
+    assert type(loaded) is DenseLlavaForConditionalGeneration
+    assert loaded.config.model_type == "dense_llava"
+    assert loaded.config.image_seq_length == 720
+    assert loaded.connector.config == model.connector.config
+
+    ids, images = prompt_ids(720), pixels(1, seed=2)
+    with torch.no_grad():
+        expected = model(input_ids=ids, pixel_values=images).logits
+        actual = loaded(input_ids=ids, pixel_values=images).logits
+    assert torch.equal(actual, expected)
+
+
+def _edit_connector(source, target, **changes):
+    shutil.copytree(source, target)
+    path = target / "config.json"
+    data = json.loads(path.read_text())
+    data["connector"].update(changes)
+    path.write_text(json.dumps(data))
+    return target
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (
+            {"fusion": "none", "groups": []},
+            "fusion='none', vision_dim=16, llm_dim=32, projector='mlp2x_gelu'): "
+            "projector.0.weight: (32, 48) in the weights, (32, 16) expected by the config",
+        ),
+        (
+            {"fusion": "sti", "groups": [], "layers": [7, 15]},
+            "fusion='sti'" + ".*" + "projector.0.weight: (32, 48) in the weights, (32, 16)",
+        ),
+        ({"projector": "mlp3x_gelu"}, "missing projector.4.weight; missing projector.4.bias"),
+        (
+            {"vision_dim": 24},
+            "connector vision_dim=24 does not match the vision tower's hidden_size (16)",
+        ),
+        ({"llm_dim": 64}, "connector llm_dim=64 does not match the LLM's hidden_size (32)"),
+    ],
+    ids=["fusion-none", "fusion-sti", "projector", "vision_dim", "llm_dim"],
+)
+def test_checkpoint_whose_connector_config_does_not_match_its_weights(
+    saved_dense, tmp_path, changes, message
+):
+    """HF alone would re-initialise missing connector weights silently, or fail on a shape with
+    an error that does not say why: the library checks the saved connector first."""
+    directory = _edit_connector(saved_dense, tmp_path / "edited", **changes)
+    pattern = ".*".join(re.escape(part) for part in message.split(".*"))
+    with pytest.raises(ValueError, match=pattern):
+        AutoModelForImageTextToText.from_pretrained(directory)
+
+
+# ---------------------------------------------------------------------------- official weights
+
+
+@pytest.mark.parametrize(
+    ("preset", "in_dim"),
+    [
+        ("baseline-clip-l-336", VISION),
+        ("dc-sci-clip-l-336", 3 * VISION),
+        ("dc-dci-clip-l-336", 3 * VISION),
+    ],
+)
+def test_load_official_mm_projector_bin(tmp_path, preset, in_dim):
+    """LLaVA-1.5 (in = C) and Dense Connector (in = 3C) checkpoints: ``model.mm_projector.{0,2}``."""
+    model = build_dense(preset)
+    generator = torch.Generator().manual_seed(7)
+    state = {
+        "model.mm_projector.0.weight": torch.randn(LLM, in_dim, generator=generator),
+        "model.mm_projector.0.bias": torch.randn(LLM, generator=generator),
+        "model.mm_projector.2.weight": torch.randn(LLM, LLM, generator=generator),
+        "model.mm_projector.2.bias": torch.randn(LLM, generator=generator),
+    }
+    path = tmp_path / "mm_projector.bin"
+    torch.save(state, path)
+    model.connector.load_projector_weights(path)
+    projector = model.connector.projector
+    assert torch.equal(projector[0].weight, state["model.mm_projector.0.weight"])
+    assert torch.equal(projector[0].bias, state["model.mm_projector.0.bias"])
+    assert torch.equal(projector[2].weight, state["model.mm_projector.2.weight"])
+    assert torch.equal(projector[2].bias, state["model.mm_projector.2.bias"])
+
+
+def test_mm_projector_bin_of_another_width_is_refused(tmp_path):
+    path = tmp_path / "mm_projector.bin"
+    torch.save(
+        {
+            "model.mm_projector.0.weight": torch.zeros(LLM, VISION),
+            "model.mm_projector.0.bias": torch.zeros(LLM),
+            "model.mm_projector.2.weight": torch.zeros(LLM, LLM),
+            "model.mm_projector.2.bias": torch.zeros(LLM),
+        },
+        path,
+    )
+    model = build_dense("dc-sci-clip-l-336")
+    before = model.connector.projector[0].weight.clone()
+    with pytest.raises(
+        ValueError, match=re.escape("0.weight: file (32, 16) vs projector (32, 48)")
+    ):
+        model.connector.load_projector_weights(path)
+    assert torch.equal(model.connector.projector[0].weight, before)
+
+
+# ---------------------------------------------------------------------------- processor
+
+
+@pytest.mark.parametrize("preset", sorted(TOKENS))
+def test_processor_counts_per_image(preset, tokenizer):
+    processor = build_processor(preset, tokenizer)
+    inputs = processor(
+        images=[image(0), image(1), image(2)],
+        text=["<image> what is this", "USER : <image> describe <image>"],
+        return_tensors="pt",
+        padding=True,
+    )
+    counts = (inputs["input_ids"] == IMAGE).sum(dim=1).tolist()
+    assert counts == [TOKENS[preset], 2 * TOKENS[preset]]
+    side = 384 if is_siglip(preset) else 336
+    assert tuple(inputs["pixel_values"].shape) == (3, 3, side, side)
+    assert processor.num_image_tokens(side, side) == TOKENS[preset]
+
+
+def test_processor_save_and_load_keeps_the_connector(tmp_path, tokenizer):
+    processor = build_processor("dc-sti-clip-l-336", tokenizer)
+    processor.save_pretrained(tmp_path)
+    loaded = DenseLlavaProcessor.from_pretrained(tmp_path)
+    assert loaded.connector == connector_config("dc-sti-clip-l-336").to_dict()
+    assert loaded.patch_size == 14
+    inputs = loaded(images=[image()], text=["<image> what"], return_tensors="pt")
+    assert int((inputs["input_ids"] == IMAGE).sum()) == 720
+
+
+def test_processor_needs_connector_and_patch_size(tokenizer):
+    with pytest.raises(ValueError, match=r"needs connector=.*and patch_size="):
+        DenseLlavaProcessor(
+            image_processor=CLIPImageProcessor(), tokenizer=tokenizer, patch_size=14
+        )
+
+
+def test_processor_refuses_prompt_with_other_image_count(tokenizer):
+    processor = build_processor("baseline-clip-l-336", tokenizer)
+    with pytest.raises(ValueError, match=r"2 <image> tokens and 1 images"):
+        processor(images=[image()], text=["<image> <image> what"], return_tensors="pt")
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    ("ids", "images", "message"),
+    [
+        (prompt_ids(575), 1, "the prompt holds 575 image tokens but 1 image(s) fill 576"),
+        (prompt_ids(576), 2, "the prompt holds 576 image tokens but 2 image(s) fill 1152"),
+        (prompt_ids(720), 1, "the prompt holds 720 image tokens but 1 image(s) fill 576"),
+    ],
+)
+@pytest.mark.parametrize("call", ["forward", "generate"])
+def test_image_token_count_mismatch(dense_models, ids, images, message, call):
+    """Both counts named, raised before the vision tower runs (also in generate, where HF
+    encodes the images before the first forward)."""
+    model = dense_models("baseline-clip-l-336")
+    calls = []
+    handle = count_calls(model.model.vision_tower.encoder.layers[0], calls)
+    try:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            if call == "forward":
+                model(input_ids=ids, pixel_values=pixels(images))
+            else:
+                model.generate(input_ids=ids, pixel_values=pixels(images), max_new_tokens=1)
+    finally:
+        handle.remove()
+    assert calls == []
+
+
+@pytest.mark.parametrize("size", [224, 392])
+def test_pixel_size_must_match_the_tower(dense_models, size):
+    model = dense_models("dc-sci-clip-l-336")
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            f"[images, 3, 336, 336] for this vision tower (image_size=336), got shape (1, 3, {size}, {size})"
+        ),
+    ):
+        model(input_ids=prompt_ids(576), pixel_values=pixels(1, size=size))
+
+
+def test_pixel_size_mismatch_from_a_processor_for_another_size(dense_models, tokenizer):
+    """A processor set up for 56 px images inserts 16 tokens per image: the model says so."""
+    processor = DenseLlavaProcessor(
+        image_processor=CLIPImageProcessor(
+            size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}
+        ),
+        tokenizer=tokenizer,
+        patch_size=14,
+        connector=connector_config("baseline-clip-l-336"),
+    )
+    inputs = processor(images=[image()], text=["<image> what"], return_tensors="pt")
+    with pytest.raises(
+        ValueError, match=re.escape("holds 16 image tokens but 1 image(s) fill 576")
+    ):
+        dense_models("baseline-clip-l-336")(**inputs)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            {"vision_dim": 24},
+            "connector vision_dim=24 does not match the vision tower's hidden_size (16)",
+        ),
+        ({"llm_dim": 64}, "connector llm_dim=64 does not match the LLM's hidden_size (32)"),
+    ],
+)
+def test_connector_width_mismatch(llava_single, overrides, message):
+    config = connector_config("dc-dci-clip-l-336", **overrides)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        from_llava(llava_single, config)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        DenseLlavaForConditionalGeneration(
+            DenseLlavaConfig(
+                vision_config=clip_config().to_dict(),
+                text_config=llm_config().to_dict(),
+                image_token_id=IMAGE,
+                connector=config.to_dict(),
+            )
+        )
+
+
+def test_connector_for_another_depth(llava_single):
+    with pytest.raises(
+        ValueError,
+        match=re.escape("num_layers=27 does not match the vision tower's num_hidden_layers (24)"),
+    ):
+        from_llava(llava_single, connector_config("dc-sci-siglip-so400m"))
+
+
+def test_vision_feature_layer_cannot_override_the_connector(dense_models):
+    model = dense_models("dc-sci-clip-l-336")
+    with pytest.raises(ValueError, match=r"vision_feature_layer=-3 cannot change them"):
+        model.model.get_image_features(pixels(1), vision_feature_layer=-3)
