@@ -32,14 +32,22 @@ class PeakTensorMemory(TorchDispatchMode):
         self._storages.pop(key, None)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        output = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        output = func(*args, **kwargs)
+        # An output sharing an input's storage is a view or an in-place result, not an allocation
+        # (e.g. ``weight.t()`` inside a Linear must not count the weight).
+        inputs = {
+            tensor.untyped_storage().data_ptr()
+            for tensor in tree_flatten((args, kwargs))[0]
+            if isinstance(tensor, torch.Tensor)
+        }
         for tensor in tree_flatten(output)[0]:
             if not isinstance(tensor, torch.Tensor) or tensor.device.type != "cpu":
                 continue
             storage = tensor.untyped_storage()
             key, nbytes = storage.data_ptr(), storage.nbytes()
-            if nbytes == 0 or key in self._storages:
-                continue  # a view of a storage already counted
+            if nbytes == 0 or key in self._storages or key in inputs:
+                continue  # a view of a storage already counted, or of one made before
             self._storages[key] = nbytes
             self.live += nbytes
             self.peak = max(self.peak, self.live)

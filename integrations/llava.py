@@ -45,7 +45,7 @@ from transformers.models.llava.modeling_llava import LlavaPreTrainedModel
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from mmconnect import ConnectorConfig, DenseConnector
-from mmconnect.connector import count_output_tokens
+from mmconnect.connector import FINGERPRINT_KEY, config_fingerprint, count_output_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -305,12 +305,16 @@ def check_checkpoint_connector(directory: str | os.PathLike, connector: Connecto
     else:
         return
     saved: dict[str, tuple[int, ...]] = {}
+    fingerprint: int | None = None
     for file in files:
         with safe_open(str(file), framework="pt") as handle:
             for key in handle.keys():  # noqa: SIM118 (safe_open handles are not iterable)
                 prefix = next((p for p in _CONNECTOR_PREFIXES if key.startswith(p)), None)
                 if prefix is not None:
-                    saved[key[len(prefix) :]] = tuple(handle.get_slice(key).get_shape())
+                    name = key[len(prefix) :]
+                    saved[name] = tuple(handle.get_slice(key).get_shape())
+                    if name == FINGERPRINT_KEY:
+                        fingerprint = int(handle.get_tensor(key))
     with torch.device("meta"):
         expected = {
             key: tuple(tensor.shape)
@@ -323,6 +327,11 @@ def check_checkpoint_connector(directory: str | os.PathLike, connector: Connecto
         for key, shape in expected.items()
         if key in saved and saved[key] != shape
     ]
+    if fingerprint is not None and not problems and fingerprint != config_fingerprint(connector):
+        problems.append(
+            "the weights were saved with a different connector config (fusion, layers, groups, "
+            "resampling or projector changed although every shape still fits)"
+        )
     if problems:
         raise ValueError(
             f"the connector weights in {str(directory)!r} do not match the connector config in its "

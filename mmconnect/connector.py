@@ -11,6 +11,8 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,24 @@ def build_fusion(config: ConnectorConfig) -> Fusion:
     return ChannelConcat(final, layers)  # "sci"; "none" has no extra layers
 
 
+#: State-dict key of the buffer that records which config a connector's weights were made with.
+FINGERPRINT_KEY = "config_fingerprint"
+
+
+def config_fingerprint(config: ConnectorConfig) -> int:
+    """A 64-bit digest of everything in ``config`` that changes what the weights mean.
+
+    ``accumulate_dtype`` (numerics only) and ``format_version`` are left out. Saved with the
+    weights, it lets a load notice a config edited after saving even when every shape still fits
+    (e.g. SCI <-> DCI with two groups, or other layers).
+    """
+    fields = config.to_dict()
+    for name in ("accumulate_dtype", "format_version"):
+        fields.pop(name)
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).digest()
+    return int.from_bytes(digest[:8], "little", signed=True)
+
+
 def count_output_tokens(config: ConnectorConfig, grid: tuple[int, int]) -> int:
     """The connector's output token count for an encoder token grid, from its config alone."""
     if config.resample_grid is not None:
@@ -78,6 +98,10 @@ class DenseConnector(nn.Module):
             TokenResampler(config.resample_grid, config.resample_mode)
             if config.resample_grid
             else None
+        )
+        # Saved with the weights: a load under another config fails clearly (see _load_from_state_dict).
+        self.register_buffer(
+            FINGERPRINT_KEY, torch.tensor(config_fingerprint(config), dtype=torch.int64)
         )
         self.projector = build_projector(
             config.projector, self.fusion.output_channels(config.vision_dim), config.llm_dim
@@ -246,11 +270,27 @@ class DenseConnector(nn.Module):
         directory = Path(directory)
         connector = cls(ConnectorConfig.load(directory / CONFIG_NAME))
         state = read_state_dict(directory / WEIGHTS_NAME)
-        dtypes = {tensor.dtype for tensor in state.values()}
+        dtypes = {tensor.dtype for tensor in state.values() if tensor.is_floating_point()}
         if len(dtypes) == 1:  # keep the saved precision (e.g. a bf16 connector stays bf16)
             connector.to(dtypes.pop())
         connector.load_checked_state_dict(state, source=str(directory / WEIGHTS_NAME))
         return connector.to(map_location)
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        # Every load path (load_state_dict, from_pretrained, resuming training) passes here.
+        saved = state_dict.get(prefix + FINGERPRINT_KEY)
+        if saved is not None and not saved.is_meta and int(saved) != int(self.config_fingerprint):
+            raise ValueError(
+                "these connector weights were saved with a different connector config than this "
+                f"one (fusion={self.config.fusion!r}, final_layer={self.config.final_layer}, "
+                f"layers={self.config.layers}, groups of sizes {[len(g) for g in self.config.groups]}, "
+                f"projector={self.config.projector!r}); load them with the config they were saved with"
+            )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def load_checked_state_dict(
         self, state: Mapping[str, Tensor], *, source: str = "state dict"

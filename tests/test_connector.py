@@ -298,7 +298,7 @@ def test_bad_config_type():
 def test_resample_before_vs_after_projector():
     before = _connector("dc-dci-clip-l-336-efficient")
     after = DenseConnector(before.config.replace(resample_placement="after_projector"))
-    after.load_state_dict(before.state_dict())
+    after.projector.load_state_dict(before.projector.state_dict())
     features = _features(24, 576, batch=1)
     out_before, out_after = before(features), after(features)
     assert out_before.shape == out_after.shape == (1, 144, LLM)
@@ -310,7 +310,7 @@ def test_resample_before_vs_after_projector():
     linear = {"projector": "linear", "resample_placement": "before_projector"}
     first = _connector("dc-dci-clip-l-336-efficient", **linear)
     second = DenseConnector(first.config.replace(resample_placement="after_projector"))
-    second.load_state_dict(first.state_dict())
+    second.projector.load_state_dict(first.projector.state_dict())
     assert_close(first(features), second(features), atol=1e-5, rtol=1e-5)
 
 
@@ -407,3 +407,36 @@ def test_make_tap_on_matching_encoder(tiny_clip, streaming):
         expected = connector(LayerFeatures.from_hidden_states(states, num_prefix_tokens=1))
     assert out.shape == (1, 16, LLM)
     assert_close(out, expected, atol=1e-6, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------- config fingerprint
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"layers": [6, 15]},
+        {"fusion": "dci", "layers": [], "groups": [[0, 1], [2, 3]]},
+        {"final_layer": -1},
+    ],
+    ids=["other-layers", "sci-to-dci", "final-layer"],
+)
+def test_weights_saved_under_another_config_with_the_same_shapes_are_refused(tmp_path, changes):
+    """SCI <-> DCI or other layers keep every shape: the saved fingerprint still tells them apart."""
+    original = _connector("dc-sci-clip-l-336")
+    original.save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "config.json").read_text())
+    data.update(changes)
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="saved with a different connector config"):
+        DenseConnector.from_pretrained(tmp_path)
+    edited = DenseConnector(ConnectorConfig.from_dict(data))
+    with pytest.raises(ValueError, match="saved with a different connector config"):
+        edited.load_state_dict(original.state_dict())
+
+
+def test_accumulate_dtype_does_not_change_the_fingerprint():
+    plain = _connector("dc-dci-clip-l-336")
+    upcast = DenseConnector(plain.config.replace(accumulate_dtype="float32"))
+    upcast.load_state_dict(plain.state_dict())
+    assert torch.equal(upcast.config_fingerprint, plain.config_fingerprint)

@@ -559,8 +559,27 @@ def _edit_connector(source, target, **changes):
             "connector vision_dim=24 does not match the vision tower's hidden_size (16)",
         ),
         ({"llm_dim": 64}, "connector llm_dim=64 does not match the LLM's hidden_size (32)"),
+        # Same shapes, other meaning: only the saved config fingerprint tells.
+        (
+            {"fusion": "sci", "groups": [], "layers": [7, 15]},
+            "fusion='sci'.*saved with a different connector config",
+        ),
+        (
+            {"groups": [list(range(0, 8)), list(range(8, 24))]},
+            "saved with a different connector config",
+        ),
+        ({"final_layer": -1}, "saved with a different connector config"),
     ],
-    ids=["fusion-none", "fusion-sti", "projector", "vision_dim", "llm_dim"],
+    ids=[
+        "fusion-none",
+        "fusion-sti",
+        "projector",
+        "vision_dim",
+        "llm_dim",
+        "sci-same-shapes",
+        "groups",
+        "final-layer",
+    ],
 )
 def test_checkpoint_whose_connector_config_does_not_match_its_weights(
     saved_dense, tmp_path, changes, message

@@ -253,7 +253,9 @@ def test_state_dict_holds_the_tower_once(tmp_path):
     before = len(llava.state_dict())
     swap_connector(llava.get_model(), connector("dc-sci-clip-l-336"))
     state = llava.state_dict()
-    assert len(state) == before  # same tensors: tower once, connector in place of the MLP
+    # Same tensors: tower once, the connector's projector in place of the MLP, plus its config fingerprint.
+    assert len(state) == before + 1
+    assert "model.mm_projector.config_fingerprint" in state
     assert "model.vision_tower.tower.vision_tower.post_layernorm.weight" in state
     assert "model.mm_projector.projector.0.weight" in state
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "model.safetensors"))
