@@ -17,28 +17,9 @@ from typing import Any
 
 import torch
 from huggingface_hub.dataclasses import strict
-from mmconnect.integrations.anyres import (
-    anyres_token_count,
-    check_pinpoints,
-    crop_layout,
-    pack_anyres,
-    tile_grid,
-)
-from mmconnect.integrations.llava import (
-    attach_connector,
-    check_connector_fits,
-    check_saved_connector,
-    checked_grid,
-    convert_model,
-    native_grid,
-    reject_feature_layer,
-)
 from torch import Tensor, nn
 from transformers import (
-    AutoConfig,
     AutoModel,
-    AutoModelForImageTextToText,
-    AutoProcessor,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
     LlavaNextModel,
@@ -48,12 +29,31 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava_next.modeling_llava_next import LlavaNextPreTrainedModel
 
 from mmconnect import ConnectorConfig, DenseConnector
+from mmconnect.integrations.anyres import (
+    anyres_token_count,
+    check_pinpoints,
+    crop_layout,
+    pack_anyres,
+    tile_grid,
+)
+from mmconnect.integrations.hf_dense import (
+    CheckedLoadingMixin,
+    ConnectorConfigMixin,
+    DenseGenerationMixin,
+    attach_connector,
+    check_connector_fits,
+    checked_grid,
+    convert_model,
+    native_grid,
+    register_dense_model,
+    reject_feature_layer,
+)
 
 MODEL_TYPE = "dense_llava_next"
 
 
 @strict
-class DenseLlavaNextConfig(LlavaNextConfig):
+class DenseLlavaNextConfig(ConnectorConfigMixin, LlavaNextConfig):
     """``LlavaNextConfig`` plus ``connector`` (a :class:`mmconnect.ConnectorConfig` as a dict).
 
     Raises:
@@ -68,13 +68,8 @@ class DenseLlavaNextConfig(LlavaNextConfig):
         attach_connector(self)
         check_pinpoints(self.image_grid_pinpoints, self.vision_config.image_size)
 
-    @property
-    def connector_config(self) -> ConnectorConfig:
-        """``connector`` as a validated :class:`mmconnect.ConnectorConfig`."""
-        return ConnectorConfig.from_dict(self.connector)
 
-
-class DenseLlavaNextModel(LlavaNextModel):
+class DenseLlavaNextModel(CheckedLoadingMixin, LlavaNextModel):
     """HF ``LlavaNextModel`` with a Dense Connector per AnyRes crop."""
 
     config_class = DenseLlavaNextConfig
@@ -195,14 +190,10 @@ class DenseLlavaNextModel(LlavaNextModel):
             input_ids=input_ids, pixel_values=pixel_values, image_sizes=image_sizes, **kwargs
         )
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any):
-        """HF ``from_pretrained``; a local checkpoint's connector weights are checked first."""
-        check_saved_connector(cls, pretrained_model_name_or_path, kwargs)
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
-
-class DenseLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration):
+class DenseLlavaNextForConditionalGeneration(
+    DenseGenerationMixin, LlavaNextForConditionalGeneration
+):
     """HF ``LlavaNextForConditionalGeneration`` with a Dense Connector (``"dense_llava_next"``)."""
 
     config_class = DenseLlavaNextConfig
@@ -216,26 +207,6 @@ class DenseLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration):
             config.text_config.hidden_size, config.text_config.vocab_size, bias=False
         )
         self.post_init()
-
-    @property
-    def connector(self) -> DenseConnector:
-        """The Dense Connector."""
-        return self.model.connector
-
-    def generate(self, inputs: Tensor | None = None, *args: Any, **kwargs: Any):
-        """HF ``generate``; the prompt's image-token count is checked before the tower runs
-        (HF encodes the images before the first forward, which would check it too late)."""
-        input_ids = inputs if inputs is not None else kwargs.get("input_ids")
-        self.model.check_image_tokens(
-            input_ids, kwargs.get("pixel_values"), kwargs.get("image_sizes")
-        )
-        return super().generate(inputs, *args, **kwargs)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any):
-        """HF ``from_pretrained``; a local checkpoint's connector weights are checked first."""
-        check_saved_connector(cls, pretrained_model_name_or_path, kwargs)
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
 
 def from_llava_next(
@@ -309,16 +280,14 @@ def _pair(size: Any) -> tuple[int, int]:
 
 
 def register() -> None:
-    """Register ``dense_llava_next`` with the HF Auto classes (idempotent; done on import)."""
-    try:
-        AutoConfig.register(MODEL_TYPE, DenseLlavaNextConfig)
-    except ValueError:
-        return  # already registered
-    AutoModel.register(DenseLlavaNextConfig, DenseLlavaNextModel)
-    AutoModelForImageTextToText.register(
-        DenseLlavaNextConfig, DenseLlavaNextForConditionalGeneration
+    """Register ``dense_llava_next`` with the HF Auto classes, processor included (on import)."""
+    register_dense_model(
+        MODEL_TYPE,
+        DenseLlavaNextConfig,
+        DenseLlavaNextModel,
+        DenseLlavaNextForConditionalGeneration,
+        DenseLlavaNextProcessor,
     )
-    AutoProcessor.register(DenseLlavaNextConfig, DenseLlavaNextProcessor)
 
 
 register()

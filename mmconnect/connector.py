@@ -63,6 +63,10 @@ def config_fingerprint(config: ConnectorConfig) -> int:
     fields = config.to_dict()
     for name in ("accumulate_dtype", "format_version"):
         fields.pop(name)
+    # Equivalent spellings of a layer (-2 and 23 in a 24-block encoder) give one fingerprint.
+    fields["final_layer"] = normalize_layer(config.final_layer, config.num_layers)
+    fields["layers"] = list(normalize_layers(config.layers, config.num_layers))
+    fields["groups"] = [list(group) for group in normalize_groups(config.groups, config.num_layers)]
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).digest()
     return int.from_bytes(digest[:8], "little", signed=True)
 

@@ -112,6 +112,8 @@ class MultiLayerFeatureTap:
         self._needed = sorted(set(self.layers) | set(self._group_of))
         self._handles: list[RemovableHandle] = []
         self._stop_after_last = False
+        self._expects_grad = False  # set per attach, see _attach
+        self._warned_no_grad = False
         self._reset_pass()
         self._result: LayerFeatures | None = None
 

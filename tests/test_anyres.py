@@ -12,13 +12,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from mmconnect.integrations.anyres import (
-    anyres_token_count,
-    check_pinpoints,
-    crop_layout,
-    pack_anyres,
-    tile_grid,
-)
 from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
@@ -28,6 +21,13 @@ from transformers import (
 )
 
 from mmconnect import ConnectorConfig, DenseConnector
+from mmconnect.integrations.anyres import (
+    anyres_token_count,
+    check_pinpoints,
+    crop_layout,
+    pack_anyres,
+    tile_grid,
+)
 
 #: LLaVA-1.6 pinpoints for CLIP-336, ``(height, width)``.
 PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]

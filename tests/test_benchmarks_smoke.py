@@ -16,7 +16,16 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_benchmarks_run_at_tiny_size(tmp_path):
     environment = {**os.environ, "MMCONNECT_BENCH_SIZE": "tiny"}
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable", str(ROOT / "benchmarks")],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--benchmark-disable",
+            str(ROOT / "benchmarks"),
+        ],
         cwd=tmp_path,
         env=environment,
         capture_output=True,

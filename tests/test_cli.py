@@ -41,6 +41,10 @@ def test_unknown_command_exits_with_usage(capsys):
 def test_console_script_is_installed():
     # The script is installed beside the interpreter of the environment running the tests.
     executable = Path(sys.executable).parent / "mmconnect"
-    assert executable.is_file(), f"{executable} is missing: is mmconnect installed in this environment?"
-    result = subprocess.run([str(executable), "presets"], capture_output=True, text=True, check=True)
+    assert executable.is_file(), (
+        f"{executable} is missing: is mmconnect installed in this environment?"
+    )
+    result = subprocess.run(
+        [str(executable), "presets"], capture_output=True, text=True, check=True
+    )
     assert "dc-dci-clip-l-336" in result.stdout

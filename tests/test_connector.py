@@ -435,6 +435,13 @@ def test_weights_saved_under_another_config_with_the_same_shapes_are_refused(tmp
         edited.load_state_dict(original.state_dict())
 
 
+def test_equivalent_layer_spellings_share_a_fingerprint():
+    negative = _connector("dc-sci-clip-l-336", final_layer=-2, layers=(-18, 15))
+    positive = DenseConnector(negative.config.replace(final_layer=23, layers=(7, 15)))
+    positive.load_state_dict(negative.state_dict())
+    assert torch.equal(positive.config_fingerprint, negative.config_fingerprint)
+
+
 def test_accumulate_dtype_does_not_change_the_fingerprint():
     plain = _connector("dc-dci-clip-l-336")
     upcast = DenseConnector(plain.config.replace(accumulate_dtype="float32"))

@@ -12,7 +12,11 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 PYTHON_BLOCK = re.compile(r"```python\n(.*?)```", re.DOTALL)
 
 
-@pytest.mark.parametrize("page", [page for page in PAGES if PYTHON_BLOCK.search(page.read_text())], ids=lambda page: page.name)
+@pytest.mark.parametrize(
+    "page",
+    [page for page in PAGES if PYTHON_BLOCK.search(page.read_text())],
+    ids=lambda page: page.name,
+)
 def test_python_examples_run(page: Path, capsys):
     namespace: dict = {"__name__": f"docs_example_{page.stem}"}
     for block in PYTHON_BLOCK.findall(page.read_text()):

@@ -24,12 +24,6 @@ from torch.testing import assert_close
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from mmconnect.integrations.llava import (  # noqa: E402
-    DenseLlavaConfig,
-    DenseLlavaForConditionalGeneration,
-    DenseLlavaProcessor,
-    from_llava,
-)
 from tokenizers import Tokenizer  # noqa: E402
 from tokenizers.models import WordLevel  # noqa: E402
 from tokenizers.pre_tokenizers import Whitespace  # noqa: E402
@@ -48,6 +42,12 @@ from transformers import (  # noqa: E402
 )
 
 from mmconnect import ConnectorConfig, list_presets  # noqa: E402
+from mmconnect.integrations.llava import (  # noqa: E402
+    DenseLlavaConfig,
+    DenseLlavaForConditionalGeneration,
+    DenseLlavaProcessor,
+    from_llava,
+)
 
 VISION, LLM, VOCAB = 16, 32, 120
 PAD, BOS, EOS, IMAGE = 0, 1, 2, 3

@@ -19,10 +19,10 @@ from torch.testing import assert_close
 
 transformers = pytest.importorskip("transformers")
 
-from mmconnect.integrations.llava_codebase import DenseVisionTower, swap_connector  # noqa: E402
 from transformers import CLIPVisionConfig, CLIPVisionModel  # noqa: E402
 
 from mmconnect import ConnectorConfig, DenseConnector, LayerFeatures  # noqa: E402
+from mmconnect.integrations.llava_codebase import DenseVisionTower, swap_connector  # noqa: E402
 
 VISION, LLM = 16, 32
 EXACT = {"atol": 1e-6, "rtol": 0.0}

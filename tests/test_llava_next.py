@@ -15,13 +15,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from mmconnect.integrations.anyres import tile_grid
-from mmconnect.integrations.llava_next import (
-    DenseLlavaNextConfig,
-    DenseLlavaNextForConditionalGeneration,
-    DenseLlavaNextProcessor,
-    from_llava_next,
-)
 from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers
 from torch.testing import assert_close
@@ -37,6 +30,13 @@ from transformers import (
 )
 
 from mmconnect import ConnectorConfig
+from mmconnect.integrations.anyres import tile_grid
+from mmconnect.integrations.llava_next import (
+    DenseLlavaNextConfig,
+    DenseLlavaNextForConditionalGeneration,
+    DenseLlavaNextProcessor,
+    from_llava_next,
+)
 
 VOCAB, IMAGE_TOKEN, PAD, BOS, EOS = 120, 119, 1, 2, 3
 TILE, PATCH, VISION, LLM, BLOCKS = 56, 14, 16, 32, 8
