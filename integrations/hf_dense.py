@@ -22,6 +22,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
+from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from mmconnect import ConnectorConfig, DenseConnector, find_encoder_blocks
@@ -140,7 +141,19 @@ class CheckedLoadingMixin:
 
 
 class DenseGenerationMixin(CheckedLoadingMixin):
-    """For the ``...ForConditionalGeneration`` classes: ``connector`` and a checked ``generate``."""
+    """For the ``...ForConditionalGeneration`` classes: the Dense base model, ``connector`` and a
+    checked ``generate``. Subclasses name their base model class in ``base_model_class``."""
+
+    base_model_class: type
+
+    def __init__(self, config: Any) -> None:
+        # The HF parent's __init__ would build the stock base model first: build the Dense one only.
+        PreTrainedModel.__init__(self, config)
+        self.model = self.base_model_class(config)
+        self.lm_head = nn.Linear(
+            config.text_config.hidden_size, config.text_config.vocab_size, bias=False
+        )
+        self.post_init()
 
     @property
     def connector(self) -> DenseConnector:
@@ -266,7 +279,9 @@ def _reuse_projector_weights(source: nn.Module, connector: DenseConnector, act: 
     return True
 
 
-def convert_model(model: nn.Module, connector: ConnectorConfig | str, dense_class: type) -> Any:
+def convert_model(
+    model: nn.Module, connector: ConnectorConfig | str, dense_class: type, source_class: type
+) -> Any:
     """Build ``dense_class`` around ``model``'s own vision tower, LLM and head (shared, not
     copied) with a new Dense Connector; the source projector's weights are reused when they fit.
 
@@ -274,6 +289,8 @@ def convert_model(model: nn.Module, connector: ConnectorConfig | str, dense_clas
         ValueError: the connector does not fit the towers, or ``model`` keeps the CLS token
             (``vision_feature_select_strategy="full"`` on a tower with prefix tokens).
     """
+    if not isinstance(model, source_class) or isinstance(model, dense_class):
+        raise TypeError(f"model must be an HF {source_class.__name__}, got {type(model).__name__}")
     if isinstance(connector, str):
         connector = ConnectorConfig.from_preset(
             connector,

@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 from huggingface_hub.dataclasses import strict
-from torch import Tensor, nn
+from torch import Tensor
 from transformers import (
     AutoModel,
     LlavaConfig,
@@ -157,15 +157,7 @@ class DenseLlavaForConditionalGeneration(DenseGenerationMixin, LlavaForCondition
 
     config_class = DenseLlavaConfig
 
-    def __init__(self, config: DenseLlavaConfig) -> None:
-        LlavaPreTrainedModel.__init__(
-            self, config
-        )  # the parent __init__ would build a stock LlavaModel
-        self.model = DenseLlavaModel(config)
-        self.lm_head = nn.Linear(
-            config.text_config.hidden_size, config.text_config.vocab_size, bias=False
-        )
-        self.post_init()
+    base_model_class = DenseLlavaModel
 
 
 # ---------------------------------------------------------------------------- conversion
@@ -185,13 +177,9 @@ def from_llava(
         model: an HF ``LlavaForConditionalGeneration``.
         connector: a :class:`ConnectorConfig` or a preset name (resized to the model's widths).
     """
-    if not isinstance(model, LlavaForConditionalGeneration) or isinstance(
-        model, DenseLlavaForConditionalGeneration
-    ):
-        raise TypeError(
-            f"model must be an HF LlavaForConditionalGeneration, got {type(model).__name__}"
-        )
-    return convert_model(model, connector, DenseLlavaForConditionalGeneration)
+    return convert_model(
+        model, connector, DenseLlavaForConditionalGeneration, LlavaForConditionalGeneration
+    )
 
 
 # ---------------------------------------------------------------------------- processor

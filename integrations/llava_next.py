@@ -198,15 +198,7 @@ class DenseLlavaNextForConditionalGeneration(
 
     config_class = DenseLlavaNextConfig
 
-    def __init__(self, config: DenseLlavaNextConfig) -> None:
-        LlavaNextPreTrainedModel.__init__(
-            self, config
-        )  # the parent __init__ would build a stock model
-        self.model = DenseLlavaNextModel(config)
-        self.lm_head = nn.Linear(
-            config.text_config.hidden_size, config.text_config.vocab_size, bias=False
-        )
-        self.post_init()
+    base_model_class = DenseLlavaNextModel
 
 
 def from_llava_next(
@@ -215,13 +207,9 @@ def from_llava_next(
     """A Dense LLaVA-NeXT around an existing HF LLaVA-NeXT (tower, LLM, head and
     ``image_newline`` shared; projector weights reused when their shapes fit), as
     :func:`mmconnect.integrations.llava.from_llava`."""
-    if not isinstance(model, LlavaNextForConditionalGeneration) or isinstance(
-        model, DenseLlavaNextForConditionalGeneration
-    ):
-        raise TypeError(
-            f"model must be an HF LlavaNextForConditionalGeneration, got {type(model).__name__}"
-        )
-    return convert_model(model, connector, DenseLlavaNextForConditionalGeneration)
+    return convert_model(
+        model, connector, DenseLlavaNextForConditionalGeneration, LlavaNextForConditionalGeneration
+    )
 
 
 class DenseLlavaNextProcessor(LlavaNextProcessor):
