@@ -1,0 +1,369 @@
+"""Two-stage training of a Dense Connector MLLM on the Hugging Face Trainer.
+
+The LLaVA-1.5 / Dense Connector recipe (REFERENCE section 9):
+
+* stage 1, ``"align"``: vision tower and LLM frozen, the connector trains (lr 1e-3, cosine,
+  warm-up 3 %, no weight decay);
+* stage 2, ``"instruct"``: the connector and the LLM train, fully (lr 2e-5) or through LoRA on the
+  LLM's linear layers (rank 128, alpha 256, dropout 0.05, lr 2e-4), never on the vision tower; the
+  connector keeps its own learning rate (2e-5). It starts from stage 1's connector checkpoint.
+
+Because it is the HF Trainer, the same code runs on one CPU and under ``torchrun`` /
+``accelerate launch`` with DDP, FSDP or DeepSpeed. :func:`prepare_stage` logs which parameter
+groups train and how many parameters each holds.
+
+Example:
+    >>> stage = StageConfig(stage="align", output_dir="runs/stage1")        # doctest: +SKIP
+    >>> train_stage(model, dataset, collator, stage)                       # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from mmconnect import DenseConnector
+from mmconnect.integrations.hf_dense import check_checkpoint_connector
+
+logger = logging.getLogger(__name__)
+
+Stage = Literal["align", "instruct"]
+#: Default learning rates of the published recipe: (LLM / LoRA, connector).
+_DEFAULT_RATES = {"align": (1e-3, 1e-3), "instruct": (2e-5, 2e-5), "instruct-lora": (2e-4, 2e-5)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoraSettings:
+    """LoRA on the LLM's linear layers (never on the vision tower or the connector).
+
+    Attributes:
+        rank, alpha, dropout: the LoRA hyper-parameters (published: 128, 256, 0.05).
+        target_modules: suffixes of the LLM's ``nn.Linear`` names to adapt (e.g. ``("q_proj",
+            "v_proj")``); empty means every linear layer of the LLM.
+    """
+
+    rank: int = 128
+    alpha: int = 256
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageConfig:
+    """One training stage. Learning rates default to the published recipe for the stage.
+
+    Attributes:
+        stage: ``"align"`` (stage 1) or ``"instruct"`` (stage 2).
+        output_dir: where checkpoints and the final model go.
+        learning_rate: for the LLM (full) or its LoRA weights; ``None``: recipe default.
+        connector_learning_rate: for the connector; ``None``: recipe default.
+        lora: LoRA settings for stage 2, or ``None`` for full fine-tuning.
+        train_vision_tower: unfreeze the vision tower (off in the published recipe).
+    """
+
+    stage: Stage
+    output_dir: str
+    learning_rate: float | None = None
+    connector_learning_rate: float | None = None
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+    per_device_train_batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    lr_scheduler_type: str = "cosine"
+    lora: LoraSettings | None = None
+    train_vision_tower: bool = False
+    seed: int = 0
+    logging_steps: int = 1
+    save_steps: int | None = None
+    save_total_limit: int | None = None
+    gradient_checkpointing: bool = False
+    bf16: bool = False
+    disable_tqdm: bool = False
+    dataloader_num_workers: int = 0
+    extra_training_arguments: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.stage not in ("align", "instruct"):
+            raise ValueError(f"stage must be 'align' or 'instruct', got {self.stage!r}")
+        if self.stage == "align" and self.lora is not None:
+            raise ValueError(
+                "lora is for stage 'instruct'; stage 'align' trains only the connector"
+            )
+        for name in ("learning_rate", "connector_learning_rate"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be positive, got {value!r}")
+
+    @property
+    def rates(self) -> tuple[float, float]:
+        """``(LLM or LoRA learning rate, connector learning rate)`` with recipe defaults filled."""
+        key = "instruct-lora" if self.stage == "instruct" and self.lora is not None else self.stage
+        default_llm, default_connector = _DEFAULT_RATES[key]
+        return (
+            self.learning_rate if self.learning_rate is not None else default_llm,
+            self.connector_learning_rate
+            if self.connector_learning_rate is not None
+            else default_connector,
+        )
+
+    def training_arguments(self) -> TrainingArguments:
+        """The HF ``TrainingArguments`` of this stage."""
+        save = (
+            {"save_strategy": "steps", "save_steps": self.save_steps}
+            if self.save_steps
+            else {"save_strategy": "no"}
+        )
+        return TrainingArguments(
+            output_dir=self.output_dir,
+            learning_rate=self.rates[0],
+            num_train_epochs=self.num_train_epochs,
+            max_steps=self.max_steps,
+            per_device_train_batch_size=self.per_device_train_batch_size,
+            gradient_accumulation_steps=self.gradient_accumulation_steps,
+            warmup_steps=self.warmup_ratio,  # a float below 1 is a ratio of the total steps
+            weight_decay=self.weight_decay,
+            lr_scheduler_type=self.lr_scheduler_type,
+            seed=self.seed,
+            data_seed=self.seed,
+            logging_steps=self.logging_steps,
+            save_total_limit=self.save_total_limit,
+            activation_checkpointing=self.gradient_checkpointing,  # HF 5.x's name for it
+            bf16=self.bf16,
+            disable_tqdm=self.disable_tqdm,
+            dataloader_num_workers=self.dataloader_num_workers,
+            dataloader_pin_memory=torch.cuda.is_available(),
+            remove_unused_columns=False,  # pixel_values are not in the LLM's signature
+            report_to=[],
+            **save,
+            **self.extra_training_arguments,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON / YAML-ready dict."""
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------- freezing
+
+
+def _dense_model(model: nn.Module) -> nn.Module:
+    """The Dense base model (``vision_tower``, ``multi_modal_projector``, ``language_model``)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = getattr(base, "model", base)
+    for name in ("vision_tower", "multi_modal_projector", "language_model"):
+        if not hasattr(inner, name):
+            raise TypeError(
+                f"{type(model).__name__} is not a Dense LLaVA-family model: it has no {name}"
+            )
+    return inner
+
+
+def _connector_parameters(model: nn.Module) -> list[nn.Parameter]:
+    connector = _dense_model(model).multi_modal_projector
+    return [parameter for parameter in connector.parameters() if parameter.requires_grad]
+
+
+def parameter_groups(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """``group -> (trainable parameters, all parameters)`` for the vision tower, the connector,
+    the LLM (with its LM head) and LoRA adapters."""
+    inner = _dense_model(model)
+    tower = {id(p) for p in inner.vision_tower.parameters()}
+    connector = {id(p) for p in inner.multi_modal_projector.parameters()}
+    counts: dict[str, list[int]] = {
+        name: [0, 0] for name in ("vision_tower", "connector", "llm", "lora")
+    }
+    for name, parameter in model.named_parameters():
+        if "lora_" in name:
+            group = "lora"
+        elif id(parameter) in tower:
+            group = "vision_tower"
+        elif id(parameter) in connector:
+            group = "connector"
+        else:
+            group = "llm"
+        counts[group][0] += parameter.numel() if parameter.requires_grad else 0
+        counts[group][1] += parameter.numel()
+    return {name: (trainable, total) for name, (trainable, total) in counts.items() if total}
+
+
+def _llm_linear_names(model: nn.Module, suffixes: Iterable[str]) -> list[str]:
+    inner = _dense_model(model)
+    llm_modules = {id(module) for module in inner.language_model.modules()}
+    wanted = tuple(suffixes)
+    names = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear)
+        and id(module) in llm_modules
+        and (not wanted or name.rsplit(".", 1)[-1] in wanted)
+    ]
+    if not names:
+        raise ValueError(f"no linear layer of the LLM matches target_modules={list(wanted)}")
+    return names
+
+
+def prepare_stage(model: nn.Module, stage: StageConfig) -> nn.Module:
+    """Freeze and adapt ``model`` for ``stage``; returns the model to train (a PEFT model with LoRA).
+
+    Stage ``align``: only the connector trains. Stage ``instruct``: the connector and the LLM
+    (or its LoRA adapters) train. The vision tower stays frozen unless ``train_vision_tower``.
+    The trainable parameter groups are logged.
+    """
+    inner = _dense_model(model)
+    model.requires_grad_(False)
+    inner.multi_modal_projector.requires_grad_(True)
+    if stage.train_vision_tower:
+        inner.vision_tower.requires_grad_(True)
+    if stage.stage == "instruct":
+        if stage.lora is None:
+            inner.language_model.requires_grad_(True)
+            model.get_output_embeddings().requires_grad_(True)
+        else:
+            from peft import LoraConfig, get_peft_model
+
+            lora = stage.lora
+            config = LoraConfig(
+                r=lora.rank,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=_llm_linear_names(model, lora.target_modules),
+                modules_to_save=["multi_modal_projector"],  # saved and resumed with the adapters
+            )
+            model = get_peft_model(model, config)
+    for group, (trainable, total) in parameter_groups(model).items():
+        logger.info(
+            "stage %s: %-12s %12d of %12d parameters train", stage.stage, group, trainable, total
+        )
+    return model
+
+
+# ---------------------------------------------------------------------------- trainer
+
+
+class DenseConnectorTrainer(Trainer):
+    """HF ``Trainer`` whose optimizer gives the connector its own learning rate."""
+
+    def __init__(self, *args: Any, connector_learning_rate: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.connector_learning_rate = connector_learning_rate
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            opt_model = self.model if model is None else model
+            connector = {id(parameter) for parameter in _connector_parameters(opt_model)}
+            trainable = [
+                parameter for parameter in opt_model.parameters() if parameter.requires_grad
+            ]
+            groups = [
+                {
+                    "params": [p for p in trainable if id(p) not in connector],
+                    "lr": self.args.learning_rate,
+                },
+                {
+                    "params": [p for p in trainable if id(p) in connector],
+                    "lr": self.connector_learning_rate,
+                },
+            ]
+            groups = [
+                {**group, "weight_decay": self.args.weight_decay}
+                for group in groups
+                if group["params"]
+            ]
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(
+                self.args, opt_model
+            )
+            optimizer_kwargs.pop("lr", None)
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+
+class _LossHistory(TrainerCallback):
+    """Keeps ``(step, loss)`` pairs of the run (also in ``trainer.state.log_history``)."""
+
+    def __init__(self) -> None:
+        self.losses: list[tuple[int, float]] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.losses.append((state.global_step, float(logs["loss"])))
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """What :func:`train_stage` returns: the trained model and its loss curve."""
+
+    model: nn.Module
+    losses: list[tuple[int, float]]
+    output_dir: Path
+
+
+def check_resume_checkpoint(checkpoint: str | Path, model: nn.Module) -> None:
+    """Raise a clear error when ``checkpoint`` was made with another connector config.
+
+    Raises:
+        FileNotFoundError: the checkpoint directory does not exist.
+        ValueError: its connector weights or config fingerprint differ from ``model``'s connector.
+    """
+    checkpoint = Path(checkpoint)
+    if not checkpoint.is_dir():
+        raise FileNotFoundError(f"resume checkpoint {str(checkpoint)!r} does not exist")
+    connector: DenseConnector = _dense_model(model).multi_modal_projector
+    check_checkpoint_connector(checkpoint, connector.config)
+
+
+def train_stage(
+    model: nn.Module,
+    dataset: torch.utils.data.Dataset,
+    collator: Any,
+    stage: StageConfig,
+    *,
+    resume_from_checkpoint: str | Path | None = None,
+    callbacks: list[TrainerCallback] | None = None,
+) -> StageResult:
+    """Run one stage and save its result into ``stage.output_dir``.
+
+    The Dense model is saved with ``save_pretrained`` (after merging LoRA adapters), so stage 2
+    can start from stage 1's directory and ``AutoModelForImageTextToText`` loads the end result.
+
+    Raises:
+        ValueError: the output directory cannot be written, or ``resume_from_checkpoint`` was
+            made with a different connector config.
+    """
+    output_dir = Path(stage.output_dir)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / ".write-test").touch()
+        (output_dir / ".write-test").unlink()
+    except OSError as error:
+        raise ValueError(
+            f"output directory {str(output_dir)!r} cannot be written: {error}"
+        ) from None
+    if resume_from_checkpoint is not None:
+        check_resume_checkpoint(resume_from_checkpoint, model)
+    trainable = prepare_stage(model, stage)
+    history = _LossHistory()
+    trainer = DenseConnectorTrainer(
+        model=trainable,
+        args=stage.training_arguments(),
+        train_dataset=dataset,
+        data_collator=collator,
+        callbacks=[history, *(callbacks or [])],
+        connector_learning_rate=stage.rates[1],
+    )
+    trainer.train(
+        resume_from_checkpoint=str(resume_from_checkpoint) if resume_from_checkpoint else None
+    )
+    trained = trainable.merge_and_unload() if hasattr(trainable, "merge_and_unload") else trainable
+    if trainer.is_world_process_zero():
+        trained.save_pretrained(output_dir)
+    return StageResult(model=trained, losses=history.losses, output_dir=output_dir)
