@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, TrainerCallback
+from training_toys import ToyDataset, build_model, collate
+from transformers import TrainerCallback
 
-from mmconnect import ConnectorConfig
-from mmconnect.integrations.llava import DenseLlavaConfig, DenseLlavaForConditionalGeneration
 from mmconnect.integrations.training import (
     LoraSettings,
     StageConfig,
@@ -17,63 +20,6 @@ from mmconnect.integrations.training import (
     prepare_stage,
     train_stage,
 )
-
-IMAGE_TOKEN = 99
-TOKENS_PER_IMAGE = 16  # 56 px / patch 14 -> 4x4
-
-
-def build_model(groups=((0, 1), (2, 3)), seed: int = 0) -> DenseLlavaForConditionalGeneration:
-    torch.manual_seed(seed)
-    vision = CLIPVisionConfig(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        image_size=56,
-        patch_size=14,
-    )
-    text = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        vocab_size=100,
-    )
-    connector = ConnectorConfig(
-        fusion="dci", final_layer=-2, groups=groups, vision_dim=16, llm_dim=32, num_layers=4
-    )
-    config = DenseLlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=IMAGE_TOKEN,
-        connector=connector.to_dict(),
-    )
-    return DenseLlavaForConditionalGeneration(config)
-
-
-class ToyDataset(torch.utils.data.Dataset):
-    """Eight samples: 2 text tokens, an image, 6 answer tokens (the answer depends on the image)."""
-
-    def __init__(self) -> None:
-        generator = torch.Generator().manual_seed(3)
-        self.pixels = torch.randn(8, 3, 56, 56, generator=generator)
-        self.answers = torch.randint(1, 90, (8, 6), generator=generator)
-
-    def __len__(self) -> int:
-        return 8
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        prompt = torch.tensor([1, 5] + [IMAGE_TOKEN] * TOKENS_PER_IMAGE)
-        input_ids = torch.cat([prompt, self.answers[index]])
-        labels = torch.cat([torch.full_like(prompt, -100), self.answers[index]])
-        return {"input_ids": input_ids, "labels": labels, "pixel_values": self.pixels[index]}
-
-
-def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    batch = {key: torch.stack([sample[key] for sample in samples]) for key in samples[0]}
-    batch["attention_mask"] = torch.ones_like(batch["input_ids"])
-    return batch
 
 
 def stage(tmp_path, name: str = "align", **overrides) -> StageConfig:
@@ -243,3 +189,45 @@ class _StopAt(TrainerCallback):
         if state.global_step >= self.step:
             control.should_training_stop = True
         return control
+
+
+@pytest.mark.slow
+def test_two_process_data_parallel_equals_single_process(tmp_path):
+    """torchrun with 2 CPU processes (gloo), batch 2 each == one process with batch 4."""
+    worker = Path(__file__).with_name("ddp_worker.py")
+    environment = {**os.environ, "PYTHONPATH": str(worker.parent), "OMP_NUM_THREADS": "1"}
+    single = subprocess.run(
+        [sys.executable, str(worker), str(tmp_path / "single"), "4"],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    parallel = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(worker),
+            str(tmp_path / "parallel"),
+            "2",
+        ],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert parallel.returncode == 0, parallel.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    one = load_file(str(tmp_path / "single" / "model.safetensors"))
+    two = load_file(str(tmp_path / "parallel" / "model.safetensors"))
+    assert one.keys() == two.keys()
+    initial = build_model().state_dict()
+    connector_keys = [key for key in one if "multi_modal_projector.projector" in key]
+    assert connector_keys and all(not torch.equal(one[key], initial[key]) for key in connector_keys)
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=1e-5)
