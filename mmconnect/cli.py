@@ -1,7 +1,11 @@
 """The ``mmconnect`` command line.
 
-``mmconnect presets`` lists the built-in connector presets with the layers they read and the
-token count and projector width they produce at their native encoder grid.
+* ``mmconnect presets`` lists the built-in connector presets with the layers they read and the
+  token count and projector width they produce at their native encoder grid;
+* ``mmconnect inspect ENCODER`` describes a local checkpoint or a tiny test encoder: blocks, width,
+  prefix tokens, token grid and the token count of every preset.
+
+Commands that need transformers / timm import them when they run, never at ``import mmconnect``.
 """
 
 from __future__ import annotations
@@ -59,9 +63,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("presets", help="list the built-in connector presets")
+    inspect = commands.add_parser("inspect", help="describe a vision encoder as the tap sees it")
+    inspect.add_argument("encoder", help="a local checkpoint directory or a tiny test encoder name")
+    inspect.add_argument("--image-size", type=int, default=None, help="input size in pixels")
     arguments = parser.parse_args(argv)
     if arguments.command == "presets":
         print(presets_table())
+    elif arguments.command == "inspect":
+        return _inspect(arguments.encoder, arguments.image_size)
+    return 0
+
+
+def _inspect(spec: str, image_size: int | None) -> int:
+    from mmconnect.integrations.encoders import describe_encoder, load_encoder
+
+    try:
+        encoder, native_size = load_encoder(spec)
+    except ValueError as error:
+        print(f"mmconnect inspect: {error}", file=sys.stderr)
+        return 2
+    size = image_size or native_size
+    if size is None:
+        print(
+            "mmconnect inspect: the encoder does not state its image size; pass --image-size",
+            file=sys.stderr,
+        )
+        return 2
+    print(describe_encoder(encoder, size).render())
     return 0
 
 

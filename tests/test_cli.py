@@ -48,3 +48,46 @@ def test_console_script_is_installed():
         [str(executable), "presets"], capture_output=True, text=True, check=True
     )
     assert "dc-dci-clip-l-336" in result.stdout
+
+
+def test_inspect_a_tiny_test_encoder(capsys):
+    assert main(["inspect", "tiny-clip-l-336"]) == 0
+    out = capsys.readouterr().out
+    assert "encoder.layers (24 blocks; layer indices 0..24)" in out
+    assert "prefix tokens  1" in out and "token grid     24x24 at 336 px" in out
+    counts = {
+        line.split()[0]: line.split()[1] for line in out.splitlines() if line.startswith("  ")
+    }
+    assert counts["dc-sti-clip-l-336"] == "720"
+    assert counts["dc-dci-clip-l-336-efficient"] == "144"
+    assert counts["dc-dci-siglip-so400m"] == "n/a"
+
+
+def test_inspect_a_local_checkpoint(tmp_path, capsys):
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    config = SiglipVisionConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=27,
+        num_attention_heads=2,
+        image_size=56,
+        patch_size=14,
+    )
+    SiglipVisionModel(config).save_pretrained(tmp_path)
+    assert main(["inspect", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "SiglipVisionModel" in out and "prefix tokens  0" in out and "4x4 at 56 px" in out
+    counts = {
+        line.split()[0]: line.split()[1] for line in out.splitlines() if line.startswith("  ")
+    }
+    assert counts["dc-sti-siglip-so400m"] == str(16 + 2 * (16 // 8))
+
+
+def test_inspect_an_unknown_encoder(capsys):
+    assert main(["inspect", "no-such-encoder"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "neither a local checkpoint directory nor a tiny test encoder" in err
+        and "tiny-clip-l-336" in err
+    )

@@ -1,0 +1,161 @@
+"""Vision encoders by name or local path, and what a Dense Connector sees of them.
+
+:func:`load_encoder` takes a local checkpoint directory (an HF vision model, or an HF LLaVA whose
+``vision_tower`` is used) or the name of a tiny random test encoder (no download: built from
+configs). :func:`describe_encoder` runs the tap on one blank image and reports the layer count,
+width, prefix tokens, token grid and the token count of every preset; ``mmconnect inspect``
+prints it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mmconnect import ConnectorConfig, DenseConnector, MultiLayerFeatureTap, list_presets
+
+
+def _tiny_hf(family: str, blocks: int, image_size: int) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        from transformers import (
+            CLIPVisionConfig,
+            CLIPVisionModel,
+            SiglipVisionConfig,
+            SiglipVisionModel,
+        )
+
+        common = {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_attention_heads": 2,
+            "patch_size": 14,
+        }
+        if family == "clip":
+            return CLIPVisionModel(
+                CLIPVisionConfig(num_hidden_layers=blocks, image_size=image_size, **common)
+            )
+        return SiglipVisionModel(
+            SiglipVisionConfig(num_hidden_layers=blocks, image_size=image_size, **common)
+        )
+
+    return build
+
+
+def _tiny_timm(name: str, **kwargs: object) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import timm
+
+        return timm.create_model(name, pretrained=False, **kwargs)
+
+    return build
+
+
+#: Tiny random encoders of the published depths and grids, for tests and demos.
+TINY_ENCODERS: dict[str, tuple[Callable[[], nn.Module], int]] = {
+    "tiny-clip-l-336": (_tiny_hf("clip", 24, 336), 336),
+    "tiny-siglip-so400m": (_tiny_hf("siglip", 27, 384), 384),
+    "tiny-timm-vit-reg4": (
+        _tiny_timm(
+            "vit_small_patch14_reg4_dinov2", img_size=56, depth=4, embed_dim=32, num_heads=2
+        ),
+        56,
+    ),
+    "tiny-timm-convnext": (_tiny_timm("convnext_atto", num_classes=0), 64),
+}
+
+
+def load_encoder(spec: str) -> tuple[nn.Module, int | None]:
+    """The encoder named by ``spec`` and its native image size (``None`` when unknown).
+
+    Args:
+        spec: a local directory (HF vision model, or HF LLaVA: its ``vision_tower``) or one of
+            :data:`TINY_ENCODERS`.
+
+    Raises:
+        ValueError: ``spec`` is neither (the message lists the tiny names).
+    """
+    if spec in TINY_ENCODERS:
+        torch.manual_seed(0)
+        build, size = TINY_ENCODERS[spec]
+        return build().eval(), size
+    path = Path(spec)
+    if not path.is_dir():
+        raise ValueError(
+            f"encoder {spec!r} is neither a local checkpoint directory nor a tiny test encoder "
+            f"({', '.join(TINY_ENCODERS)})"
+        )
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(path)
+    model = AutoModel.from_pretrained(path).eval()
+    tower = getattr(model, "vision_tower", None)
+    encoder = tower if isinstance(tower, nn.Module) else model
+    vision_config = getattr(config, "vision_config", config)
+    return encoder, getattr(vision_config, "image_size", None)
+
+
+@dataclass(frozen=True)
+class EncoderDescription:
+    """What :func:`describe_encoder` found."""
+
+    kind: str
+    blocks_path: str
+    num_layers: int
+    width: int
+    num_prefix_tokens: int | None
+    image_size: int
+    grid: tuple[int, int]
+    preset_tokens: dict[str, int | str]
+
+    def render(self) -> str:
+        """Human-readable lines for the command line."""
+        lines = [
+            f"encoder        {self.kind}",
+            f"blocks         {self.blocks_path} ({self.num_layers} blocks; layer indices 0..{self.num_layers})",
+            f"width          {self.width} (layer 0)",
+            f"prefix tokens  {self.num_prefix_tokens if self.num_prefix_tokens is not None else 'none found in its structure'}",
+            f"token grid     {self.grid[0]}x{self.grid[1]} at {self.image_size} px",
+            "preset tokens:",
+        ]
+        width = max(len(name) for name in self.preset_tokens)
+        lines += [f"  {name.ljust(width)}  {tokens}" for name, tokens in self.preset_tokens.items()]
+        return "\n".join(lines)
+
+
+def describe_encoder(encoder: nn.Module, image_size: int) -> EncoderDescription:
+    """Tap layer 0 of ``encoder`` on one blank ``image_size`` image and describe it.
+
+    A preset applies when its depth equals the encoder's; otherwise its row says which depth it
+    needs. Token counts use the encoder's grid with the preset's fusion.
+    """
+    tap = MultiLayerFeatureTap(encoder, layers=[0])
+    with torch.no_grad():
+        features = tap(torch.zeros(1, 3, image_size, image_size))
+    grid = features.grid(0)
+    width = features[0].shape[-1]
+    counts: dict[str, int | str] = {}
+    for name in list_presets():
+        preset = ConnectorConfig.from_preset(name)
+        if preset.num_layers != tap.num_layers:
+            counts[name] = f"n/a (needs {preset.num_layers} blocks)"
+            continue
+        with torch.device("meta"):  # token bookkeeping only
+            connector = DenseConnector(preset.replace(vision_dim=width))
+        try:
+            counts[name] = connector.num_tokens(grid)
+        except ValueError as error:
+            counts[name] = f"n/a ({error})"
+    return EncoderDescription(
+        kind=type(encoder).__name__,
+        blocks_path=tap.structure.path,
+        num_layers=tap.num_layers,
+        width=width,
+        num_prefix_tokens=tap.num_prefix_tokens,
+        image_size=image_size,
+        grid=grid,
+        preset_tokens=counts,
+    )
