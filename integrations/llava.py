@@ -45,6 +45,7 @@ from mmconnect.integrations.hf_dense import (
     checked_grid,
     convert_model,
     native_grid,
+    processor_connector,
     register_dense_model,
     reject_feature_layer,
 )
@@ -202,13 +203,7 @@ class DenseLlavaProcessor(LlavaProcessor):
         connector: dict | ConnectorConfig | None = None,
         **kwargs: Any,
     ) -> None:
-        if connector is None or patch_size is None:
-            raise ValueError(
-                "DenseLlavaProcessor needs connector= (a connector config) and patch_size="
-            )
-        self.connector = (
-            connector.to_dict() if isinstance(connector, ConnectorConfig) else dict(connector)
-        )
+        self.connector = processor_connector(connector, patch_size, "DenseLlavaProcessor")
         self._connector_config = ConnectorConfig.from_dict(self.connector)
         super().__init__(
             image_processor,

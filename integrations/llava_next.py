@@ -45,6 +45,7 @@ from mmconnect.integrations.hf_dense import (
     checked_grid,
     convert_model,
     native_grid,
+    processor_connector,
     register_dense_model,
     reject_feature_layer,
 )
@@ -228,13 +229,7 @@ class DenseLlavaNextProcessor(LlavaNextProcessor):
         connector: dict | ConnectorConfig | None = None,
         **kwargs: Any,
     ) -> None:
-        if connector is None or patch_size is None:
-            raise ValueError(
-                "DenseLlavaNextProcessor needs connector= (a connector config) and patch_size="
-            )
-        self.connector = (
-            connector.to_dict() if isinstance(connector, ConnectorConfig) else dict(connector)
-        )
+        self.connector = processor_connector(connector, patch_size, "DenseLlavaNextProcessor")
         kwargs.pop("vision_feature_select_strategy", None)
         kwargs.pop("num_additional_image_tokens", None)
         # "full" and no additional tokens: HF's count adjustments for CLS must not apply here.
