@@ -129,25 +129,32 @@ def _all_texts(paths: list[Path], templates: list[str]) -> list[str]:
 CONNECTORS = ("baseline", "sti", "sci", "dci", "dci-efficient")
 
 
-def demo_connector(kind: str, config: DemoConfig) -> ConnectorConfig:
-    """The connector ``kind`` for the demo's tower (final layer ``hidden_states[-2]``)."""
-    blocks, half = config.vision_blocks, config.vision_blocks // 2
-    common = {"vision_dim": config.vision_width, "llm_dim": config.llm_width, "num_layers": blocks}
-    side = config.image_size // config.patch_size
+def demo_connector(
+    kind: str, *, vision_dim: int, llm_dim: int, num_layers: int, grid_side: int
+) -> ConnectorConfig:
+    """The connector ``kind`` for a tower of ``num_layers`` blocks and a square token grid.
+
+    The final layer is ``hidden_states[-2]``; DCI averages the two halves of the blocks, SCI / STI
+    add the layers at a quarter and half of the depth, the efficient DCI halves the grid.
+    """
+    half = num_layers // 2
+    groups = (tuple(range(0, half)), tuple(range(half, num_layers)))
     kinds = {
         "baseline": {"fusion": "none"},
-        "sti": {"fusion": "sti", "layers": (half // 2, half), "sti_window": 4},
-        "sci": {"fusion": "sci", "layers": (half // 2, half)},
-        "dci": {"fusion": "dci", "groups": (tuple(range(0, half)), tuple(range(half, blocks)))},
+        "sti": {"fusion": "sti", "layers": (max(half // 2, 1), half), "sti_window": 4},
+        "sci": {"fusion": "sci", "layers": (max(half // 2, 1), half)},
+        "dci": {"fusion": "dci", "groups": groups},
         "dci-efficient": {
             "fusion": "dci",
-            "groups": (tuple(range(0, half)), tuple(range(half, blocks))),
-            "resample_grid": (side // 2, side // 2),
+            "groups": groups,
+            "resample_grid": (grid_side // 2, grid_side // 2),
         },
     }
     if kind not in kinds:
         raise ValueError(f"unknown demo connector {kind!r}; choose from {', '.join(CONNECTORS)}")
-    return ConnectorConfig(final_layer=-2, **common, **kinds[kind])
+    return ConnectorConfig(
+        final_layer=-2, vision_dim=vision_dim, llm_dim=llm_dim, num_layers=num_layers, **kinds[kind]
+    )
 
 
 def build_demo_model(
@@ -182,10 +189,12 @@ def build_demo_model(
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
-    connector = demo_connector(kind, config).replace(
+    connector = demo_connector(
+        kind,
         vision_dim=vision_config.hidden_size,
         llm_dim=text_config.hidden_size,
         num_layers=vision_config.num_hidden_layers,
+        grid_side=vision_config.image_size // vision_config.patch_size,
     )
     model_config = DenseLlavaConfig(
         vision_config=vision_config,
@@ -263,8 +272,11 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     """Run the demo; returns (and writes to ``results.json``) what it measured."""
     from transformers import AutoTokenizer, CLIPImageProcessor
 
-    for kind in config.connectors:
-        demo_connector(kind, config)  # unknown names fail before any work
+    unknown = [kind for kind in config.connectors if kind not in CONNECTORS]
+    if unknown or not config.connectors:
+        raise ValueError(
+            f"unknown demo connector {unknown[0] if unknown else None!r}; choose from {', '.join(CONNECTORS)}"
+        )
     output = Path(config.output_dir)
     started = time.monotonic()
     files = write_synthetic_vqa(
@@ -284,14 +296,16 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         tokenizer = build_word_tokenizer(
             _all_texts([files.stage1, files.stage2, files.eval], ["plain", "vicuna_v1"])
         )
-    size = {"height": config.image_size, "width": config.image_size}
-    image_processor = CLIPImageProcessor(size={"shortest_edge": config.image_size}, crop_size=size)
     eval_records = json.loads(Path(files.eval).read_text())
 
     results: dict[str, Any] = {"config": dataclasses.asdict(config), "connectors": {}}
     for kind in config.connectors:
         model = build_demo_model(kind, config, tokenizer)
         tokens = model.model.image_tokens_per_image()
+        side = model.config.vision_config.image_size  # a local tower may expect another size
+        image_processor = CLIPImageProcessor(
+            size={"shortest_edge": side}, crop_size={"height": side, "width": side}
+        )
         data = {
             "image_folder": files.root,
             "tokenizer": tokenizer,

@@ -103,3 +103,57 @@ def test_training_data_with_a_missing_image_is_reported_with_its_id_and_path(
 def test_demo_refuses_an_unknown_connector(tmp_path, capsys):
     assert main(["demo", "--quick", "--output", str(tmp_path), "--connectors", "baseline,mlp"]) == 2
     assert "unknown demo connector 'mlp'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_takes_the_tower_and_llm_from_local_checkpoints(tmp_path):
+    """--vision / --llm: the trained model starts from those weights (tower frozen: unchanged)."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+
+    from mmconnect.integrations.demo import build_word_tokenizer
+    from mmconnect.integrations.synthetic import text_vocabulary
+
+    torch.manual_seed(5)
+    vision = CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=6,
+            num_attention_heads=4,
+            image_size=64,
+            patch_size=16,
+        )
+    )
+    vision.save_pretrained(tmp_path / "vision")
+    texts = [" ".join(text_vocabulary()), "A chat between USER : ASSISTANT : \n , . ? -"]
+    tokenizer = build_word_tokenizer([*texts, "assistant user"])
+    llm = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            vocab_size=len(tokenizer),
+        )
+    )
+    llm.save_pretrained(tmp_path / "llm")
+    tokenizer.save_pretrained(tmp_path / "llm")
+    output = tmp_path / "demo"
+    arguments = ["demo", "--quick", "--output", str(output), "--connectors", "dci"]
+    assert (
+        main([*arguments, "--vision", str(tmp_path / "vision"), "--llm", str(tmp_path / "llm")])
+        == 0
+    )
+    results = json.loads((output / "results.json").read_text())
+    assert results["connectors"]["dci"]["visual_tokens"] == 16  # 64 px / patch 16
+    saved = load_file(str(output / "dci" / "stage2" / "model.safetensors"))
+    tower = {
+        key.removeprefix("model.vision_tower."): value
+        for key, value in saved.items()
+        if "vision_tower" in key
+    }
+    for key, value in vision.state_dict().items():
+        assert torch.equal(tower[key], value), key
