@@ -15,6 +15,7 @@ Commands that need transformers / timm import them when they run, never at ``imp
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 
@@ -96,6 +97,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--config", required=True, help="the run's YAML file (see mmconnect.integrations.train_run)"
     )
     arguments = parser.parse_args(argv)
+    if arguments.command in ("demo", "train"):
+        # Show the per-stage parameter-group lines (which groups train, how many parameters).
+        logging.basicConfig(format="%(name)s: %(message)s")
+        logging.getLogger("mmconnect").setLevel(logging.INFO)
     if arguments.command == "presets":
         print(presets_table())
     elif arguments.command == "inspect":
