@@ -161,11 +161,17 @@ def build_demo_model(
     kind: str, config: DemoConfig, tokenizer: Any
 ) -> DenseLlavaForConditionalGeneration:
     """A small Dense LLaVA from configs (or the local tower / LLM checkpoints of ``config``)."""
-    from transformers import AutoModel, AutoModelForCausalLM, CLIPVisionConfig, LlamaConfig
+    from transformers import (
+        AutoConfig,
+        AutoModel,
+        AutoModelForCausalLM,
+        CLIPVisionConfig,
+        LlamaConfig,
+    )
 
     torch.manual_seed(config.seed)
     if config.vision_path:
-        vision_config = AutoModel.from_pretrained(config.vision_path).config
+        vision_config = AutoConfig.from_pretrained(config.vision_path)
     else:
         vision_config = CLIPVisionConfig(
             hidden_size=config.vision_width,
@@ -176,7 +182,7 @@ def build_demo_model(
             patch_size=config.patch_size,
         )
     if config.llm_path:
-        text_config = AutoModelForCausalLM.from_pretrained(config.llm_path).config
+        text_config = AutoConfig.from_pretrained(config.llm_path)
     else:
         text_config = LlamaConfig(
             hidden_size=config.llm_width,

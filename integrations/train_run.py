@@ -130,7 +130,6 @@ def run_training(run: TrainRun) -> dict[str, Any]:
         DataCollator,
         LlavaDataset,
         load_llava_json,
-        validate_records,
     )
 
     stages = [
@@ -149,18 +148,8 @@ def run_training(run: TrainRun) -> dict[str, Any]:
     image_tokens = model.model.image_tokens_per_image()
     results: dict[str, Any] = {}
     for stage, path, template in stages:
-        records = load_llava_json(path)
-        report = validate_records(
-            records,
-            image_folder=run.data.image_folder,
-            template=template,
-            tokenizer=tokenizer,
-            image_tokens=image_tokens,
-            max_length=run.data.max_length,
-        )
-        report.raise_if_any()
         dataset = LlavaDataset(
-            records,
+            load_llava_json(path),
             image_folder=run.data.image_folder,
             template=template,
             tokenizer=tokenizer,
@@ -169,6 +158,7 @@ def run_training(run: TrainRun) -> dict[str, Any]:
             image_token_id=model.config.image_token_id,
             max_length=run.data.max_length,
         )
+        dataset.validate(strict=True)  # every problem listed before any training
         config = run.stage_config(stage)
         result = train_stage(model, dataset, DataCollator.from_tokenizer(tokenizer), config)
         processor.save_pretrained(config.output_dir)
