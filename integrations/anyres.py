@@ -23,7 +23,8 @@ from torch import Tensor
 from transformers.image_processing_utils import select_best_resolution
 from transformers.models.llava_next.modeling_llava_next import unpad_image
 
-from mmconnect import DenseConnector
+from mmconnect import ConnectorConfig, DenseConnector
+from mmconnect.connector import count_output_tokens, output_token_grid
 
 
 def check_pinpoints(pinpoints: Sequence[Sequence[int]], tile_size: int) -> None:
@@ -65,11 +66,15 @@ def tile_grid(
 
 
 def crop_layout(
-    connector: DenseConnector, encoder_grid: tuple[int, int]
+    connector: DenseConnector | ConnectorConfig, encoder_grid: tuple[int, int]
 ) -> tuple[tuple[int, int], int]:
-    """The grid of each crop's leading tokens and how many extra (STI) tokens follow it."""
-    grid = connector.token_grid(encoder_grid)
-    extra = connector.num_tokens(encoder_grid) - grid[0] * grid[1]
+    """The grid of each crop's leading tokens and how many extra (STI) tokens follow it.
+
+    Needs only the connector's config: processors count tokens without building a connector.
+    """
+    config = connector.config if isinstance(connector, DenseConnector) else connector
+    grid = output_token_grid(config, encoder_grid)
+    extra = count_output_tokens(config, encoder_grid) - grid[0] * grid[1]
     return grid, extra
 
 
@@ -81,7 +86,7 @@ def unpadded_size(stitched: tuple[int, int], image_size: Sequence[int]) -> tuple
 
 
 def anyres_token_count(
-    connector: DenseConnector,
+    connector: DenseConnector | ConnectorConfig,
     image_size: Sequence[int],
     pinpoints: Sequence[Sequence[int]],
     tile_size: int,

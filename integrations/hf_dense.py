@@ -129,16 +129,15 @@ def checked_grid(pixel_values: Tensor, vision_config: Any) -> tuple[int, int]:
 
 def processor_connector(
     connector: dict | ConnectorConfig | None, patch_size: int | None, processor: str
-) -> dict:
-    """The validated connector dict a Dense processor saves, with a clear error when missing."""
+) -> ConnectorConfig:
+    """The validated connector config of a Dense processor, with a clear error when missing."""
     if connector is None or patch_size is None:
         raise ValueError(f"{processor} needs connector= (a connector config) and patch_size=")
-    config = (
+    return (
         connector
         if isinstance(connector, ConnectorConfig)
         else ConnectorConfig.from_dict(connector)
     )
-    return config.to_dict()
 
 
 # ---------------------------------------------------------------------------- model mixins

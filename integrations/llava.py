@@ -203,8 +203,8 @@ class DenseLlavaProcessor(LlavaProcessor):
         connector: dict | ConnectorConfig | None = None,
         **kwargs: Any,
     ) -> None:
-        self.connector = processor_connector(connector, patch_size, "DenseLlavaProcessor")
-        self._connector_config = ConnectorConfig.from_dict(self.connector)
+        self._connector_config = processor_connector(connector, patch_size, "DenseLlavaProcessor")
+        self.connector = self._connector_config.to_dict()  # saved with the processor
         super().__init__(
             image_processor,
             tokenizer,

@@ -229,7 +229,10 @@ class DenseLlavaNextProcessor(LlavaNextProcessor):
         connector: dict | ConnectorConfig | None = None,
         **kwargs: Any,
     ) -> None:
-        self.connector = processor_connector(connector, patch_size, "DenseLlavaNextProcessor")
+        self._connector_config = processor_connector(
+            connector, patch_size, "DenseLlavaNextProcessor"
+        )
+        self.connector = self._connector_config.to_dict()  # saved with the processor
         kwargs.pop("vision_feature_select_strategy", None)
         kwargs.pop("num_additional_image_tokens", None)
         # "full" and no additional tokens: HF's count adjustments for CLS must not apply here.
@@ -245,11 +248,9 @@ class DenseLlavaNextProcessor(LlavaNextProcessor):
     def _get_number_of_features(
         self, orig_height: int, orig_width: int, height: int, width: int
     ) -> int:
-        with torch.device("meta"):  # token bookkeeping only
-            connector = DenseConnector(ConnectorConfig.from_dict(self.connector))
         grid = (height // self.patch_size, width // self.patch_size)
         return anyres_token_count(
-            connector,
+            self._connector_config,
             (orig_height, orig_width),
             self.image_processor.image_grid_pinpoints,
             height,

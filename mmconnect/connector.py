@@ -78,6 +78,15 @@ def count_output_tokens(config: ConnectorConfig, grid: tuple[int, int]) -> int:
     return build_fusion(config).num_tokens(grid)
 
 
+def output_token_grid(config: ConnectorConfig, grid: tuple[int, int]) -> tuple[int, int]:
+    """The grid of the connector's leading output tokens, from its config alone.
+
+    The resample target when resampling, else the encoder grid itself; STI appends its pooled
+    tokens after these ``height * width`` tokens.
+    """
+    return config.resample_grid if config.resample_grid is not None else tuple(grid)
+
+
 class DenseConnector(nn.Module):
     """A Dense Connector: multi-layer fusion -> optional resampling -> projector.
 
@@ -168,7 +177,7 @@ class DenseConnector(nn.Module):
         The resample target when resampling, else the encoder grid itself; STI appends its
         pooled tokens after these ``height * width`` tokens.
         """
-        return self.resampler.target if self.resampler is not None else tuple(grid)
+        return output_token_grid(self.config, grid)
 
     @property
     def fused_dim(self) -> int:
