@@ -18,7 +18,7 @@ The pieces, in the order data flows through them:
 * :class:`LlavaDataset` yields ``{"input_ids", "labels", "pixel_values"}`` per record and
   :class:`DataCollator` pads them into a batch for HF LLaVA models.
 
-Example:
+Examples:
     >>> records = load_llava_json("llava_v1_5_mix665k.json")  # doctest: +SKIP
     >>> dataset = LlavaDataset(
     ...     records,
@@ -808,7 +808,10 @@ def validate_records(
     Args:
         records: the records (see :func:`load_llava_json`).
         image_folder: the folder image paths are relative to (``None``: paths as given).
-        template, tokenizer, image_tokens, max_length: as for :class:`LlavaDataset`.
+        template: as for :class:`LlavaDataset`.
+        tokenizer: as for :class:`LlavaDataset`.
+        image_tokens: as for :class:`LlavaDataset`.
+        max_length: as for :class:`LlavaDataset`.
         check_images: open every image (slow on big data sets; off: only the counts and lengths).
         strict: raise instead of returning a report with problems.
         progress: show a tqdm progress bar.

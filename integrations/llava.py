@@ -12,7 +12,7 @@ supports). Loss, ``generate()``, PEFT and the Trainer work as for HF LLaVA; the 
 
 round-trips through ``save_pretrained``. :func:`from_llava` converts an existing HF LLaVA.
 
-Example:
+Examples:
     >>> from mmconnect import ConnectorConfig
     >>> dense = from_llava(llava, ConnectorConfig.from_preset("dc-dci-clip-l-336"))  # doctest: +SKIP
 """

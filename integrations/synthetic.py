@@ -21,7 +21,7 @@ paths are relative to ``output_dir``, which is LLaVA's ``image_folder``)::
         scenes.json    {"format_version", "scenes": {image path: scene}} (the ground truth)
         metadata.json  settings, scene spec, counts and the vocabularies
 
-Example:
+Examples:
     >>> import random
     >>> scene = sample_scene(random.Random(0))
     >>> image = render_scene(scene, 64)  # PIL.Image, 64 x 64 RGB

@@ -12,7 +12,7 @@ Because it is the HF Trainer, the same code runs on one CPU and under ``torchrun
 ``accelerate launch`` with DDP, FSDP or DeepSpeed. :func:`prepare_stage` logs which parameter
 groups train and how many parameters each holds.
 
-Example:
+Examples:
     >>> stage = StageConfig(stage="align", output_dir="runs/stage1")        # doctest: +SKIP
     >>> train_stage(model, dataset, collator, stage)                       # doctest: +SKIP
 """

@@ -202,7 +202,7 @@ class ConnectorConfig:
     def from_preset(cls, name: str, **overrides: Any) -> ConnectorConfig:
         """A published configuration by name, with fields overridden (see :mod:`mmconnect.presets`).
 
-        Example:
+        Examples:
             >>> ConnectorConfig.from_preset("dc-dci-clip-l-336", vision_dim=32, llm_dim=64).groups[1][:3]
             (12, 13, 14)
         """

@@ -1,6 +1,6 @@
 """``DenseConnector``: fuse tapped encoder layers, resample, project to the LLM width.
 
-Example:
+Examples:
     >>> config = ConnectorConfig.from_preset("dc-dci-clip-l-336", vision_dim=32, llm_dim=64)
     >>> connector = DenseConnector(config)
     >>> connector.num_tokens((24, 24))

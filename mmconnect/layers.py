@@ -38,7 +38,7 @@ def normalize_layer(index: int, num_layers: int, *, argument: str = "layer") -> 
         TypeError: ``index`` is not an ``int``.
         ValueError: ``index`` is outside ``-(L + 1) .. L``.
 
-    Example:
+    Examples:
         >>> normalize_layer(-2, 24)
         23
     """
@@ -124,7 +124,7 @@ def paper_layer(layer: int) -> int:
     The official code reads the paper's layer ``i`` as ``hidden_states[i - 1]``: "layers 8 and
     16" are ``H[7]`` and ``H[15]``, the group "(1-12)" is ``H[0..11]``.
 
-    Example:
+    Examples:
         >>> [paper_layer(i) for i in (8, 16)]
         [7, 15]
     """

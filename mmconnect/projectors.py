@@ -5,7 +5,7 @@ exact-erf GELU between them, LLaVA's naming). The module layouts equal LLaVA's `
 (``linear`` is one ``nn.Linear``, ``mlpNx_gelu`` an ``nn.Sequential`` with Linears at indices
 0, 2, 4, ...), so official weights load by key. Register more with :func:`register_projector`.
 
-Example:
+Examples:
     >>> projector = build_projector("mlp2x_gelu", in_dim=3072, out_dim=4096)
     >>> [name for name, _ in projector.named_parameters()]
     ['0.weight', '0.bias', '2.weight', '2.bias']

@@ -6,7 +6,7 @@ can average groups of layers while they stream by (one running sum per group, so
 ``O(groups)`` tensors rather than ``O(layers)``), and stops the forward once the last needed block
 has run.
 
-Example:
+Examples:
     >>> tap = MultiLayerFeatureTap(clip_vision_model, layers=[-2, 7, 15])  # doctest: +SKIP
     >>> features = tap(pixel_values)                                        # doctest: +SKIP
     >>> features[23].shape                                                  # doctest: +SKIP
