@@ -4,20 +4,24 @@ REFERENCE section 8, re-derived:
 
 * the high-resolution (HR) image goes through a ConvNeXt (timm, or open_clip's timm trunk): stem
   and four stages; stages 2-4 are bilinearly upsampled to stage 1's size and all four are
-  concatenated along channels (``[B, sum(stage widths), H/4, W/4]``);
+  concatenated along channels (``[B, sum(stage widths), H/4, W/4]``; 192 + 384 + 768 + 1536 = 2880
+  channels for ConvNeXt-L, derived from the stages by :func:`hr_map_width`);
 * the low-resolution (LR) image is a bilinear downsample of the same normalised HR tensor and goes
   through the CLIP tower, ``hidden_states[-2]`` without CLS;
 * patch info mining: ``q = Linear(LN(lr))``, ``k, v = Linear(LN(hr))``; every LR token ``(i, j)``
-  attends only to its own ``r x r`` window of HR cells (``r`` = HR size / LR grid), one head,
+  attends only to its own ``r x r`` window of HR cells (``r`` = HR map size / LR grid), one head,
   scaled by ``sqrt(width)``, softmax over the window; the result is added to the LR features;
 * then the projector.
 
+HD mode (``image_grid=2``, ``image_global=True``): the LR image is made at twice the CLIP size
+and split into 2x2 crops, plus a global view (that LR image downsampled to the CLIP size); the HR
+map is split the same way for the crops and bilinearly downsampled for the global view, so every
+view is mined against its own HR window map. Views are ordered ``[global, 00, 01, 10, 11]``: 5 x 576
+= 2880 tokens for CLIP-L/336 at HR 1536.
+
 With a Dense Connector the fusion either follows mining (``placement="after"``, default: the mined
 final layer leads the fused channels, mining keeps CLIP's width) or precedes it (``"before"``: the
-fused features are the queries, mining works at the fused width).
-
-Issue 5 is not finished: the full MGM MLLM (LLM, ``generate``, save / load), HD mode and the
-adapter for the original MGM codebase are still to come.
+fused features are the queries, mining works at the fused width). In HD mode it runs per view.
 """
 
 from __future__ import annotations
@@ -89,12 +93,48 @@ class PatchInfoMining(nn.Module):
         return lr_tokens + mined
 
 
+# ---------------------------------------------------------------------------- HR encoder
+
+
+def _convnext_trunk(encoder: nn.Module) -> nn.Module:
+    """The timm ConvNeXt itself (open_clip's ``TimmModel`` keeps it as ``trunk``)."""
+    trunk = getattr(encoder, "trunk", encoder)
+    if not (hasattr(trunk, "stem") and hasattr(trunk, "stages")):
+        raise ValueError(
+            f"the HR encoder must be a timm ConvNeXt (stem + stages) or open_clip's TimmModel "
+            f"around one, got {type(encoder).__name__}"
+        )
+    return trunk
+
+
+def stage_widths(encoder: nn.Module) -> list[int]:
+    """The channel width of each ConvNeXt stage, read from the stages themselves.
+
+    timm ConvNeXt-L: ``[192, 384, 768, 1536]``.
+    """
+    trunk = _convnext_trunk(encoder)
+    info = getattr(trunk, "feature_info", None)
+    if info:  # timm records what every stage emits
+        return [int(entry["num_chs"]) for entry in info][-len(trunk.stages) :]
+    widths = []
+    for stage in trunk.stages:
+        norms = [m for m in stage.modules() if isinstance(m, nn.LayerNorm | nn.Conv2d)]
+        widths.append(norms[-1].weight.shape[0])
+    return widths
+
+
+def hr_map_width(encoder: nn.Module) -> int:
+    """Channels of the HR map :func:`convnext_hr_features` makes: the sum of the stage widths
+    (2880 for ConvNeXt-L)."""
+    return sum(stage_widths(encoder))
+
+
 def convnext_hr_features(encoder: nn.Module, pixel_values: Tensor) -> Tensor:
     """MGM's HR map: the four stage outputs, stages 2-4 upsampled to stage 1's size, concatenated.
 
     ``[B, 3, S, S]`` -> ``[B, sum(stage widths), S/4, S/4]`` for a ConvNeXt (stem stride 4).
     """
-    tap = MultiLayerFeatureTap(encoder, layers=[1, 2, 3, 4])
+    tap = MultiLayerFeatureTap(_convnext_trunk(encoder), layers=[1, 2, 3, 4])
     features = tap(pixel_values)
     maps = [
         rearrange(
@@ -112,6 +152,109 @@ def convnext_hr_features(encoder: nn.Module, pixel_values: Tensor) -> Tensor:
     return torch.cat(upsampled, dim=1)
 
 
+# ---------------------------------------------------------------------------- views (HD mode)
+
+
+def check_views(image_grid: int, image_global: bool) -> int:
+    """The number of views per image: ``image_grid**2`` crops, plus one when ``image_global``.
+
+    Raises:
+        ValueError: ``image_grid`` is not a positive int, or ``image_global`` without a grid.
+    """
+    if not isinstance(image_grid, int) or isinstance(image_grid, bool) or image_grid < 1:
+        raise ValueError(f"image_grid must be a positive int (1, or 2 for HD), got {image_grid!r}")
+    if image_global and image_grid == 1:
+        raise ValueError(
+            "image_global=True adds a global view to a crop grid: needs image_grid > 1"
+        )
+    return image_grid**2 + int(image_global)
+
+
+def lr_views(pixel_values: Tensor, lr_size: int, image_grid: int, image_global: bool) -> Tensor:
+    """The LR images the CLIP tower sees, ``[B, 3, S, S]`` -> ``[B, views, 3, lr_size, lr_size]``.
+
+    One view: the HR tensor resized to ``lr_size``. HD: resized to ``image_grid * lr_size``, split
+    into row-major crops, with the global view (that image resized to ``lr_size``) first.
+    """
+    check_views(image_grid, image_global)
+    side = lr_size * image_grid
+    large = F.interpolate(pixel_values, size=(side, side), mode="bilinear", align_corners=False)
+    views = rearrange(large, "b c (gh h) (gw w) -> b (gh gw) c h w", gh=image_grid, gw=image_grid)
+    if image_global:
+        glance = F.interpolate(large, size=(lr_size, lr_size), mode="bilinear", align_corners=False)
+        views = torch.cat([glance.unsqueeze(1), views], dim=1)
+    return views
+
+
+def hr_views(hr_map: Tensor, image_grid: int, image_global: bool) -> Tensor:
+    """Each view's HR window map, ``[B, C, H, W]`` -> ``[B, views, C, H/g, W/g]`` in the order of
+    :func:`lr_views` (crops split row-major, the global view bilinearly downsampled).
+
+    Raises:
+        ValueError: the HR map does not split into ``image_grid`` x ``image_grid`` equal parts.
+    """
+    check_views(image_grid, image_global)
+    height, width = hr_map.shape[-2:]
+    if height % image_grid or width % image_grid:
+        raise ValueError(
+            f"the HR map {height}x{width} does not split into a {image_grid}x{image_grid} grid"
+        )
+    views = rearrange(hr_map, "b c (gh h) (gw w) -> b (gh gw) c h w", gh=image_grid, gw=image_grid)
+    if image_global:
+        size = (height // image_grid, width // image_grid)
+        glance = F.interpolate(hr_map, size=size, mode="bilinear", align_corners=False)
+        views = torch.cat([glance.unsqueeze(1), views], dim=1)
+    return views
+
+
+# ---------------------------------------------------------------------------- the path
+
+
+def mine_and_connect(
+    features: LayerFeatures,
+    hr_map: Tensor,
+    connector: DenseConnector,
+    mining: PatchInfoMining,
+    placement: Placement,
+) -> Tensor:
+    """Patch info mining and the connector on tapped LR features, one row per view.
+
+    Args:
+        features: the LR tower's tapped layers, ``[N, h*w, C]`` each.
+        hr_map: each row's HR window map, ``[N, C_hr, H, W]``.
+        connector: the (Dense) connector.
+        mining: the mining module (``lr_dim`` = ``C`` after, the fused width before).
+        placement: fuse ``"after"`` mining (the mined final layer leads) or ``"before"`` it.
+
+    Returns:
+        ``[N, connector tokens, llm_dim]``.
+    """
+    final = connector.individual_layers[0]
+    grid = features.grid(final)
+    if placement == "before":
+        return connector.projector(mining(connector.fuse(features, grid), hr_map, grid))
+    mined = mining(features[final], hr_map, grid)
+    layers = {layer: (mined if layer == final else features[layer]) for layer in features}
+    replaced = LayerFeatures(layers, grids=features.grids, group_means=features.group_means)
+    return connector(replaced, grid)
+
+
+def check_placement(placement: str, connector: DenseConnector) -> None:
+    """Raise a clear ``ValueError`` for an unknown placement or one the connector cannot take."""
+    if placement not in ("after", "before"):
+        raise ValueError(f"placement must be 'after' or 'before', got {placement!r}")
+    if placement == "before" and connector.config.resample_grid is not None:
+        raise ValueError(
+            "placement='before' mines on the encoder grid, which a resampling connector has "
+            "already shrunk; use placement='after' with resample_grid"
+        )
+
+
+def mining_width(connector: DenseConnector, placement: Placement) -> int:
+    """Width of the mining queries: the tower's after mining-then-fusion, the fused one before."""
+    return connector.config.vision_dim if placement == "after" else connector.fused_dim
+
+
 class MGMVisionPath(nn.Module):
     """LR CLIP tower + HR ConvNeXt + patch info mining + a (Dense) connector.
 
@@ -119,9 +262,11 @@ class MGMVisionPath(nn.Module):
         lr_tower: the CLIP tower (frozen by the caller as the recipe says).
         hr_tower: the ConvNeXt (timm ``ConvNeXt`` or open_clip's ``TimmModel``).
         connector: the connector; a ``fusion="none"`` connector is MGM's own ``mlp2x_gelu`` path.
-        hr_channels: channel width of :func:`convnext_hr_features` (sum of the stage widths).
         lr_size: the CLIP tower's image size (the LR image is the HR image resized to it).
+        hr_channels: channel width of :func:`convnext_hr_features`; ``None`` derives it from the
+            stages (:func:`hr_map_width`), a value that differs from them is an error.
         placement: Dense Connector fusion ``"after"`` mining (default) or ``"before"`` it.
+        image_grid / image_global: HD mode (``2`` / ``True``): 2x2 crops plus a global view.
         lr_normalization / hr_normalization: ``(mean, std)`` each tower was trained with; both
             towers read one normalised tensor, so they must agree.
     """
@@ -132,57 +277,69 @@ class MGMVisionPath(nn.Module):
         hr_tower: nn.Module,
         connector: DenseConnector,
         *,
-        hr_channels: int,
         lr_size: int,
+        hr_channels: int | None = None,
         placement: Placement = "after",
+        image_grid: int = 1,
+        image_global: bool = False,
         lr_normalization: tuple[Sequence[float], Sequence[float]] | None = None,
         hr_normalization: tuple[Sequence[float], Sequence[float]] | None = None,
     ) -> None:
         super().__init__()
-        if placement not in ("after", "before"):
-            raise ValueError(f"placement must be 'after' or 'before', got {placement!r}")
-        if lr_normalization is not None and hr_normalization is not None:
-            lr_stats = [list(map(float, values)) for values in lr_normalization]
-            hr_stats = [list(map(float, values)) for values in hr_normalization]
-            if not all(
-                math.isclose(a, b, abs_tol=1e-6)
-                for x, y in zip(lr_stats, hr_stats, strict=True)
-                for a, b in zip(x, y, strict=True)
-            ):
-                raise ValueError(
-                    f"the LR and HR towers were trained with different normalisation statistics "
-                    f"(mean, std) {lr_stats} vs {hr_stats}; MGM feeds both one normalised tensor"
-                )
+        check_placement(placement, connector)
+        self.num_views = check_views(image_grid, image_global)
+        check_normalization(lr_normalization, hr_normalization)
         tower_width = getattr(getattr(lr_tower, "config", None), "hidden_size", None)
         if isinstance(tower_width, int) and tower_width != connector.config.vision_dim:
             raise ValueError(
                 f"connector vision_dim={connector.config.vision_dim} does not match the LR tower's "
                 f"hidden_size ({tower_width})"
             )
-        if placement == "before" and connector.config.resample_grid is not None:
+        derived = hr_map_width(hr_tower)
+        if hr_channels is not None and hr_channels != derived:
             raise ValueError(
-                "placement='before' mines on the encoder grid, which a resampling connector has "
-                "already shrunk; use placement='after' with resample_grid"
+                f"hr_channels={hr_channels} does not match the HR encoder's stage widths "
+                f"{stage_widths(hr_tower)} (sum {derived})"
             )
         self.lr_tower, self.hr_tower, self.connector = lr_tower, hr_tower, connector
         self.lr_size, self.placement = lr_size, placement
+        self.image_grid, self.image_global = image_grid, image_global
         self._lr_tap = connector.make_tap(lr_tower)
-        width = connector.config.vision_dim if placement == "after" else connector.fused_dim
-        self.mining = PatchInfoMining(width, hr_channels)
+        self.mining = PatchInfoMining(mining_width(connector, placement), derived)
 
     def forward(self, pixel_values: Tensor) -> Tensor:
-        """``[B, 3, S_hr, S_hr]`` (normalised) -> ``[B, connector tokens, llm_dim]``."""
-        lr_pixels = F.interpolate(
-            pixel_values, size=(self.lr_size, self.lr_size), mode="bilinear", align_corners=False
+        """``[B, 3, S_hr, S_hr]`` (normalised) -> ``[B, views * connector tokens, llm_dim]``."""
+        views = lr_views(pixel_values, self.lr_size, self.image_grid, self.image_global)
+        features = self._lr_tap(views.flatten(0, 1))
+        hr_map = hr_views(
+            convnext_hr_features(self.hr_tower, pixel_values), self.image_grid, self.image_global
         )
-        features = self._lr_tap(lr_pixels)
-        grid = features.grid(self.connector.individual_layers[0])
-        hr_map = convnext_hr_features(self.hr_tower, pixel_values)
-        if self.placement == "before":
-            fused = self.connector.fuse(features, grid)
-            return self.connector.projector(self.mining(fused, hr_map, grid))
-        final = self.connector.individual_layers[0]
-        mined = self.mining(features[final], hr_map, grid)
-        layers = {layer: (mined if layer == final else features[layer]) for layer in features}
-        replaced = LayerFeatures(layers, grids=features.grids, group_means=features.group_means)
-        return self.connector(replaced, grid)
+        tokens = mine_and_connect(
+            features, hr_map.flatten(0, 1), self.connector, self.mining, self.placement
+        )
+        return rearrange(tokens, "(b v) t d -> b (v t) d", v=self.num_views)
+
+
+def check_normalization(
+    lr_normalization: tuple[Sequence[float], Sequence[float]] | None,
+    hr_normalization: tuple[Sequence[float], Sequence[float]] | None,
+) -> None:
+    """Both towers read one normalised tensor: their ``(mean, std)`` must agree (when known).
+
+    Raises:
+        ValueError: naming both statistics.
+    """
+    if lr_normalization is None or hr_normalization is None:
+        return
+    lr_stats = [[float(v) for v in values] for values in lr_normalization]
+    hr_stats = [[float(v) for v in values] for values in hr_normalization]
+    same = len(lr_stats) == len(hr_stats) == 2 and all(
+        len(x) == len(y)
+        and all(math.isclose(a, b, abs_tol=1e-6) for a, b in zip(x, y, strict=True))
+        for x, y in zip(lr_stats, hr_stats, strict=True)
+    )
+    if not same:
+        raise ValueError(
+            f"the LR and HR towers were trained with different normalisation statistics "
+            f"(mean, std) {lr_stats} vs {hr_stats}; MGM feeds both one normalised tensor"
+        )

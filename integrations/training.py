@@ -168,17 +168,36 @@ def _dense_model(model: nn.Module) -> nn.Module:
     return inner
 
 
+def connector_module_names(inner: nn.Module) -> tuple[str, ...]:
+    """The connector (``multi_modal_projector``) and the modules trained with it, by attribute
+    name on the Dense base model (Mini-Gemini adds ``mining``: its ``modules_trained_with_connector``)."""
+    return ("multi_modal_projector", *getattr(inner, "modules_trained_with_connector", ()))
+
+
+def _connector_modules(model: nn.Module) -> list[nn.Module]:
+    inner = _dense_model(model)
+    return [getattr(inner, name) for name in connector_module_names(inner)]
+
+
 def _connector_parameters(model: nn.Module) -> list[nn.Parameter]:
-    connector = _dense_model(model).multi_modal_projector
-    return [parameter for parameter in connector.parameters() if parameter.requires_grad]
+    return [
+        parameter
+        for module in _connector_modules(model)
+        for parameter in module.parameters()
+        if parameter.requires_grad
+    ]
 
 
 def parameter_groups(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """``group -> (trainable parameters, all parameters)`` for the vision tower, the connector,
-    the LLM (with its LM head) and LoRA adapters."""
+    """``group -> (trainable parameters, all parameters)`` for the vision tower(s), the connector
+    (with the modules trained with it), the LLM (with its LM head) and LoRA adapters."""
     inner = _dense_model(model)
-    tower = {id(p) for p in inner.vision_tower.parameters()}
-    connector = {id(p) for p in inner.multi_modal_projector.parameters()}
+    towers = [
+        inner.vision_tower,
+        *([inner.vision_tower_aux] if hasattr(inner, "vision_tower_aux") else []),
+    ]
+    tower = {id(p) for module in towers for p in module.parameters()}
+    connector = {id(p) for module in _connector_modules(model) for p in module.parameters()}
     counts: dict[str, list[int]] = {
         name: [0, 0] for name in ("vision_tower", "connector", "llm", "lora")
     }
@@ -215,13 +234,16 @@ def _llm_linear_names(model: nn.Module, suffixes: Iterable[str]) -> list[str]:
 def prepare_stage(model: nn.Module, stage: StageConfig) -> nn.Module:
     """Freeze and adapt ``model`` for ``stage``; returns the model to train (a PEFT model with LoRA).
 
-    Stage ``align``: only the connector trains. Stage ``instruct``: the connector and the LLM
-    (or its LoRA adapters) train. The vision tower stays frozen unless ``train_vision_tower``.
+    Stage ``align``: only the connector (and the modules trained with it, e.g. Mini-Gemini's
+    patch info mining) trains. Stage ``instruct``: those and the LLM (or its LoRA adapters) train.
+    The vision tower stays frozen unless ``train_vision_tower``; a second, HR tower always
+    stays frozen.
     The trainable parameter groups are logged.
     """
     inner = _dense_model(model)
     model.requires_grad_(False)
-    inner.multi_modal_projector.requires_grad_(True)
+    for module in _connector_modules(model):
+        module.requires_grad_(True)
     if stage.train_vision_tower:
         inner.vision_tower.requires_grad_(True)
     if stage.stage == "instruct":
@@ -237,7 +259,8 @@ def prepare_stage(model: nn.Module, stage: StageConfig) -> nn.Module:
                 lora_alpha=lora.alpha,
                 lora_dropout=lora.dropout,
                 target_modules=_llm_linear_names(model, lora.target_modules),
-                modules_to_save=["multi_modal_projector"],  # saved and resumed with the adapters
+                # saved and resumed with the adapters
+                modules_to_save=list(connector_module_names(inner)),
             )
             model = get_peft_model(model, config)
     for group, (trainable, total) in parameter_groups(model).items():
