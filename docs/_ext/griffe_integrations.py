@@ -10,6 +10,8 @@
 3. The docstrings cross-reference with reST roles (``:func:`paper_layer```), which Markdown shows
    verbatim. They become mkdocstrings cross-references (resolved in the docstring's scope, as
    Python resolves names; ``mkdocs build --strict`` fails on any that does not resolve).
+4. reST simple tables (``=====  =====`` borders) become Markdown tables, and a paragraph ending in
+   ``::`` ends in ``:`` (the indented block after it is a code block in Markdown too).
 """
 
 from __future__ import annotations
@@ -23,12 +25,56 @@ import griffe
 PACKAGE = "mmconnect"
 SUBPACKAGE = "integrations"
 ROLE = re.compile(r":(?:func|class|meth|mod|attr|data|exc|obj|const):`(~?)([\w.]+)(\(\))?`")
+TABLE_BORDER = re.compile(r"^ *=+(?: +=+)+ *$")
+LITERAL_MARKER = re.compile(r"(\S)::$", re.MULTILINE)
 
 
 def _role_to_crossref(match: re.Match[str]) -> str:
     short, target, call = match.group(1), match.group(2), match.group(3) or ""
     title = target.rsplit(".", 1)[-1] if short else target
     return f"[`{title}{call}`][{target}]"
+
+
+def _table_rows(lines: list[str], starts: list[int]) -> list[list[str]]:
+    """Cells of a reST simple table's rows; a row whose first cell is empty continues the last."""
+    rows: list[list[str]] = []
+    for line in lines:
+        ends = [*starts[1:], len(line)]
+        cells = [
+            line[start:end].strip().replace("|", "\\|")
+            for start, end in zip(starts, ends, strict=True)
+        ]
+        if rows and not cells[0]:
+            rows[-1] = [f"{old} {new}".strip() for old, new in zip(rows[-1], cells, strict=True)]
+        else:
+            rows.append(cells)
+    return rows
+
+
+def rst_to_markdown(text: str) -> str:
+    """Rewrite reST simple tables as Markdown tables and ``::`` paragraph ends as ``:``."""
+    lines = text.split("\n")
+    output: list[str] = []
+    index = 0
+    while index < len(lines):
+        borders = [index] if TABLE_BORDER.match(lines[index]) else []
+        probe = index + 1
+        while borders and len(borders) < 3 and probe < len(lines) and lines[probe].strip():
+            if TABLE_BORDER.match(lines[probe]):
+                borders.append(probe)
+            probe += 1
+        if len(borders) < 3:  # not a table: border, header, border, body, border
+            output.append(lines[index])
+            index += 1
+            continue
+        starts = [match.start() for match in re.finditer(r"=+", lines[index])]
+        header = _table_rows(lines[borders[0] + 1 : borders[1]], starts)
+        body = _table_rows(lines[borders[1] + 1 : borders[2]], starts)
+        output += ["", *(f"| {' | '.join(row)} |" for row in header)]
+        output.append(f"| {' | '.join('---' for _ in starts)} |")
+        output += [*(f"| {' | '.join(row)} |" for row in body), ""]
+        index = borders[2] + 1
+    return LITERAL_MARKER.sub(r"\1:", "\n".join(output))
 
 
 class IntegrationsSubpackage(griffe.Extension):
@@ -45,7 +91,9 @@ class IntegrationsSubpackage(griffe.Extension):
             subpackage = self._visit(SUBPACKAGE, init, pkg, loader)
             for path in sorted(folder.glob("*.py")):
                 if path.name != "__init__.py":
-                    subpackage.set_member(path.stem, self._visit(path.stem, path, subpackage, loader))
+                    subpackage.set_member(
+                        path.stem, self._visit(path.stem, path, subpackage, loader)
+                    )
             pkg.set_member(SUBPACKAGE, subpackage)
         self._document(pkg, loader, {})
 
@@ -81,7 +129,7 @@ class IntegrationsSubpackage(griffe.Extension):
                     parser_options=loader.docstring_options,
                 )
         if obj.docstring is not None:
-            obj.docstring.value = ROLE.sub(_role_to_crossref, obj.docstring.value)
+            obj.docstring.value = ROLE.sub(_role_to_crossref, rst_to_markdown(obj.docstring.value))
         for member in obj.members.values():
             if not member.is_alias:
                 self._document(member, loader, sources)
