@@ -355,6 +355,62 @@ class FrameFolder(VideoSource):
         return torch.from_numpy(np.stack([images[index] for index in wanted]))
 
 
+# ---------------------------------------------------------------------------- writing
+
+#: The codec :func:`write_video` uses for each file suffix.
+VIDEO_CODECS: dict[str, tuple[str, str]] = {
+    ".mp4": ("mp4", "libx264"),
+    ".webm": ("webm", "libvpx-vp9"),
+    ".avi": ("avi", "mpeg4"),
+}
+
+
+def write_video(
+    path: str | Path, frames: Tensor | np.ndarray | Sequence[Image.Image], *, fps: int = 8
+) -> Path:
+    """Encode frames as a video file (to make test clips): H.264 for ``.mp4``, VP9 for
+    ``.webm``, MPEG-4 Part 2 for ``.avi``, all ``yuv420p`` (lossy: colours shift by a few levels).
+
+    Args:
+        path: the file to write; its suffix picks the codec (:data:`VIDEO_CODECS`).
+        frames: ``[T, H, W, 3]`` uint8 RGB or RGB PIL images of one size; ``H`` and ``W`` even.
+        fps: frames per second.
+
+    Raises:
+        ValueError: no frames, an unknown suffix, odd or differing frame sizes.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in VIDEO_CODECS:
+        raise ValueError(
+            f"cannot write {str(path)!r}: the suffix must be one of {', '.join(VIDEO_CODECS)}"
+        )
+    if isinstance(frames, Tensor | np.ndarray):
+        pixels = frames.cpu().numpy() if isinstance(frames, Tensor) else frames
+    else:
+        images = [np.asarray(image.convert("RGB")) for image in frames]
+        if len({image.shape for image in images}) > 1:
+            raise ValueError("frames differ in size; a video needs frames of one size")
+        pixels = np.stack(images) if images else np.zeros((0, 2, 2, 3), np.uint8)
+    if pixels.ndim != 4 or pixels.shape[-1] != 3 or pixels.dtype != np.uint8 or not len(pixels):
+        raise ValueError(
+            f"frames must be at least one [H, W, 3] uint8 RGB frame, got shape "
+            f"{tuple(pixels.shape)} {pixels.dtype}"
+        )
+    height, width = pixels.shape[1:3]
+    if height % 2 or width % 2:
+        raise ValueError(f"frame size {width}x{height} must be even for yuv420p video")
+    container_format, codec = VIDEO_CODECS[path.suffix.lower()]
+    with av.open(str(path), mode="w", format=container_format) as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for frame in pixels:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
 # ---------------------------------------------------------------------------- entry points
 
 

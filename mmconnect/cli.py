@@ -4,8 +4,14 @@
   token count and projector width they produce at their native encoder grid;
 * ``mmconnect demo`` trains the baseline and a Dense Connector LLaVA on synthetic VQA in minutes on
   a CPU and compares their held-out accuracy (:mod:`mmconnect.integrations.demo`);
+* ``mmconnect lab`` trains the baseline, STI, SCI, DCI and efficient-DCI connectors over seeds on
+  a pretrained tower whose last layers lose colour and reports accuracy per question type as mean
+  +- std (:mod:`mmconnect.integrations.lab`);
 * ``mmconnect train --config FILE.yaml`` runs both training stages from one file
   (:mod:`mmconnect.integrations.train_run`);
+* ``mmconnect chat --model DIR --video FILE "question"`` (or ``--image FILE``) asks a saved Dense
+  LLaVA / LLaVA-NeXT about a video without video training, or about an image
+  (:mod:`mmconnect.integrations.video_chat`);
 * ``mmconnect inspect ENCODER`` describes a local checkpoint or a tiny test encoder: blocks, width,
   prefix tokens, token grid and the token count of every preset.
 
@@ -92,10 +98,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument(
         "--quick", action="store_true", help="a one-minute smoke run with tiny budgets"
     )
+    lab = commands.add_parser(
+        "lab", help="compare the five connectors over seeds on a detail-losing pretrained tower"
+    )
+    lab.add_argument("--output", default="mmconnect-lab", help="output directory")
+    lab.add_argument("--seeds", default=None, help="comma-separated seeds (default: 0,1,2)")
+    lab.add_argument(
+        "--connectors",
+        default=None,
+        help="comma-separated, from: baseline, sti, sci, dci, dci-efficient (default: all)",
+    )
+    lab.add_argument("--quick", action="store_true", help="a one-minute smoke run, two seeds")
     train = commands.add_parser("train", help="run both training stages from one YAML file")
     train.add_argument(
         "--config", required=True, help="the run's YAML file (see mmconnect.integrations.train_run)"
     )
+    chat = commands.add_parser(
+        "chat", help="ask a saved Dense LLaVA / LLaVA-NeXT about a video or an image"
+    )
+    chat.add_argument("question", help="the question (an <image> placeholder is put first)")
+    chat.add_argument("--model", required=True, help="a saved model directory with its processor")
+    source = chat.add_mutually_exclusive_group(required=True)
+    source.add_argument("--video", help="a video file (mp4, webm, avi...) or a frame folder")
+    source.add_argument("--image", help="an image file")
+    chat.add_argument("--frames", type=int, default=None, help="most frames to sample (8)")
+    chat.add_argument(
+        "--pooling", default=None, help="concat, maxpool1d, mean, avgpool2d, bilinear"
+    )
+    chat.add_argument("--max-visual-tokens", type=int, default=None, help="visual-token budget")
+    chat.add_argument("--template", default="vicuna_v1", help="the model's chat template")
+    chat.add_argument("--max-new-tokens", type=int, default=32)
     arguments = parser.parse_args(argv)
     if arguments.command in ("demo", "train"):
         # Show the per-stage parameter-group lines (which groups train, how many parameters).
@@ -109,6 +141,64 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _demo(arguments)
     elif arguments.command == "train":
         return _train(arguments.config)
+    elif arguments.command == "lab":
+        return _lab(arguments)
+    elif arguments.command == "chat":
+        return _chat(arguments)
+    return 0
+
+
+def _chat(arguments: argparse.Namespace) -> int:
+    from mmconnect.integrations.data import get_template, load_image
+    from mmconnect.integrations.video_chat import answer_image, answer_video, load_chat_model
+    from mmconnect.integrations.video_io import open_video
+    from mmconnect.video import POOLINGS, sample_frame_indices
+
+    video_options = {
+        "--frames": arguments.frames,
+        "--pooling": arguments.pooling,
+        "--max-visual-tokens": arguments.max_visual_tokens,
+    }
+    num_frames = 8 if arguments.frames is None else arguments.frames
+    try:
+        if arguments.image is not None and any(v is not None for v in video_options.values()):
+            given = [name for name, value in video_options.items() if value is not None]
+            raise ValueError(f"{', '.join(given)} apply to --video only, not to --image")
+        # Bad input fails before the model loads.
+        get_template(arguments.template)
+        if arguments.image is not None:
+            visual = load_image(arguments.image)
+        else:
+            visual = open_video(arguments.video)
+            sample_frame_indices(visual.total_frames, num_frames)
+            if arguments.pooling is not None and arguments.pooling not in POOLINGS:
+                raise ValueError(f"--pooling must be one of {POOLINGS}, got {arguments.pooling!r}")
+        model, processor = load_chat_model(arguments.model)
+        options = {"template": arguments.template, "max_new_tokens": arguments.max_new_tokens}
+        if arguments.image is not None:
+            answer = answer_image(model, processor, visual, arguments.question, **options)
+        else:
+            answer = answer_video(
+                model,
+                processor,
+                visual,
+                arguments.question,
+                num_frames=num_frames,
+                pooling=arguments.pooling,
+                max_visual_tokens=arguments.max_visual_tokens,
+                **options,
+            )
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        print(f"mmconnect chat: {error}", file=sys.stderr)
+        return 2
+    if answer.pooling is not None:
+        print(
+            f"{len(answer.frame_indices)} of {answer.total_frames} frames "
+            f"{list(answer.frame_indices)}, {answer.pooling}, {answer.num_visual_tokens} visual "
+            "tokens",
+            file=sys.stderr,
+        )
+    print(answer.text)
     return 0
 
 
@@ -141,6 +231,38 @@ def _demo(arguments: argparse.Namespace) -> int:
     print(results_table(results))
     print(
         f"\n{results['seconds']:.0f} s; results.json and loss_curves.png are in {arguments.output}"
+    )
+    return 0
+
+
+def _lab(arguments: argparse.Namespace) -> int:
+    from mmconnect.integrations.lab import LabConfig, accuracy_table, quick_config, run_lab
+
+    options: dict = {"output_dir": arguments.output}
+    try:
+        if arguments.seeds is not None:
+            try:
+                options["seeds"] = tuple(
+                    int(seed) for seed in arguments.seeds.split(",") if seed.strip()
+                )
+            except ValueError:
+                raise ValueError(
+                    f"--seeds must be comma-separated ints, got {arguments.seeds!r}"
+                ) from None
+        if arguments.connectors is not None:
+            options["connectors"] = tuple(
+                name.strip() for name in arguments.connectors.split(",") if name.strip()
+            )
+        config = quick_config(**options) if arguments.quick else LabConfig(**options)
+        results = run_lab(config)
+    except (ValueError, TypeError) as error:
+        print(f"mmconnect lab: {error}", file=sys.stderr)
+        return 2
+    print("\nHeld-out answer accuracy (%), mean +- std over seeds:\n")
+    print(accuracy_table(results))
+    print(
+        f"\n{results['seconds']['total']:.0f} s; results.md, results.json, accuracy.png and "
+        f"encoder_probe.png are in {arguments.output}"
     )
     return 0
 

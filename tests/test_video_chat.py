@@ -1,0 +1,438 @@
+"""Video and image chat with Dense LLaVA / LLaVA-NeXT (:mod:`mmconnect.integrations.video_chat`)
+and ``mmconnect chat``.
+
+Tiny models from configs: a CLIP tower (width 16, 4 blocks, 56 px images of 14 px patches, so a
+4 x 4 grid of 16 tokens per frame), a 2-layer Llama (width 32) and a word-level tokenizer over
+the vicuna_v1 prompt and a few question words. Weights are random: answers are whatever greedy
+decoding gives, checked against a hand-written greedy loop over the same embeddings.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.testing import assert_close
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaNextImageProcessor,
+)
+
+from mmconnect import ConnectorConfig
+from mmconnect.cli import main
+from mmconnect.integrations.data import ConversationEncoder, Turn, get_template
+from mmconnect.integrations.demo import build_word_tokenizer
+from mmconnect.integrations.llava import (
+    DenseLlavaConfig,
+    DenseLlavaForConditionalGeneration,
+    DenseLlavaProcessor,
+)
+from mmconnect.integrations.llava_next import (
+    DenseLlavaNextConfig,
+    DenseLlavaNextForConditionalGeneration,
+    DenseLlavaNextProcessor,
+)
+from mmconnect.integrations.video_chat import (
+    answer_image,
+    answer_video,
+    encode_image,
+    encode_video,
+    frame_features,
+    frame_layout,
+    frame_pixel_values,
+    load_chat_model,
+    prompt_embeddings,
+)
+from mmconnect.integrations.video_io import VideoReadError
+from mmconnect.video import POOLINGS, count_video_tokens, sample_frame_indices
+
+SIZE, PATCH, VISION, LLM, BLOCKS = 56, 14, 16, 32, 4
+TOKENS = (SIZE // PATCH) ** 2  # 16 per frame
+PINPOINTS = [[56, 112], [112, 56], [112, 112]]
+QUESTION = "What colour is the circle? Answer with one word."
+_COMMON = {"vision_dim": VISION, "llm_dim": LLM, "num_layers": BLOCKS, "final_layer": -2}
+DCI = ConnectorConfig(fusion="dci", groups=((0, 1), (2, 3)), **_COMMON)
+# STI pools layers 1 and 2 by 8: 16 grid tokens + 2 + 2 that form no grid
+STI = ConnectorConfig(fusion="sti", layers=(1, 2), **_COMMON)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    system = get_template("vicuna_v1").render([Turn("human", QUESTION), Turn("gpt", "red")])
+    return build_word_tokenizer([system, "red green blue yellow purple orange square triangle"])
+
+
+def _configs(tokenizer) -> dict:
+    vision = CLIPVisionConfig(
+        hidden_size=VISION,
+        intermediate_size=32,
+        num_hidden_layers=BLOCKS,
+        num_attention_heads=2,
+        image_size=SIZE,
+        patch_size=PATCH,
+    )
+    text = LlamaConfig(
+        hidden_size=LLM,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        max_position_embeddings=512,
+    )
+    return {
+        "vision_config": vision,
+        "text_config": text,
+        "image_token_index": tokenizer.convert_tokens_to_ids("<image>"),
+    }
+
+
+def _llava(tokenizer, connector: ConnectorConfig) -> DenseLlavaForConditionalGeneration:
+    torch.manual_seed(0)
+    config = DenseLlavaConfig(**_configs(tokenizer), connector=connector.to_dict())
+    return DenseLlavaForConditionalGeneration(config).eval()
+
+
+@pytest.fixture(scope="module")
+def llava(tokenizer):
+    model = _llava(tokenizer, DCI)
+    images = CLIPImageProcessor(
+        size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE}
+    )
+    processor = DenseLlavaProcessor(images, tokenizer, patch_size=PATCH, connector=DCI)
+    return model, processor
+
+
+@pytest.fixture(scope="module")
+def llava_next(tokenizer):
+    torch.manual_seed(1)
+    config = DenseLlavaNextConfig(
+        **_configs(tokenizer), connector=DCI.to_dict(), image_grid_pinpoints=PINPOINTS
+    )
+    model = DenseLlavaNextForConditionalGeneration(config).eval()
+    images = LlavaNextImageProcessor(
+        image_grid_pinpoints=PINPOINTS,
+        size={"shortest_edge": SIZE},
+        crop_size={"height": SIZE, "width": SIZE},
+    )
+    processor = DenseLlavaNextProcessor(images, tokenizer, patch_size=PATCH, connector=DCI)
+    return model, processor
+
+
+@pytest.fixture(params=["llava", "llava_next"])
+def chat_model(request):
+    return request.getfixturevalue(request.param)
+
+
+def frames(count: int = 6, seed: int = 0) -> list[Image.Image]:
+    """Random 60 x 80 RGB frames (not the tower's size: the processors resize)."""
+    rng = np.random.default_rng(seed)
+    return [
+        Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)) for _ in range(count)
+    ]
+
+
+def greedy(model, inputs_embeds: torch.Tensor, eos: int, steps: int) -> list[int]:
+    """A hand-written greedy loop over full forwards (no cache)."""
+    embeddings = model.get_input_embeddings()
+    chosen: list[int] = []
+    with torch.no_grad():
+        for _ in range(steps):
+            token = int(model(inputs_embeds=inputs_embeds).logits[0, -1].argmax())
+            chosen.append(token)
+            if token == eos:
+                break
+            inputs_embeds = torch.cat([inputs_embeds, embeddings(torch.tensor([[token]]))], dim=1)
+    return chosen
+
+
+def write_mp4(path: Path, count: int = 12) -> Path:
+    rng = np.random.default_rng(3)
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for _ in range(count):
+            pixels = np.full((48, 64, 3), rng.integers(0, 256, 3), dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+# ---------------------------------------------------------------------------- the image path per frame
+
+
+def test_frame_layout(llava, tokenizer):
+    assert frame_layout(llava[0]) == (TOKENS, (4, 4))
+    assert frame_layout(_llava(tokenizer, STI)) == (TOKENS + 4, None)
+
+
+def test_dense_llava_frames_go_through_the_image_path(llava):
+    model, processor = llava
+    pictures = frames(3)
+    pixels = frame_pixel_values(model, processor.image_processor, pictures)
+    assert pixels.shape == (3, 3, SIZE, SIZE)
+    expected = processor.image_processor(images=pictures, return_tensors="pt")["pixel_values"]
+    assert torch.equal(pixels, expected)
+    with torch.no_grad():
+        one_by_one = [
+            model.model.get_image_features(pixels[i : i + 1]).pooler_output[0] for i in range(3)
+        ]
+    assert_close(encode_video(model, pixels, "concat")[0], torch.cat(one_by_one))
+
+
+def test_dense_llava_next_frames_use_their_base_crop(llava_next):
+    model, processor = llava_next
+    pictures = frames(2)
+    pixels = frame_pixel_values(model, processor.image_processor, pictures)
+    full = processor.image_processor(images=pictures, return_tensors="pt")  # all AnyRes crops
+    assert torch.equal(pixels, full["pixel_values"][:, 0])  # the base crop, whatever the tiles
+    features = frame_features(model, pixels)
+    assert features.shape == (2, TOKENS, LLM)
+    with torch.no_grad():
+        anyres = model.model.get_image_features(full["pixel_values"], full["image_sizes"])
+    for frame, packed in zip(features, anyres.pooler_output, strict=True):
+        assert_close(frame, packed[:TOKENS])  # packed image = [base grid, tiles + newlines]
+
+
+def test_one_frame_enters_the_llm_exactly_like_an_image(llava, tokenizer):
+    """The placeholder splice equals the model's own image-token merge."""
+    model, processor = llava
+    pixels = frame_pixel_values(model, processor.image_processor, frames(1))
+    visual = encode_video(model, pixels, "concat")
+    embeds, mask = prompt_embeddings(model, tokenizer, QUESTION, visual)
+    encoder = ConversationEncoder(
+        "vicuna_v1", tokenizer, image_tokens=TOKENS, image_token_id=model.config.image_token_id
+    )
+    ids = torch.tensor([encoder.encode([Turn("human", f"<image>\n{QUESTION}")]).input_ids])
+    assert embeds.shape == (1, ids.shape[1], LLM) and torch.equal(mask, torch.ones_like(ids))
+    with torch.no_grad():
+        expected = model(input_ids=ids, pixel_values=pixels).logits
+        ours = model(inputs_embeds=embeds, attention_mask=mask).logits
+    assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_prompt_is_the_training_format(llava, tokenizer):
+    model, _ = llava
+    visual = torch.zeros(1, 5, LLM)
+    embeds, _ = prompt_embeddings(model, tokenizer, f"{QUESTION}\n<image>", visual)
+    encoder = ConversationEncoder(
+        "vicuna_v1", tokenizer, image_tokens=1, image_token_id=model.config.image_token_id
+    )
+    ids = encoder.encode([Turn("human", f"{QUESTION}\n<image>")]).input_ids
+    assert tokenizer.decode(ids[:3]) == "<s> A chat"
+    assert embeds.shape[1] == len(ids) - 1 + 5
+    where = ids.index(model.config.image_token_id)  # the placeholder stays where the user put it
+    assert torch.equal(embeds[0, where : where + 5], visual[0])
+
+
+# ---------------------------------------------------------------------------- generate
+
+
+def test_answer_video_generates_greedily(chat_model, tokenizer):
+    model, processor = chat_model
+    answer = answer_video(model, processor, frames(6), QUESTION, num_frames=4, max_new_tokens=4)
+    assert answer.frame_indices == tuple(sample_frame_indices(6, 4)) == (0, 1, 3, 4)
+    assert answer.total_frames == 6 and answer.pooling == "concat"
+    assert answer.num_visual_tokens == 4 * TOKENS
+    picked = [frames(6)[index] for index in answer.frame_indices]
+    pixels = frame_pixel_values(model, processor.image_processor, picked)
+    embeds, _ = prompt_embeddings(model, tokenizer, QUESTION, encode_video(model, pixels))
+    expected = greedy(model, embeds, tokenizer.eos_token_id, steps=4)
+    assert answer.text == tokenizer.decode(expected, skip_special_tokens=True).strip()
+
+
+@pytest.mark.parametrize("pooling", POOLINGS)
+def test_every_pooling_generates(llava, pooling):
+    model, processor = llava
+    answer = answer_video(model, processor, frames(8), QUESTION, pooling=pooling, max_new_tokens=2)
+    assert answer.pooling == pooling and len(answer.frame_indices) == 8
+    assert answer.num_visual_tokens == count_video_tokens(8, TOKENS, pooling, (4, 4))
+    assert isinstance(answer.text, str)
+
+
+def test_budget_picks_frames_and_pooling(llava):
+    model, processor = llava
+    # 8 frames: concat 128 > 100, maxpool1d 64 fits
+    answer = answer_video(model, processor, frames(8), QUESTION, max_visual_tokens=100)
+    assert (answer.pooling, answer.num_visual_tokens) == ("maxpool1d", 64)
+    # only concat allowed: 6 frames of 16 tokens
+    answer = answer_video(
+        model, processor, frames(8), QUESTION, pooling="concat", max_visual_tokens=100
+    )
+    assert answer.num_visual_tokens == 96
+    assert answer.frame_indices == tuple(sample_frame_indices(8, 6))
+
+
+def test_answer_video_from_an_mp4_file(llava, tmp_path):
+    model, processor = llava
+    path = write_mp4(tmp_path / "clip.mp4")
+    answer = answer_video(model, processor, path, QUESTION, num_frames=5, pooling="mean")
+    assert answer.frame_indices == tuple(sample_frame_indices(12, 5))
+    assert answer.total_frames == 12 and answer.num_visual_tokens == TOKENS
+
+
+def test_sti_frames_use_the_1d_poolings(tokenizer, llava):
+    model = _llava(tokenizer, STI)
+    processor = llava[1]
+    answer = answer_video(model, processor, frames(4), QUESTION, pooling="maxpool1d")
+    assert answer.num_visual_tokens == 4 * (20 // 2)
+    with pytest.raises(ValueError, match="avgpool2d pools each frame's 2-D token grid"):
+        answer_video(model, processor, frames(4), QUESTION, pooling="avgpool2d")
+
+
+def test_answer_image_uses_the_full_image_path(chat_model, tokenizer):
+    model, processor = chat_model
+    picture = frames(1, seed=5)[0]
+    answer = answer_image(model, processor, picture, QUESTION, max_new_tokens=3)
+    visual = encode_image(model, processor.image_processor, picture)
+    if isinstance(model, DenseLlavaNextForConditionalGeneration):
+        assert visual.shape[1] == model.model.image_token_count((60, 80))  # AnyRes: tiles too
+    else:
+        assert visual.shape[1] == TOKENS
+    assert answer.num_visual_tokens == visual.shape[1] and answer.pooling is None
+    embeds, _ = prompt_embeddings(model, tokenizer, QUESTION, visual)
+    expected = greedy(model, embeds, tokenizer.eos_token_id, steps=3)
+    assert answer.text == tokenizer.decode(expected, skip_special_tokens=True).strip()
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def test_bad_chat_input(llava, tokenizer, tmp_path):
+    model, processor = llava
+    with pytest.raises(ValueError, match="num_frames must be at least 1, got 0"):
+        answer_video(model, processor, frames(4), QUESTION, num_frames=0)
+    with pytest.raises(ValueError, match="max_tokens=3 is too small for even one frame"):
+        answer_video(model, processor, frames(4), QUESTION, max_visual_tokens=3)
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        answer_video(model, processor, frames(4), QUESTION, pooling="max")
+    with pytest.raises(ValueError, match="question holds 2 <image> placeholders"):
+        answer_video(model, processor, frames(2), "<image> <image> what?")
+    with pytest.raises(ValueError, match="question must be a non-empty string"):
+        answer_video(model, processor, frames(2), "  ")
+    with pytest.raises(ValueError, match="video is empty"):
+        answer_video(model, processor, [], QUESTION)
+    with pytest.raises(TypeError, match="video must be VideoFrames, a list of PIL images"):
+        answer_video(model, processor, 42, QUESTION)
+    with pytest.raises(FileNotFoundError, match="video not found"):
+        answer_video(model, processor, tmp_path / "missing.mp4", QUESTION)
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"\x00" * 1000)
+    with pytest.raises(VideoReadError, match="cannot open video"):
+        answer_video(model, processor, broken, QUESTION)
+    with pytest.raises(TypeError, match="model must be a DenseLlavaForConditionalGeneration"):
+        answer_video(model.model, processor, frames(2), QUESTION)
+    # 40 frames of 16 tokens do not fit the LLM's 512 positions
+    with pytest.raises(ValueError, match="more than the LLM's max_position_embeddings=512"):
+        answer_video(model, processor, frames(40), QUESTION, num_frames=40)
+    with pytest.raises(ValueError, match="image file not found"):
+        answer_image(model, processor, tmp_path / "missing.png", QUESTION)
+
+
+# ---------------------------------------------------------------------------- saved models and the CLI
+
+
+@pytest.fixture(scope="module")
+def saved(llava, tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("chat_model")
+    model, processor = llava
+    model.save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+def test_load_chat_model(saved, llava, tmp_path):
+    model, processor = load_chat_model(saved)
+    assert isinstance(model, DenseLlavaForConditionalGeneration) and not model.training
+    assert isinstance(processor, DenseLlavaProcessor)
+    assert torch.equal(model.connector.projector[0].weight, llava[0].connector.projector[0].weight)
+    with pytest.raises(FileNotFoundError, match="model directory not found"):
+        load_chat_model(tmp_path / "nothing")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ValueError, match=r"holds no Dense LLaVA model .*'llama'"):
+        load_chat_model(tmp_path)
+
+
+def test_load_chat_model_needs_the_processor(llava, tmp_path):
+    llava[0].save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="holds no processor"):
+        load_chat_model(tmp_path)
+
+
+def test_cli_chat_about_a_video(saved, tmp_path, capsys):
+    path = write_mp4(tmp_path / "clip.mp4")
+    assert (
+        main(["chat", "--model", str(saved), "--video", str(path), "--frames", "4", QUESTION]) == 0
+    )
+    captured = capsys.readouterr()
+    model, processor = load_chat_model(saved)
+    expected = answer_video(model, processor, path, QUESTION, num_frames=4)
+    assert captured.out == expected.text + "\n"
+    assert captured.err.strip().endswith("4 of 12 frames [1, 4, 7, 9], concat, 64 visual tokens")
+
+
+def test_cli_chat_with_a_budget(saved, tmp_path, capsys):
+    path = write_mp4(tmp_path / "clip.mp4")
+    command = ["chat", "--model", str(saved), "--video", str(path), "--max-visual-tokens", "40"]
+    assert main([*command, "--pooling", "avgpool2d", QUESTION]) == 0
+    assert "8 of 12 frames" in capsys.readouterr().err  # 8 x 4 = 32 tokens fit 40
+
+
+def test_cli_chat_about_an_image(saved, tmp_path, capsys):
+    path = tmp_path / "picture.png"
+    frames(1)[0].save(path)
+    assert main(["chat", "--model", str(saved), "--image", str(path), QUESTION]) == 0
+    model, processor = load_chat_model(saved)
+    expected = answer_image(model, processor, path, QUESTION)
+    assert capsys.readouterr().out == expected.text + "\n"
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--video", "{tmp}/missing.mp4"], "video not found"),
+        (["--video", "{tmp}/broken.mp4"], "cannot open video"),
+        (["--video", "{tmp}/clip.mp4", "--frames", "0"], "num_frames must be at least 1, got 0"),
+        (
+            ["--video", "{tmp}/clip.mp4", "--max-visual-tokens", "3"],
+            "max_tokens=3 is too small for even one frame",
+        ),
+        (["--video", "{tmp}/clip.mp4", "--pooling", "max"], "--pooling must be one of"),
+        (["--video", "{tmp}", "--frames", "2"], "holds no frame images"),
+        (["--image", "{tmp}/clip.mp4", "--frames", "2"], "--frames apply to --video only"),
+        (["--image", "{tmp}/missing.png"], "image file not found"),
+        (["--video", "{tmp}/clip.mp4", "--template", "alpaca"], "unknown chat template 'alpaca'"),
+    ],
+)
+def test_cli_chat_errors(saved, tmp_path, capsys, options, message):
+    write_mp4(tmp_path / "clip.mp4", count=3)
+    (tmp_path / "broken.mp4").write_bytes(b"not a video")
+    arguments = [option.replace("{tmp}", str(tmp_path)) for option in options]
+    assert main(["chat", "--model", str(saved), *arguments, QUESTION]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("mmconnect chat: ") and message in last
+
+
+def test_cli_chat_needs_a_model_directory(tmp_path, capsys):
+    path = write_mp4(tmp_path / "clip.mp4", count=2)
+    assert main(["chat", "--model", str(tmp_path / "none"), "--video", str(path), "hi"]) == 2
+    assert "mmconnect chat: model directory not found" in capsys.readouterr().err
+
+
+def test_cli_chat_needs_exactly_one_of_video_and_image(saved, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["chat", "--model", str(saved), "--video", "a.mp4", "--image", "b.png", "hi"])
+    assert exit_info.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
