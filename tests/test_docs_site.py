@@ -115,7 +115,7 @@ def load_extension_module():
     return module
 
 
-def test_rst_simple_table_becomes_markdown_with_continuation_rows():
+def test_rst_tables_literal_markers_and_example_sections_become_markdown():
     text = (
         "Presets:\n"
         "\n"
@@ -130,6 +130,8 @@ def test_rst_simple_table_becomes_markdown_with_continuation_rows():
         "Example file::\n"
         "\n"
         "    a: 1\n"
+        "Example:\n"
+        "    >>> [1][0]\n"
     )
     expected = (
         "Presets:\n"
@@ -144,6 +146,8 @@ def test_rst_simple_table_becomes_markdown_with_continuation_rows():
         "Example file:\n"
         "\n"
         "    a: 1\n"
+        "Examples:\n"
+        "    >>> [1][0]\n"
     )
     assert load_extension_module().rst_to_markdown(text) == expected
 

@@ -12,6 +12,8 @@
    Python resolves names; ``mkdocs build --strict`` fails on any that does not resolve).
 4. reST simple tables (``=====  =====`` borders) become Markdown tables, and a paragraph ending in
    ``::`` ends in ``:`` (the indented block after it is a code block in Markdown too).
+5. An ``Example:`` section (Napoleon accepts it) is read as Griffe's ``Examples:``, so its
+   ``>>>`` lines render as code rather than as Markdown.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ SUBPACKAGE = "integrations"
 ROLE = re.compile(r":(?:func|class|meth|mod|attr|data|exc|obj|const):`(~?)([\w.]+)(\(\))?`")
 TABLE_BORDER = re.compile(r"^ *=+(?: +=+)+ *$")
 LITERAL_MARKER = re.compile(r"(\S)::$", re.MULTILINE)
+EXAMPLE_SECTION = re.compile(r"^(\s*)Example:$", re.MULTILINE)
 
 
 def _role_to_crossref(match: re.Match[str]) -> str:
@@ -52,7 +55,8 @@ def _table_rows(lines: list[str], starts: list[int]) -> list[list[str]]:
 
 
 def rst_to_markdown(text: str) -> str:
-    """Rewrite reST simple tables as Markdown tables and ``::`` paragraph ends as ``:``."""
+    """Rewrite reST simple tables as Markdown tables, ``::`` paragraph ends as ``:`` and
+    ``Example:`` section titles as ``Examples:``."""
     lines = text.split("\n")
     output: list[str] = []
     index = 0
@@ -74,7 +78,8 @@ def rst_to_markdown(text: str) -> str:
         output.append(f"| {' | '.join('---' for _ in starts)} |")
         output += [*(f"| {' | '.join(row)} |" for row in body), ""]
         index = borders[2] + 1
-    return LITERAL_MARKER.sub(r"\1:", "\n".join(output))
+    text = LITERAL_MARKER.sub(r"\1:", "\n".join(output))
+    return EXAMPLE_SECTION.sub(r"\1Examples:", text)
 
 
 class IntegrationsSubpackage(griffe.Extension):
