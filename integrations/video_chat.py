@@ -194,7 +194,7 @@ def encode_video(model: Any, pixel_values: Tensor, pooling: str = DEFAULT_POOLIN
     """
     tokens_per_frame, grid = frame_layout(model)
     features = frame_features(model, pixel_values)
-    if features.shape[1] != tokens_per_frame:  # the connector's own count; a guard, not a branch
+    if features.shape[1] != tokens_per_frame:  # the pooling grid relies on this count
         raise RuntimeError(
             f"the connector gave {features.shape[1]} tokens per frame, {tokens_per_frame} expected"
         )

@@ -257,7 +257,10 @@ class VideoFile(VideoSource):
                 keyframe = self._keyframes[slot] if slot >= 0 else timestamps[0]
                 # Keep decoding forward unless a keyframe lies between here and the target.
                 if frames is None or position is None or position >= target or keyframe > position:
-                    container.seek(keyframe, stream=stream, backward=True, any_frame=False)
+                    try:
+                        container.seek(keyframe, stream=stream, backward=True, any_frame=False)
+                    except av.FFmpegError:
+                        return None  # not seekable after all: decode from the start instead
                     frames, position, start = self._decode(container), None, keyframe
                 for frame in frames:
                     if frame.pts is None:

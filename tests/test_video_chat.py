@@ -365,6 +365,22 @@ def test_load_chat_model(saved, llava, tmp_path):
         load_chat_model(tmp_path)
 
 
+def test_cli_chat_with_a_saved_llava_next(llava_next, tmp_path, capsys):
+    model, processor = llava_next
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    loaded, loaded_processor = load_chat_model(tmp_path / "model")
+    assert isinstance(loaded, DenseLlavaNextForConditionalGeneration)
+    assert isinstance(loaded_processor, DenseLlavaNextProcessor)
+    path = write_mp4(tmp_path / "clip.mp4", count=5)
+    command = ["chat", "--model", str(tmp_path / "model"), "--video", str(path), "--frames", "3"]
+    assert main([*command, QUESTION]) == 0
+    expected = answer_video(loaded, loaded_processor, path, QUESTION, num_frames=3)
+    captured = capsys.readouterr()
+    assert captured.out == expected.text + "\n"
+    assert captured.err.strip().endswith("3 of 5 frames [0, 2, 3], concat, 48 visual tokens")
+
+
 def test_load_chat_model_needs_the_processor(llava, tmp_path):
     llava[0].save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="holds no processor"):
