@@ -23,6 +23,7 @@ from mmconnect.integrations.video_io import (
     natural_sort_key,
     open_video,
     read_video,
+    write_video,
 )
 from mmconnect.video import sample_frame_indices
 
@@ -57,7 +58,7 @@ CONTAINERS = [
 ]
 
 
-def write_video(
+def encode_with_pyav(
     path: Path,
     frames: np.ndarray,
     *,
@@ -107,7 +108,9 @@ def assert_frames_show(frames: torch.Tensor, indices: list[int]) -> None:
 def videos(tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("videos")
     return {
-        name: write_video(folder / name, solid_frames(), format=fmt, codec=codec, options=options)
+        name: encode_with_pyav(
+            folder / name, solid_frames(), format=fmt, codec=codec, options=options
+        )
         for name, fmt, codec, options in CONTAINERS
     }
 
@@ -149,7 +152,7 @@ def test_seeking_decodes_only_what_it_needs(tmp_path):
     # 60 frames of rising grey, a keyframe at least every 10 frames, B-frames.
     greys = np.arange(60, dtype=np.uint8)[:, None, None, None] * 4
     frames = np.broadcast_to(greys, (60, 32, 32, 3)).copy()
-    path = write_video(
+    path = encode_with_pyav(
         tmp_path / "long.mp4", frames, format="mp4", codec="libx264", options={"bf": "2"}, gop=10
     )
     video = VideoFile(path)
@@ -296,3 +299,36 @@ def test_missing_folder_or_path(tmp_path):
         FrameFolder(tmp_path / "gone")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         open_video(os.fspath(tmp_path / "gone"))
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".webm", ".avi"])
+def test_write_video_round_trip(tmp_path, suffix):
+    path = write_video(tmp_path / f"made{suffix}", solid_frames(6))
+    video = open_video(path)
+    assert video.total_frames == 6
+    assert_frames_show(video.read(list(range(6))), list(range(6)))
+
+
+def test_write_video_takes_pil_images(tmp_path):
+    images = [Image.fromarray(frame) for frame in solid_frames(3)]
+    path = write_video(tmp_path / "made.mp4", images, fps=5)
+    assert VideoFile(path).fps == pytest.approx(5.0)
+    assert_frames_show(read_video(path, num_frames=3).frames, [0, 1, 1])  # sample(3, 3)
+
+
+@pytest.mark.parametrize(
+    ("name", "frames", "message"),
+    [
+        ("clip.mov", solid_frames(2), r"the suffix must be one of \.mp4, \.webm, \.avi"),
+        ("clip.mp4", solid_frames(2)[:, :47], "frame size 64x47 must be even"),
+        ("clip.mp4", solid_frames(2)[:0], r"at least one \[H, W, 3\] uint8 RGB frame"),
+        ("clip.mp4", solid_frames(2).astype(np.float32), "uint8"),
+        ("clip.mp4", [Image.new("RGB", (8, 8)), Image.new("RGB", (4, 4))], "frames differ in size"),
+    ],
+)
+def test_write_video_refuses_bad_frames(tmp_path, name, frames, message):
+    with pytest.raises(ValueError, match=message):
+        write_video(tmp_path / name, frames)
