@@ -27,7 +27,7 @@ fused features are the queries, mining works at the fused width). In HD mode it 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -214,7 +214,7 @@ def mine_and_connect(
     features: LayerFeatures,
     hr_map: Tensor,
     connector: DenseConnector,
-    mining: PatchInfoMining,
+    mining: Callable[[Tensor, Tensor, tuple[int, int]], Tensor],
     placement: Placement,
 ) -> Tensor:
     """Patch info mining and the connector on tapped LR features, one row per view.
@@ -223,7 +223,8 @@ def mine_and_connect(
         features: the LR tower's tapped layers, ``[N, h*w, C]`` each.
         hr_map: each row's HR window map, ``[N, C_hr, H, W]``.
         connector: the (Dense) connector.
-        mining: the mining module (``lr_dim`` = ``C`` after, the fused width before).
+        mining: :class:`PatchInfoMining` or any callable ``(tokens, hr_map, grid) -> tokens``
+            (``lr_dim`` = ``C`` after, the fused width before).
         placement: fuse ``"after"`` mining (the mined final layer leads) or ``"before"`` it.
 
     Returns:
@@ -243,6 +244,11 @@ def check_placement(placement: str, connector: DenseConnector) -> None:
     """Raise a clear ``ValueError`` for an unknown placement or one the connector cannot take."""
     if placement not in ("after", "before"):
         raise ValueError(f"placement must be 'after' or 'before', got {placement!r}")
+    if placement == "before" and connector.config.fusion == "sti":
+        raise ValueError(
+            "placement='before' mines every fused token against its HR window, but STI appends "
+            "pooled tokens that have none; use placement='after' with STI"
+        )
     if placement == "before" and connector.config.resample_grid is not None:
         raise ValueError(
             "placement='before' mines on the encoder grid, which a resampling connector has "
@@ -266,9 +272,11 @@ class MGMVisionPath(nn.Module):
         hr_channels: channel width of :func:`convnext_hr_features`; ``None`` derives it from the
             stages (:func:`hr_map_width`), a value that differs from them is an error.
         placement: Dense Connector fusion ``"after"`` mining (default) or ``"before"`` it.
-        image_grid / image_global: HD mode (``2`` / ``True``): 2x2 crops plus a global view.
-        lr_normalization / hr_normalization: ``(mean, std)`` each tower was trained with; both
-            towers read one normalised tensor, so they must agree.
+        image_grid: ``2`` for HD mode's 2x2 crops (with ``image_global=True``).
+        image_global: ``True`` for HD mode's global view beside the crops.
+        lr_normalization: ``(mean, std)`` the CLIP tower was trained with; both towers read one
+            normalised tensor, so it must agree with ``hr_normalization``.
+        hr_normalization: ``(mean, std)`` the ConvNeXt was trained with.
     """
 
     def __init__(

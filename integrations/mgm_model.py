@@ -13,7 +13,7 @@ The connector is chosen in the config (``connector=``, ``mining_placement=``) or
 built model with :func:`swap_connector`. Stage 1 of :func:`mmconnect.integrations.training.train_stage`
 trains the connector and the mining projections, stage 2 adds the LLM.
 
-Example:
+Examples:
     >>> config = DenseMGMConfig(vision_config=clip, text_config=llama,          # doctest: +SKIP
     ...                         connector=ConnectorConfig.from_preset("dc-dci-clip-l-336"),
     ...                         aux_encoder={"name": "convnext_large"}, image_size_aux=768)
@@ -423,7 +423,8 @@ class DenseMGMProcessor(DenseLlavaProcessor):
         patch_size: the CLIP tower's patch size.
         image_size: the CLIP tower's image size (336).
         image_size_aux: the HR size the image processor must produce (768; 1536 in HD mode).
-        image_grid / image_global: HD mode (2 / True).
+        image_grid: LR crops per side (2 in HD mode).
+        image_global: the global view beside the crops (True in HD mode).
         aux_normalization: ``(mean, std)`` the HR encoder was trained with; checked against the
             image processor's, since both towers read its one normalised tensor.
     """

@@ -294,9 +294,9 @@ def test_swap_connector_switches_the_config_and_round_trips(tmp_path, caplog):
     swap_connector(model, "dc-dci-clip-l-336")
     assert model.model.mining is mining  # after mining: CLIP's width, trained mining kept
     assert model.config.connector == connector("dc-dci-clip-l-336").to_dict()
-    swap_connector(model, DenseConnector(connector("dc-sti-clip-l-336")), placement="before")
-    assert model.model.mining is mining  # STI stacks tokens: the fused width is still CLIP's
-    assert (model.config.mining_placement, model.config.image_seq_length) == ("before", 720)
+    swap_connector(model, DenseConnector(connector("dc-sti-clip-l-336")))
+    assert model.model.mining is mining
+    assert (model.config.mining_placement, model.config.image_seq_length) == ("after", 720)
     assert "untrained mining" not in caplog.text
     swap_connector(model, connector("dc-sci-clip-l-336"), placement="before")
     assert model.model.mining.lr_dim == 3 * VISION
@@ -365,6 +365,8 @@ def test_bad_hd_and_placement_fields():
         build(mining_placement="inside")
     with pytest.raises(ValueError, match="placement='before' mines on the encoder grid"):
         build("dc-dci-clip-l-336-efficient", mining_placement="before")
+    with pytest.raises(ValueError, match="STI appends pooled tokens that have none"):
+        build("dc-sti-clip-l-336", mining_placement="before")
 
 
 def test_pixels_of_another_size_and_wrong_image_token_count():
