@@ -169,3 +169,26 @@ def test_bad_inputs(towers):
         MGMVisionPath(
             clip, convnext, efficient, hr_channels=HR_CHANNELS, lr_size=336, placement="before"
         )
+
+
+def test_open_clip_convnext_trunk_and_derived_width():
+    """open_clip's ``TimmModel`` (the shape of MGM's ``convnext_large_d_320``) works through its
+    ``trunk``; the HR width comes from the stages (ConvNeXt-L: 2880, not 3072)."""
+    from open_clip.timm_model import TimmModel
+
+    from mmconnect.integrations.mgm import hr_map_width, stage_widths
+
+    torch.manual_seed(0)
+    wrapped = TimmModel("convnext_atto", embed_dim=16, image_size=64, pool="", proj="mlp").eval()
+    pixels = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(
+            convnext_hr_features(wrapped, pixels), convnext_hr_features(wrapped.trunk, pixels)
+        )
+    assert hr_map_width(wrapped) == HR_CHANNELS
+    with torch.device("meta"):
+        large = timm.create_model("convnext_large", pretrained=False, num_classes=0)
+    assert stage_widths(large) == [192, 384, 768, 1536]
+    assert hr_map_width(large) == 2880
+    with pytest.raises(ValueError, match="must be a timm ConvNeXt"):
+        hr_map_width(torch.nn.Linear(2, 2))
