@@ -1,4 +1,5 @@
-"""A Llama-shaped LLM with random weights for the prefill benchmark, built once per session.
+"""Llama-shaped LLMs with random weights: the prefill benchmark's (built once per module) and the
+training-step benchmark's sizes.
 
 ``MMCONNECT_BENCH_SIZE=real`` (default) builds TinyLlama-1.1B's shape from a
 ``transformers.LlamaConfig`` (hidden 2048, MLP 5632, 22 layers, 32 query heads, 4 KV heads,
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from harness import SIZE
+from harness import DEVICE, DTYPE, SIZE
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,11 @@ TINYLLAMA_1B = LlamaSize(
 TINY_LLAMA = LlamaSize(
     hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=1000, text_tokens=64
 )
+#: The LLM of the training-step benchmark: Llama-shaped, 4 layers of width 1024 (MLP 2816,
+#: 16 query heads, 4 KV heads), vocabulary 32000, untied head: 110,633,984 parameters.
+SMALL_LLAMA = LlamaSize(
+    hidden=1024, intermediate=2816, layers=4, heads=16, kv_heads=4, vocab=32000, text_tokens=64
+)
 
 
 @pytest.fixture(scope="session")
@@ -62,11 +68,12 @@ def llama_size() -> LlamaSize:
     return TINYLLAMA_1B if SIZE == "real" else TINY_LLAMA
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def llama(llama_size):
-    """A randomly initialised ``LlamaForCausalLM`` of ``llama_size`` (eval mode, fp32, SDPA)."""
+    """A randomly initialised ``LlamaForCausalLM`` of ``llama_size`` (eval mode, SDPA, on the
+    benchmark device in the benchmark dtype). Module-scoped: its 4.4 GB go when the module ends."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(**llama_size.config_kwargs())
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(config).eval().to(DEVICE, DTYPE)

@@ -1,10 +1,11 @@
-"""Peak memory of CPU tensor work, measured exactly by watching tensor storages.
+"""Peak memory of tensor work: exact on the CPU by watching storages, from the allocator on CUDA.
 
-On a GPU ``torch.cuda.max_memory_allocated`` answers this; on a CPU nothing in torch does, and
-process RSS is blurred by the allocator. :class:`PeakTensorMemory` intercepts every aten op with a
-``TorchDispatchMode``, counts each new storage once, and subtracts it when the storage is freed
-(a ``weakref.finalize`` on the storage), so its ``peak`` is the high-water mark of bytes held by
-tensors created inside the block. Tensors that existed before (weights, inputs) are not counted.
+On a GPU ``torch.cuda.max_memory_allocated`` answers this (:func:`peak_bytes` uses it); on a CPU
+nothing in torch does, and process RSS is blurred by the allocator. :class:`PeakTensorMemory`
+intercepts every aten op with a ``TorchDispatchMode``, counts each new storage once, and
+subtracts it when the storage is freed (a ``weakref.finalize`` on the storage), so its ``peak``
+is the high-water mark of bytes held by tensors created inside the block. Tensors that existed
+before (weights, inputs) are not counted.
 """
 
 from __future__ import annotations
@@ -61,3 +62,26 @@ def peak_tensor_bytes(function: Callable[[], Any]) -> int:
         result = function()
     del result
     return tracker.peak
+
+
+def peak_bytes(function: Callable[[], Any], device: str) -> int:
+    """Peak bytes of tensors created while ``function()`` runs on ``device`` (``"cpu"``/``"cuda"``).
+
+    On the CPU: :func:`peak_tensor_bytes`. On CUDA: the allocator's high-water mark above what
+    was allocated before the call (each block rounded up to the allocator's 512-byte unit).
+
+    Raises:
+        ValueError: ``device`` is neither ``"cpu"`` nor ``"cuda"``.
+    """
+    if device == "cpu":
+        return peak_tensor_bytes(function)
+    if device != "cuda":
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    result = function()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    del result
+    return peak
