@@ -1,141 +1,243 @@
-"""Render a pytest-benchmark JSON file of this suite as ``docs/benchmarks.md``.
+"""Render pytest-benchmark JSON files of this suite as ``docs/benchmarks.md`` and PNG charts.
 
 Usage::
 
-    python benchmarks/report.py benchmarks/results.json docs/benchmarks.md
+    python benchmarks/report.py benchmarks/results.json docs/benchmarks.md \\
+        [--gpu benchmarks/results-gpu.json] [--images docs/images] [--allow-tiny] [--no-charts]
 
-Every ratio compares figures measured in the same run (machines are noisy; only ratios carry
-over). The machine, the size and the date come from the JSON.
+The first file is the CPU run (``MMCONNECT_BENCH_SIZE=real``); ``--gpu`` adds the run of
+``benchmarks/run_gpu.sh`` (``MMCONNECT_BENCH_DEVICE=cuda``, bf16), whose absolute figures go
+beside the CPU ratios with the device named. Charts go to ``--images`` (default: ``images/``
+beside the Markdown file) as ``bench_*.png``. Every ratio compares figures measured in the same
+run (machines are noisy; only ratios carry over). ``--allow-tiny`` renders a
+``MMCONNECT_BENCH_SIZE=tiny`` run (the smoke test does), marked as such.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import sys
-from collections import defaultdict
 from pathlib import Path
 
-from prefill_report import prefill_table
+from report_charts import write_charts
+from report_results import Run, load_run
+from report_tables import (
+    CAPTURE,
+    CONNECTOR,
+    PREFILL,
+    TRAINING,
+    capture_table,
+    connector_table,
+    prefill_table,
+    training_table,
+)
 
-MIB = 1024 * 1024
+COMMANDS = """```bash
+# CPU, real size (about 13 minutes on 2 quiet cores)
+.venv/bin/python -m pytest benchmarks --benchmark-json=benchmarks/results.json
+# GPU (optional): one CUDA GPU, bf16
+bash benchmarks/run_gpu.sh benchmarks/results-gpu.json
+# this page and its charts
+.venv/bin/python benchmarks/report.py benchmarks/results.json docs/benchmarks.md \\
+    [--gpu benchmarks/results-gpu.json]
+```"""
+
+SECTIONS = {
+    CAPTURE: (
+        "Capturing DCI inputs at CLIP-L/336, batch 4",
+        "Three ways to run the tower: `plain-forward` (the tower alone, capturing nothing: the "
+        "floor), `output-hidden-states` (what LLaVA and the official Dense Connector code do: all "
+        "25 hidden states kept), and `tap-dci-streaming` (`DenseConnector.make_tap` for the DCI "
+        "preset: `F` plus one running sum per group, stopping after block 23). Peak tensor "
+        "memory counts the bytes of all tensors alive at once during the call (weights and "
+        "inputs excluded), tracked exactly per storage on the CPU (`benchmarks/memory.py`) and "
+        "by the CUDA allocator on a GPU. The capture overhead is the peak above the plain "
+        "forward's. Targets: tap overhead at most 0.25 of `output_hidden_states`'s, tap time no "
+        "slower than the plain forward.",
+        capture_table,
+    ),
+    CONNECTOR: (
+        "Connector throughput, every preset at its encoder's size, batch 4, to 4096",
+        "Every preset of `mmconnect.presets.list_presets()` runs at the real size of the tower "
+        "it is made for (24 blocks: CLIP-L/336, width 1024, 24x24 patches; 27 blocks: "
+        "SigLIP-SO400M/384, width 1152, 27x27 patches) on features shaped like its tap's output. "
+        "Baseline, per preset: the two matrix multiplies of its `mlp2x_gelu` projector on the "
+        "already fused input (no bias, no GELU, no fusion) — the practical limit; target: the "
+        "connector within 1.2x of it. Throughput counts the connector's output (visual) tokens "
+        "per second; *tokens/s vs baseline* compares it with LLaVA-1.5's connector "
+        "(`baseline-clip-l-336`) in the same run.",
+        connector_table,
+    ),
+    PREFILL: (
+        "LLM prefill with 144 / 576 / 720 visual tokens (Llama-shaped, 1.1B parameters)",
+        "TinyLlama-1.1B's shape with random weights, batch 1, 64 text tokens around the visual "
+        "tokens, `use_cache=True`, logits of the last position (what `generate()` does before "
+        "its first token). 144 visual tokens: efficient Dense Connector; 576: LLaVA-1.5, SCI and "
+        "DCI (the baseline); 720: STI. Target: 144 at least 2.5x faster than 576.",
+        prefill_table,
+    ),
+    TRAINING: (
+        "Training step time, stages 1 and 2, each connector vs the baseline connector",
+        "One full optimizer step (forward, loss, backward, gradient clipping, AdamW step) of a "
+        "`DenseLlavaForConditionalGeneration`, frozen for the stage by `prepare_stage` and with "
+        "the optimizer of `DenseConnectorTrainer`: stage 1 (`align`) trains the connector with "
+        "tower and LLM frozen; stage 2 (`instruct`, full fine-tuning) trains connector, LLM and "
+        "LM head. Model (random weights, fp32 on the CPU): a CLIP-L/336-shaped tower (24 blocks, "
+        "width 1024) and a small Llama (4 layers of width 1024, MLP 2816, 16 query / 4 KV heads, "
+        "vocabulary 32000: 110,633,984 parameters) standing in for Vicuna-7B; batch 1; prompt of "
+        "32 text tokens, the image's visual tokens and 32 answer tokens carrying the labels. "
+        "No target: the frozen tower's forward costs the same for every connector and, with a "
+        "small LLM, dominates the step, so these ratios understate what the token count saves "
+        "with a 7B LLM (see the prefill section for the LLM's share).",
+        training_table,
+    ),
+}
 
 
-def _by_group(benchmarks: list[dict]) -> dict[str, dict[str, dict]]:
-    groups: dict[str, dict[str, dict]] = defaultdict(dict)
-    for entry in benchmarks:
-        params = entry.get("params") or {}
-        groups[entry["group"]][entry["name"]] = {
-            "params": params,
-            "stats": entry["stats"],
-            "extra": entry["extra_info"],
-        }
-    return groups
+RUNNING = """## Running the suite
+
+- `MMCONNECT_BENCH_SIZE=real` (default) measures at the sizes above; `tiny` runs the same code on
+  narrow models in about a minute (`tests/test_benchmarks_smoke.py` does, then renders this page
+  and its charts from that run, so neither can rot).
+- `MMCONNECT_BENCH_DEVICE=cuda` runs every model on the GPU, in `MMCONNECT_BENCH_DTYPE=bfloat16`
+  by default (inference in bf16 weights; the training step keeps fp32 weights under bf16
+  autocast), synchronising after each timed call and reading peak memory from the CUDA
+  allocator. `benchmarks/run_gpu.sh` is that run as one script.
+- Ratio targets are asserted only at real size on the CPU in fp32, from medians of the same run;
+  on a GPU all figures are reported, none asserted.
+- Rounds at real size on the CPU: 3 timed calls per variant for calls of seconds (tap capture,
+  prefill; the tap-capture variants are warmed up by their memory-tracked call, the prefill by
+  one untimed call), 9 for calls of about a second (connector) after one warm-up, 2 optimizer
+  steps per training variant after one untimed step (which also allocates AdamW's state)."""
 
 
-def _capture_table(entries: dict[str, dict]) -> list[str]:
-    by_variant = {entry["params"]["variant"]: entry for entry in entries.values()}
-    plain = by_variant["plain-forward"]
-    hidden = by_variant["output-hidden-states"]
-    hidden_overhead = hidden["extra"]["peak_bytes"] - plain["extra"]["peak_bytes"]
-    lines = [
-        "| variant | median time (s) | time vs plain forward | peak tensor memory (MiB) | capture overhead (MiB) | overhead vs output_hidden_states |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for variant in ("plain-forward", "output-hidden-states", "tap-dci-streaming"):
-        entry = by_variant[variant]
-        peak = entry["extra"]["peak_bytes"]
-        overhead = peak - plain["extra"]["peak_bytes"]
-        lines.append(
-            f"| `{variant}` | {entry['stats']['median']:.3f} | "
-            f"{entry['stats']['median'] / plain['stats']['median']:.3f}x | {peak / MIB:.1f} | "
-            f"{overhead / MIB:.1f} | {overhead / hidden_overhead:.3f} |"
+def _gpu_paragraph(gpu: Run | None) -> str:
+    if gpu is None:
+        return (
+            "**GPU:** no GPU figures yet — no accelerator was available to the session that "
+            "measured this page. `benchmarks/run_gpu.sh` runs the same suite on one CUDA GPU in "
+            "bf16 (`MMCONNECT_BENCH_DEVICE=cuda`); passing its JSON with `--gpu` puts the "
+            "absolute GPU figures beside the CPU ratios. Nothing else depends on a GPU."
         )
-    return lines
+    return (
+        f"**GPU run:** {gpu.describe()}. Its absolute figures stand beside the CPU ratios, "
+        "matched by benchmark; its ratios are its own (same run on the GPU)."
+    )
 
 
-def _connector_table(groups: dict[str, dict[str, dict]]) -> list[str]:
-    lines = [
-        "| preset | connector median (ms) | bare matmuls median (ms) | connector / bare | visual tokens per second (connector) |",
-        "| --- | ---: | ---: | ---: | ---: |",
-    ]
-    for name, entries in sorted(groups.items()):
-        if name != "connector":
-            continue
-        presets: dict[str, dict[str, dict]] = defaultdict(dict)
-        for entry in entries.values():
-            presets[entry["params"]["preset"]][entry["params"]["implementation"]] = entry
-        for preset, pair in presets.items():
-            connector, bare = pair["connector"], pair["bare-matmuls"]
-            ratio = connector["stats"]["median"] / bare["stats"]["median"]
-            throughput = connector["extra"]["visual_tokens"] / connector["stats"]["median"]
-            lines.append(
-                f"| `{preset}` | {connector['stats']['median'] * 1e3:.1f} | "
-                f"{bare['stats']['median'] * 1e3:.1f} | {ratio:.3f}x | {throughput:,.0f} |"
-            )
-    return lines
+def render(cpu: Run, gpu: Run | None = None, charts: dict[str, str] | None = None) -> str:
+    """The Markdown page: machine, commands, then one section per group ``cpu`` holds.
 
+    Args:
+        cpu: the CPU run (its ratios and absolute figures fill the tables).
+        gpu: an optional GPU run of the same suite (its absolute figures are added).
+        charts: ``group -> image link`` (relative to the page) of charts to show.
 
-def render(results: dict) -> str:
-    machine = results.get("machine_info", {})
-    groups = _by_group(results["benchmarks"])
-    cpu = machine.get("cpu", {}).get("brand_raw", machine.get("processor", "unknown CPU"))
-    sizes = {entry["extra_info"].get("size", "real") for entry in results["benchmarks"]}
-    if sizes != {"real"}:
-        raise SystemExit(
-            f"refusing to render: these results were measured at size {sorted(sizes)}, not 'real'"
-        )
-    lines = [
-        "# Benchmarks",
+    Raises:
+        ValueError: ``cpu`` holds none of the suite's groups, or a group lacks its baseline.
+    """
+    present = [group for group in SECTIONS if cpu.group(group)]
+    if not present:
+        groups = sorted({entry.group for entry in cpu.entries})
+        raise ValueError(f"the results hold none of the groups {list(SECTIONS)} (found {groups})")
+    charts = charts or {}
+    lines = ["# Benchmarks", ""]
+    if cpu.size != "real":
+        lines += [
+            f"> **Size `{cpu.size}`:** smoke-test figures from narrow models; they measure "
+            "nothing. Regenerate at real size before reading them.",
+            "",
+        ]
+    lines += [
+        f"**CPU run:** {cpu.describe()}, size `{cpu.size}`. Every ratio compares two figures "
+        "measured in the same run: machines are noisy, only ratios carry over between them.",
         "",
-        f"Measured on {cpu} ({machine.get('cpu', {}).get('count', '?')} logical cores), "
-        f"{results.get('datetime', '')[:10]}, torch threads = cores, fp32, `torch.no_grad()`. "
-        "Regenerate with the commands in the README; every ratio compares figures from the same run.",
+        _gpu_paragraph(gpu),
+        "",
+        "Regenerate:",
+        "",
+        COMMANDS,
         "",
     ]
-    if "tap-capture" in groups:
-        lines += [
-            "## Capturing DCI inputs at CLIP-L/336, batch 4",
-            "",
-            "Peak tensor memory counts the bytes of all tensors alive at once during the call (weights "
-            "and inputs excluded), tracked exactly per storage (`benchmarks/memory.py`). The capture "
-            "overhead is the peak above the plain forward's. Targets: tap overhead at most 0.25 of "
-            "`output_hidden_states`'s, tap time no slower than the plain forward.",
-            "",
-            *_capture_table(groups["tap-capture"]),
-            "",
-        ]
-    if "connector" in groups:
-        lines += [
-            "## Connector (fuse + project) vs its bare matrix multiplies, CLIP-L/336, batch 4, to 4096",
-            "",
-            "The bare variant multiplies the already fused input by the projector's two weight "
-            "matrices (no bias, no GELU, no fusion): the practical limit. Target: connector within 1.2x.",
-            "",
-            *_connector_table(groups),
-            "",
-        ]
-    if "prefill" in groups:
-        lines += [
-            "## LLM prefill with 144 / 576 / 720 visual tokens (Llama-shaped, 1.1B parameters)",
-            "",
-            "TinyLlama-1.1B's shape with random weights, batch 1, 64 text tokens around the visual "
-            "tokens, `use_cache=True`, logits of the last position (what `generate()` does before "
-            "its first token). Target: 144 visual tokens (efficient Dense Connector) at least 2.5x "
-            "faster than 576.",
-            "",
-            *prefill_table(groups),
-            "",
-        ]
+    for group in present:
+        title, text, table = SECTIONS[group]
+        lines += [f"## {title}", "", text, "", *table(cpu, gpu), ""]
+        if group in charts:
+            lines += [f"![{title}]({charts[group]})", ""]
+    lines += [RUNNING, ""]
     return "\n".join(lines)
 
 
+def write_report(
+    results: Path,
+    markdown: Path,
+    *,
+    gpu_results: Path | None = None,
+    images: Path | None = None,
+    allow_tiny: bool = False,
+    charts: bool = True,
+) -> list[Path]:
+    """Render ``results`` (and ``gpu_results``) into ``markdown`` and PNG charts in ``images``
+    (default: ``images/`` beside ``markdown``; no charts when ``charts`` is false).
+
+    Returns:
+        The written files: the Markdown page, then the charts.
+
+    Raises:
+        ValueError: the CPU results are not from a CPU run, the GPU results not from a CUDA run,
+            or either was measured at tiny size without ``allow_tiny``.
+    """
+    cpu = load_run(json.loads(Path(results).read_text()))
+    gpu = load_run(json.loads(Path(gpu_results).read_text())) if gpu_results else None
+    if cpu.device != "cpu":
+        raise ValueError(f"{results} is a {cpu.device!r} run; the first file must be the CPU run")
+    if gpu is not None and gpu.device != "cuda":
+        raise ValueError(f"--gpu {gpu_results} is a {gpu.device!r} run, not a 'cuda' run")
+    for run, path in ((cpu, results), (gpu, gpu_results)):
+        if run is not None and run.size != "real" and not allow_tiny:
+            raise ValueError(
+                f"refusing to render {path}: measured at size {run.size!r}, not 'real' "
+                "(pass --allow-tiny for a smoke test)"
+            )
+    markdown = Path(markdown)
+    images = Path(images) if images is not None else markdown.parent / "images"
+    written = write_charts(cpu, gpu, images) if charts else {}
+    links = {
+        group: Path(os.path.relpath(path, markdown.parent)).as_posix()
+        for group, path in written.items()
+    }
+    markdown.parent.mkdir(parents=True, exist_ok=True)
+    markdown.write_text(render(cpu, gpu, links))
+    return [markdown, *written.values()]
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) != 2:
-        print(__doc__, file=sys.stderr)
-        return 2
-    source, target = (Path(argument) for argument in argv)
-    Path(target).write_text(render(json.loads(source.read_text())))
-    print(f"wrote {target}")
+    parser = argparse.ArgumentParser(
+        prog="benchmarks/report.py", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("results", type=Path, help="pytest-benchmark JSON of the CPU run")
+    parser.add_argument("markdown", type=Path, help="the Markdown page to write")
+    parser.add_argument("--gpu", type=Path, help="pytest-benchmark JSON of a CUDA run")
+    parser.add_argument("--images", type=Path, help="chart directory (default: images/ beside)")
+    parser.add_argument("--allow-tiny", action="store_true", help="render a tiny-size run")
+    parser.add_argument("--no-charts", action="store_true", help="write the Markdown page only")
+    arguments = parser.parse_args(argv)
+    try:
+        written = write_report(
+            arguments.results,
+            arguments.markdown,
+            gpu_results=arguments.gpu,
+            images=arguments.images,
+            allow_tiny=arguments.allow_tiny,
+            charts=not arguments.no_charts,
+        )
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    for path in written:
+        print(f"wrote {path}")
     return 0
 
 
