@@ -40,7 +40,7 @@ from mmconnect.integrations.llava import (
     DenseLlavaForConditionalGeneration,
     DenseLlavaProcessor,
 )
-from mmconnect.integrations.synthetic import write_synthetic_vqa
+from mmconnect.integrations.synthetic import SyntheticVQAFiles, write_synthetic_vqa
 from mmconnect.integrations.training import StageConfig, train_stage
 
 logger = logging.getLogger(__name__)
@@ -158,15 +158,25 @@ def demo_connector(
 
 
 def build_demo_model(
-    kind: str, config: DemoConfig, tokenizer: Any
+    kind: str,
+    config: DemoConfig,
+    tokenizer: Any,
+    *,
+    connector: ConnectorConfig | None = None,
 ) -> DenseLlavaForConditionalGeneration:
-    """A small Dense LLaVA from configs (or the local tower / LLM checkpoints of ``config``)."""
+    """A small Dense LLaVA from configs (or the local tower / LLM checkpoints of ``config``).
+
+    ``connector`` replaces the :func:`demo_connector` of ``kind`` (its ``vision_dim``,
+    ``num_layers`` and ``llm_dim`` must fit the tower and the LLM). A random LLM is built on its
+    own under ``config.seed``, so its initial weights are the same whatever the connector.
+    """
     from transformers import (
         AutoConfig,
         AutoModel,
         AutoModelForCausalLM,
         CLIPVisionConfig,
         LlamaConfig,
+        LlamaForCausalLM,
     )
 
     torch.manual_seed(config.seed)
@@ -195,13 +205,14 @@ def build_demo_model(
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
-    connector = demo_connector(
-        kind,
-        vision_dim=vision_config.hidden_size,
-        llm_dim=text_config.hidden_size,
-        num_layers=vision_config.num_hidden_layers,
-        grid_side=vision_config.image_size // vision_config.patch_size,
-    )
+    if connector is None:
+        connector = demo_connector(
+            kind,
+            vision_dim=vision_config.hidden_size,
+            llm_dim=text_config.hidden_size,
+            num_layers=vision_config.num_hidden_layers,
+            grid_side=vision_config.image_size // vision_config.patch_size,
+        )
     model_config = DenseLlavaConfig(
         vision_config=vision_config,
         text_config=text_config,
@@ -216,8 +227,13 @@ def build_demo_model(
     if config.llm_path:
         llm = AutoModelForCausalLM.from_pretrained(config.llm_path)
         llm.resize_token_embeddings(len(tokenizer))
-        model.model.language_model = llm.model
-        model.lm_head = llm.lm_head
+    else:
+        # Inside the full model the LLM is initialised after the connector, from a random state
+        # that depends on the connector's size; alone, every connector gets the same LLM.
+        torch.manual_seed(config.seed)
+        llm = LlamaForCausalLM(text_config)
+    model.model.language_model = llm.model
+    model.lm_head = llm.lm_head
     return model
 
 
@@ -276,7 +292,7 @@ def _stage(
 
 def run_demo(config: DemoConfig) -> dict[str, Any]:
     """Run the demo; returns (and writes to ``results.json``) what it measured."""
-    from transformers import AutoTokenizer, CLIPImageProcessor
+    from transformers import AutoTokenizer
 
     unknown = [kind for kind in config.connectors if kind not in CONNECTORS]
     if unknown or not config.connectors:
@@ -302,71 +318,88 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         tokenizer = build_word_tokenizer(
             _all_texts([files.stage1, files.stage2, files.eval], ["plain", "vicuna_v1"])
         )
-    eval_records = json.loads(Path(files.eval).read_text())
-
     results: dict[str, Any] = {"config": dataclasses.asdict(config), "connectors": {}}
     for kind in config.connectors:
-        model = build_demo_model(kind, config, tokenizer)
-        tokens = model.model.image_tokens_per_image()
-        side = model.config.vision_config.image_size  # a local tower may expect another size
-        image_processor = CLIPImageProcessor(
-            size={"shortest_edge": side}, crop_size={"height": side, "width": side}
-        )
-        data = {
-            "image_folder": files.root,
-            "tokenizer": tokenizer,
-            "image_processor": image_processor,
-            "image_tokens": tokens,
-            "image_token_id": model.config.image_token_id,
-        }
-        collator = DataCollator.from_tokenizer(tokenizer)
-        stage1 = train_stage(
-            model,
-            LlavaDataset.from_json(files.stage1, template="plain", **data),
-            collator,
-            _stage(
-                "align",
-                output / kind / "stage1",
-                config.stage1_steps,
-                config,
-                config.stage1_learning_rate,
-            ),
-        )
-        stage2 = train_stage(
-            stage1.model,
-            LlavaDataset.from_json(files.stage2, template="vicuna_v1", **data),
-            collator,
-            _stage(
-                "instruct",
-                output / kind / "stage2",
-                config.stage2_steps,
-                config,
-                config.stage2_learning_rate,
-            ),
-        )
-        processor = DenseLlavaProcessor(
-            image_processor,
-            tokenizer,
-            patch_size=model.config.vision_config.patch_size,
-            connector=model.connector.config,
-        )
-        for stage in (stage1, stage2):  # each stage directory loads alone with AutoProcessor
-            processor.save_pretrained(stage.output_dir)
-        evaluation = LlavaDataset.from_json(files.eval, template="vicuna_v1", **data)
-        accuracy = answer_accuracy(
-            stage2.model, evaluation, [record["question_type"] for record in eval_records]
-        )
-        results["connectors"][kind] = {
-            "visual_tokens": tokens,
-            "accuracy": accuracy,
-            "stage1_losses": stage1.losses,
-            "stage2_losses": stage2.losses,
-            "model_dir": str(stage2.output_dir),
-        }
+        results["connectors"][kind] = train_connector(kind, config, tokenizer, files)
     results["seconds"] = round(time.monotonic() - started, 1)
     (output / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     plot_losses(results, output / "loss_curves.png")
     return results
+
+
+def train_connector(
+    kind: str,
+    config: DemoConfig,
+    tokenizer: Any,
+    files: SyntheticVQAFiles,
+    *,
+    connector: ConnectorConfig | None = None,
+) -> dict[str, Any]:
+    """Build the model of ``kind`` (:func:`build_demo_model`), train both stages into
+    ``config.output_dir / kind`` and score the held-out questions of ``files``.
+
+    Returns:
+        ``{"visual_tokens", "accuracy": {question type | "all": fraction}, "stage1_losses",
+        "stage2_losses": [(step, loss), ...], "model_dir", "stage_configs": [stage 1's and
+        stage 2's StageConfig as dicts]}``.
+    """
+    from transformers import CLIPImageProcessor
+
+    output = Path(config.output_dir)
+    eval_records = json.loads(Path(files.eval).read_text())
+    model = build_demo_model(kind, config, tokenizer, connector=connector)
+    tokens = model.model.image_tokens_per_image()
+    side = model.config.vision_config.image_size  # a local tower may expect another size
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": side}, crop_size={"height": side, "width": side}
+    )
+    data = {
+        "image_folder": files.root,
+        "tokenizer": tokenizer,
+        "image_processor": image_processor,
+        "image_tokens": tokens,
+        "image_token_id": model.config.image_token_id,
+    }
+    collator = DataCollator.from_tokenizer(tokenizer)
+    align = _stage(
+        "align", output / kind / "stage1", config.stage1_steps, config, config.stage1_learning_rate
+    )
+    instruct = _stage(
+        "instruct",
+        output / kind / "stage2",
+        config.stage2_steps,
+        config,
+        config.stage2_learning_rate,
+    )
+    stage1 = train_stage(
+        model, LlavaDataset.from_json(files.stage1, template="plain", **data), collator, align
+    )
+    stage2 = train_stage(
+        stage1.model,
+        LlavaDataset.from_json(files.stage2, template="vicuna_v1", **data),
+        collator,
+        instruct,
+    )
+    processor = DenseLlavaProcessor(
+        image_processor,
+        tokenizer,
+        patch_size=model.config.vision_config.patch_size,
+        connector=model.connector.config,
+    )
+    for stage in (stage1, stage2):  # each stage directory loads alone with AutoProcessor
+        processor.save_pretrained(stage.output_dir)
+    evaluation = LlavaDataset.from_json(files.eval, template="vicuna_v1", **data)
+    accuracy = answer_accuracy(
+        stage2.model, evaluation, [record["question_type"] for record in eval_records]
+    )
+    return {
+        "visual_tokens": tokens,
+        "accuracy": accuracy,
+        "stage1_losses": stage1.losses,
+        "stage2_losses": stage2.losses,
+        "model_dir": str(stage2.output_dir),
+        "stage_configs": [align.to_dict(), instruct.to_dict()],
+    }
 
 
 def results_table(results: dict[str, Any]) -> str:
