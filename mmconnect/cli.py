@@ -4,6 +4,9 @@
   token count and projector width they produce at their native encoder grid;
 * ``mmconnect demo`` trains the baseline and a Dense Connector LLaVA on synthetic VQA in minutes on
   a CPU and compares their held-out accuracy (:mod:`mmconnect.integrations.demo`);
+* ``mmconnect lab`` trains the baseline, STI, SCI, DCI and efficient-DCI connectors over seeds on
+  a pretrained tower whose last layers lose colour and reports accuracy per question type as mean
+  +- std (:mod:`mmconnect.integrations.lab`);
 * ``mmconnect train --config FILE.yaml`` runs both training stages from one file
   (:mod:`mmconnect.integrations.train_run`);
 * ``mmconnect chat --model DIR --video FILE "question"`` (or ``--image FILE``) asks a saved Dense
@@ -95,6 +98,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument(
         "--quick", action="store_true", help="a one-minute smoke run with tiny budgets"
     )
+    lab = commands.add_parser(
+        "lab", help="compare the five connectors over seeds on a detail-losing pretrained tower"
+    )
+    lab.add_argument("--output", default="mmconnect-lab", help="output directory")
+    lab.add_argument("--seeds", default=None, help="comma-separated seeds (default: 0,1,2)")
+    lab.add_argument(
+        "--connectors",
+        default=None,
+        help="comma-separated, from: baseline, sti, sci, dci, dci-efficient (default: all)",
+    )
+    lab.add_argument("--quick", action="store_true", help="a one-minute smoke run, two seeds")
     train = commands.add_parser("train", help="run both training stages from one YAML file")
     train.add_argument(
         "--config", required=True, help="the run's YAML file (see mmconnect.integrations.train_run)"
@@ -127,6 +141,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _demo(arguments)
     elif arguments.command == "train":
         return _train(arguments.config)
+    elif arguments.command == "lab":
+        return _lab(arguments)
     elif arguments.command == "chat":
         return _chat(arguments)
     return 0
@@ -215,6 +231,38 @@ def _demo(arguments: argparse.Namespace) -> int:
     print(results_table(results))
     print(
         f"\n{results['seconds']:.0f} s; results.json and loss_curves.png are in {arguments.output}"
+    )
+    return 0
+
+
+def _lab(arguments: argparse.Namespace) -> int:
+    from mmconnect.integrations.lab import LabConfig, accuracy_table, quick_config, run_lab
+
+    options: dict = {"output_dir": arguments.output}
+    try:
+        if arguments.seeds is not None:
+            try:
+                options["seeds"] = tuple(
+                    int(seed) for seed in arguments.seeds.split(",") if seed.strip()
+                )
+            except ValueError:
+                raise ValueError(
+                    f"--seeds must be comma-separated ints, got {arguments.seeds!r}"
+                ) from None
+        if arguments.connectors is not None:
+            options["connectors"] = tuple(
+                name.strip() for name in arguments.connectors.split(",") if name.strip()
+            )
+        config = quick_config(**options) if arguments.quick else LabConfig(**options)
+        results = run_lab(config)
+    except (ValueError, TypeError) as error:
+        print(f"mmconnect lab: {error}", file=sys.stderr)
+        return 2
+    print("\nHeld-out answer accuracy (%), mean +- std over seeds:\n")
+    print(accuracy_table(results))
+    print(
+        f"\n{results['seconds']['total']:.0f} s; results.md, results.json, accuracy.png and "
+        f"encoder_probe.png are in {arguments.output}"
     )
     return 0
 

@@ -1,0 +1,564 @@
+"""``mmconnect lab``: the connectors side by side on a CPU, over seeds.
+
+The CPU-scale analogue of the Dense Connector paper's Tables 1 and 3 (REFERENCE sections 2, 5,
+11). One run:
+
+1. writes the synthetic VQA data set (:mod:`mmconnect.integrations.synthetic`) and its word
+   tokenizer, once;
+2. pretrains a CLIP-style tower of CLIP-L's depth (24 blocks, small width) on a task whose last
+   layers lose colour while shallow layers keep it, measures that with linear probes per layer
+   and freezes it (:mod:`mmconnect.integrations.lab_encoder`);
+3. for every seed and every connector (``baseline``, ``sti``, ``sci``, ``dci``,
+   ``dci-efficient``: the ``*-clip-l-336`` presets at the tower's width, the efficient grid
+   halved per side as 24x24 -> 12x12 is) trains both LLaVA stages with the demo's code
+   (:func:`mmconnect.integrations.demo.train_connector`) and identical budgets: the same data,
+   steps, batch, learning-rate schedule, data order and initial LLM for a seed;
+4. scores exact answers on held-out scenes per question type and reports the mean and the
+   sample standard deviation over seeds: ``results.json``, ``results.md``, ``accuracy.png`` and
+   ``encoder_probe.png`` in the output directory.
+
+Example:
+    >>> results = run_lab(LabConfig(output_dir="lab", seeds=(0, 1, 2)))  # doctest: +SKIP
+    >>> results["summary"]["dci"]["colour"]["mean"]                       # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmconnect import ConnectorConfig
+from mmconnect.integrations.lab_encoder import (
+    EncoderPretraining,
+    ProbeData,
+    pretrain_encoder,
+    probe_accuracy,
+    probe_data,
+)
+
+FORMAT_VERSION = 1
+#: The lab's connector names (those of ``mmconnect demo``) and the preset each one runs.
+LAB_PRESETS: dict[str, str] = {
+    "baseline": "baseline-clip-l-336",
+    "sti": "dc-sti-clip-l-336",
+    "sci": "dc-sci-clip-l-336",
+    "dci": "dc-dci-clip-l-336",
+    "dci-efficient": "dc-dci-clip-l-336-efficient",
+}
+#: Tower depth of the CLIP-L/336 presets.
+PRESET_BLOCKS = 24
+
+
+@dataclass(frozen=True, kw_only=True)
+class LabConfig:
+    """Everything the lab does; the defaults fit about twenty minutes on two idle CPU cores.
+
+    Attributes:
+        output_dir: data, encoder, per-run checkpoints and the reports go here.
+        seeds: one training run per seed and connector; each seed sets the connector's and the
+            LLM's initialisation and the data order (the data set and the encoder are shared).
+        connectors: names from :data:`LAB_PRESETS`, in report order.
+        data_seed: seed of the synthetic data set.
+        num_train_images, num_eval_images: training images (stage 1 and 2) and held-out images
+            (four questions each).
+        encoder: the tower and its pretraining (:class:`EncoderPretraining`; ``blocks`` must be
+            24, the presets' depth).
+        llm_width, llm_blocks: the random Llama-style LLM.
+        stage1_steps, stage2_steps, batch_size, stage1_learning_rate, stage2_learning_rate: the
+            training budget of every run (cosine schedule with 3 % warm-up, as the demo).
+        num_threads: torch intra-op threads while the lab runs (restored after). The models are
+            tiny: a second thread gains little on idle cores and, when other processes share
+            the cores, makes every small operation wait for a descheduled thread (measured: 20x
+            slower on a loaded 2-core machine).
+        show_progress: progress bars.
+    """
+
+    output_dir: str = "mmconnect-lab"
+    seeds: tuple[int, ...] = (0, 1, 2)
+    connectors: tuple[str, ...] = tuple(LAB_PRESETS)
+    data_seed: int = 0
+    num_train_images: int = 1000
+    num_eval_images: int = 120
+    encoder: EncoderPretraining = field(default_factory=EncoderPretraining)
+    llm_width: int = 64
+    llm_blocks: int = 2
+    stage1_steps: int = 40
+    stage2_steps: int = 320
+    batch_size: int = 8
+    stage1_learning_rate: float = 1e-3
+    stage2_learning_rate: float = 2e-3
+    num_threads: int = 1
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("seeds", "connectors"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not isinstance(value, tuple | list):
+                raise TypeError(f"{name} must be a tuple, got {value!r}")
+            object.__setattr__(self, name, tuple(value))
+        if not self.seeds:
+            raise ValueError("seeds must hold at least one seed, got none")
+        for seed in self.seeds:
+            if isinstance(seed, bool) or not isinstance(seed, int):
+                raise TypeError(f"seeds must be ints, got {seed!r} in {self.seeds}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct, got {self.seeds}")
+        if not self.connectors:
+            raise ValueError(
+                f"connectors must name at least one connector; choose from {', '.join(LAB_PRESETS)}"
+            )
+        for name in self.connectors:
+            if name not in LAB_PRESETS:
+                raise ValueError(
+                    f"unknown lab connector {name!r}; choose from {', '.join(LAB_PRESETS)}"
+                )
+        if len(set(self.connectors)) != len(self.connectors):
+            raise ValueError(f"connectors must be distinct, got {self.connectors}")
+        if not isinstance(self.encoder, EncoderPretraining):
+            raise TypeError(f"encoder must be an EncoderPretraining, got {self.encoder!r}")
+        if self.encoder.blocks != PRESET_BLOCKS:
+            raise ValueError(
+                f"encoder.blocks={self.encoder.blocks}: the CLIP-L/336 presets the lab runs read "
+                f"a {PRESET_BLOCKS}-block tower"
+            )
+        for name in (
+            "num_train_images",
+            "num_eval_images",
+            "llm_width",
+            "llm_blocks",
+            "stage1_steps",
+            "stage2_steps",
+            "batch_size",
+            "num_threads",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        for name in ("stage1_learning_rate", "stage2_learning_rate"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+
+    def demo_config(self, seed: int, encoder_dir: str | Path) -> Any:
+        """The :class:`~mmconnect.integrations.demo.DemoConfig` of every run of ``seed``: the
+        same for all connectors (they differ only in the connector itself)."""
+        from mmconnect.integrations.demo import DemoConfig
+
+        return DemoConfig(
+            output_dir=str(Path(self.output_dir) / "runs" / f"seed-{seed}"),
+            seed=seed,
+            num_train_images=self.num_train_images,
+            num_eval_images=self.num_eval_images,
+            image_size=self.encoder.image_size,
+            patch_size=self.encoder.patch_size,
+            vision_width=self.encoder.width,
+            vision_blocks=self.encoder.blocks,
+            llm_width=self.llm_width,
+            llm_blocks=self.llm_blocks,
+            connectors=self.connectors,
+            stage1_steps=self.stage1_steps,
+            stage2_steps=self.stage2_steps,
+            batch_size=self.batch_size,
+            stage1_learning_rate=self.stage1_learning_rate,
+            stage2_learning_rate=self.stage2_learning_rate,
+            vision_path=str(encoder_dir),
+            show_progress=self.show_progress,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+
+def quick_config(**overrides: Any) -> LabConfig:
+    """A smoke budget of about a minute on two cores: all five connectors, two seeds, tiny
+    encoder pretraining and a few training steps (the numbers mean nothing)."""
+    encoder = EncoderPretraining(
+        image_size=48, patch_size=12, width=16, heads=2, steps=8, batch_size=8, probe_images=24
+    )
+    settings: dict[str, Any] = {
+        "seeds": (0, 1),
+        "num_train_images": 32,
+        "num_eval_images": 8,
+        "encoder": encoder,
+        "llm_width": 32,
+        "stage1_steps": 2,
+        "stage2_steps": 3,
+        "batch_size": 4,
+        "show_progress": False,
+    }
+    return LabConfig(**{**settings, **overrides})
+
+
+def lab_connector(kind: str, *, vision_dim: int, llm_dim: int, grid_side: int) -> ConnectorConfig:
+    """The preset of ``kind`` (:data:`LAB_PRESETS`) at the lab tower's width and the LLM's.
+
+    The efficient DCI keeps the preset's halving of each grid side (24x24 -> 12x12 there,
+    ``grid_side`` -> ``grid_side // 2`` here).
+
+    Raises:
+        ValueError: unknown ``kind``.
+    """
+    if kind not in LAB_PRESETS:
+        raise ValueError(f"unknown lab connector {kind!r}; choose from {', '.join(LAB_PRESETS)}")
+    overrides: dict[str, Any] = {"vision_dim": vision_dim, "llm_dim": llm_dim}
+    if kind == "dci-efficient":
+        overrides["resample_grid"] = (grid_side // 2, grid_side // 2)
+    return ConnectorConfig.from_preset(LAB_PRESETS[kind], **overrides)
+
+
+def connector_input_probes(
+    data: ProbeData, connectors: dict[str, ConnectorConfig]
+) -> dict[str, dict[str, float] | None]:
+    """Linear probes of colour and shape on what each connector feeds its projector, per patch.
+
+    The per-patch input of the baseline is ``H[final]``; of SCI ``[H[final], H[l1], H[l2]]``; of
+    DCI ``[H[final], mean(group 1), mean(group 2)]`` (channels concatenated). STI's extra tokens
+    and the efficient DCI's resampled grid are not per patch: ``None``.
+
+    Args:
+        data: :func:`~mmconnect.integrations.lab_encoder.probe_data` of the lab's tower.
+        connectors: ``{name: config}``.
+
+    Returns:
+        ``{name: {"colour": accuracy, "shape": accuracy} or None}``.
+    """
+    depth = data.features.shape[0]  # L + 1 hidden states
+
+    def layer(index: int) -> torch.Tensor:
+        return data.features[index % depth]
+
+    results: dict[str, dict[str, float] | None] = {}
+    for name, config in connectors.items():
+        if config.fusion == "sti" or config.resample_grid is not None:
+            results[name] = None
+            continue
+        parts = [layer(config.final_layer)]
+        parts += [layer(index) for index in config.layers]
+        parts += [torch.stack([layer(index) for index in group]).mean(0) for group in config.groups]
+        features = torch.cat(parts, dim=-1)[None]  # [1, samples, channels]
+        results[name] = {
+            "colour": probe_accuracy(features, data.colour, data.train)[0],
+            "shape": probe_accuracy(features, data.shape, data.train)[0],
+        }
+    return results
+
+
+# ---------------------------------------------------------------------------- statistics
+
+
+def summarize(runs: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Mean and sample standard deviation over seeds of every accuracy.
+
+    Args:
+        runs: ``{connector: {seed (str): {"accuracy": {question type | "all": fraction}}}}``;
+            every run of a connector must report the same question types.
+
+    Returns:
+        ``{connector: {question type: {"values": [per seed, in seed order], "mean", "std"}}}``;
+        ``std`` is ``None`` for a single seed.
+
+    Raises:
+        ValueError: a run lacks a question type another run of the connector has.
+    """
+    summary: dict[str, dict[str, dict[str, Any]]] = {}
+    for kind, by_seed in runs.items():
+        types = sorted({t for run in by_seed.values() for t in run["accuracy"]})
+        summary[kind] = {}
+        for question_type in types:
+            missing = [
+                seed for seed, run in by_seed.items() if question_type not in run["accuracy"]
+            ]
+            if missing:
+                raise ValueError(
+                    f"connector {kind!r}: the runs of seeds {missing} have no {question_type!r} "
+                    "questions; every seed must score the same question types"
+                )
+            values = [run["accuracy"][question_type] for run in by_seed.values()]
+            summary[kind][question_type] = {
+                "values": values,
+                "mean": statistics.fmean(values),
+                "std": statistics.stdev(values) if len(values) > 1 else None,
+            }
+    return summary
+
+
+def _cell(entry: dict[str, Any]) -> str:
+    if entry["std"] is None:
+        return f"{100 * entry['mean']:.1f}"
+    return f"{100 * entry['mean']:.1f} ± {100 * entry['std']:.1f}"
+
+
+def _question_types(summary: dict[str, dict[str, Any]]) -> list[str]:
+    types = sorted({t for entry in summary.values() for t in entry} - {"all"})
+    return [*types, "all"]
+
+
+def accuracy_table(results: dict[str, Any]) -> str:
+    """Held-out accuracy (%), mean ± sample std over seeds, per connector and question type."""
+    summary = results["summary"]
+    types = _question_types(summary)
+    header = ["connector", "preset", "visual tokens", *types]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "| " + " | ".join(["---", "---"] + ["---:"] * (len(header) - 2)) + " |",
+    ]
+    for kind, entry in summary.items():
+        cells = [_cell(entry[t]) if t in entry else "–" for t in types]
+        tokens = results["visual_tokens"][kind]
+        lines.append(f"| {kind} | `{LAB_PRESETS[kind]}` | {tokens} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def probe_table(probe: dict[str, list[float]], layers: list[int] | None = None) -> str:
+    """Linear-probe accuracy (%) per ``hidden_states`` index (default: every fourth and the last
+    two)."""
+    count = len(probe["colour"])
+    if layers is None:
+        layers = sorted({*range(0, count, 4), count - 2, count - 1})
+    header = ["probe", *(f"H[{layer}]" for layer in layers)]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "| " + " | ".join(["---"] + ["---:"] * len(layers)) + " |",
+    ]
+    for name in ("colour", "shape"):
+        cells = [f"{100 * probe[name][layer]:.1f}" for layer in layers]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def input_probe_table(results: dict[str, Any]) -> str:
+    """Linear-probe accuracy (%) of colour and shape on each connector's per-patch input."""
+    lines = [
+        "| connector | per-patch projector input | colour probe | shape probe |",
+        "| --- | --- | ---: | ---: |",
+    ]
+    for kind, entry in results["encoder"]["connector_input_probe"].items():
+        config = ConnectorConfig.from_dict(
+            results["runs"][kind][str(results["config"]["seeds"][0])]["connector"]
+        )
+        if entry is None:
+            lines.append(f"| {kind} | not per patch | – | – |")
+            continue
+        parts = [f"H[{config.final_layer}]", *(f"H[{index}]" for index in config.layers)]
+        parts += [f"mean H[{group[0]}..{group[-1]}]" for group in config.groups]
+        lines.append(
+            f"| {kind} | {', '.join(parts)} | {100 * entry['colour']:.1f} | "
+            f"{100 * entry['shape']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def results_markdown(results: dict[str, Any]) -> str:
+    """``results.md``: the accuracy table, the encoder's probes, the budget and the time."""
+    config = results["config"]
+    encoder = results["encoder"]
+    seeds = ", ".join(str(seed) for seed in config["seeds"])
+    per_type = results["eval_question_counts"]
+    counts = ", ".join(f"{kind} {count}" for kind, count in sorted(per_type.items()))
+    return "\n".join(
+        [
+            "# Connector lab results",
+            "",
+            f"Held-out exact-answer accuracy (%), mean ± sample standard deviation over seeds "
+            f"{seeds}; {results['num_eval_questions']} questions ({counts}).",
+            "",
+            accuracy_table(results),
+            "",
+            "## Encoder",
+            "",
+            f"CLIP-style tower, {config['encoder']['blocks']} blocks, width "
+            f"{config['encoder']['width']}, {config['encoder']['image_size']} px, patch "
+            f"{config['encoder']['patch_size']}, pretrained for {config['encoder']['steps']} "
+            f"steps: per-patch shape accuracy {100 * encoder['shape_accuracy']:.1f} % "
+            f"(object patches {100 * encoder['object_shape_accuracy']:.1f} %) on held-out "
+            "randomly coloured scenes. Linear probes on held-out VQA scenes, per object patch "
+            "(chance: colour 16.7 %, shape 33.3 %):",
+            "",
+            probe_table(encoder["probe"]),
+            "",
+            "The same probes on what each connector feeds its projector, per patch:",
+            "",
+            input_probe_table(results),
+            "",
+            "## Budget (every connector, every seed)",
+            "",
+            f"{config['num_train_images']} training images, stage 1: {config['stage1_steps']} "
+            f"steps at lr {config['stage1_learning_rate']:g}, stage 2: {config['stage2_steps']} "
+            f"steps at lr {config['stage2_learning_rate']:g}, batch {config['batch_size']}, "
+            f"cosine schedule; LLM: Llama-style, {config['llm_blocks']} blocks, width "
+            f"{config['llm_width']}, random, the same initial weights for every connector of a "
+            "seed.",
+            "",
+            f"Wall time: {results['seconds']['total']:.0f} s (encoder "
+            f"{results['seconds']['encoder']:.0f} s, connector runs "
+            f"{results['seconds']['runs']:.0f} s); CPU time of the process "
+            f"{results['seconds'].get('total_cpu', float('nan')):.0f} s with "
+            f"{config['num_threads']} thread(s).",
+            "",
+        ]
+    )
+
+
+def plot_accuracy(results: dict[str, Any], path: str | Path) -> None:
+    """Grouped bars (mean over seeds, error bar: sample std, dots: the seeds) per question type."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = results["summary"]
+    types = _question_types(summary)
+    kinds = list(summary)
+    width = 0.8 / len(kinds)
+    figure, axis = plt.subplots(figsize=(max(6, 1.6 * len(types)), 4))
+    for index, kind in enumerate(kinds):
+        offsets = [
+            position + (index - (len(kinds) - 1) / 2) * width for position in range(len(types))
+        ]
+        entries = [summary[kind][t] for t in types]
+        means = [100 * entry["mean"] for entry in entries]
+        errors = [100 * (entry["std"] or 0.0) for entry in entries]
+        axis.bar(offsets, means, width, yerr=errors, capsize=2, label=kind)
+        for offset, entry in zip(offsets, entries, strict=True):
+            values = [100 * value for value in entry["values"]]
+            axis.plot([offset] * len(values), values, "k.", markersize=3)
+    axis.set_xticks(range(len(types)), types)
+    axis.set_ylabel("held-out exact-answer accuracy (%)")
+    axis.set_ylim(0, 100)
+    axis.set_title(f"Connector lab: mean ± std over {len(results['config']['seeds'])} seeds")
+    axis.legend(fontsize="small", ncols=min(len(kinds), 5), loc="upper left")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def plot_probe(probe: dict[str, list[float]], path: str | Path) -> None:
+    """Linear-probe accuracy of colour and shape per ``hidden_states`` index, with chance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    layers = range(len(probe["colour"]))
+    for name, chance in (("colour", 1 / 6), ("shape", 1 / 3)):
+        (line,) = axis.plot(layers, [100 * value for value in probe[name]], marker=".", label=name)
+        axis.axhline(100 * chance, color=line.get_color(), linestyle=":", linewidth=1)
+    axis.set_xlabel("hidden_states index (H[k])")
+    axis.set_ylabel("linear probe accuracy (%)")
+    axis.set_ylim(0, 100)
+    axis.set_title("Lab encoder: what each layer holds (dotted: chance)")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+def run_lab(config: LabConfig) -> dict[str, Any]:
+    """Run the lab; returns what it measured and writes ``results.json``, ``results.md``,
+    ``accuracy.png`` and ``encoder_probe.png`` into ``config.output_dir``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.num_threads)
+    try:
+        return _run_lab(config)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_lab(config: LabConfig) -> dict[str, Any]:
+    from mmconnect.integrations.demo import _all_texts, build_word_tokenizer, train_connector
+    from mmconnect.integrations.synthetic import write_synthetic_vqa
+
+    output = Path(config.output_dir)
+    started = time.monotonic()
+    started_cpu = time.process_time()
+    files = write_synthetic_vqa(
+        output / "data",
+        num_train=config.num_train_images,
+        num_eval=config.num_eval_images,
+        image_size=config.encoder.image_size,
+        seed=config.data_seed,
+        overwrite=True,
+    )
+    tokenizer = build_word_tokenizer(
+        _all_texts([files.stage1, files.stage2, files.eval], ["plain", "vicuna_v1"])
+    )
+
+    encoder_started = time.monotonic()
+    encoder = pretrain_encoder(config.encoder, show_progress=config.show_progress)
+    encoder_dir = output / "encoder"
+    encoder.model.save_pretrained(encoder_dir)
+    data = probe_data(encoder.model, config.encoder)
+    probe = {
+        "colour": probe_accuracy(data.features, data.colour, data.train),
+        "shape": probe_accuracy(data.features, data.shape, data.train),
+    }
+    grid_side = config.encoder.grid_side
+    connectors = {
+        kind: lab_connector(
+            kind, vision_dim=config.encoder.width, llm_dim=config.llm_width, grid_side=grid_side
+        )
+        for kind in config.connectors
+    }
+    input_probe = connector_input_probes(data, connectors)
+    encoder_seconds = time.monotonic() - encoder_started
+
+    runs: dict[str, dict[str, dict[str, Any]]] = {kind: {} for kind in config.connectors}
+    visual_tokens: dict[str, int] = {}
+    runs_started = time.monotonic()
+    for seed in config.seeds:
+        demo = config.demo_config(seed, encoder_dir)
+        for kind, connector in connectors.items():
+            run_started = time.monotonic()
+            entry = train_connector(kind, demo, tokenizer, files, connector=connector)
+            entry["seconds"] = round(time.monotonic() - run_started, 1)
+            entry["connector"] = connector.to_dict()
+            visual_tokens[kind] = entry["visual_tokens"]
+            runs[kind][str(seed)] = entry
+    eval_records = json.loads(Path(files.eval).read_text())
+    question_counts: dict[str, int] = {}
+    for record in eval_records:
+        question_counts[record["question_type"]] = (
+            question_counts.get(record["question_type"], 0) + 1
+        )
+    results: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "config": config.to_dict(),
+        "presets": {kind: LAB_PRESETS[kind] for kind in config.connectors},
+        "visual_tokens": visual_tokens,
+        "num_eval_questions": len(eval_records),
+        "eval_question_counts": question_counts,
+        "encoder": {
+            "shape_accuracy": encoder.shape_accuracy,
+            "object_shape_accuracy": encoder.object_shape_accuracy,
+            "losses": encoder.losses,
+            "probe": probe,
+            "connector_input_probe": input_probe,
+            "checkpoint": str(encoder_dir),
+        },
+        "runs": runs,
+        "summary": summarize(runs),
+        "seconds": {
+            "encoder": round(encoder_seconds, 1),
+            "runs": round(time.monotonic() - runs_started, 1),
+            "total": round(time.monotonic() - started, 1),
+            # CPU time of this process: with one thread, what the wall time would be on an idle
+            # core; far below the wall time when other processes share the cores.
+            "total_cpu": round(time.process_time() - started_cpu, 1),
+        },
+    }
+    (output / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (output / "results.md").write_text(results_markdown(results))
+    plot_accuracy(results, output / "accuracy.png")
+    plot_probe(probe, output / "encoder_probe.png")
+    return results

@@ -1,0 +1,320 @@
+"""The connector lab: configs, presets, statistics, the encoder's data and probes, the quick run."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import statistics
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mmconnect import ConnectorConfig, DenseConnector
+from mmconnect.cli import main
+from mmconnect.integrations.lab import (
+    LAB_PRESETS,
+    LabConfig,
+    lab_connector,
+    quick_config,
+    summarize,
+)
+from mmconnect.integrations.lab_encoder import (
+    MIN_PATCH_COVERAGE,
+    EncoderPretraining,
+    image_processor,
+    linear_probe,
+    object_masks,
+    patch_labels,
+    probe_layers,
+    recoloured_batch,
+)
+from mmconnect.integrations.synthetic import SceneSpec, sample_scene
+
+QUESTION_TYPES = {"colour", "count", "position", "shape", "all"}
+
+# ---------------------------------------------------------------------------- configs
+
+
+@pytest.mark.parametrize(
+    ("changes", "error", "message"),
+    [
+        ({"connectors": ("baseline", "mlp")}, ValueError, "unknown lab connector 'mlp'; choose"),
+        ({"connectors": ()}, ValueError, "connectors must name at least one connector"),
+        ({"connectors": ("dci", "dci")}, ValueError, "connectors must be distinct"),
+        ({"seeds": ()}, ValueError, "seeds must hold at least one seed"),
+        ({"seeds": (0, 0)}, ValueError, r"seeds must be distinct, got \(0, 0\)"),
+        ({"seeds": (0, "1")}, TypeError, "seeds must be ints, got '1'"),
+        ({"seeds": 3}, TypeError, "seeds must be a tuple, got 3"),
+        ({"stage2_steps": 0}, ValueError, "stage2_steps must be an int >= 1, got 0"),
+        ({"stage1_learning_rate": 0.0}, ValueError, "stage1_learning_rate must be positive"),
+        (
+            {"encoder": EncoderPretraining(blocks=12)},
+            ValueError,
+            "encoder.blocks=12: the CLIP-L/336 presets the lab runs read a 24-block tower",
+        ),
+    ],
+)
+def test_lab_config_refuses_bad_input(changes, error, message):
+    with pytest.raises(error, match=message):
+        LabConfig(**changes)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"image_size": 60}, "image_size=60 must be a multiple of patch_size=8"),
+        ({"width": 30}, "width=30 must be a multiple of heads=4"),
+        ({"steps": 0}, "steps must be an int >= 1, got 0"),
+        ({"probe_images": 4}, "probe_images must be an int >= 8, got 4"),
+        ({"invariance_layer": 25}, r"invariance_layer=25 must index hidden_states .*\(-25..24\)"),
+        ({"invariance_weight": -1.0}, "invariance_weight must be >= 0"),
+    ],
+)
+def test_encoder_pretraining_refuses_bad_input(changes, message):
+    with pytest.raises(ValueError, match=message):
+        EncoderPretraining(**changes)
+
+
+def test_demo_config_of_a_seed_is_the_same_for_every_connector(tmp_path):
+    config = LabConfig(output_dir=str(tmp_path), seeds=(3, 4))
+    demo = config.demo_config(4, tmp_path / "encoder")
+    assert demo.seed == 4 and demo.vision_path == str(tmp_path / "encoder")
+    assert (demo.stage1_steps, demo.stage2_steps, demo.batch_size) == (40, 320, 8)
+    assert demo.output_dir == str(tmp_path / "runs" / "seed-4")
+    assert demo.connectors == tuple(LAB_PRESETS)
+
+
+def test_quick_config_takes_overrides_and_checks_them():
+    config = quick_config(seeds=(4,), connectors=("dci",))
+    assert (config.seeds, config.connectors, config.encoder.blocks) == ((4,), ("dci",), 24)
+    with pytest.raises(ValueError, match="unknown lab connector 'mlp'"):
+        quick_config(connectors=("mlp",))
+
+
+def test_cli_lab_refuses_bad_input_before_any_work(tmp_path, capsys):
+    run = ["lab", "--quick", "--output", str(tmp_path / "out")]
+    assert main([*run, "--connectors", "baseline,mlp"]) == 2
+    assert "mmconnect lab: unknown lab connector 'mlp'" in capsys.readouterr().err
+    assert main([*run, "--seeds", ""]) == 2
+    assert "seeds must hold at least one seed" in capsys.readouterr().err
+    assert main([*run, "--seeds", "0,x"]) == 2
+    assert "--seeds must be comma-separated ints, got '0,x'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------- connectors
+
+
+@pytest.mark.parametrize(
+    ("kind", "tokens", "fused"),
+    [
+        ("baseline", 64, 48),
+        ("sti", 80, 48),
+        ("sci", 64, 144),
+        ("dci", 64, 144),
+        ("dci-efficient", 16, 144),
+    ],
+)
+def test_lab_connectors_are_the_clip_l_presets_at_the_lab_width(kind, tokens, fused):
+    config = lab_connector(kind, vision_dim=48, llm_dim=96, grid_side=8)
+    preset = ConnectorConfig.from_preset(LAB_PRESETS[kind], vision_dim=48, llm_dim=96)
+    # Only the efficient grid changes: 24x24 -> 12x12 there, 8x8 -> 4x4 here.
+    expected = preset.to_dict() | ({"resample_grid": [4, 4]} if kind == "dci-efficient" else {})
+    assert config.to_dict() == expected
+    with torch.device("meta"):
+        connector = DenseConnector(config)
+    assert connector.num_tokens((8, 8)) == tokens
+    assert connector.fused_dim == fused
+
+
+def test_lab_connector_refuses_an_unknown_name():
+    with pytest.raises(
+        ValueError, match="unknown lab connector 'mlp2x'; choose from baseline, sti"
+    ):
+        lab_connector("mlp2x", vision_dim=48, llm_dim=96, grid_side=8)
+
+
+def test_every_connector_of_a_seed_starts_from_the_same_llm(tmp_path):
+    from mmconnect.integrations.demo import DemoConfig, build_demo_model, build_word_tokenizer
+
+    tokenizer = build_word_tokenizer(["What colour is the circle ? red blue"])
+    demo = DemoConfig(
+        output_dir=str(tmp_path), seed=7, vision_width=16, vision_blocks=24, llm_width=32
+    )
+    states = []
+    for kind in LAB_PRESETS:
+        connector = lab_connector(kind, vision_dim=16, llm_dim=32, grid_side=8)
+        model = build_demo_model(kind, demo, tokenizer, connector=connector)
+        assert model.connector.config == connector
+        states.append({**model.model.language_model.state_dict(), **model.lm_head.state_dict()})
+    for state in states[1:]:
+        assert state.keys() == states[0].keys()
+        for key, value in state.items():
+            assert torch.equal(value, states[0][key]), key
+
+
+# ---------------------------------------------------------------------------- statistics
+
+
+def test_summarize_gives_the_mean_and_sample_std_over_seeds():
+    runs = {
+        "dci": {
+            "0": {"accuracy": {"all": 0.5, "colour": 0.25}},
+            "1": {"accuracy": {"all": 0.75, "colour": 0.5}},
+            "2": {"accuracy": {"all": 1.0, "colour": 0.0}},
+        },
+        "baseline": {"5": {"accuracy": {"all": 0.125}}},
+    }
+    summary = summarize(runs)
+    assert summary["dci"]["all"] == {"values": [0.5, 0.75, 1.0], "mean": 0.75, "std": 0.25}
+    assert summary["dci"]["colour"] == {"values": [0.25, 0.5, 0.0], "mean": 0.25, "std": 0.25}
+    assert summary["baseline"] == {"all": {"values": [0.125], "mean": 0.125, "std": None}}
+
+
+def test_summarize_refuses_runs_with_different_question_types():
+    runs = {"sci": {"0": {"accuracy": {"all": 0.5, "count": 1.0}}, "1": {"accuracy": {"all": 0.5}}}}
+    with pytest.raises(
+        ValueError, match=r"connector 'sci': the runs of seeds \['1'\] have no 'count'"
+    ):
+        summarize(runs)
+
+
+# ---------------------------------------------------------------------------- encoder data
+
+
+def test_patch_labels_mark_covered_patches_with_their_shape_and_owner():
+    spec = SceneSpec()
+    for seed in range(20):
+        scene = sample_scene(random.Random(seed), spec)
+        masks = object_masks(scene, 64)
+        shape, owner = patch_labels(scene, masks, 8, spec.shapes)
+        assert shape.shape == owner.shape == (64,)
+        for index, obj in enumerate(scene.objects):
+            blocks = masks[index].reshape(8, 8, 8, 8).mean(axis=(1, 3)).reshape(64)
+            full = np.flatnonzero(blocks == 1.0)  # patches inside the object: always its own
+            assert (owner[full] == index).all() and (
+                shape[full] == 1 + spec.shapes.index(obj.shape)
+            ).all()
+        coverage = masks.reshape(len(masks), 8, 8, 8, 8).mean(axis=(2, 4)).reshape(len(masks), 64)
+        background = coverage.max(axis=0) < MIN_PATCH_COVERAGE
+        assert (shape[background] == 0).all() and (owner[background] == -1).all()
+        assert (shape[~background] > 0).all()
+
+
+def test_recoloured_views_share_the_layout_and_differ_in_colour():
+    config = EncoderPretraining(batch_size=3)
+    pixels, labels = recoloured_batch(random.Random(0), config, image_processor(64), SceneSpec())
+    assert pixels.shape == (6, 3, 64, 64) and labels.shape == (3, 64)
+    white = pixels[:1].amax(dim=(0, 2, 3))  # the background is the brightest pixel of every image
+    objects = (pixels < white[None, :, None, None] - 1e-4).any(dim=1)  # [6, 64, 64]
+    assert torch.equal(objects[:3], objects[3:])
+    assert not torch.allclose(pixels[:3], pixels[3:])
+
+
+def test_linear_probe_separates_separable_classes_and_not_noise():
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(600) % 3
+    centres = torch.randn(3, 8, generator=generator) * 4
+    features = centres[labels] + torch.randn(600, 8, generator=generator)
+    assert linear_probe(features[:450], labels[:450], features[450:], labels[450:]) == 1.0
+    noise = torch.randn(600, 8, generator=generator)
+    assert linear_probe(noise[:450], labels[:450], noise[450:], labels[450:]) < 0.5
+    # Several probes fitted together give each one's own result.
+    both = linear_probe(
+        torch.stack([features[:450], noise[:450]]),
+        labels[:450],
+        torch.stack([features[450:], noise[450:]]),
+        labels[450:],
+    )
+    alone = linear_probe(noise[:450], labels[:450], noise[450:], labels[450:])
+    assert both[0] == 1.0 and abs(float(both[1]) - float(alone)) <= 0.02
+
+
+def test_probe_layers_reports_every_hidden_state():
+    from transformers import CLIPVisionModel
+
+    config = EncoderPretraining(width=16, heads=2, blocks=3, probe_images=16)
+    torch.manual_seed(0)
+    model = CLIPVisionModel(config.vision_config()).eval()
+    probe = probe_layers(model, config)
+    assert set(probe) == {"colour", "shape"}
+    assert len(probe["colour"]) == len(probe["shape"]) == 4  # H[0..3]
+    assert all(0.0 <= value <= 1.0 for values in probe.values() for value in values)
+    assert probe["colour"][0] > 0.5  # flat colours are linear in the patch embedding; chance 1/6
+
+
+# ---------------------------------------------------------------------------- the quick run
+
+
+@pytest.fixture(scope="module")
+def quick_lab(tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("lab")
+    assert main(["lab", "--quick", "--output", str(output)]) == 0
+    return output
+
+
+@pytest.mark.slow
+def test_quick_lab_reports_every_connector_seed_and_question_type(quick_lab):
+    results = json.loads((quick_lab / "results.json").read_text())
+    assert results["config"]["seeds"] == [0, 1]
+    assert list(results["runs"]) == list(LAB_PRESETS) == list(results["summary"])
+    assert results["visual_tokens"] == {
+        "baseline": 16,
+        "sti": 20,
+        "sci": 16,
+        "dci": 16,
+        "dci-efficient": 4,
+    }  # 48 px / patch 12 in the quick budget
+    for kind, by_seed in results["runs"].items():
+        assert list(by_seed) == ["0", "1"]
+        for run in by_seed.values():
+            assert set(run["accuracy"]) == QUESTION_TYPES
+            assert all(0.0 <= value <= 1.0 for value in run["accuracy"].values())
+        for question_type in QUESTION_TYPES:
+            values = [by_seed[seed]["accuracy"][question_type] for seed in ("0", "1")]
+            entry = results["summary"][kind][question_type]
+            assert entry["values"] == values
+            assert entry["mean"] == pytest.approx(statistics.fmean(values), abs=1e-12)
+            assert entry["std"] == pytest.approx(statistics.stdev(values), abs=1e-12)
+    encoder = results["encoder"]
+    assert len(encoder["probe"]["colour"]) == len(encoder["probe"]["shape"]) == 25
+    assert 0.0 <= encoder["shape_accuracy"] <= 1.0
+
+
+@pytest.mark.slow
+def test_quick_lab_gives_every_connector_the_same_budget(quick_lab):
+    results = json.loads((quick_lab / "results.json").read_text())
+    for seed in ("0", "1"):
+        budgets = []
+        for kind, by_seed in results["runs"].items():
+            run = by_seed[seed]
+            stages = [
+                {key: value for key, value in stage.items() if key != "output_dir"}
+                for stage in run["stage_configs"]
+            ]
+            budgets.append(stages)
+            assert [stage["stage"] for stage in stages] == ["align", "instruct"]
+            assert stages[0]["seed"] == int(seed)
+            assert (
+                run["connector"]
+                == lab_connector(kind, vision_dim=16, llm_dim=32, grid_side=4).to_dict()
+            )
+        assert all(budget == budgets[0] for budget in budgets)
+        assert budgets[0][0]["max_steps"] == 2 and budgets[0][1]["max_steps"] == 3
+
+
+@pytest.mark.slow
+def test_quick_lab_writes_the_markdown_table_and_charts(quick_lab):
+    markdown = (quick_lab / "results.md").read_text()
+    results = json.loads((quick_lab / "results.json").read_text())
+    for kind in LAB_PRESETS:
+        entry = results["summary"][kind]["all"]
+        cell = f"{100 * entry['mean']:.1f} ± {100 * entry['std']:.1f}"
+        row = next(line for line in markdown.splitlines() if line.startswith(f"| {kind} |"))
+        assert row.endswith(f"| {cell} |"), row
+    assert re.search(r"\| colour \| [\d.]+ \|", markdown)  # the probe table
+    for name in ("accuracy.png", "encoder_probe.png"):
+        assert (quick_lab / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
