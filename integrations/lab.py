@@ -355,6 +355,15 @@ def input_probe_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _cpu_clause(results: dict[str, Any]) -> str:
+    if "total_cpu" not in results["seconds"]:  # written before the lab recorded it
+        return ""
+    return (
+        f"; CPU time of the process {results['seconds']['total_cpu']:.0f} s with "
+        f"{results['config']['num_threads']} thread(s)"
+    )
+
+
 def results_markdown(results: dict[str, Any]) -> str:
     """``results.md``: the accuracy table, the encoder's probes, the budget and the time."""
     config = results["config"]
@@ -398,9 +407,7 @@ def results_markdown(results: dict[str, Any]) -> str:
             "",
             f"Wall time: {results['seconds']['total']:.0f} s (encoder "
             f"{results['seconds']['encoder']:.0f} s, connector runs "
-            f"{results['seconds']['runs']:.0f} s); CPU time of the process "
-            f"{results['seconds'].get('total_cpu', float('nan')):.0f} s with "
-            f"{config['num_threads']} thread(s).",
+            f"{results['seconds']['runs']:.0f} s){_cpu_clause(results)}.",
             "",
         ]
     )
