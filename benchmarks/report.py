@@ -127,13 +127,20 @@ def _gpu_paragraph(gpu: Run | None) -> str:
     )
 
 
-def render(cpu: Run, gpu: Run | None = None, charts: dict[str, str] | None = None) -> str:
+def render(
+    cpu: Run,
+    gpu: Run | None = None,
+    charts: dict[str, str] | None = None,
+    note: str | None = None,
+) -> str:
     """The Markdown page: machine, commands, then one section per group ``cpu`` holds.
 
     Args:
         cpu: the CPU run (its ratios and absolute figures fill the tables).
         gpu: an optional GPU run of the same suite (its absolute figures are added).
         charts: ``group -> image link`` (relative to the page) of charts to show.
+        note: what the person who ran the suite says about the run (e.g. other load on the
+            machine), shown under the machine line.
 
     Raises:
         ValueError: ``cpu`` holds none of the suite's groups, or a group lacks its baseline.
@@ -154,6 +161,7 @@ def render(cpu: Run, gpu: Run | None = None, charts: dict[str, str] | None = Non
         f"**CPU run:** {cpu.describe()}, size `{cpu.size}`. Every ratio compares two figures "
         "measured in the same run: machines are noisy, only ratios carry over between them.",
         "",
+        *([f"> **Note on this run:** {note}", ""] if note else []),
         _gpu_paragraph(gpu),
         "",
         "Regenerate:",
@@ -178,9 +186,11 @@ def write_report(
     images: Path | None = None,
     allow_tiny: bool = False,
     charts: bool = True,
+    note: str | None = None,
 ) -> list[Path]:
     """Render ``results`` (and ``gpu_results``) into ``markdown`` and PNG charts in ``images``
-    (default: ``images/`` beside ``markdown``; no charts when ``charts`` is false).
+    (default: ``images/`` beside ``markdown``; no charts when ``charts`` is false), with an
+    optional ``note`` about the run under the machine line.
 
     Returns:
         The written files: the Markdown page, then the charts.
@@ -209,7 +219,7 @@ def write_report(
         for group, path in written.items()
     }
     markdown.parent.mkdir(parents=True, exist_ok=True)
-    markdown.write_text(render(cpu, gpu, links))
+    markdown.write_text(render(cpu, gpu, links, note))
     return [markdown, *written.values()]
 
 
@@ -223,6 +233,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--images", type=Path, help="chart directory (default: images/ beside)")
     parser.add_argument("--allow-tiny", action="store_true", help="render a tiny-size run")
     parser.add_argument("--no-charts", action="store_true", help="write the Markdown page only")
+    parser.add_argument("--note", help="a remark about the run, shown under the machine line")
     arguments = parser.parse_args(argv)
     try:
         written = write_report(
@@ -232,6 +243,7 @@ def main(argv: list[str]) -> int:
             images=arguments.images,
             allow_tiny=arguments.allow_tiny,
             charts=not arguments.no_charts,
+            note=arguments.note,
         )
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

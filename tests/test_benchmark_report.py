@@ -208,6 +208,13 @@ def test_page_without_gpu_says_so(tmp_path):
     assert "(NVIDIA" not in text
 
 
+def test_note_on_the_run_sits_under_the_machine_line():
+    text = report.render(load_run(_results()), note="measured while other jobs ran")
+    machine = text.index("**CPU run:**")
+    assert text.index("> **Note on this run:** measured while other jobs ran") > machine
+    assert "Note on this run" not in report.render(load_run(_results()))
+
+
 def test_refusals(tmp_path):
     tiny = _results()
     for entry in tiny["benchmarks"]:
