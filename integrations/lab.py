@@ -250,6 +250,30 @@ def connector_input_probes(
     return results
 
 
+def text_prior_accuracy(stage2: str | Path, evaluation: str | Path) -> dict[str, float]:
+    """Accuracy of answering without looking: per held-out question, the most frequent answer to
+    the same question text in the stage-2 training conversations (first seen wins a tie; a text
+    never asked in training counts as wrong). What an LLM that ignores the image can learn.
+
+    Returns:
+        ``{question type | "all": fraction}``, as :func:`~mmconnect.integrations.demo.
+        answer_accuracy`.
+    """
+    answers: dict[str, dict[str, int]] = {}
+    for record in json.loads(Path(stage2).read_text()):
+        turns = record["conversations"]
+        for human, gpt in zip(turns[0::2], turns[1::2], strict=True):
+            counts = answers.setdefault(human["value"].removeprefix("<image>\n"), {})
+            counts[gpt["value"]] = counts.get(gpt["value"], 0) + 1
+    right: dict[str, list[bool]] = {}
+    for record in json.loads(Path(evaluation).read_text()):
+        counts = answers.get(record["conversations"][0]["value"].removeprefix("<image>\n"), {})
+        guess = max(counts, key=counts.get) if counts else None  # max keeps the first of ties
+        for key in (record["question_type"], "all"):
+            right.setdefault(key, []).append(guess == record["answer"])
+    return {key: sum(values) / len(values) for key, values in sorted(right.items())}
+
+
 # ---------------------------------------------------------------------------- statistics
 
 
@@ -313,6 +337,9 @@ def accuracy_table(results: dict[str, Any]) -> str:
         cells = [_cell(entry[t]) if t in entry else "–" for t in types]
         tokens = results["visual_tokens"][kind]
         lines.append(f"| {kind} | `{LAB_PRESETS[kind]}` | {tokens} | " + " | ".join(cells) + " |")
+    if "text_prior" in results:
+        cells = [f"{100 * results['text_prior'][t]:.1f}" for t in types]
+        lines.append("| text-only prior | no image | 0 | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -436,6 +463,11 @@ def plot_accuracy(results: dict[str, Any], path: str | Path) -> None:
         for offset, entry in zip(offsets, entries, strict=True):
             values = [100 * value for value in entry["values"]]
             axis.plot([offset] * len(values), values, "k.", markersize=3)
+    if "text_prior" in results:  # what answering without the image reaches
+        for position, question_type in enumerate(types):
+            level = 100 * results["text_prior"][question_type]
+            label = "text-only prior" if position == 0 else None
+            axis.hlines(level, position - 0.45, position + 0.45, "k", "dashed", label=label)
     axis.set_xticks(range(len(types)), types)
     axis.set_ylabel("held-out exact-answer accuracy (%)")
     axis.set_ylim(0, 100)
@@ -544,6 +576,7 @@ def _run_lab(config: LabConfig) -> dict[str, Any]:
         "presets": {kind: LAB_PRESETS[kind] for kind in config.connectors},
         "visual_tokens": visual_tokens,
         "num_eval_questions": len(eval_records),
+        "text_prior": text_prior_accuracy(files.stage2, files.eval),
         "eval_question_counts": question_counts,
         "encoder": {
             "shape_accuracy": encoder.shape_accuracy,

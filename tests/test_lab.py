@@ -20,6 +20,7 @@ from mmconnect.integrations.lab import (
     lab_connector,
     quick_config,
     summarize,
+    text_prior_accuracy,
 )
 from mmconnect.integrations.lab_encoder import (
     MIN_PATCH_COVERAGE,
@@ -44,6 +45,7 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
 
 # ---------------------------------------------------------------------------- configs
 
@@ -192,6 +194,40 @@ def test_summarize_refuses_runs_with_different_question_types():
         summarize(runs)
 
 
+def test_text_prior_answers_each_question_with_its_most_frequent_training_answer(tmp_path):
+    def turn(human, gpt):
+        return [{"from": "human", "value": human}, {"from": "gpt", "value": gpt}]
+
+    colour, count = "What colour is the circle? Answer.", "How many objects are there? Answer."
+    stage2 = [
+        {"id": "a", "conversations": turn(f"<image>\n{colour}", "red") + turn(count, "two")},
+        {"id": "b", "conversations": turn(f"<image>\n{colour}", "blue")},
+        {"id": "c", "conversations": turn(f"<image>\n{count}", "one") + turn(colour, "blue")},
+    ]
+    evaluation = [
+        {
+            "question_type": "colour",
+            "answer": "blue",
+            "conversations": turn(f"<image>\n{colour}", "blue"),
+        },
+        {
+            "question_type": "count",
+            "answer": "one",
+            "conversations": turn(f"<image>\n{count}", "one"),
+        },
+        {
+            "question_type": "position",
+            "answer": "top",
+            "conversations": turn("<image>\nWhere?", "top"),
+        },
+    ]
+    (tmp_path / "stage2.json").write_text(json.dumps(stage2))
+    (tmp_path / "eval.json").write_text(json.dumps(evaluation))
+    accuracy = text_prior_accuracy(tmp_path / "stage2.json", tmp_path / "eval.json")
+    # colour: blue 2 of 3; count: a 1-1 tie, the first seen ("two") wins; "Where?" never seen.
+    assert accuracy == {"all": 1 / 3, "colour": 1.0, "count": 0.0, "position": 0.0}
+
+
 # ---------------------------------------------------------------------------- encoder data
 
 
@@ -289,7 +325,11 @@ def test_quick_lab_reports_every_connector_seed_and_question_type(quick_lab):
             assert entry["values"] == values
             assert entry["mean"] == pytest.approx(statistics.fmean(values), abs=1e-12)
             assert entry["std"] == pytest.approx(statistics.stdev(values), abs=1e-12)
+    assert set(results["text_prior"]) == QUESTION_TYPES
     encoder = results["encoder"]
+    assert set(encoder["connector_input_probe"]) == set(LAB_PRESETS)
+    assert encoder["connector_input_probe"]["sti"] is None
+    assert encoder["connector_input_probe"]["dci-efficient"] is None
     assert len(encoder["probe"]["colour"]) == len(encoder["probe"]["shape"]) == 25
     assert 0.0 <= encoder["shape_accuracy"] <= 1.0
 
