@@ -446,9 +446,11 @@ def linear_probe(
     """Test accuracy of multinomial logistic regression on standardised features.
 
     Args:
-        train_x, test_x: ``[samples, features]``, or ``[probes, samples, features]`` for several
+        train_x: ``[samples, features]``, or ``[probes, samples, features]`` for several
             independent probes (e.g. one per layer) with the same labels, fitted together.
-        train_y, test_y: ``[samples]`` class indices.
+        train_y: ``[samples]`` class indices.
+        test_x: held-out features, shaped as ``train_x``.
+        test_y: ``[samples]`` held-out class indices.
         l2: weight of the squared-norm penalty on the weights (per sample).
 
     Returns:
