@@ -153,6 +153,41 @@ class CheckedLoadingMixin:
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
 
+class FixedImageTokensMixin:
+    """For Dense base models whose every image fills the same number of ``<image>`` tokens
+    (``image_tokens_per_image()``): the prompt's count is checked before any tensor work.
+    ``processor_name`` names the processor that builds matching prompts."""
+
+    processor_name: str
+
+    def check_image_tokens(
+        self, input_ids: Tensor | None, pixel_values: Tensor | None, image_sizes: Any = None
+    ) -> None:
+        """The prompt's image tokens must equal what the images fill (``image_sizes`` is for
+        AnyRes models and not used here).
+
+        Raises:
+            ValueError: naming both counts.
+        """
+        if input_ids is None or pixel_values is None:
+            return
+        found = int((input_ids == self.config.image_token_id).sum())
+        images = pixel_values.shape[0]
+        per_image = self.image_tokens_per_image()
+        if found != images * per_image:
+            raise ValueError(
+                f"the prompt holds {found} image tokens but {images} image(s) fill "
+                f"{images * per_image} ({per_image} per image with this connector); build the "
+                f"prompt with {self.processor_name} so the counts agree"
+            )
+
+    def forward(
+        self, input_ids: Tensor | None = None, pixel_values: Tensor | None = None, **kwargs: Any
+    ):
+        self.check_image_tokens(input_ids, pixel_values)
+        return super().forward(input_ids=input_ids, pixel_values=pixel_values, **kwargs)
+
+
 class DenseGenerationMixin(CheckedLoadingMixin):
     """For the ``...ForConditionalGeneration`` classes: the Dense base model, ``connector`` and a
     checked ``generate``. Subclasses name their base model class in ``base_model_class``."""
@@ -189,6 +224,19 @@ class DenseGenerationMixin(CheckedLoadingMixin):
 _CONNECTOR_PREFIXES = ("model.multi_modal_projector.", "multi_modal_projector.")
 
 
+def safetensors_files(directory: str | os.PathLike) -> list[Path]:
+    """The safetensors files of an HF checkpoint directory (``model.safetensors`` or the shards
+    of its index); empty when it holds none."""
+    directory = Path(directory)
+    index = directory / SAFE_WEIGHTS_INDEX_NAME
+    if index.is_file():
+        names = json.loads(index.read_text())["weight_map"].values()
+        return sorted({directory / name for name in names})
+    if (directory / SAFE_WEIGHTS_NAME).is_file():
+        return [directory / SAFE_WEIGHTS_NAME]
+    return []
+
+
 def check_checkpoint_connector(directory: str | os.PathLike, connector: ConnectorConfig) -> None:
     """Check the connector weights saved in ``directory`` against ``connector`` before loading.
 
@@ -200,14 +248,8 @@ def check_checkpoint_connector(directory: str | os.PathLike, connector: Connecto
         ValueError: a connector weight is missing, unexpected or has another shape (all listed,
             with the connector config's fusion and widths).
     """
-    directory = Path(directory)
-    index = directory / SAFE_WEIGHTS_INDEX_NAME
-    if index.is_file():
-        names = json.loads(index.read_text())["weight_map"].values()
-        files = sorted({directory / name for name in names})
-    elif (directory / SAFE_WEIGHTS_NAME).is_file():
-        files = [directory / SAFE_WEIGHTS_NAME]
-    else:
+    files = safetensors_files(directory)
+    if not files:
         return
     saved: dict[str, tuple[int, ...]] = {}
     fingerprint: int | None = None

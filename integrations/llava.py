@@ -40,6 +40,7 @@ from mmconnect.integrations.hf_dense import (
     CheckedLoadingMixin,
     ConnectorConfigMixin,
     DenseGenerationMixin,
+    FixedImageTokensMixin,
     attach_connector,
     check_connector_fits,
     checked_grid,
@@ -75,10 +76,11 @@ class DenseLlavaConfig(ConnectorConfigMixin, LlavaConfig):
 # ---------------------------------------------------------------------------- model
 
 
-class DenseLlavaModel(CheckedLoadingMixin, LlavaModel):
+class DenseLlavaModel(FixedImageTokensMixin, CheckedLoadingMixin, LlavaModel):
     """HF ``LlavaModel`` whose ``multi_modal_projector`` is a :class:`mmconnect.DenseConnector`."""
 
     config_class = DenseLlavaConfig
+    processor_name = "DenseLlavaProcessor"
 
     def __init__(self, config: DenseLlavaConfig) -> None:
         LlavaPreTrainedModel.__init__(
@@ -124,33 +126,6 @@ class DenseLlavaModel(CheckedLoadingMixin, LlavaModel):
         features = tap(pixel_values.to(self.vision_tower.dtype))
         image_features = self.connector(features, grid)
         return BaseModelOutputWithPooling(pooler_output=list(image_features))
-
-    def check_image_tokens(
-        self, input_ids: Tensor | None, pixel_values: Tensor | None, image_sizes: Any = None
-    ) -> None:
-        """Before any tensor work: the prompt's image tokens must equal what the images fill
-        (``image_sizes`` is for AnyRes models and not used here).
-
-        Raises:
-            ValueError: naming both counts.
-        """
-        if input_ids is None or pixel_values is None:
-            return
-        found = int((input_ids == self.config.image_token_id).sum())
-        images = pixel_values.shape[0]
-        expected = images * self.image_tokens_per_image()
-        if found != expected:
-            raise ValueError(
-                f"the prompt holds {found} image tokens but {images} image(s) fill {expected} "
-                f"({self.image_tokens_per_image()} per image with this connector); build the prompt "
-                "with DenseLlavaProcessor so the counts agree"
-            )
-
-    def forward(
-        self, input_ids: Tensor | None = None, pixel_values: Tensor | None = None, **kwargs: Any
-    ):
-        self.check_image_tokens(input_ids, pixel_values)
-        return super().forward(input_ids=input_ids, pixel_values=pixel_values, **kwargs)
 
 
 class DenseLlavaForConditionalGeneration(DenseGenerationMixin, LlavaForConditionalGeneration):

@@ -22,7 +22,6 @@ Examples:
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,6 @@ from transformers import AutoModel, LlavaConfig, LlavaForConditionalGeneration, 
 from transformers.image_utils import get_image_size, to_numpy_array
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava.modeling_llava import LlavaPreTrainedModel
-from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from mmconnect import ConnectorConfig, DenseConnector
 from mmconnect.connector import count_output_tokens
@@ -43,11 +41,13 @@ from mmconnect.integrations.hf_dense import (
     CheckedLoadingMixin,
     ConnectorConfigMixin,
     DenseGenerationMixin,
+    FixedImageTokensMixin,
     attach_connector,
     check_connector_fits,
     native_grid,
     register_dense_model,
     reject_feature_layer,
+    safetensors_files,
 )
 from mmconnect.integrations.llava import DenseLlavaProcessor
 from mmconnect.integrations.mgm import (
@@ -157,7 +157,7 @@ def build_aux_encoder(spec: dict) -> nn.Module:
 # ---------------------------------------------------------------------------- model
 
 
-class DenseMGMModel(CheckedLoadingMixin, LlavaModel):
+class DenseMGMModel(FixedImageTokensMixin, CheckedLoadingMixin, LlavaModel):
     """HF ``LlavaModel`` with Mini-Gemini's dual-encoder vision path and a Dense Connector.
 
     Modules: ``vision_tower`` (CLIP, LR), ``vision_tower_aux`` (ConvNeXt, HR), ``mining``
@@ -166,6 +166,7 @@ class DenseMGMModel(CheckedLoadingMixin, LlavaModel):
     """
 
     config_class = DenseMGMConfig
+    processor_name = "DenseMGMProcessor"
     #: Modules the two-stage training treats as part of the connector (stage 1 trains them).
     modules_trained_with_connector = ("mining",)
 
@@ -242,32 +243,6 @@ class DenseMGMModel(CheckedLoadingMixin, LlavaModel):
         """The HR encoder's parameter dtype."""
         return next(self.vision_tower_aux.parameters()).dtype
 
-    def check_image_tokens(
-        self, input_ids: Tensor | None, pixel_values: Tensor | None, image_sizes: Any = None
-    ) -> None:
-        """The prompt's image tokens must equal what the images fill, checked before the towers run.
-
-        Raises:
-            ValueError: naming both counts.
-        """
-        if input_ids is None or pixel_values is None:
-            return
-        found = int((input_ids == self.config.image_token_id).sum())
-        images = pixel_values.shape[0]
-        expected = images * self.image_tokens_per_image()
-        if found != expected:
-            raise ValueError(
-                f"the prompt holds {found} image tokens but {images} image(s) fill {expected} "
-                f"({self.image_tokens_per_image()} per image: {self.config.num_views} view(s) with "
-                "this connector); build the prompt with DenseMGMProcessor so the counts agree"
-            )
-
-    def forward(
-        self, input_ids: Tensor | None = None, pixel_values: Tensor | None = None, **kwargs: Any
-    ):
-        self.check_image_tokens(input_ids, pixel_values)
-        return super().forward(input_ids=input_ids, pixel_values=pixel_values, **kwargs)
-
 
 class DenseMGMForConditionalGeneration(DenseGenerationMixin, LlavaForConditionalGeneration):
     """Mini-Gemini with a Dense Connector (``model_type="dense_mgm"``): loss, ``generate()``,
@@ -297,14 +272,8 @@ def check_checkpoint_mining(directory: Path, config: DenseMGMConfig) -> None:
         ValueError: mining weights are missing or have other shapes (e.g. a checkpoint saved with
             the other ``mining_placement``, or a LLaVA checkpoint without mining).
     """
-    index = directory / SAFE_WEIGHTS_INDEX_NAME
-    if index.is_file():
-        files = sorted(
-            {directory / n for n in json.loads(index.read_text())["weight_map"].values()}
-        )
-    elif (directory / SAFE_WEIGHTS_NAME).is_file():
-        files = [directory / SAFE_WEIGHTS_NAME]
-    else:
+    files = safetensors_files(directory)
+    if not files:
         return
     saved: dict[str, tuple[int, ...]] = {}
     for file in files:
