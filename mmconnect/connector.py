@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from mmconnect.checkpoint import (
     CONFIG_NAME,
     WEIGHTS_NAME,
-    prepare_directory,
+    atomic_save_directory,
     read_state_dict,
     write_state_dict,
 )
@@ -266,10 +266,19 @@ class DenseConnector(nn.Module):
         load_projector_weights(self.projector, source)
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write ``config.json`` and ``model.safetensors`` into ``directory``."""
-        directory = prepare_directory(directory)
-        self.config.save(directory / CONFIG_NAME)
-        write_state_dict(self.state_dict(), directory / WEIGHTS_NAME)
+        """Write ``config.json`` and ``model.safetensors`` into ``directory``, atomically.
+
+        Both files are written into a temporary sibling that then replaces ``directory``
+        (:func:`mmconnect.checkpoint.atomic_save_directory`): a save that fails midway leaves
+        the earlier checkpoint intact, and other files in ``directory`` are kept.
+
+        Raises:
+            ValueError: ``directory`` is a file or cannot be created.
+            OSError: writing failed (disk full, ...); ``directory`` is then unchanged.
+        """
+        with atomic_save_directory(directory) as staging:
+            self.config.save(staging / CONFIG_NAME)
+            write_state_dict(self.state_dict(), staging / WEIGHTS_NAME)
 
     @classmethod
     def from_pretrained(
