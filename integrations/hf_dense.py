@@ -12,20 +12,19 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from mmconnect import ConnectorConfig, DenseConnector, find_encoder_blocks
+from mmconnect.checkpoint import atomic_save_directory, open_safetensors, read_json
 from mmconnect.connector import FINGERPRINT_KEY, config_fingerprint, count_output_tokens
 
 logger = logging.getLogger(__name__)
@@ -144,13 +143,31 @@ def processor_connector(
 
 
 class CheckedLoadingMixin:
-    """``from_pretrained`` that checks a local checkpoint's connector before HF loads it."""
+    """``from_pretrained`` that checks a local checkpoint's connector before HF loads it, and an
+    atomic ``save_pretrained``."""
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any):
         """HF ``from_pretrained``; a local checkpoint's connector weights are checked first."""
         check_saved_connector(cls, pretrained_model_name_or_path, kwargs)
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, is_main_process: bool = True, **kwargs: Any
+    ) -> None:
+        """HF ``save_pretrained``, atomic: HF writes into a temporary sibling that then replaces
+        ``save_directory`` (:func:`mmconnect.checkpoint.atomic_save_directory`), so a save that
+        fails midway leaves the earlier checkpoint loadable and byte-identical, and files of
+        ``save_directory`` that the save does not rewrite (a processor, ``checkpoint-N/``) stay.
+
+        Saves that every rank takes part in (``distributed_checkpoint=True``), saves of other
+        ranks and ``push_to_hub`` (which names the Hub repository after the directory) are HF's
+        own, non-atomic path.
+        """
+        if not is_main_process or kwargs.get("push_to_hub") or kwargs.get("distributed_checkpoint"):
+            return super().save_pretrained(save_directory, is_main_process, **kwargs)
+        with atomic_save_directory(save_directory) as staging:
+            super().save_pretrained(staging, is_main_process, **kwargs)
 
 
 class FixedImageTokensMixin:
@@ -230,8 +247,10 @@ def safetensors_files(directory: str | os.PathLike) -> list[Path]:
     directory = Path(directory)
     index = directory / SAFE_WEIGHTS_INDEX_NAME
     if index.is_file():
-        names = json.loads(index.read_text())["weight_map"].values()
-        return sorted({directory / name for name in names})
+        weight_map = read_json(index, what="weights index").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"weights index {str(index)!r} has no weight_map object")
+        return sorted({directory / name for name in weight_map.values()})
     if (directory / SAFE_WEIGHTS_NAME).is_file():
         return [directory / SAFE_WEIGHTS_NAME]
     return []
@@ -254,7 +273,7 @@ def check_checkpoint_connector(directory: str | os.PathLike, connector: Connecto
     saved: dict[str, tuple[int, ...]] = {}
     fingerprint: int | None = None
     for file in files:
-        with safe_open(str(file), framework="pt") as handle:
+        with open_safetensors(file) as handle:
             for key in handle.keys():  # noqa: SIM118 (safe_open handles are not iterable)
                 prefix = next((p for p in _CONNECTOR_PREFIXES if key.startswith(p)), None)
                 if prefix is not None:
@@ -297,6 +316,8 @@ def check_saved_connector(model_class: type, path: Any, kwargs: dict[str, Any]) 
         return
     config = kwargs.get("config")
     if not isinstance(config, model_class.config_class):
+        if (directory / "config.json").is_file():  # not JSON / not UTF-8: say so, with the file
+            read_json(directory / "config.json", what="model config")
         config = model_class.config_class.from_pretrained(directory)
     connector = config.connector_config
     check_connector_fits(connector, config.vision_config, config.text_config)

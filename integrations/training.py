@@ -12,6 +12,17 @@ Because it is the HF Trainer, the same code runs on one CPU and under ``torchrun
 ``accelerate launch`` with DDP, FSDP or DeepSpeed. :func:`prepare_stage` logs which parameter
 groups train and how many parameters each holds.
 
+Checkpoints on disk:
+
+* the stage's final save is atomic (:func:`mmconnect.checkpoint.atomic_save_directory`): a re-run
+  that fails while saving leaves the earlier stage folder loadable and byte-identical, and the
+  ``checkpoint-N/`` folders and other files in it are kept;
+* every trainer checkpoint and the stage folder hold ``base_fingerprint.json``: the fingerprint
+  (:func:`base_fingerprint`) of the vision tower(s) and the LLM the stage started from. Resuming
+  checks the checkpoint first (:func:`check_resume_checkpoint`: a complete, readable Trainer
+  checkpoint of the same connector config) and refuses a model whose tower / LLM differ from the
+  one the checkpoint was trained on, unless ``StageConfig.allow_different_base``.
+
 Examples:
     >>> stage = StageConfig(stage="align", output_dir="runs/stage1")        # doctest: +SKIP
     >>> train_stage(model, dataset, collator, stage)                       # doctest: +SKIP
@@ -21,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +43,14 @@ from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from mmconnect import DenseConnector
+from mmconnect.checkpoint import (
+    atomic_save_directory,
+    check_torch_archive,
+    fingerprint_tensors,
+    open_safetensors,
+    read_json,
+    write_json,
+)
 from mmconnect.integrations.hf_dense import check_checkpoint_connector
 
 logger = logging.getLogger(__name__)
@@ -67,6 +87,10 @@ class StageConfig:
         connector_learning_rate: for the connector; ``None``: recipe default.
         lora: LoRA settings for stage 2, or ``None`` for full fine-tuning.
         train_vision_tower: unfreeze the vision tower (off in the published recipe).
+        allow_different_base: resume from a checkpoint although the model's vision tower or
+            LLM differ from the ones the checkpoint was trained on (their fingerprints in
+            ``base_fingerprint.json`` differ). Off: such a resume is refused, because a LoRA
+            checkpoint does not hold the base weights and would silently train on another base.
     """
 
     stage: Stage
@@ -90,6 +114,7 @@ class StageConfig:
     bf16: bool = False
     disable_tqdm: bool = False
     dataloader_num_workers: int = 0
+    allow_different_base: bool = False
     extra_training_arguments: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -330,18 +355,161 @@ class StageResult:
     output_dir: Path
 
 
-def check_resume_checkpoint(checkpoint: str | Path, model: nn.Module) -> None:
-    """Raise a clear error when ``checkpoint`` was made with another connector config.
+# ---------------------------------------------------------------------------- checkpoints
+
+#: Written into every trainer checkpoint and stage folder: the fingerprint of the base model.
+BASE_FINGERPRINT_NAME = "base_fingerprint.json"
+_TRAINER_STATE_NAME = "trainer_state.json"
+
+
+def _base_parts(model: nn.Module) -> dict[str, list[tuple[str, torch.Tensor]]]:
+    """The parameters of the vision tower(s) and the LLM (with its LM head) by part, named as
+    on a plain Dense model: a PEFT-wrapped model gives the same names (LoRA weights left out)."""
+    inner = _dense_model(model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    modules = {
+        "vision_tower": inner.vision_tower,
+        "language_model": inner.language_model,
+        "lm_head": base.get_output_embeddings(),
+    }
+    if hasattr(inner, "vision_tower_aux"):
+        modules["vision_tower_aux"] = inner.vision_tower_aux
+    parts: dict[str, list[tuple[str, torch.Tensor]]] = {}
+    for part, module in modules.items():
+        if module is None:
+            continue
+        parts[part] = [
+            (name.replace(".base_layer.", "."), parameter)
+            for name, parameter in module.named_parameters()
+            if "lora_" not in name
+        ]
+    return parts
+
+
+def base_fingerprint(model: nn.Module) -> dict[str, str]:
+    """``part -> fingerprint`` of the base a stage trains on: ``vision_tower`` (and
+    ``vision_tower_aux``), ``language_model`` and ``lm_head``; the connector is not part of it.
+
+    Each fingerprint (:func:`mmconnect.checkpoint.fingerprint_tensors`) covers the parameters'
+    names, shapes, dtypes and values, so the same base model loaded in another dtype has another
+    fingerprint. LoRA adapters are left out and PEFT's renaming undone, so a model gives the same
+    fingerprint before and after :func:`prepare_stage`.
+    """
+    return {part: fingerprint_tensors(named) for part, named in _base_parts(model).items()}
+
+
+def _write_base_fingerprint(directory: Path, fingerprint: dict[str, str]) -> None:
+    write_json(
+        {"format_version": 1, "base_fingerprint": fingerprint}, directory / BASE_FINGERPRINT_NAME
+    )
+
+
+class _BaseFingerprintCallback(TrainerCallback):
+    """Writes ``base_fingerprint.json`` into each trainer checkpoint once the Trainer saved it."""
+
+    def __init__(self, fingerprint: dict[str, str]) -> None:
+        self.fingerprint = fingerprint
+
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and checkpoint.is_dir():
+            _write_base_fingerprint(checkpoint, self.fingerprint)
+
+
+def _check_checkpoint_files(checkpoint: Path) -> None:
+    """A Trainer checkpoint must hold a readable ``trainer_state.json``; its ``torch.save`` files
+    (optimizer, scheduler, RNG states) and safetensors weights must be complete."""
+    state_file = checkpoint / _TRAINER_STATE_NAME
+    if not state_file.is_file():
+        raise FileNotFoundError(
+            f"resume checkpoint {str(checkpoint)!r} has no {_TRAINER_STATE_NAME}: it is not a "
+            "complete Trainer checkpoint (was the save interrupted?); resume from another "
+            "checkpoint-N folder"
+        )
+    read_json(state_file, what="trainer state")
+    for file in sorted(checkpoint.iterdir()):
+        if file.suffix in (".pt", ".pth"):
+            check_torch_archive(file)
+        elif file.suffix == ".safetensors":
+            with open_safetensors(file):
+                pass
+        elif file.name.endswith(".index.json"):
+            read_json(file, what="weights index")
+
+
+def check_resume_checkpoint(
+    checkpoint: str | Path,
+    model: nn.Module,
+    *,
+    allow_different_base: bool = False,
+    fingerprint: dict[str, str] | None = None,
+) -> None:
+    """Raise a clear error when ``checkpoint`` cannot be resumed onto ``model``.
+
+    Checked, before any training: the checkpoint is a complete Trainer checkpoint (a readable
+    ``trainer_state.json``; its optimizer / scheduler / RNG ``torch.save`` files and safetensors
+    weights not truncated); its connector weights fit ``model``'s connector config; and the
+    vision tower(s) and LLM of ``model`` are the ones the checkpoint was trained on (the
+    fingerprint in its ``base_fingerprint.json``, see :func:`base_fingerprint`). A checkpoint
+    without that file (written before fingerprints were recorded) is resumed with a warning.
+
+    Args:
+        checkpoint: a ``checkpoint-N`` folder written by :func:`train_stage`.
+        model: the model to resume, as given to :func:`train_stage` (or already prepared).
+        allow_different_base: accept a model whose tower / LLM fingerprint differs.
+        fingerprint: ``base_fingerprint(model)`` when already computed.
 
     Raises:
-        FileNotFoundError: the checkpoint directory does not exist.
-        ValueError: its connector weights or config fingerprint differ from ``model``'s connector.
+        FileNotFoundError: the checkpoint directory or its ``trainer_state.json`` does not exist.
+        ValueError: the checkpoint is a file, one of its files is truncated or corrupt, its
+            connector weights or config fingerprint differ from ``model``'s connector, or
+            ``model``'s base differs from the checkpoint's (naming both fingerprints).
     """
     checkpoint = Path(checkpoint)
+    if checkpoint.exists() and not checkpoint.is_dir():
+        raise ValueError(
+            f"resume checkpoint {str(checkpoint)!r} is a file; expected a checkpoint-N folder "
+            "written by the Trainer"
+        )
     if not checkpoint.is_dir():
         raise FileNotFoundError(f"resume checkpoint {str(checkpoint)!r} does not exist")
+    _check_checkpoint_files(checkpoint)
     connector: DenseConnector = _dense_model(model).multi_modal_projector
     check_checkpoint_connector(checkpoint, connector.config)
+    record = checkpoint / BASE_FINGERPRINT_NAME
+    if not record.is_file():
+        logger.warning(
+            "resume checkpoint %s has no %s: cannot check that the vision tower and LLM are the "
+            "ones it was trained on",
+            checkpoint,
+            BASE_FINGERPRINT_NAME,
+        )
+        return
+    saved = read_json(record, what="base fingerprint").get("base_fingerprint")
+    if not isinstance(saved, dict):
+        raise ValueError(f"base fingerprint {str(record)!r} has no base_fingerprint object")
+    current = fingerprint if fingerprint is not None else base_fingerprint(model)
+    differing = sorted(
+        part for part in saved.keys() | current.keys() if saved.get(part) != current.get(part)
+    )
+    if not differing:
+        return
+    details = "; ".join(
+        f"{part}: checkpoint {saved.get(part)}, model {current.get(part)}" for part in differing
+    )
+    if allow_different_base:
+        logger.warning(
+            "resuming %s onto another base model (allow_different_base=True): %s",
+            checkpoint,
+            details,
+        )
+        return
+    raise ValueError(
+        f"resume checkpoint {str(checkpoint)!r} was trained on another base model: the "
+        f"fingerprints of {', '.join(differing)} differ ({details}). Load the base model the run "
+        "started from (same weights and dtype), or set allow_different_base=True in the stage "
+        "config to resume onto this one anyway"
+    )
 
 
 def train_stage(
@@ -357,22 +525,34 @@ def train_stage(
 
     The Dense model is saved with ``save_pretrained`` (after merging LoRA adapters), so stage 2
     can start from stage 1's directory and ``AutoModelForImageTextToText`` loads the end result.
+    The save is atomic: a failure while saving leaves an earlier save in ``stage.output_dir``
+    intact; its ``checkpoint-N/`` folders and other files are kept. Trainer checkpoints and the
+    stage folder record the base model's fingerprint (``base_fingerprint.json``), checked on resume.
 
     Raises:
-        ValueError: the output directory cannot be written, or ``resume_from_checkpoint`` was
-            made with a different connector config.
+        FileNotFoundError: ``resume_from_checkpoint`` or its ``trainer_state.json`` is missing.
+        ValueError: the output directory cannot be written, or ``resume_from_checkpoint`` is
+            incomplete, was made with a different connector config or on another base model
+            (see :func:`check_resume_checkpoint`, ``StageConfig.allow_different_base``).
     """
     output_dir = Path(stage.output_dir)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / ".write-test").touch()
-        (output_dir / ".write-test").unlink()
+        probe = output_dir / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
     except OSError as error:
         raise ValueError(
             f"output directory {str(output_dir)!r} cannot be written: {error}"
         ) from None
+    fingerprint = base_fingerprint(model)  # before training: the base the stage starts from
     if resume_from_checkpoint is not None:
-        check_resume_checkpoint(resume_from_checkpoint, model)
+        check_resume_checkpoint(
+            resume_from_checkpoint,
+            model,
+            allow_different_base=stage.allow_different_base,
+            fingerprint=fingerprint,
+        )
     trainable = prepare_stage(model, stage)
     history = _LossHistory()
     trainer = DenseConnectorTrainer(
@@ -380,7 +560,7 @@ def train_stage(
         args=stage.training_arguments(),
         train_dataset=dataset,
         data_collator=collator,
-        callbacks=[history, *(callbacks or [])],
+        callbacks=[history, _BaseFingerprintCallback(fingerprint), *(callbacks or [])],
         connector_learning_rate=stage.rates[1],
     )
     trainer.train(
@@ -388,5 +568,7 @@ def train_stage(
     )
     trained = trainable.merge_and_unload() if hasattr(trainable, "merge_and_unload") else trainable
     if trainer.is_world_process_zero():
-        trained.save_pretrained(output_dir)
+        with atomic_save_directory(output_dir) as staging:
+            trained.save_pretrained(staging)
+            _write_base_fingerprint(staging, fingerprint)
     return StageResult(model=trained, losses=history.losses, output_dir=output_dir)

@@ -23,6 +23,7 @@ import contextlib
 import ctypes
 import errno
 import fnmatch
+import hashlib
 import json
 import logging
 import os
@@ -37,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -127,6 +128,28 @@ def check_torch_archive(path: str | Path) -> None:
             f"{str(path)!r} ({path.stat().st_size} bytes) is not a complete torch.save file: it "
             f"is truncated or corrupt ({error})"
         ) from None
+
+
+@contextlib.contextmanager
+def open_safetensors(path: str | Path) -> Iterator[Any]:
+    """``safetensors.safe_open(path, framework="pt")`` (reads only the header until a tensor is
+    asked for), with errors that name the file and what is wrong with it.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: ``path`` is a directory, truncated or not a safetensors file.
+    """
+    path = Path(path)
+    _check_file(path, "weights file")
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as error:
+        raise ValueError(
+            f"weights file {str(path)!r} ({path.stat().st_size} bytes) is not a readable "
+            f"safetensors file: it is truncated or corrupt ({error}); save it again"
+        ) from None
+    with handle:
+        yield handle
 
 
 def write_state_dict(state: Mapping[str, Tensor], path: str | Path) -> None:
@@ -379,3 +402,49 @@ def _install(temporary: Path, target: Path, patterns: tuple[str, ...]) -> None:
             f"replace back from {str(old)!r} failed ({error}); move them by hand",
         ) from error
     _fsync_path(target, directory=True)
+
+
+# ---------------------------------------------------------------------------- fingerprints
+
+#: Elements of each tensor whose exact bit patterns enter :func:`fingerprint_tensors`.
+_FINGERPRINT_SAMPLES = 1024
+_INTEGER_VIEWS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _tensor_digest(tensor: Tensor) -> str:
+    """``dtype|shape|bit sum|sample``: exact, so the same tensor gives the same digest on any
+    device and in any reduction order (integer sums are associative)."""
+    tensor = tensor.detach()
+    header = f"{tensor.dtype}|{tuple(tensor.shape)}"
+    if tensor.is_meta or tensor.numel() == 0:
+        return header + "|no values"
+    flat = tensor.reshape(-1)
+    if flat.dtype == torch.bool:
+        flat = flat.to(torch.uint8)
+    size = flat.element_size()
+    bits = flat.view(_INTEGER_VIEWS.get(size, torch.int64))
+    # the sum of the raw bit patterns modulo 2**64 touches every value (one cheap reduction)
+    total = int(bits.sum(dtype=torch.int64)) % 2**64
+    count = min(bits.numel(), _FINGERPRINT_SAMPLES)
+    index = torch.arange(count, dtype=torch.int64) * (bits.numel() - 1) // max(count - 1, 1)
+    sample = bits[index.to(bits.device)].cpu().numpy().tobytes()
+    return f"{header}|{total}|{hashlib.sha256(sample).hexdigest()}"
+
+
+def fingerprint_tensors(named_tensors: Iterable[tuple[str, Tensor]]) -> str:
+    """A sha256 hex digest of named tensors: their names, dtypes, shapes and values.
+
+    Cheap enough for a 7B model at every checkpoint: the values enter through one exact integer
+    reduction per tensor (the sum of the raw bit patterns modulo 2**64) and the bit patterns of
+    1024 evenly spaced elements, not a hash of every byte. Any change of a name, shape or dtype
+    changes the digest; a change of values almost always does (it would have to keep both the
+    bit sum and the sampled elements). The same tensors give the same digest on CPU and GPU.
+    The order of ``named_tensors`` does not matter (sorted by name).
+
+    Args:
+        named_tensors: ``(name, tensor)`` pairs, e.g. ``module.named_parameters()``.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(named_tensors, key=lambda pair: pair[0]):
+        digest.update(f"{name}={_tensor_digest(tensor)}\n".encode())
+    return digest.hexdigest()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import subprocess
@@ -14,8 +16,10 @@ from training_toys import ToyDataset, build_model, collate
 from transformers import TrainerCallback
 
 from mmconnect.integrations.training import (
+    BASE_FINGERPRINT_NAME,
     LoraSettings,
     StageConfig,
+    base_fingerprint,
     parameter_groups,
     prepare_stage,
     train_stage,
@@ -123,28 +127,137 @@ def test_lora_stage_trains_and_saves_a_merged_dense_model(tmp_path):
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_resuming_gives_the_losses_of_an_uninterrupted_run(tmp_path):
+@pytest.fixture(scope="module")
+def interrupted_run(tmp_path_factory):
+    """An uninterrupted 6-step stage-1 run and one stopped after its step-3 checkpoint."""
+    root = tmp_path_factory.mktemp("resume")
     uninterrupted = train_stage(
-        build_model(), ToyDataset(), collate, stage(tmp_path / "a", max_steps=6)
+        build_model(), ToyDataset(), collate, stage(root / "a", max_steps=6)
     )
-    interrupted_config = stage(tmp_path / "b", max_steps=6, save_steps=3)
-    # The "interrupted" run: the same schedule, stopped after its step-3 checkpoint.
-    first = train_stage(
-        build_model(), ToyDataset(), collate, interrupted_config, callbacks=[_StopAt(3)]
-    )
+    config = stage(root / "b", max_steps=6, save_steps=3)
+    first = train_stage(build_model(), ToyDataset(), collate, config, callbacks=[_StopAt(3)])
     assert [step for step, _ in first.losses] == [1, 2, 3]
-    resumed = train_stage(
-        build_model(seed=1),  # other initial weights: everything must come from the checkpoint
-        ToyDataset(),
-        collate,
-        interrupted_config,
-        resume_from_checkpoint=tmp_path / "b" / "align" / "checkpoint-3",
+    return {
+        "expected": dict(uninterrupted.losses),
+        "first": dict(first.losses),
+        "config": config,
+        "checkpoint": root / "b" / "align" / "checkpoint-3",
+    }
+
+
+def with_new_connector(model, seed: int = 1):
+    """The same base (tower, LLM) with another initialisation of the connector."""
+    torch.manual_seed(seed)
+    for parameter in model.connector.parameters():
+        torch.nn.init.normal_(parameter, std=0.05)
+    return model
+
+
+def with_other_llm(model):
+    """The same tower and connector, an LLM whose weights differ in one matrix."""
+    with torch.no_grad():
+        model.model.language_model.layers[0].mlp.up_proj.weight.add_(0.01)
+    return model
+
+
+def resume(run, model, **overrides):
+    config = dataclasses.replace(run["config"], **overrides)
+    return train_stage(
+        model, ToyDataset(), collate, config, resume_from_checkpoint=run["checkpoint"]
     )
-    losses = dict(first.losses) | dict(resumed.losses)
-    expected = dict(uninterrupted.losses)
+
+
+def test_resuming_gives_the_losses_of_an_uninterrupted_run(interrupted_run):
+    # same base, other connector weights: the connector must come from the checkpoint
+    resumed = resume(interrupted_run, with_new_connector(build_model()))
+    losses = interrupted_run["first"] | dict(resumed.losses)
+    expected = interrupted_run["expected"]
     assert sorted(losses) == sorted(expected) == [1, 2, 3, 4, 5, 6]
     for step in expected:
         assert losses[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6)
+
+
+def test_checkpoints_record_the_base_fingerprint(interrupted_run):
+    recorded = json.loads((interrupted_run["checkpoint"] / BASE_FINGERPRINT_NAME).read_text())
+    assert recorded["base_fingerprint"] == base_fingerprint(build_model())
+    assert set(recorded["base_fingerprint"]) == {"vision_tower", "language_model", "lm_head"}
+    stage_folder = interrupted_run["checkpoint"].parent / BASE_FINGERPRINT_NAME
+    assert json.loads(stage_folder.read_text()) == recorded
+
+
+def test_resuming_onto_another_base_is_refused(interrupted_run):
+    model = with_other_llm(build_model())
+    saved = base_fingerprint(build_model())["language_model"]
+    other = base_fingerprint(model)["language_model"]
+    assert saved != other
+    with pytest.raises(ValueError) as error:
+        resume(interrupted_run, model)
+    message = str(error.value)
+    assert "trained on another base model" in message and "checkpoint-3" in message
+    assert f"language_model: checkpoint {saved}, model {other}" in message
+    assert "vision_tower" not in message and "allow_different_base=True" in message
+
+
+def test_resuming_onto_another_base_with_the_override(interrupted_run, caplog):
+    # a full checkpoint holds every weight: with the override the run continues exactly
+    with caplog.at_level(logging.WARNING, logger="mmconnect.integrations.training"):
+        resumed = resume(interrupted_run, build_model(seed=1), allow_different_base=True)
+    assert "allow_different_base=True" in caplog.text
+    expected = interrupted_run["expected"]
+    assert [step for step, _ in resumed.losses] == [4, 5, 6]
+    for step, loss in resumed.losses:
+        assert loss == pytest.approx(expected[step], rel=1e-5, abs=1e-6)
+
+
+def test_fingerprint_ignores_lora_wrapping_and_sees_dtype(tmp_path):
+    model = build_model()
+    before = base_fingerprint(model)
+    lora = LoraSettings(rank=4, alpha=8, target_modules=("q_proj", "v_proj"))
+    assert base_fingerprint(prepare_stage(model, stage(tmp_path, "instruct", lora=lora))) == before
+    assert base_fingerprint(build_model(seed=1)) != before
+    half = base_fingerprint(build_model().to(torch.bfloat16))
+    assert half["language_model"] != before["language_model"]
+
+
+@pytest.mark.slow
+def test_lora_resume_onto_another_base(tmp_path):
+    """A LoRA checkpoint holds only the adapters and the connector: the base must be the same."""
+    lora = LoraSettings(rank=4, alpha=8, target_modules=("q_proj", "v_proj"))
+
+    def config(name, **overrides):
+        return stage(tmp_path / name, "instruct", lora=lora, max_steps=4, **overrides)
+
+    expected = dict(train_stage(build_model(), ToyDataset(), collate, config("a")).losses)
+    interrupted = config("b", save_steps=2)
+    first = train_stage(build_model(), ToyDataset(), collate, interrupted, callbacks=[_StopAt(2)])
+    checkpoint = tmp_path / "b" / "instruct" / "checkpoint-2"
+    assert (checkpoint / "adapter_model.safetensors").is_file()
+    same = train_stage(
+        build_model(), ToyDataset(), collate, interrupted, resume_from_checkpoint=checkpoint
+    )
+    losses = dict(first.losses) | dict(same.losses)
+    assert sorted(losses) == [1, 2, 3, 4]
+    for step in expected:
+        assert losses[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6)
+    with pytest.raises(ValueError, match="fingerprints of language_model differ"):
+        train_stage(
+            with_other_llm(build_model()),
+            ToyDataset(),
+            collate,
+            interrupted,
+            resume_from_checkpoint=checkpoint,
+        )
+    allowed = dataclasses.replace(interrupted, allow_different_base=True)
+    drifted = train_stage(
+        with_other_llm(build_model()),
+        ToyDataset(),
+        collate,
+        allowed,
+        resume_from_checkpoint=checkpoint,
+    )
+    # the adapters resumed onto the other LLM: the losses are no longer the uninterrupted ones
+    assert [step for step, _ in drifted.losses] == [3, 4]
+    assert dict(drifted.losses)[3] != pytest.approx(expected[3], rel=1e-5, abs=1e-6)
 
 
 def test_resuming_from_a_checkpoint_of_another_connector_config_is_refused(tmp_path):
