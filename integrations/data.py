@@ -276,17 +276,29 @@ def parse_llava_records(data: Any, *, source: str = "data") -> list[LlavaRecord]
 def load_llava_json(path: str | Path) -> list[LlavaRecord]:
     """Read a LLaVA JSON file: a list of ``{"id", "image"?, "conversations"}`` objects.
 
+    The file must be UTF-8 text (a leading byte-order mark is accepted).
+
     Raises:
-        ValueError: the file is not valid JSON, not in LLaVA format (each bad record named by
-            index and id) or holds no records.
+        ValueError: ``path`` is a directory, not UTF-8 text, not valid JSON, not in LLaVA format
+            (each bad record named by index and id) or holds no records.
         FileNotFoundError: ``path`` does not exist.
     """
     path = Path(path)
-    with path.open(encoding="utf-8") as file:
-        try:
-            data = json.load(file)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    if path.is_dir():
+        raise ValueError(f"data file {str(path)!r} is a directory; expected a LLaVA JSON file")
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"data file {str(path)!r} is not UTF-8 text (byte {exc.start}: {exc.reason}); save "
+            "it as UTF-8 JSON"
+        ) from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
     return parse_llava_records(data, source=str(path))
 
 
@@ -679,6 +691,8 @@ def load_image(path: str | Path) -> Image.Image:
         ValueError: the file is missing or cannot be read; the message names the path.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"image {str(path)!r} is a directory; expected an image file")
     if not path.is_file():
         raise ValueError(f"image file not found: {str(path)!r}")
     try:

@@ -24,6 +24,7 @@ from mmconnect.checkpoint import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     atomic_save_directory,
+    read_json,
     read_state_dict,
     write_state_dict,
 )
@@ -287,10 +288,27 @@ class DenseConnector(nn.Module):
         """Load a connector written by :meth:`save_pretrained`.
 
         Raises:
-            ValueError: the weights do not match the config (missing / unexpected keys or shapes).
+            FileNotFoundError: ``directory``, its ``config.json`` or its ``model.safetensors`` is
+                missing.
+            ValueError: ``directory`` is a file; ``config.json`` is not a JSON connector config;
+                ``model.safetensors`` is truncated or corrupt; the weights do not match the
+                config (missing / unexpected keys or shapes). Each message names the file.
         """
         directory = Path(directory)
-        connector = cls(ConnectorConfig.load(directory / CONFIG_NAME))
+        if directory.is_file():
+            raise ValueError(
+                f"{str(directory)!r} is a file; DenseConnector.from_pretrained expects the "
+                f"directory written by save_pretrained (with {CONFIG_NAME} and {WEIGHTS_NAME})"
+            )
+        if not directory.is_dir():
+            raise FileNotFoundError(f"connector directory {str(directory)!r} does not exist")
+        config_path = directory / CONFIG_NAME
+        data = read_json(config_path, what="connector config")
+        try:
+            config = ConnectorConfig.from_dict(data)
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"connector config {str(config_path)!r}: {error}") from None
+        connector = cls(config)
         state = read_state_dict(directory / WEIGHTS_NAME)
         dtypes = {tensor.dtype for tensor in state.values() if tensor.is_floating_point()}
         if len(dtypes) == 1:  # keep the saved precision (e.g. a bf16 connector stays bf16)

@@ -197,8 +197,57 @@ def test_weights_of_another_projector(tmp_path):
 
 
 def test_from_pretrained_missing_directory(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"config\.json"):
+    missing = re.escape(repr(str(tmp_path / "nothing")))
+    with pytest.raises(FileNotFoundError, match=f"connector directory {missing} does not exist"):
         DenseConnector.from_pretrained(tmp_path / "nothing")
+    tmp_path.joinpath("empty").mkdir()
+    with pytest.raises(
+        FileNotFoundError, match=r"connector config .*empty/config\.json' does not exist"
+    ):
+        DenseConnector.from_pretrained(tmp_path / "empty")
+
+
+def _saved_connector(tmp_path):
+    connector = _connector("dc-sti-clip-l-336")
+    connector.save_pretrained(tmp_path / "c")
+    return tmp_path / "c"
+
+
+def test_from_pretrained_truncated_or_garbage_weights(tmp_path):
+    directory = _saved_connector(tmp_path)
+    weights = directory / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-10])  # the header is intact, the last tensor's bytes are not
+    with pytest.raises(ValueError) as error:
+        DenseConnector.from_pretrained(directory)
+    assert str(error.value) == (
+        f"weights file {str(weights)!r} ({len(data) - 10} bytes) is not a readable safetensors "
+        "file: it is truncated or corrupt (Error while deserializing header: incomplete "
+        "metadata, file not fully covered); save it again"
+    )
+    weights.write_bytes(b"<html>404 not found</html>")
+    with pytest.raises(ValueError, match=re.escape(repr(str(weights))) + r" \(26 bytes\) is not"):
+        DenseConnector.from_pretrained(directory)
+    weights.unlink()
+    weights.mkdir()
+    with pytest.raises(ValueError, match=re.escape(repr(str(weights))) + " is a directory"):
+        DenseConnector.from_pretrained(directory)
+
+
+def test_from_pretrained_config_that_is_not_a_connector_config(tmp_path):
+    directory = _saved_connector(tmp_path)
+    config = directory / "config.json"
+    config.write_text('{"fusion": "sti",')
+    with pytest.raises(ValueError, match=r"connector config .*config\.json' is not valid JSON"):
+        DenseConnector.from_pretrained(directory)
+    config.write_bytes(b"\x89PNG\r\n\x1a\n")
+    with pytest.raises(ValueError, match=r"config\.json' is not UTF-8 text \(byte 0"):
+        DenseConnector.from_pretrained(directory)
+    config.write_text('{"model_type": "llava"}')
+    with pytest.raises(ValueError, match=r"connector config .*config\.json': "):
+        DenseConnector.from_pretrained(directory)
+    with pytest.raises(ValueError, match=r"model\.safetensors' is a file; DenseConnector"):
+        DenseConnector.from_pretrained(directory / "model.safetensors")
 
 
 # ---------------------------------------------------------------------------- bad input

@@ -34,6 +34,7 @@ from mmconnect.integrations.data import (
     ValidationReport,
     get_template,
     list_templates,
+    load_image,
     load_llava_json,
     parse_llava_records,
     register_template,
@@ -484,6 +485,35 @@ def test_conversation_without_assistant_turn_is_refused(tmp_path):
         load_llava_json(path)
     with pytest.raises(ValueError, match=r"record 0 \(id 'q1'\): .*no assistant"):
         LlavaRecord.from_dict(raw("q1", human("Q"), human("Q")), index=0)
+
+
+def test_data_file_that_is_not_utf8_json_is_named(tmp_path):
+    data = json.dumps([raw("r1", human("Q"), gpt("café"))], ensure_ascii=False)
+    latin1 = tmp_path / "latin1.json"
+    latin1.write_bytes(data.encode("latin-1"))
+    assert data.index("é") == 94  # the byte the message names
+    with pytest.raises(ValueError) as error:
+        load_llava_json(latin1)
+    assert str(error.value) == (
+        f"data file {str(latin1)!r} is not UTF-8 text (byte 94: invalid continuation byte); "
+        "save it as UTF-8 JSON"
+    )
+    utf16 = tmp_path / "utf16.json"
+    utf16.write_bytes(data.encode("utf-16"))
+    with pytest.raises(ValueError, match=re.escape(repr(str(utf16))) + " is not UTF-8 text"):
+        load_llava_json(utf16)
+    with_bom = tmp_path / "bom.json"  # what Windows editors write: still UTF-8, accepted
+    with_bom.write_bytes(b"\xef\xbb\xbf" + data.encode("utf-8"))
+    assert load_llava_json(with_bom)[0].conversations[1].value == "café"
+
+
+def test_data_path_that_is_a_directory_or_missing(tmp_path):
+    with pytest.raises(ValueError, match=re.escape(repr(str(tmp_path))) + " is a directory"):
+        load_llava_json(tmp_path)
+    with pytest.raises(FileNotFoundError, match=re.escape(repr(str(tmp_path / "no.json")))):
+        load_llava_json(tmp_path / "no.json")
+    with pytest.raises(ValueError, match=re.escape(repr(str(tmp_path))) + " is a directory"):
+        load_image(tmp_path)
 
 
 def test_empty_data_set_is_refused(tmp_path, tokenizer, image_id):
