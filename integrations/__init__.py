@@ -1,5 +1,63 @@
 """Adapters that need heavy packages (transformers, timm, open_clip, peft), installed as
 ``mmconnect.integrations``.
 
-Importing :mod:`mmconnect` never imports this subpackage or those packages.
+Importing :mod:`mmconnect` never imports this subpackage or those packages. Importing this
+subpackage registers the Dense model types (``dense_llava``, ``dense_llava_next``,
+``dense_mgm``) with the Hugging Face Auto classes, so that a saved Dense model loads in a fresh
+process with ``AutoConfig`` / ``AutoModel`` / ``AutoModelForImageTextToText`` /
+``AutoProcessor`` after nothing more than ``import mmconnect.integrations``.
+
+Without transformers (a core-only install: ``pip install mmconnect``) the subpackage still
+imports and the modules that need only the core (the LLaVA and Mini-Gemini codebase swaps) work;
+nothing is registered and :data:`REGISTRATION_ERROR` says why. ``pip install "mmconnect[hf]"``
+adds what the Dense models need.
 """
+
+from __future__ import annotations
+
+import warnings
+
+#: Why the Dense model types are not registered (``None`` when they are).
+REGISTRATION_ERROR: str | None = None
+
+
+def register_dense_models() -> None:
+    """Register ``dense_llava``, ``dense_llava_next`` and ``dense_mgm`` with the HF Auto classes.
+
+    Done once on import; calling it again is harmless (registration is idempotent).
+
+    Raises:
+        ImportError: transformers (or another package a Dense model needs) is not installed;
+            the message names the extra to install.
+    """
+    try:
+        from mmconnect.integrations import llava, llava_next, mgm_model
+    except ImportError as error:
+        raise ImportError(
+            f"the Dense model types cannot be registered: {error}. Install the Hugging Face "
+            'extra: pip install "mmconnect[hf]"'
+        ) from error
+    for module in (llava, llava_next, mgm_model):
+        module.register()
+
+
+def _register_on_import() -> None:
+    global REGISTRATION_ERROR
+    try:
+        import transformers  # noqa: F401
+    except ModuleNotFoundError:
+        # A core-only install: nothing to register with, and nothing to warn about (the codebase
+        # swaps need only the core). Importing a Dense model module says what to install.
+        REGISTRATION_ERROR = 'transformers is not installed; install the Hugging Face extra: pip install "mmconnect[hf]"'
+        return
+    try:
+        register_dense_models()
+    except ImportError as error:
+        # transformers is there but something the Dense models need is not (or is too old):
+        # the subpackage still imports; loading a saved Dense model would fail later with an
+        # unknown model type, so say it now.
+        REGISTRATION_ERROR = str(error)
+        warnings.warn(REGISTRATION_ERROR, UserWarning, stacklevel=3)
+
+
+_register_on_import()
