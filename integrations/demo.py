@@ -40,6 +40,7 @@ from mmconnect.integrations.llava import (
     DenseLlavaForConditionalGeneration,
     DenseLlavaProcessor,
 )
+from mmconnect.integrations.output_folders import OutputFolder, claim_output_folder
 from mmconnect.integrations.synthetic import SyntheticVQAFiles, write_synthetic_vqa
 from mmconnect.integrations.training import StageConfig, train_stage
 
@@ -57,7 +58,14 @@ class DemoConfig:
         connectors: which connectors to train and compare (``"baseline"``, ``"sti"``,
             ``"sci"``, ``"dci"``, ``"dci-efficient"``).
         vision_path / llm_path: local checkpoints replacing the random tower / LLM (the LLM
-            directory must hold its tokenizer too).
+            directory must hold its tokenizer too). A saved Dense model directory (for example
+            an earlier demo's ``dci/stage2``) serves as either: its tower / its LLM is taken.
+        overwrite: write into a non-empty ``output_dir`` that no demo created (only the files
+            the demo writes are replaced; nothing else is deleted). Without it such a folder is
+            refused (:mod:`mmconnect.integrations.output_folders`).
+        num_threads: torch intra-op threads while the demo runs (restored after). The models
+            are tiny: a second thread gains little on idle cores and, when other processes share
+            the cores, makes every small operation wait for a descheduled thread.
     """
 
     output_dir: str = "mmconnect-demo"
@@ -81,6 +89,49 @@ class DemoConfig:
     vision_path: str | None = None
     llm_path: str | None = None
     show_progress: bool = True
+    overwrite: bool = False
+    num_threads: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.connectors, str) or not isinstance(self.connectors, tuple | list):
+            raise TypeError(f"connectors must be a tuple of names, got {self.connectors!r}")
+        object.__setattr__(self, "connectors", tuple(self.connectors))
+        if not self.connectors:
+            raise ValueError(f"connectors must name at least one of {', '.join(CONNECTORS)}")
+        for kind in self.connectors:
+            if kind not in CONNECTORS:
+                raise ValueError(
+                    f"unknown demo connector {kind!r}; choose from {', '.join(CONNECTORS)}"
+                )
+        if len(set(self.connectors)) != len(self.connectors):
+            raise ValueError(f"connectors must be distinct, got {', '.join(self.connectors)}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"seed must be an int, got {self.seed!r}")
+        for name in (
+            "num_train_images",
+            "num_eval_images",
+            "image_size",
+            "patch_size",
+            "vision_width",
+            "vision_blocks",
+            "llm_width",
+            "llm_blocks",
+            "stage1_steps",
+            "stage2_steps",
+            "batch_size",
+            "num_threads",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        for name in ("stage1_learning_rate", "stage2_learning_rate"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        for name in ("vision_path", "llm_path"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str | Path):
+                raise TypeError(f"{name} must be a path or None, got {value!r}")
 
 
 # ---------------------------------------------------------------------------- tokenizer
@@ -157,6 +208,107 @@ def demo_connector(
     )
 
 
+def _checkpoint_config(path: str | Path, option: str) -> Any:
+    """The HF config of the local checkpoint folder ``path`` (``option`` names it in errors).
+
+    Raises:
+        FileNotFoundError: ``path`` is not a folder or has no ``config.json``.
+        ValueError: ``config.json`` cannot be read as a Hugging Face config.
+    """
+    from transformers import AutoConfig
+
+    directory = Path(path)
+    if not directory.is_dir():
+        raise FileNotFoundError(
+            f"{option} {str(path)!r} is not a folder; expected a local checkpoint folder "
+            "(saved with save_pretrained: config.json and the weights)"
+        )
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{option} {str(path)!r} has no config.json; expected a local checkpoint folder "
+            "saved with save_pretrained"
+        )
+    try:
+        # Dense model types (dense_llava, ...) are registered by importing mmconnect.integrations.
+        return AutoConfig.from_pretrained(directory)
+    except (ValueError, OSError, KeyError, TypeError) as error:
+        raise ValueError(f"{option} {str(path)!r}: config.json cannot be read: {error}") from None
+
+
+def _vision_part(config: Any, path: str | Path) -> Any:
+    """The vision config of a vision-tower checkpoint or of a multimodal (LLaVA-style) one."""
+    vision = getattr(config, "vision_config", None) or config
+    for attribute in ("hidden_size", "num_hidden_layers", "image_size", "patch_size"):
+        if getattr(vision, attribute, None) is None:
+            raise ValueError(
+                f"vision_path (--vision) {str(path)!r} holds a {config.model_type!r} model, not "
+                f"a ViT-style vision tower (its config has no {attribute}); expected e.g. a "
+                "CLIP / SigLIP vision model or a (Dense) LLaVA folder"
+            )
+    return vision
+
+
+def _text_part(config: Any, path: str | Path) -> Any:
+    """The text config of an LLM checkpoint or of a multimodal (LLaVA-style) one."""
+    text = getattr(config, "text_config", None) or config
+    for attribute in ("hidden_size", "vocab_size"):
+        if getattr(text, attribute, None) is None:
+            raise ValueError(
+                f"llm_path (--llm) {str(path)!r} holds a {config.model_type!r} model, not a "
+                f"causal LLM (its config has no {attribute}); expected e.g. a Llama folder with "
+                "its tokenizer or a (Dense) LLaVA folder"
+            )
+    return text
+
+
+def load_demo_tokenizer(llm_path: str | Path) -> Any:
+    """The tokenizer saved with the LLM at ``llm_path``, with the ``<image>`` token and a pad token.
+
+    Raises:
+        ValueError: no tokenizer can be loaded from ``llm_path``.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(llm_path)
+    except (ValueError, OSError, KeyError, TypeError) as error:
+        raise ValueError(
+            f"llm_path (--llm) {str(llm_path)!r} holds no loadable tokenizer (save it there "
+            f"with tokenizer.save_pretrained): {error}"
+        ) from None
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def check_demo_checkpoints(config: DemoConfig) -> None:
+    """Check ``config.vision_path`` / ``config.llm_path`` (reading only, before any writing).
+
+    Raises:
+        FileNotFoundError, ValueError: a path that is not a usable checkpoint (named).
+    """
+    if config.vision_path:
+        _vision_part(
+            _checkpoint_config(config.vision_path, "vision_path (--vision)"), config.vision_path
+        )
+    if config.llm_path:
+        _text_part(_checkpoint_config(config.llm_path, "llm_path (--llm)"), config.llm_path)
+
+
+def _pretrained_llm(path: str | Path, checkpoint_config: Any, text_config: Any) -> nn.Module:
+    """A causal LM from ``path``: the model itself, or the LLM inside a multimodal checkpoint."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    if getattr(checkpoint_config, "text_config", None) is None:
+        return AutoModelForCausalLM.from_pretrained(path)
+    full = AutoModelForImageTextToText.from_pretrained(path)
+    llm = AutoModelForCausalLM.from_config(text_config)
+    llm.model.load_state_dict(full.model.language_model.state_dict())
+    llm.lm_head.load_state_dict(full.lm_head.state_dict())
+    return llm
+
+
 def build_demo_model(
     kind: str,
     config: DemoConfig,
@@ -169,19 +321,15 @@ def build_demo_model(
     ``connector`` replaces the :func:`demo_connector` of ``kind`` (its ``vision_dim``,
     ``num_layers`` and ``llm_dim`` must fit the tower and the LLM). A random LLM is built on its
     own under ``config.seed``, so its initial weights are the same whatever the connector.
+    A checkpoint path may also be a multimodal (Dense) LLaVA folder: its tower or its LLM is used.
     """
-    from transformers import (
-        AutoConfig,
-        AutoModel,
-        AutoModelForCausalLM,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlamaForCausalLM,
-    )
+    from transformers import AutoModel, CLIPVisionConfig, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(config.seed)
     if config.vision_path:
-        vision_config = AutoConfig.from_pretrained(config.vision_path)
+        vision_config = _vision_part(
+            _checkpoint_config(config.vision_path, "vision_path (--vision)"), config.vision_path
+        )
     else:
         vision_config = CLIPVisionConfig(
             hidden_size=config.vision_width,
@@ -192,7 +340,8 @@ def build_demo_model(
             patch_size=config.patch_size,
         )
     if config.llm_path:
-        text_config = AutoConfig.from_pretrained(config.llm_path)
+        llm_checkpoint = _checkpoint_config(config.llm_path, "llm_path (--llm)")
+        text_config = _text_part(llm_checkpoint, config.llm_path)
     else:
         text_config = LlamaConfig(
             hidden_size=config.llm_width,
@@ -221,11 +370,12 @@ def build_demo_model(
     )
     model = DenseLlavaForConditionalGeneration(model_config)
     if config.vision_path:
-        model.model.vision_tower.load_state_dict(
-            AutoModel.from_pretrained(config.vision_path).state_dict()
-        )
+        loaded = AutoModel.from_pretrained(config.vision_path)
+        tower = getattr(loaded, "vision_tower", None)  # a (Dense) LLaVA: its tower
+        tower = tower if isinstance(tower, nn.Module) else loaded
+        model.model.vision_tower.load_state_dict(tower.state_dict())
     if config.llm_path:
-        llm = AutoModelForCausalLM.from_pretrained(config.llm_path)
+        llm = _pretrained_llm(config.llm_path, llm_checkpoint, text_config)
         llm.resize_token_embeddings(len(tokenizer))
     else:
         # Inside the full model the LLM is initialised after the connector, from a random state
@@ -290,31 +440,55 @@ def _stage(
     )
 
 
-def run_demo(config: DemoConfig) -> dict[str, Any]:
-    """Run the demo; returns (and writes to ``results.json``) what it measured."""
-    from transformers import AutoTokenizer
+def write_demo_data(folder: OutputFolder, **options: Any) -> SyntheticVQAFiles:
+    """Write the synthetic data set (:func:`write_synthetic_vqa` ``options``) into
+    ``folder.path / "data"`` without touching files the command did not write
+    (:meth:`OutputFolder.write_subfolder`)."""
+    files, fresh = folder.write_subfolder(
+        "data", lambda scratch: write_synthetic_vqa(scratch, **options)
+    )
+    paths = ("root", "images_dir", "stage1", "stage2", "eval", "scenes", "metadata")
+    return dataclasses.replace(
+        files, **{name: folder.moved(getattr(files, name), fresh, "data") for name in paths}
+    )
 
-    unknown = [kind for kind in config.connectors if kind not in CONNECTORS]
-    if unknown or not config.connectors:
-        raise ValueError(
-            f"unknown demo connector {unknown[0] if unknown else None!r}; choose from {', '.join(CONNECTORS)}"
-        )
-    output = Path(config.output_dir)
+
+def run_demo(config: DemoConfig) -> dict[str, Any]:
+    """Run the demo; returns (and writes to ``results.json``) what it measured.
+
+    Every argument is checked before anything is written: the checkpoints, and the output
+    folder (a non-empty folder that no demo created is refused unless ``config.overwrite``).
+
+    Raises:
+        FileNotFoundError: a checkpoint path does not exist (named).
+        FileExistsError: ``output_dir`` is a non-empty folder that no demo created.
+        ValueError: any other bad argument (named).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.num_threads)
+    try:
+        return _run_demo(config)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_demo(config: DemoConfig) -> dict[str, Any]:
     started = time.monotonic()
-    files = write_synthetic_vqa(
-        output / "data",
+    # Everything that can be wrong is found before the first byte is written.
+    check_demo_checkpoints(config)
+    tokenizer = load_demo_tokenizer(config.llm_path) if config.llm_path else None
+    folder = claim_output_folder(
+        config.output_dir, tool="demo", overwrite=config.overwrite, option="output_dir (--output)"
+    )
+    output = folder.path
+    files = write_demo_data(
+        folder,
         num_train=config.num_train_images,
         num_eval=config.num_eval_images,
         image_size=config.image_size,
         seed=config.seed,
-        overwrite=True,
     )
-    if config.llm_path:
-        tokenizer = AutoTokenizer.from_pretrained(config.llm_path)
-        tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-    else:
+    if tokenizer is None:
         tokenizer = build_word_tokenizer(
             _all_texts([files.stage1, files.stage2, files.eval], ["plain", "vicuna_v1"])
         )

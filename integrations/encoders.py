@@ -76,7 +76,8 @@ def load_encoder(spec: str) -> tuple[nn.Module, int | None]:
             :data:`TINY_ENCODERS`.
 
     Raises:
-        ValueError: ``spec`` is neither (the message lists the tiny names).
+        ValueError: ``spec`` is neither (the message lists the tiny names), or the folder holds
+            no loadable model.
     """
     if spec in TINY_ENCODERS:
         torch.manual_seed(0)
@@ -88,14 +89,79 @@ def load_encoder(spec: str) -> tuple[nn.Module, int | None]:
             f"encoder {spec!r} is neither a local checkpoint directory nor a tiny test encoder "
             f"({', '.join(TINY_ENCODERS)})"
         )
+    if not (path / "config.json").is_file():
+        raise ValueError(
+            f"encoder {spec!r} is a folder without config.json; expected a checkpoint folder "
+            "saved with save_pretrained (an HF vision model or a (Dense) LLaVA)"
+        )
+    # Importing mmconnect.integrations (this package) registered the Dense model types, so a
+    # saved Dense LLaVA / LLaVA-NeXT / MGM folder loads here in a fresh process.
     from transformers import AutoConfig, AutoModel
 
-    config = AutoConfig.from_pretrained(path)
-    model = AutoModel.from_pretrained(path).eval()
+    try:
+        config = AutoConfig.from_pretrained(path)
+        model = AutoModel.from_pretrained(path).eval()
+    except (ValueError, OSError, KeyError) as error:
+        raise ValueError(
+            f"encoder {spec!r} cannot be loaded as a Hugging Face model: {error}"
+        ) from None
     tower = getattr(model, "vision_tower", None)
     encoder = tower if isinstance(tower, nn.Module) else model
     vision_config = getattr(config, "vision_config", config)
     return encoder, getattr(vision_config, "image_size", None)
+
+
+def _patch_geometry(encoder: nn.Module) -> tuple[int | None, bool]:
+    """``(patch size or None, whether other image sizes than the native one are accepted)``.
+
+    HF CLIP / SigLIP towers (called without ``interpolate_pos_encoding``, as the tap calls them)
+    and timm ViTs without ``dynamic_img_size`` take only their native size; convolutional and
+    unknown encoders are not constrained here (their forward decides).
+    """
+    config = getattr(encoder, "config", None)
+    patch = getattr(config, "patch_size", None)
+    if isinstance(patch, int) and getattr(config, "image_size", None) is not None:
+        return patch, False
+    embed = getattr(encoder, "patch_embed", None)
+    patch = getattr(embed, "patch_size", None)
+    if patch is not None:
+        side = patch[0] if isinstance(patch, tuple | list) else patch
+        return int(side), bool(getattr(encoder, "dynamic_img_size", False))
+    return None, True
+
+
+def check_image_size(
+    encoder: nn.Module, image_size: int, native_size: int | None, *, option: str = "image_size"
+) -> None:
+    """Check that ``encoder`` accepts square ``image_size`` images.
+
+    Args:
+        encoder: the vision encoder.
+        image_size: the side in pixels to check.
+        native_size: the encoder's own image size (``None`` when unknown).
+        option: how the caller names the size in messages (``"--image-size"``).
+
+    Raises:
+        ValueError: ``image_size`` is not a whole number >= 1, not a multiple of the patch size,
+            or not the native size of an encoder that cannot interpolate its position
+            embeddings; the message says which value is expected.
+    """
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"{option} must be a whole number >= 1, got {image_size!r}")
+    patch, flexible = _patch_geometry(encoder)
+    kind = type(encoder).__name__
+    if not flexible and native_size is not None and image_size != native_size:
+        raise ValueError(
+            f"{option} {image_size} is not a size {kind} accepts: it takes {native_size} px "
+            f"images only (its position embeddings are not interpolated); pass {option} "
+            f"{native_size} or leave it out"
+        )
+    if patch is not None and image_size % patch:
+        raise ValueError(
+            f"{option} {image_size} is not a multiple of {kind}'s patch size {patch}; expected "
+            f"a multiple of {patch}"
+            + (f" (its native size is {native_size})" if native_size is not None else "")
+        )
 
 
 @dataclass(frozen=True)
@@ -133,8 +199,14 @@ def describe_encoder(encoder: nn.Module, image_size: int) -> EncoderDescription:
     needs. Token counts use the encoder's grid with the preset's fusion.
     """
     tap = MultiLayerFeatureTap(encoder, layers=[0])
-    with torch.no_grad():
-        features = tap(torch.zeros(1, 3, image_size, image_size))
+    try:
+        with torch.no_grad():
+            features = tap(torch.zeros(1, 3, image_size, image_size))
+    except RuntimeError as error:  # e.g. a convolutional encoder given too small an image
+        raise ValueError(
+            f"image_size {image_size}: {type(encoder).__name__} cannot run on a "
+            f"{image_size}x{image_size} image ({error}); use its native size"
+        ) from None
     grid = features.grid(0)
     width = features[0].shape[-1]
     counts: dict[str, int | str] = {}

@@ -79,6 +79,9 @@ class LabConfig:
             the cores, makes every small operation wait for a descheduled thread (measured: 20x
             slower on a loaded 2-core machine).
         show_progress: progress bars.
+        overwrite: write into a non-empty ``output_dir`` that no lab created (only the files
+            the lab writes are replaced; nothing else is deleted). Without it such a folder is
+            refused (:mod:`mmconnect.integrations.output_folders`).
     """
 
     output_dir: str = "mmconnect-lab"
@@ -97,6 +100,7 @@ class LabConfig:
     stage2_learning_rate: float = 2e-3
     num_threads: int = 1
     show_progress: bool = True
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         for name in ("seeds", "connectors"):
@@ -516,19 +520,28 @@ def run_lab(config: LabConfig) -> dict[str, Any]:
 
 
 def _run_lab(config: LabConfig) -> dict[str, Any]:
-    from mmconnect.integrations.demo import _all_texts, build_word_tokenizer, train_connector
-    from mmconnect.integrations.synthetic import write_synthetic_vqa
+    from mmconnect.integrations.demo import (
+        _all_texts,
+        build_word_tokenizer,
+        train_connector,
+        write_demo_data,
+    )
+    from mmconnect.integrations.output_folders import claim_output_folder
 
-    output = Path(config.output_dir)
     started = time.monotonic()
     started_cpu = time.process_time()
-    files = write_synthetic_vqa(
-        output / "data",
+    # A non-empty folder no lab created is refused before anything is written; the data set
+    # replaces only the files a lab wrote.
+    folder = claim_output_folder(
+        config.output_dir, tool="lab", overwrite=config.overwrite, option="output_dir (--output)"
+    )
+    output = folder.path
+    files = write_demo_data(
+        folder,
         num_train=config.num_train_images,
         num_eval=config.num_eval_images,
         image_size=config.encoder.image_size,
         seed=config.data_seed,
-        overwrite=True,
     )
     tokenizer = build_word_tokenizer(
         _all_texts([files.stage1, files.stage2, files.eval], ["plain", "vicuna_v1"])

@@ -68,6 +68,18 @@ def presets_table() -> str:
     )
 
 
+def _positive_int(text: str) -> int:
+    """An argparse ``type`` accepting whole numbers >= 1; argparse prefixes the option's name
+    to the message and exits with status 2."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="mmconnect", description="Dense Connector for multimodal LLMs"
@@ -76,7 +88,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands.add_parser("presets", help="list the built-in connector presets")
     inspect = commands.add_parser("inspect", help="describe a vision encoder as the tap sees it")
     inspect.add_argument("encoder", help="a local checkpoint directory or a tiny test encoder name")
-    inspect.add_argument("--image-size", type=int, default=None, help="input size in pixels")
+    inspect.add_argument(
+        "--image-size",
+        type=_positive_int,
+        default=None,
+        help="input size in pixels (default: the encoder's own)",
+    )
     demo = commands.add_parser(
         "demo", help="train baseline and Dense Connector LLaVAs on synthetic VQA and compare"
     )
@@ -98,6 +115,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument(
         "--quick", action="store_true", help="a one-minute smoke run with tiny budgets"
     )
+    demo.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a non-empty --output folder that no demo created (only the demo's own "
+        "files are replaced; nothing else is deleted)",
+    )
+    demo.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=1,
+        help="torch threads (default 1: the tiny models gain little from more, and lose much "
+        "when other jobs share the cores)",
+    )
     lab = commands.add_parser(
         "lab", help="compare the five connectors over seeds on a detail-losing pretrained tower"
     )
@@ -109,9 +139,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="comma-separated, from: baseline, sti, sci, dci, dci-efficient (default: all)",
     )
     lab.add_argument("--quick", action="store_true", help="a one-minute smoke run, two seeds")
+    lab.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a non-empty --output folder that no lab created (only the lab's own "
+        "files are replaced; nothing else is deleted)",
+    )
     train = commands.add_parser("train", help="run both training stages from one YAML file")
     train.add_argument(
         "--config", required=True, help="the run's YAML file (see mmconnect.integrations.train_run)"
+    )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="train into non-empty stage folders that mmconnect training did not create (as "
+        "overwrite: true in the run file; only the files training writes are replaced)",
     )
     chat = commands.add_parser(
         "chat", help="ask a saved Dense LLaVA / LLaVA-NeXT about a video or an image"
@@ -140,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif arguments.command == "demo":
         return _demo(arguments)
     elif arguments.command == "train":
-        return _train(arguments.config)
+        return _train(arguments.config, overwrite=arguments.overwrite)
     elif arguments.command == "lab":
         return _lab(arguments)
     elif arguments.command == "chat":
@@ -213,6 +255,8 @@ def _demo(arguments: argparse.Namespace) -> int:
         ),
         "vision_path": arguments.vision,
         "llm_path": arguments.llm,
+        "overwrite": arguments.overwrite,
+        "num_threads": arguments.threads,
     }
     if arguments.quick:
         options |= {
@@ -223,8 +267,9 @@ def _demo(arguments: argparse.Namespace) -> int:
             "batch_size": 8,
         }
     try:
+        # DemoConfig and run_demo check every argument before anything is written.
         results = run_demo(DemoConfig(**options))
-    except ValueError as error:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as error:
         print(f"mmconnect demo: {error}", file=sys.stderr)
         return 2
     print("\nHeld-out answer accuracy (%), exact greedy answers:\n")
@@ -238,7 +283,7 @@ def _demo(arguments: argparse.Namespace) -> int:
 def _lab(arguments: argparse.Namespace) -> int:
     from mmconnect.integrations.lab import LabConfig, accuracy_table, quick_config, run_lab
 
-    options: dict = {"output_dir": arguments.output}
+    options: dict = {"output_dir": arguments.output, "overwrite": arguments.overwrite}
     try:
         if arguments.seeds is not None:
             try:
@@ -255,7 +300,7 @@ def _lab(arguments: argparse.Namespace) -> int:
             )
         config = quick_config(**options) if arguments.quick else LabConfig(**options)
         results = run_lab(config)
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as error:
         print(f"mmconnect lab: {error}", file=sys.stderr)
         return 2
     print("\nHeld-out answer accuracy (%), mean +- std over seeds:\n")
@@ -267,12 +312,14 @@ def _lab(arguments: argparse.Namespace) -> int:
     return 0
 
 
-def _train(config_path: str) -> int:
+def _train(config_path: str, *, overwrite: bool = False) -> int:
     from mmconnect.integrations.train_run import load_train_run, run_training
 
     try:
-        results = run_training(load_train_run(config_path))
-    except (ValueError, FileNotFoundError) as error:
+        # The whole run file (types, paths, output folders) is checked before any work.
+        run = load_train_run(config_path, overwrite=overwrite)
+        results = run_training(run)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as error:
         print(f"mmconnect train: {error}", file=sys.stderr)
         return 2
     for stage, entry in results.items():
@@ -282,19 +329,16 @@ def _train(config_path: str) -> int:
 
 
 def _inspect(spec: str, image_size: int | None) -> int:
-    from mmconnect.integrations.encoders import describe_encoder, load_encoder
+    from mmconnect.integrations.encoders import check_image_size, describe_encoder, load_encoder
 
     try:
         encoder, native_size = load_encoder(spec)
-    except ValueError as error:
+        if image_size is None and native_size is None:
+            raise ValueError("the encoder does not state its image size; pass --image-size")
+        size = native_size if image_size is None else image_size
+        check_image_size(encoder, size, native_size, option="--image-size")
+    except (ValueError, FileNotFoundError) as error:
         print(f"mmconnect inspect: {error}", file=sys.stderr)
-        return 2
-    size = image_size or native_size
-    if size is None:
-        print(
-            "mmconnect inspect: the encoder does not state its image size; pass --image-size",
-            file=sys.stderr,
-        )
         return 2
     print(describe_encoder(encoder, size).render())
     return 0

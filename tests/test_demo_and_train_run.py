@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import yaml
+from saved_models import save_tiny_dense_llava
 
 from mmconnect.cli import main
+from mmconnect.integrations.demo import DemoConfig, run_demo
+from mmconnect.integrations.train_run import RunFileError, load_train_run
 
 
 @pytest.fixture(scope="module")
@@ -57,31 +61,22 @@ def _write_run(tmp_path: Path, demo_dir: Path, **changes) -> Path:
 
 @pytest.mark.slow
 def test_train_from_a_yaml_file_runs_both_stages(demo_dir, tmp_path, capsys):
-    assert main(["train", "--config", str(_write_run(tmp_path, demo_dir))]) == 0
+    # A stage folder the user made: refused, then trained into with --overwrite, and the user's
+    # file in it survives byte for byte.
+    (tmp_path / "run" / "stage1").mkdir(parents=True)
+    (tmp_path / "run" / "stage1" / "notes.txt").write_bytes(b"mine\n")
+    path = str(_write_run(tmp_path, demo_dir))
+    assert main(["train", "--config", path]) == 2
+    assert "stage folder" in capsys.readouterr().err
+    assert main(["train", "--config", path, "--overwrite"]) == 0
     out = capsys.readouterr().out
     assert "align: final loss" in out and "instruct: final loss" in out
     for stage in ("stage1", "stage2"):
         directory = tmp_path / "run" / stage
         assert (directory / "model.safetensors").is_file()
         assert (directory / "processor_config.json").is_file()
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    ("changes", "message"),
-    [
-        ({"stage1": {"max_stepz": 2}}, r"unknown keys in stage1: \['max_stepz'\]"),
-        ({"stage2": {"lora": {"rank": 4, "alpa": 8}}}, r"unknown keys in stage2.lora: \['alpa'\]"),
-        ({"extra": 1}, r"unknown keys in .*run.yaml: \['extra'\]"),
-        ({"stage1": {"stage": "instruct"}}, r"stage1 may not set \['stage'\]"),
-    ],
-)
-def test_bad_run_files_are_refused_before_any_work(demo_dir, tmp_path, capsys, changes, message):
-    path = _write_run(tmp_path, demo_dir, **changes)
-    assert main(["train", "--config", str(path)]) == 2
-    import re
-
-    assert re.search(message, capsys.readouterr().err)
+        assert (directory / ".mmconnect-train").is_file()
+    assert (tmp_path / "run" / "stage1" / "notes.txt").read_bytes() == b"mine\n"
 
 
 @pytest.mark.slow
@@ -157,3 +152,249 @@ def test_demo_takes_the_tower_and_llm_from_local_checkpoints(tmp_path):
     }
     for key, value in vision.state_dict().items():
         assert torch.equal(tower[key], value), key
+
+
+@pytest.mark.slow
+def test_demo_takes_tower_and_llm_from_a_saved_dense_llava(tmp_path):
+    """--vision / --llm may name a saved Dense LLaVA folder: its tower and its LLM are used."""
+    import torch
+    from safetensors.torch import load_file
+
+    dense = save_tiny_dense_llava(tmp_path / "dense")
+    output = tmp_path / "demo"
+    arguments = ["demo", "--quick", "--output", str(output), "--connectors", "dci"]
+    assert main([*arguments, "--vision", str(dense), "--llm", str(dense)]) == 0
+    results = json.loads((output / "results.json").read_text())
+    assert results["connectors"]["dci"]["visual_tokens"] == 16  # the dense tower: 32 px / 8
+    source = load_file(str(dense / "model.safetensors"))
+    trained = load_file(str(output / "dci" / "stage2" / "model.safetensors"))
+    towers = [key for key in source if key.startswith("model.vision_tower.")]
+    assert towers
+    for key in towers:  # the tower is frozen in both stages: still the dense folder's
+        assert torch.equal(trained[key], source[key]), key
+
+
+# ---------------------------------------------------------------------------- demo arguments
+
+
+@pytest.mark.parametrize(
+    ("changes", "error", "message"),
+    [
+        ({"connectors": ()}, ValueError, "connectors must name at least one of baseline"),
+        ({"connectors": ("dci", "dci")}, ValueError, "connectors must be distinct, got dci, dci"),
+        ({"connectors": "dci"}, TypeError, "connectors must be a tuple of names, got 'dci'"),
+        ({"num_threads": 0}, ValueError, "num_threads must be an int >= 1, got 0"),
+        ({"stage1_steps": -1}, ValueError, "stage1_steps must be an int >= 1, got -1"),
+        ({"stage2_learning_rate": 0}, ValueError, "stage2_learning_rate must be a positive number"),
+    ],
+)
+def test_demo_config_refuses_bad_input(changes, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        DemoConfig(**changes)
+
+
+def test_demo_refuses_a_bad_checkpoint_before_writing_anything(tmp_path):
+    (tmp_path / "not-a-model").mkdir()
+    with pytest.raises(
+        FileNotFoundError, match=r"llm_path \(--llm\) '.*not-a-model' has no config.json"
+    ):
+        run_demo(
+            DemoConfig(output_dir=str(tmp_path / "out"), llm_path=str(tmp_path / "not-a-model"))
+        )
+    assert not (tmp_path / "out").exists()
+
+
+def test_demo_refuses_a_folder_it_did_not_create_unless_overwrite(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "stage1.json").write_text("[]\n")
+    with pytest.raises(FileExistsError, match=r"\(data\) and was not created by mmconnect demo"):
+        run_demo(DemoConfig(output_dir=str(tmp_path), num_threads=1))
+    assert (tmp_path / "data" / "stage1.json").read_text() == "[]\n"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["data", "stage1.json"]
+
+
+# ---------------------------------------------------------------------------- run files
+
+
+@pytest.fixture(scope="module")
+def run_inputs(tmp_path_factory) -> Path:
+    """A saved tiny Dense LLaVA and (empty) data files a run file can point at."""
+    root = tmp_path_factory.mktemp("run-inputs")
+    save_tiny_dense_llava(root / "model")
+    (root / "images").mkdir()
+    for name in ("stage1.json", "stage2.json"):
+        (root / name).write_text("[]\n")
+    return root
+
+
+def _run_file(root: Path, tmp_path: Path, text: str | None = None, **changes) -> Path:
+    run = {
+        "model": str(root / "model"),
+        "output_dir": str(tmp_path / "out"),
+        "data": {
+            "image_folder": str(root / "images"),
+            "stage1": str(root / "stage1.json"),
+            "stage2": str(root / "stage2.json"),
+        },
+        "stage1": {"max_steps": 2},
+        "stage2": {"max_steps": 2, "lora": {"rank": 4, "alpha": 8}},
+        **changes,
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(run) if text is None else text)
+    return path
+
+
+def _problems(path: Path, **options) -> list[str]:
+    with pytest.raises(RunFileError) as error:
+        load_train_run(path, **options)
+    assert str(error.value) == "\n".join(error.value.problems)
+    prefix = f"{path}:"
+    assert all(line.startswith(prefix) for line in error.value.problems)
+    return [line.removeprefix(prefix) for line in error.value.problems]
+
+
+def test_a_good_run_file_loads_with_numbers_written_as_yaml_text(run_inputs, tmp_path):
+    text = yaml.safe_dump(
+        {
+            "model": str(run_inputs / "model"),
+            "output_dir": str(tmp_path / "out"),
+            "data": {
+                "image_folder": str(run_inputs / "images"),
+                "stage1": str(run_inputs / "stage1.json"),
+            },
+            "stage1": {"max_steps": 3},
+        }
+    ).replace("max_steps: 3", "max_steps: 3\n  learning_rate: 1e-3\n  warmup_ratio: 0.1")
+    path = _run_file(run_inputs, tmp_path, text=text)
+    assert yaml.safe_load(path.read_text())["stage1"]["learning_rate"] == "1e-3"  # PyYAML: text
+    run = load_train_run(path)
+    stage = run.stage_config("align")
+    assert (stage.learning_rate, stage.max_steps, stage.warmup_ratio) == (0.001, 3, 0.1)
+    assert [name for name, _, _ in run.stages()] == ["align"]
+    assert not (tmp_path / "out").exists()  # loading writes nothing
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        (
+            {"stage1": {"max_steps": "ten"}},
+            ["stage1.max_steps: expected a whole number, got 'ten'"],
+        ),
+        (
+            {"stage1": {"max_steps": 0}},
+            ["stage1.max_steps: expected a whole number >= 1 (or -1: num_train_epochs), got 0"],
+        ),
+        (
+            {"stage1": {"learning_rate": "fast"}},
+            ["stage1.learning_rate: expected a number, got 'fast'"],
+        ),
+        ({"stage1": {"learning_rate": 0}}, ["stage1.learning_rate: expected a number > 0, got 0"]),
+        ({"stage1": {"bf16": "yes"}}, ["stage1.bf16: expected true or false, got 'yes'"]),
+        (
+            {"stage1": [{"max_steps": 2}]},
+            [
+                "stage1: expected a mapping of StageConfig fields (key: value lines), got list [{'max_steps': 2}]"
+            ],
+        ),
+        (
+            {"stage2": {"lora": {"rank": -4}}},
+            ["stage2.lora.rank: expected a whole number >= 1, got -4"],
+        ),
+        (
+            {"stage2": {"lora": {"rank": 4, "alpa": 8}}},
+            ["stage2.lora.alpa: unknown key; known keys: alpha, dropout, rank, target_modules"],
+        ),
+        (
+            {"stage2": {"lora": {"dropout": 1.5}}},
+            ["stage2.lora.dropout: expected a number in [0, 1), got 1.5"],
+        ),
+        (
+            {"stage1": {"lora": {"rank": 4}}},
+            ["stage1: lora is for stage 'instruct'; stage 'align' trains only the connector"],
+        ),
+        (
+            {"stage1": {"stage": "instruct"}},
+            [
+                "stage1.stage: is set by the run (the stage, and output_dir/<section>), not in the file"
+            ],
+        ),
+        ({"extra": 1}, ["extra: unknown key; known keys: data, model, output_dir, overwrite, stage1, stage2"]),
+        ({"overwrite": "please"}, ["overwrite: expected true or false, got 'please'"]),
+        (
+            {"data": {"stage1": "x.json"}},
+            [
+                "data.image_folder: missing (required)",
+                "data.stage1: 'x.json' does not exist or is not a file",
+            ],
+        ),
+        (
+            {"data": {"image_folder": "no/such/folder"}},
+            [
+                "data.image_folder: 'no/such/folder' does not exist or is not a folder",
+                "data: no stage has data: set stage1 and/or stage2 (LLaVA JSON files)",
+            ],
+        ),
+        (
+            {"model": "no/such/model"},
+            [
+                "model: 'no/such/model' does not exist or is not a folder; expected a saved Dense LLaVA folder (for example a demo's dci/stage1)"
+            ],
+        ),
+    ],
+)
+def test_run_file_problems_are_reported_as_file_field_problem(
+    run_inputs, tmp_path, changes, expected
+):
+    assert _problems(_run_file(run_inputs, tmp_path, **changes)) == expected
+
+
+def test_every_problem_of_a_run_file_is_reported_at_once(run_inputs, tmp_path):
+    path = _run_file(
+        run_inputs,
+        tmp_path,
+        stage1={"max_steps": "ten", "max_stepz": 2},
+        stage2={"lora": {"rank": -4}},
+    )
+    problems = _problems(path)
+    assert problems[0].startswith("stage1.max_stepz: unknown key; known keys: ")
+    assert problems[1:] == [
+        "stage1.max_steps: expected a whole number, got 'ten'",
+        "stage2.lora.rank: expected a whole number >= 1, got -4",
+    ]
+
+
+def test_a_model_folder_without_a_processor_is_refused(run_inputs, tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text((run_inputs / "model" / "config.json").read_text())
+    assert _problems(_run_file(run_inputs, tmp_path, model=str(model))) == [
+        f"model: {str(model)!r} holds no processor (processor_config.json); save the model's "
+        "processor there with processor.save_pretrained"
+    ]
+
+
+def test_run_file_refuses_stage_folders_training_did_not_create(run_inputs, tmp_path):
+    stage1 = tmp_path / "out" / "stage1"
+    stage1.mkdir(parents=True)
+    (stage1 / "weights.bin").write_bytes(b"precious")
+    path = _run_file(run_inputs, tmp_path)
+    (problem,) = _problems(path)
+    assert problem.startswith(
+        f"output_dir: stage folder {str(stage1)!r} is not empty (weights.bin) and was not "
+        "created by mmconnect train (no .mmconnect-train file)"
+    )
+    assert load_train_run(path, overwrite=True).overwrite  # --overwrite
+    assert load_train_run(_run_file(run_inputs, tmp_path, overwrite=True)).overwrite
+    (stage1 / ".mmconnect-train").write_text("{}")  # a folder an earlier training made
+    assert not load_train_run(_run_file(run_inputs, tmp_path)).overwrite
+    assert (stage1 / "weights.bin").read_bytes() == b"precious"
+
+
+def test_train_cli_reports_run_file_problems_with_exit_2(run_inputs, tmp_path, capsys):
+    path = _run_file(run_inputs, tmp_path, stage2={"lora": {"rank": -4}})
+    assert main(["train", "--config", str(path)]) == 2
+    assert capsys.readouterr().err == (
+        f"mmconnect train: {path}:stage2.lora.rank: expected a whole number >= 1, got -4\n"
+    )

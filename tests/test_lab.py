@@ -117,6 +117,25 @@ def test_cli_lab_refuses_bad_input_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_lab_refuses_a_folder_no_lab_created_and_leaves_it_byte_identical(tmp_path, capsys):
+    mine = tmp_path / "mine"
+    (mine / "data" / "images").mkdir(parents=True)
+    (mine / "data" / "stage1.json").write_bytes(b"[]\n")
+    (mine / "data" / "images" / "train_00000.png").write_bytes(b"my picture")
+    assert main(["lab", "--quick", "--output", str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert f"output_dir (--output) {str(mine)!r} is not empty (data)" in err
+    assert "no .mmconnect-lab file" in err and "--overwrite" in err
+    assert sorted(p.relative_to(mine).as_posix() for p in mine.rglob("*")) == [
+        "data",
+        "data/images",
+        "data/images/train_00000.png",
+        "data/stage1.json",
+    ]
+    assert (mine / "data" / "stage1.json").read_bytes() == b"[]\n"
+    assert (mine / "data" / "images" / "train_00000.png").read_bytes() == b"my picture"
+
+
 # ---------------------------------------------------------------------------- connectors
 
 

@@ -1,0 +1,48 @@
+"""Tiny saved Dense LLaVA folders (model + processor), as ``mmconnect demo`` writes them.
+
+Tests that run the command line in fresh processes load these folders there, so what they check
+is what a user's new shell sees.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def save_tiny_dense_llava(directory: Path, *, seed: int = 0) -> Path:
+    """Save a random Dense LLaVA (4-block 32 px CLIP tower, DCI, 2-block Llama) with its processor.
+
+    The tokenizer covers the synthetic VQA vocabulary and the chat templates' words, so the
+    folder trains on and answers about the demo's data.
+    """
+    from transformers import CLIPImageProcessor
+
+    from mmconnect.integrations.demo import DemoConfig, build_demo_model, build_word_tokenizer
+    from mmconnect.integrations.llava import DenseLlavaProcessor
+    from mmconnect.integrations.synthetic import text_vocabulary
+
+    texts = [
+        " ".join(text_vocabulary()),
+        "A chat between USER : ASSISTANT : \n , . ? - assistant user",
+    ]
+    tokenizer = build_word_tokenizer(texts)
+    config = DemoConfig(
+        seed=seed,
+        image_size=32,
+        patch_size=8,
+        vision_width=16,
+        vision_blocks=4,
+        llm_width=32,
+        llm_blocks=1,
+        connectors=("dci",),
+    )
+    model = build_demo_model("dci", config, tokenizer)
+    model.save_pretrained(directory)
+    processor = DenseLlavaProcessor(
+        CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer,
+        patch_size=8,
+        connector=model.connector.config,
+    )
+    processor.save_pretrained(directory)
+    return directory
