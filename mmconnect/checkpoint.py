@@ -322,8 +322,8 @@ def atomic_save_directory(
     If a process is killed between the swap and the end of the moving back, the entries not yet
     moved are in the hidden sibling ``.{name}.old-*`` / ``.{name}.tmp-*`` next to ``directory``.
 
-    On an exception inside the ``with`` block the temporary directory is removed and
-    ``directory`` is left untouched (byte-identical).
+    On an exception inside the ``with`` block the temporary directory is removed,
+    ``directory`` is left untouched (byte-identical) and the exception gets a note naming it.
 
     Args:
         directory: the model directory to write (created with its parents when absent; a
@@ -356,8 +356,14 @@ def atomic_save_directory(
         if target.is_dir():
             # the new directory keeps the permissions of the one it replaces
             os.chmod(temporary, stat.S_IMODE(target.stat().st_mode))
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(temporary, ignore_errors=True)
+        if isinstance(error, Exception) and hasattr(error, "add_note"):  # Python >= 3.11
+            # third-party writers (safetensors) do not say where they were writing
+            error.add_note(
+                f"the save into {str(target)!r} failed and was discarded: "
+                f"{'the directory is unchanged' if target.exists() else 'nothing was written'}"
+            )
         raise
     _install(temporary, target, patterns)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -115,7 +116,10 @@ def test_atomic_save_superseded_patterns_can_be_switched_off(tmp_path, exchange)
     (target / "model.safetensors").write_bytes(b"weights saved by the model")
     with atomic_save_directory(target, superseded=()) as tmp:
         (tmp / "processor_config.json").write_text("{}")
-    assert sorted(p.name for p in target.iterdir()) == ["model.safetensors", "processor_config.json"]
+    assert sorted(p.name for p in target.iterdir()) == [
+        "model.safetensors",
+        "processor_config.json",
+    ]
 
 
 def test_atomic_save_that_raises_leaves_the_old_directory_identical(tmp_path, exchange):
@@ -155,9 +159,11 @@ def test_atomic_save_follows_a_symlink(tmp_path, exchange):
 def test_atomic_save_onto_a_file_is_refused(tmp_path):
     target = tmp_path / "model"
     target.write_text("a file")
-    with pytest.raises(ValueError, match="exists and is not a directory"):
-        with atomic_save_directory(target):
-            pass
+    with (
+        pytest.raises(ValueError, match="exists and is not a directory"),
+        atomic_save_directory(target),
+    ):
+        pass
     assert target.read_text() == "a file"
 
 
@@ -222,3 +228,252 @@ def test_connector_save_that_fails_midway_keeps_the_old_checkpoint(tmp_path):
     loaded = DenseConnector.from_pretrained(target)
     for key, value in old.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value)
+
+
+# ---------------------------------------------------------------------------- Dense HF models and stages
+
+
+def dense_llava(seed: int = 0):
+    pytest.importorskip("transformers")
+    from training_toys import build_model
+
+    return build_model(seed=seed)
+
+
+def test_dense_llava_save_keeps_user_files_and_drops_stale_shards(tmp_path):
+    target = tmp_path / "llava"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    (target / "model-00001-of-00003.safetensors").write_bytes(b"stale shard")
+    (target / "model.safetensors.index.json").write_text('{"weight_map": {}}')
+    dense_llava().save_pretrained(target)
+    assert sorted(p.name for p in target.iterdir()) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "notes.txt",
+    ]
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.slow  # a fresh process imports transformers
+def test_dense_llava_save_that_fails_midway_keeps_the_old_checkpoint(tmp_path):
+    from mmconnect.integrations.llava import DenseLlavaForConditionalGeneration
+
+    target = tmp_path / "llava"
+    old = dense_llava(seed=0)
+    old.save_pretrained(target)
+    before = tree_hashes(target)
+    size = (target / "model.safetensors").stat().st_size
+    script = f"""
+        import sys
+        sys.path.insert(0, {str(REPO / "tests")!r})
+        from training_toys import build_model
+        try:
+            build_model(seed=1).save_pretrained({str(target)!r})
+        except Exception as error:  # safetensors' own error type, with our note
+            print("save failed:", "File too large" in str(error), *error.__notes__)
+        else:
+            print("save succeeded")
+    """
+    result = run_with_file_size_limit(script, size - 1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == (
+        f"save failed: True the save into {str(target)!r} failed and was discarded: the "
+        "directory is unchanged"
+    ), result.stdout
+    assert tree_hashes(target) == before
+    assert leftovers(tmp_path) == []
+    loaded = DenseLlavaForConditionalGeneration.from_pretrained(target)
+    for key, value in old.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_dense_llava_from_pretrained_names_a_corrupt_file(tmp_path):
+    from mmconnect.integrations.llava import DenseLlavaForConditionalGeneration
+
+    target = tmp_path / "llava"
+    dense_llava().save_pretrained(target)
+    weights = target / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-100])
+    with pytest.raises(ValueError) as error:
+        DenseLlavaForConditionalGeneration.from_pretrained(target)
+    assert str(error.value).startswith(
+        f"weights file {str(weights)!r} ({len(data) - 100} bytes) is not a readable safetensors "
+        "file: it is truncated or corrupt"
+    )
+    weights.write_bytes(data)
+    config = target / "config.json"
+    config.write_text(config.read_text()[:40])
+    with pytest.raises(ValueError, match=re.escape(repr(str(config))) + " is not valid JSON"):
+        DenseLlavaForConditionalGeneration.from_pretrained(target)
+    config.write_bytes(b"\xff\xfe{\x00}\x00")  # UTF-16
+    with pytest.raises(ValueError, match=re.escape(repr(str(config))) + " is not UTF-8 text"):
+        DenseLlavaForConditionalGeneration.from_pretrained(target)
+
+
+@pytest.mark.slow  # a fresh process imports transformers
+def test_stage_rerun_that_fails_while_saving_keeps_the_stage_folder(tmp_path):
+    pytest.importorskip("transformers")
+    from training_toys import ToyDataset, build_model, collate
+
+    from mmconnect.integrations.llava import DenseLlavaForConditionalGeneration
+    from mmconnect.integrations.training import StageConfig, train_stage
+
+    config = StageConfig(
+        stage="align",
+        output_dir=str(tmp_path / "stage1"),
+        per_device_train_batch_size=4,
+        max_steps=1,
+        save_steps=1,
+        disable_tqdm=True,
+    )
+    trained = train_stage(build_model(), ToyDataset(), collate, config).model
+    stage_folder = tmp_path / "stage1"
+    (stage_folder / "notes.txt").write_text("mine")
+    assert (stage_folder / "checkpoint-1" / "trainer_state.json").is_file()
+    before = tree_hashes(stage_folder)
+    size = (stage_folder / "model.safetensors").stat().st_size
+    # the re-run trains a model of the same size with another seed and no trainer checkpoints
+    script = f"""
+        import sys
+        sys.path.insert(0, {str(REPO / "tests")!r})
+        from training_toys import ToyDataset, build_model, collate
+        from mmconnect.integrations.training import StageConfig, train_stage
+        config = StageConfig(stage="align", output_dir={str(stage_folder)!r},
+            per_device_train_batch_size=4, max_steps=1, disable_tqdm=True, seed=1)
+        try:
+            train_stage(build_model(seed=1), ToyDataset(), collate, config)
+        except Exception as error:
+            print("save failed:", "File too large" in str(error), error.__notes__[-1])
+        else:
+            print("save succeeded")
+    """
+    result = run_with_file_size_limit(script, size - 1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == (
+        f"save failed: True the save into {str(stage_folder)!r} failed and was discarded: the "
+        "directory is unchanged"
+    ), result.stdout
+    assert tree_hashes(stage_folder) == before
+    assert leftovers(tmp_path) == []
+    loaded = DenseLlavaForConditionalGeneration.from_pretrained(stage_folder)
+    for key, value in trained.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_stage_rerun_keeps_trainer_checkpoints_and_user_files(tmp_path):
+    pytest.importorskip("transformers")
+    from training_toys import ToyDataset, build_model, collate
+
+    from mmconnect.integrations.training import StageConfig, train_stage
+
+    stage_folder = tmp_path / "stage1"
+    (stage_folder / "checkpoint-7").mkdir(parents=True)
+    (stage_folder / "checkpoint-7" / "trainer_state.json").write_text("{}")
+    (stage_folder / "notes.txt").write_text("mine")
+    (stage_folder / "model-00001-of-00002.safetensors").write_bytes(b"stale shard")
+    config = StageConfig(
+        stage="align",
+        output_dir=str(stage_folder),
+        per_device_train_batch_size=4,
+        max_steps=1,
+        disable_tqdm=True,
+    )
+    train_stage(build_model(), ToyDataset(), collate, config)
+    assert sorted(p.name for p in stage_folder.iterdir()) == [
+        "base_fingerprint.json",
+        "checkpoint-7",
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "notes.txt",
+    ]
+    assert (stage_folder / "checkpoint-7" / "trainer_state.json").read_text() == "{}"
+    assert leftovers(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------- readers
+
+
+def test_read_state_dict_names_what_is_wrong(tmp_path):
+    weights = tmp_path / "model.safetensors"
+    ckpt.write_state_dict({"w": torch.arange(64.0)}, weights)
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-8])
+    with pytest.raises(ValueError) as error:
+        ckpt.read_state_dict(weights)
+    assert str(error.value) == (
+        f"weights file {str(weights)!r} ({len(data) - 8} bytes) is not a readable safetensors "
+        "file: it is truncated or corrupt (Error while deserializing header: incomplete "
+        "metadata, file not fully covered); save it again"
+    )
+    weights.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=r"\(7 bytes\) is not a readable safetensors file"):
+        ckpt.read_state_dict(weights)
+    with pytest.raises(ValueError, match=re.escape(repr(str(tmp_path))) + " is a directory"):
+        ckpt.read_state_dict(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"weights file .*nothing\.bin' does not exist"):
+        ckpt.read_state_dict(tmp_path / "nothing.bin")
+    pickle = tmp_path / "mm_projector.bin"
+    torch.save({"w": torch.arange(1000.0)}, pickle)
+    pickle.write_bytes(pickle.read_bytes()[:500])
+    with pytest.raises(ValueError, match=r"mm_projector\.bin' \(500 bytes\) cannot be read as"):
+        ckpt.read_state_dict(pickle)
+
+
+def test_read_json_names_what_is_wrong(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text('{"a": 1')
+    with pytest.raises(ValueError, match=r"config file .*config\.json' is not valid JSON"):
+        ckpt.read_json(path)
+    path.write_bytes(b'{"a": "\xe9"}')
+    with pytest.raises(ValueError) as error:
+        ckpt.read_json(path)
+    assert str(error.value) == (
+        f"config file {str(path)!r} is not UTF-8 text (byte 7: invalid continuation byte); "
+        "is it a JSON file?"
+    )
+    path.write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"must hold a JSON object, got list"):
+        ckpt.read_json(path)
+    with pytest.raises(ValueError, match=re.escape(repr(str(tmp_path))) + " is a directory"):
+        ckpt.read_json(tmp_path)
+
+
+def test_check_torch_archive(tmp_path):
+    path = tmp_path / "optimizer.pt"
+    torch.save({"state": {0: torch.zeros(100)}}, path)
+    ckpt.check_torch_archive(path)
+    path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(ValueError, match=r"optimizer\.pt' \(300 bytes\) is not a complete"):
+        ckpt.check_torch_archive(path)
+
+
+def test_write_state_dict_names_the_file_it_cannot_write(tmp_path):
+    target = tmp_path / "missing" / "model.safetensors"
+    with pytest.raises(OSError, match=r"cannot write weights file .*missing/model\.safetensors"):
+        ckpt.write_state_dict({"w": torch.zeros(2)}, target)
+
+
+# ---------------------------------------------------------------------------- fingerprints
+
+
+def test_fingerprint_tensors_is_exact_and_weight_dependent():
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(300, 7, generator=generator), torch.randn(5, generator=generator)
+    reference = ckpt.fingerprint_tensors([("a", a), ("b", b)])
+    assert ckpt.fingerprint_tensors([("b", b.clone()), ("a", a.clone())]) == reference
+    assert ckpt.fingerprint_tensors([("a", a.t().contiguous().t()), ("b", b)]) == reference
+    nudged = a.clone()
+    nudged[123, 4] = torch.nextafter(nudged[123, 4], torch.tensor(10.0))  # one ulp, not sampled
+    different = [
+        [("a", nudged), ("b", b)],
+        [("a", a), ("c", b)],
+        [("a", a.reshape(7, 300)), ("b", b)],
+        [("a", a.double()), ("b", b)],
+        [("a", a)],
+    ]
+    for tensors in different:
+        assert ckpt.fingerprint_tensors(tensors) != reference

@@ -6,6 +6,8 @@ import dataclasses
 import json
 import logging
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +22,7 @@ from mmconnect.integrations.training import (
     LoraSettings,
     StageConfig,
     base_fingerprint,
+    check_resume_checkpoint,
     parameter_groups,
     prepare_stage,
     train_stage,
@@ -207,6 +210,66 @@ def test_resuming_onto_another_base_with_the_override(interrupted_run, caplog):
     assert [step for step, _ in resumed.losses] == [4, 5, 6]
     for step, loss in resumed.losses:
         assert loss == pytest.approx(expected[step], rel=1e-5, abs=1e-6)
+
+
+def copy_of_checkpoint(run, tmp_path):
+    copy = tmp_path / "checkpoint-3"
+    shutil.copytree(run["checkpoint"], copy)
+    return copy
+
+
+def test_resume_checkpoint_with_a_truncated_or_missing_file(interrupted_run, tmp_path):
+    checkpoint = copy_of_checkpoint(interrupted_run, tmp_path)
+    names = sorted(p.name for p in checkpoint.iterdir())
+    assert names == [
+        BASE_FINGERPRINT_NAME,
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "optimizer.pt",
+        "rng_state.pth",
+        "scheduler.pt",
+        "trainer_state.json",
+        "training_args.bin",
+    ]
+    model = build_model()
+    check_resume_checkpoint(checkpoint, model)  # intact
+    optimizer = checkpoint / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:1000])
+    with pytest.raises(ValueError) as error:
+        check_resume_checkpoint(checkpoint, model)
+    assert str(error.value) == (
+        f"{str(optimizer)!r} (1000 bytes) is not a complete torch.save file: it is truncated "
+        "or corrupt (File is not a zip file)"
+    )
+    shutil.copy(interrupted_run["checkpoint"] / "optimizer.pt", optimizer)
+    weights = checkpoint / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4])
+    with pytest.raises(ValueError, match=re.escape(repr(str(weights))) + r" \(\d+ bytes\) is"):
+        check_resume_checkpoint(checkpoint, model)
+    shutil.copy(interrupted_run["checkpoint"] / "model.safetensors", weights)
+    (checkpoint / "trainer_state.json").write_text('{"global_step": ')
+    with pytest.raises(ValueError, match=r"trainer state .*trainer_state\.json' is not valid JSON"):
+        check_resume_checkpoint(checkpoint, model)
+    (checkpoint / "trainer_state.json").unlink()
+    with pytest.raises(FileNotFoundError) as missing:
+        train_stage(
+            model,
+            ToyDataset(),
+            collate,
+            interrupted_run["config"],
+            resume_from_checkpoint=checkpoint,
+        )
+    assert str(missing.value) == (
+        f"resume checkpoint {str(checkpoint)!r} has no trainer_state.json: it is not a complete "
+        "Trainer checkpoint (was the save interrupted?); resume from another checkpoint-N folder"
+    )
+
+
+def test_resume_checkpoint_that_is_a_file(interrupted_run):
+    weights = interrupted_run["checkpoint"] / "model.safetensors"
+    with pytest.raises(ValueError, match=re.escape(repr(str(weights))) + " is a file; expected"):
+        check_resume_checkpoint(weights, build_model())
 
 
 def test_fingerprint_ignores_lora_wrapping_and_sees_dtype(tmp_path):
