@@ -96,20 +96,49 @@ _CONNECTOR_PROJECTOR = "projector."
 _HF_LINEAR_NAME = re.compile(r"^linear_(\d+)\.")
 
 
+_PEFT_PREFIX = "base_model."  # PEFT wraps the model: base_model.model.<the model's own keys>
+_MODEL_PREFIX = "model."
+
+
+def strip_lora_prefixes(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Name the keys of an official LoRA run's ``non_lora_trainables.bin`` as the model does.
+
+    A LLaVA / Dense Connector LoRA run saves the trainable non-LoRA weights through PEFT's
+    wrapper (``base_model.model.model.mm_projector.0.weight``). As LLaVA's model builder does,
+    ``base_model.`` is removed, then ``model.`` too when keys start with ``model.model.``, giving
+    ``model.mm_projector.0.weight``. Other state dicts pass through unchanged.
+
+    Examples:
+        >>> sorted(strip_lora_prefixes({"base_model.model.model.mm_projector.0.bias": 0}))
+        ['model.mm_projector.0.bias']
+    """
+    state = {
+        (key[len(_PEFT_PREFIX) :] if key.startswith(_PEFT_PREFIX) else key): value
+        for key, value in state.items()
+    }
+    if any(key.startswith(_MODEL_PREFIX * 2) for key in state):
+        state = {
+            (key[len(_MODEL_PREFIX) :] if key.startswith(_MODEL_PREFIX) else key): value
+            for key, value in state.items()
+        }
+    return state
+
+
 def projector_state_from_checkpoint(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Extract projector weights from a LLaVA-family state dict and name them as mmconnect does.
 
-    Accepts official ``mm_projector.bin`` keys (``model.mm_projector.0.weight`` ...), HF
-    ``LlavaMultiModalProjector`` keys (``linear_1.weight`` ..., with or without the
-    ``model.multi_modal_projector.`` prefix), a DenseConnector's own keys (``projector.0.weight``,
-    also under those prefixes) and bare keys (``0.weight``). Returns keys of an
-    mmconnect projector (``0.weight``, ``2.weight``; ``weight`` for ``linear``).
+    Accepts official ``mm_projector.bin`` keys (``model.mm_projector.0.weight`` ...), an official
+    LoRA run's ``non_lora_trainables.bin`` (``base_model.model.model.mm_projector.0.weight``,
+    see :func:`strip_lora_prefixes`), HF ``LlavaMultiModalProjector`` keys (``linear_1.weight``
+    ..., with or without the ``model.multi_modal_projector.`` prefix), a DenseConnector's own keys
+    (``projector.0.weight``, also under those prefixes) and bare keys (``0.weight``). Returns keys
+    of an mmconnect projector (``0.weight``, ``2.weight``; ``weight`` for ``linear``).
 
     Raises:
         ValueError: no projector weights are found.
     """
     stripped: dict[str, Tensor] = {}
-    for key, value in state.items():
+    for key, value in strip_lora_prefixes(state).items():
         for prefix in _PROJECTOR_PREFIXES:
             if key.startswith(prefix):
                 key = key[len(prefix) :]
@@ -137,7 +166,8 @@ def load_projector_weights(projector: nn.Module, source: str | Path | Mapping[st
 
     Args:
         projector: a projector built by :func:`build_projector`.
-        source: a path to ``mm_projector.bin`` / ``*.safetensors`` or an in-memory state dict.
+        source: a path to ``mm_projector.bin``, ``non_lora_trainables.bin`` or ``*.safetensors``,
+            or an in-memory state dict.
 
     Raises:
         ValueError: keys or shapes do not match the projector (the message lists them).

@@ -252,6 +252,66 @@ def test_missing_file(tmp_path, sci_connector):
         sci_connector.load_projector_weights(tmp_path / "nope.bin")
 
 
+def _lora_trainables(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``non_lora_trainables.bin`` of an official LoRA run: PEFT's ``base_model.model.`` before
+    the model's own keys, beside the other trainable non-LoRA weights."""
+    extra = {
+        "model.image_newline": _randn(40, LLM),
+        "model.vision_tower.vision_tower.vision_model.post_layernorm.weight": _randn(41, VISION),
+    }
+    return {f"base_model.model.{key}": value for key, value in {**state, **extra}.items()}
+
+
+def test_official_non_lora_trainables_bin_into_connector(tmp_path, sci_connector):
+    state = _official_state(3 * VISION, LLM, seed=21)
+    path = tmp_path / "non_lora_trainables.bin"
+    torch.save(_lora_trainables(state), path)
+    assert "base_model.model.model.mm_projector.0.weight" in torch.load(path, weights_only=True)
+    sci_connector.load_projector_weights(path)
+    features = _sci_features()
+    fused = torch.cat([features[23], features[7], features[15]], dim=-1)
+    assert_close(sci_connector(features), _manual_mlp(state, fused), **EXACT)
+
+
+def test_non_lora_trainables_of_a_swapped_model(tmp_path, sci_connector):
+    """A LoRA run after swap_connector saves the connector's own keys under PEFT's prefix."""
+    torch.manual_seed(4)
+    trained = DenseConnector(sci_connector.config)
+    state = {
+        f"base_model.model.model.mm_projector.{name}": p.detach().clone()
+        for name, p in trained.named_parameters()
+    }
+    path = tmp_path / "non_lora_trainables.bin"
+    torch.save(state, path)
+    mmconnect.load_projector_weights(sci_connector.projector, path)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(sci_connector.parameters(), trained.parameters(), strict=True)
+    )
+
+
+@pytest.mark.parametrize(
+    ("keys", "expected"),
+    [
+        (  # LLaVA's builder: base_model. off, then model. off because model.model. keys exist
+            ["base_model.model.model.mm_projector.0.weight", "base_model.model.lm_head.weight"],
+            ["lm_head.weight", "model.mm_projector.0.weight"],
+        ),
+        (  # no model.model. keys: model. stays
+            ["base_model.model.mm_projector.0.weight", "lm_head.weight"],
+            ["lm_head.weight", "model.mm_projector.0.weight"],
+        ),
+        (
+            ["model.mm_projector.0.weight", "model.layers.0.w"],
+            ["model.layers.0.w", "model.mm_projector.0.weight"],
+        ),
+    ],
+)
+def test_strip_lora_prefixes_as_llavas_builder(keys, expected):
+    state = {key: torch.zeros(1) for key in keys}
+    assert sorted(projectors_module.strip_lora_prefixes(state)) == expected
+
+
 def test_bin_is_read_without_unpickling_objects(tmp_path, sci_connector):
     path = tmp_path / "mm_projector.bin"
     torch.save({"model.mm_projector.0.weight": torch.zeros(1), "extra": object()}, path)
