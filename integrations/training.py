@@ -520,6 +520,7 @@ def train_stage(
     *,
     resume_from_checkpoint: str | Path | None = None,
     callbacks: list[TrainerCallback] | None = None,
+    processor: Any = None,
 ) -> StageResult:
     """Run one stage and save its result into ``stage.output_dir``.
 
@@ -528,6 +529,8 @@ def train_stage(
     The save is atomic: a failure while saving leaves an earlier save in ``stage.output_dir``
     intact; its ``checkpoint-N/`` folders and other files are kept. Trainer checkpoints and the
     stage folder record the base model's fingerprint (``base_fingerprint.json``), checked on resume.
+    A ``processor`` (anything with ``save_pretrained``) is saved in the same atomic step, so the
+    folder never pairs a new model with an old processor.
 
     Raises:
         FileNotFoundError: ``resume_from_checkpoint`` or its ``trainer_state.json`` is missing.
@@ -570,5 +573,7 @@ def train_stage(
     if trainer.is_world_process_zero():
         with atomic_save_directory(output_dir) as staging:
             trained.save_pretrained(staging)
+            if processor is not None:
+                processor.save_pretrained(staging)
             _write_base_fingerprint(staging, fingerprint)
     return StageResult(model=trained, losses=history.losses, output_dir=output_dir)

@@ -271,10 +271,15 @@ def _fsync_tree(root: Path) -> None:
         _fsync_path(Path(folder), directory=True)
 
 
+def _sibling_name(directory: Path, kind: str) -> Path:
+    # the name is cut so the sibling's name stays within the 255 bytes file systems allow
+    return directory.parent / f".{directory.name[:200]}.{kind}-{secrets.token_hex(4)}"
+
+
 def _sibling(directory: Path, kind: str) -> Path:
     """Create and return a fresh hidden sibling ``.{name}.{kind}-<random>`` (umask permissions)."""
     for _ in range(100):
-        candidate = directory.parent / f".{directory.name}.{kind}-{secrets.token_hex(4)}"
+        candidate = _sibling_name(directory, kind)
         try:
             candidate.mkdir()
         except FileExistsError:
@@ -339,9 +344,11 @@ def atomic_save_directory(
         ...     connector_config.save(tmp / "config.json")
         ...     write_state_dict(state, tmp / "model.safetensors")
     """
-    target = Path(directory)
+    target = Path(os.path.abspath(directory))  # "." and "a/.." have no name to put a sibling by
     if target.is_symlink():
         target = target.resolve()
+    if target.parent == target:
+        raise ValueError(f"cannot save into the file system root {str(target)!r}")
     if target.exists() and not target.is_dir():
         raise ValueError(f"{str(target)!r} exists and is not a directory")
     prepare_directory(target.parent)
@@ -365,7 +372,17 @@ def atomic_save_directory(
                 f"{'the directory is unchanged' if target.exists() else 'nothing was written'}"
             )
         raise
-    _install(temporary, target, patterns)
+    try:
+        # saving into the working directory: the swap moves the process's working directory
+        # (an inode) to the old folder, which is then deleted; follow the new one
+        in_target = target.is_dir() and os.path.samefile(target, os.getcwd())
+    except OSError:
+        in_target = False
+    try:
+        _install(temporary, target, patterns)
+    finally:
+        if in_target:
+            os.chdir(target)
 
 
 def _install(temporary: Path, target: Path, patterns: tuple[str, ...]) -> None:
@@ -386,7 +403,7 @@ def _install(temporary: Path, target: Path, patterns: tuple[str, ...]) -> None:
     if exchanged:
         old = temporary  # after the swap the temporary name holds the old directory
     else:
-        old = target.parent / f".{target.name}.old-{secrets.token_hex(4)}"
+        old = _sibling_name(target, "old")
         try:
             os.rename(target, old)
         except OSError:

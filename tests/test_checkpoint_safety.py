@@ -156,6 +156,31 @@ def test_atomic_save_follows_a_symlink(tmp_path, exchange):
     assert sorted(p.name for p in real.iterdir()) == ["config.json", "notes.txt"]
 
 
+def test_atomic_save_into_the_working_directory(tmp_path, monkeypatch, exchange):
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    monkeypatch.chdir(target)
+    with atomic_save_directory(".") as tmp:
+        assert tmp.parent == tmp_path and tmp.name.startswith(".model.tmp-")
+        (tmp / "config.json").write_text("{}")
+    assert Path(os.getcwd()) == target  # still valid: not the deleted old folder
+    assert sorted(p.name for p in Path(".").iterdir()) == ["config.json", "notes.txt"]
+    with atomic_save_directory("sub/..") as tmp:
+        (tmp / "model.safetensors").write_bytes(b"x")
+    assert sorted(p.name for p in Path(".").iterdir()) == ["model.safetensors", "notes.txt"]
+    assert leftovers(tmp_path) == []
+
+
+def test_atomic_save_with_a_long_name(tmp_path, exchange):
+    target = tmp_path / ("n" * 250)
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    with atomic_save_directory(target) as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "notes.txt"]
+
+
 def test_atomic_save_onto_a_file_is_refused(tmp_path):
     target = tmp_path / "model"
     target.write_text("a file")
@@ -366,6 +391,7 @@ def test_stage_rerun_that_fails_while_saving_keeps_the_stage_folder(tmp_path):
 def test_stage_rerun_keeps_trainer_checkpoints_and_user_files(tmp_path):
     pytest.importorskip("transformers")
     from training_toys import ToyDataset, build_model, collate
+    from transformers import CLIPImageProcessor
 
     from mmconnect.integrations.training import StageConfig, train_stage
 
@@ -381,7 +407,9 @@ def test_stage_rerun_keeps_trainer_checkpoints_and_user_files(tmp_path):
         max_steps=1,
         disable_tqdm=True,
     )
-    train_stage(build_model(), ToyDataset(), collate, config)
+    (stage_folder / "preprocessor_config.json").write_text("{}")
+    processor = CLIPImageProcessor(crop_size=56, size={"shortest_edge": 56})
+    train_stage(build_model(), ToyDataset(), collate, config, processor=processor)
     assert sorted(p.name for p in stage_folder.iterdir()) == [
         "base_fingerprint.json",
         "checkpoint-7",
@@ -389,7 +417,10 @@ def test_stage_rerun_keeps_trainer_checkpoints_and_user_files(tmp_path):
         "generation_config.json",
         "model.safetensors",
         "notes.txt",
+        "preprocessor_config.json",
     ]
+    saved = CLIPImageProcessor.from_pretrained(stage_folder)  # the new one, saved with the model
+    assert saved.crop_size == {"height": 56, "width": 56}
     assert (stage_folder / "checkpoint-7" / "trainer_state.json").read_text() == "{}"
     assert leftovers(tmp_path) == []
 
