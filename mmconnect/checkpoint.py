@@ -10,8 +10,8 @@ either the complete old save or the complete new one at every instant (a save th
 -- disk full, a file-size limit, an exception -- leaves the old directory byte-identical). Files
 of the directory that the save did not rewrite (trainer ``checkpoint-N/`` folders, a processor,
 the user's notes) are kept, except the weights / config files of the save family
-(:data:`MODEL_FILE_PATTERNS`): a stale shard of an earlier sharded save must not sit next to a
-new single-file save.
+(:data:`MODEL_FILE_PATTERNS`) when the save wrote such files too: a stale shard of an earlier
+sharded save must not sit next to a new single-file save.
 
 Readers (:func:`read_state_dict`, :func:`read_json`) name the file and what is wrong with it
 (missing, a directory, truncated or not a safetensors / PyTorch / JSON / UTF-8 file).
@@ -49,9 +49,10 @@ WEIGHTS_NAME = "model.safetensors"
 
 #: Names (``fnmatch`` patterns) of the files a model save writes: weights in every layout HF and
 #: PEFT use (single file, shards and their index, PyTorch pickles), the model config and the
-#: generation config. When a save replaces a directory, old files matching these are superseded
-#: even when the new save did not write a file of the same name (a new ``model.safetensors``
-#: replaces an old ``model-00001-of-00002.safetensors`` + index): a loader must never see both.
+#: generation config. When a save that wrote files matching these replaces a directory, the old
+#: files matching them are superseded even when the new save did not write a file of the same
+#: name (a new ``model.safetensors`` replaces an old ``model-00001-of-00002.safetensors`` + index):
+#: a loader must never see both.
 MODEL_FILE_PATTERNS: tuple[str, ...] = (
     "config.json",
     "generation_config.json",
@@ -288,15 +289,17 @@ def _sibling(directory: Path, kind: str) -> Path:
     raise ValueError(f"cannot create a temporary directory next to {str(directory)!r}")
 
 
-def _superseded(name: str, written: set[str], patterns: tuple[str, ...]) -> bool:
-    return name in written or any(fnmatch.fnmatchcase(name, p) for p in patterns)
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
 
 
 def _move_back(old: Path, new: Path, patterns: tuple[str, ...]) -> None:
     """Move the entries of ``old`` that the save did not supersede into ``new``, delete ``old``."""
     written = set(os.listdir(new))
+    # only a save that wrote model files supersedes the old ones (a processor save does not)
+    model_save = any(_matches(name, patterns) for name in written)
     for name in sorted(os.listdir(old)):
-        if not _superseded(name, written, patterns):
+        if name not in written and not (model_save and _matches(name, patterns)):
             os.rename(old / name, new / name)
     shutil.rmtree(old)
 
@@ -316,10 +319,11 @@ def atomic_save_directory(
       readers see the complete old or the complete new save at every instant; then every entry
       of the old directory that the save did not supersede is moved into the new one, and the
       old directory (now only superseded files) is deleted. An old entry is superseded when the
-      save wrote an entry of the same name, or its name matches one of ``superseded`` (default
-      :data:`MODEL_FILE_PATTERNS`: weights and configs, so stale shards never survive next to a
-      new save). Everything else (``checkpoint-N/`` folders, processor files the save did not
-      rewrite, the user's own files) is kept.
+      save wrote an entry of the same name, or when its name matches one of ``superseded``
+      (default :data:`MODEL_FILE_PATTERNS`: weights and configs) and the save wrote a file
+      matching them too: stale shards never survive next to a new model save, while a save of
+      only a processor keeps the model. Everything else (``checkpoint-N/`` folders, processor
+      files the save did not rewrite, the user's own files) is kept.
     * where the exchange is unavailable (another OS, an old kernel / libc, a file system without
       it) two renames are used instead (old -> hidden backup, new -> ``directory``), with the same
       moving back: ``directory`` is then absent for the instant between the two renames.
@@ -333,8 +337,9 @@ def atomic_save_directory(
     Args:
         directory: the model directory to write (created with its parents when absent; a
             symlink is followed and the directory it points to is replaced).
-        superseded: ``fnmatch`` patterns of old entries to drop even when the save did not write
-            them; pass ``()`` to keep every old entry the save did not overwrite.
+        superseded: ``fnmatch`` patterns of old entries to drop, when the save wrote a file
+            matching them, even if it did not write one of the same name; pass ``()`` to keep
+            every old entry the save did not overwrite.
 
     Raises:
         ValueError: ``directory`` exists and is not a directory, or its parent cannot be written.

@@ -110,15 +110,29 @@ def test_atomic_save_keeps_what_it_did_not_rewrite(tmp_path, exchange):
     assert leftovers(tmp_path) == []
 
 
-def test_atomic_save_superseded_patterns_can_be_switched_off(tmp_path, exchange):
-    target = tmp_path / "processor"
+def test_atomic_save_of_a_processor_keeps_the_model(tmp_path, exchange):
+    target = tmp_path / "model"
     target.mkdir()
     (target / "model.safetensors").write_bytes(b"weights saved by the model")
-    with atomic_save_directory(target, superseded=()) as tmp:
+    (target / "config.json").write_text("{}")
+    with atomic_save_directory(target) as tmp:  # writes no model file: supersedes none
         (tmp / "processor_config.json").write_text("{}")
     assert sorted(p.name for p in target.iterdir()) == [
+        "config.json",
         "model.safetensors",
         "processor_config.json",
+    ]
+
+
+def test_atomic_save_superseded_patterns_can_be_switched_off(tmp_path, exchange):
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "model-00001-of-00002.safetensors").write_bytes(b"a shard")
+    with atomic_save_directory(target, superseded=()) as tmp:
+        (tmp / "model.safetensors").write_bytes(b"weights")
+    assert sorted(p.name for p in target.iterdir()) == [
+        "model-00001-of-00002.safetensors",
+        "model.safetensors",
     ]
 
 
