@@ -1,0 +1,661 @@
+"""The integration contracts in bf16 as well as fp32, on the CPU (issue 12, item 5).
+
+The contracts the fp32 suites check per family, run with the whole model in ``torch.bfloat16``
+next to the same model in fp32: Dense LLaVA converted from a stock HF LLaVA cast with
+``.to(torch.bfloat16)`` (DCI, STI and the efficient DCI preset), a bf16 tower under an fp32 LLM,
+Dense LLaVA-NeXT (AnyRes), Dense Mini-Gemini (HD mode too), the Mini-Gemini codebase swap, image
+and video chat, and one optimizer step of each training stage. The tiny models and inputs are
+those of each family's own test module, imported from it, so both suites test the same models.
+The LLaVA-codebase swap is checked in fp32 and bf16 in ``test_llava_codebase.py``, whose
+stand-ins load their tower the way LLaVA's builder does.
+
+Exact checks (``torch.equal``): image features against the tap and the connector run by hand and
+against the tower's ``output_hidden_states``, reloaded checkpoints against the saved model.
+bf16 against fp32 is a tolerance check on the loss (bf16 keeps 8 bits of mantissa).
+
+Two transformers behaviours the checks take into account:
+
+* ``model.to(torch.bfloat16)`` also casts the LLM's rotary ``inv_freq`` buffer to bf16, while
+  ``from_pretrained`` / ``from_config`` with ``dtype=torch.bfloat16`` keep it in fp32, so a
+  ``.to()``-cast model and its reloaded checkpoint differ in the logits (by up to 0.002 here).
+  The save / reload checks start from models built as ``from_pretrained`` builds them.
+* ``StageConfig(bf16=True)`` without an accelerator needs ``extra_training_arguments={"use_cpu":
+  True}``: transformers refuses bf16 autocast on the CPU otherwise.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+transformers = pytest.importorskip("transformers")
+timm = pytest.importorskip("timm")
+
+from safetensors import safe_open  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForImageTextToText,
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessor,
+)
+
+from mmconnect import ConnectorConfig, DenseConnector, LayerFeatures  # noqa: E402
+from mmconnect.integrations.data import Turn, get_template  # noqa: E402
+from mmconnect.integrations.demo import build_word_tokenizer  # noqa: E402
+from mmconnect.integrations.llava import DenseLlavaProcessor, from_llava  # noqa: E402
+from mmconnect.integrations.llava_next import (  # noqa: E402
+    DenseLlavaNextConfig,
+    DenseLlavaNextForConditionalGeneration,
+    DenseLlavaNextProcessor,
+    from_llava_next,
+)
+from mmconnect.integrations.mgm_codebase import swap_connector as swap_mgm  # noqa: E402
+from mmconnect.integrations.training import StageConfig, train_stage  # noqa: E402
+from mmconnect.integrations.video_chat import (  # noqa: E402
+    answer_image,
+    answer_video,
+    encode_image,
+    prompt_embeddings,
+)
+from mmconnect.video import count_video_tokens, sample_frame_indices  # noqa: E402
+from tests import (  # noqa: E402
+    test_llava,
+    test_llava_next,
+    test_mgm_codebase,
+    test_mgm_model,
+    test_video_chat,
+    training_toys,
+)
+
+DTYPES = [torch.float32, torch.bfloat16]
+#: Parametrize a test over fp32 and bf16.
+each_dtype = pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+#: bf16 loss against the fp32 model's (same weights rounded to bf16): measured differences stay
+#: below 0.003 on these models; 0.03 is ten times that and far below any broken path's error.
+LOSS_TOLERANCE = 0.03
+
+
+def float_dtypes(module: torch.nn.Module) -> set[torch.dtype]:
+    """The dtypes of ``module``'s floating parameters and buffers."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return {tensor.dtype for tensor in tensors if tensor.is_floating_point()}
+
+
+def parameter_dtypes(module: torch.nn.Module) -> set[torch.dtype]:
+    return {parameter.dtype for parameter in module.parameters()}
+
+
+def checkpoint_dtypes(directory) -> set[str]:
+    """The dtypes of the floating tensors in ``directory/model.safetensors`` (header only)."""
+    with safe_open(str(directory / "model.safetensors"), framework="pt") as handle:
+        names = {handle.get_slice(key).get_dtype() for key in handle.keys()}  # noqa: SIM118
+    return names - {"I64"}  # the connector's config fingerprint
+
+
+def native_in(dtype: torch.dtype, config, seed: int = 0):
+    """The model of ``config`` built as ``from_pretrained(..., dtype=dtype)`` builds it (rotary
+    frequencies in fp32, every weight in ``dtype``), with seeded random weights."""
+    torch.manual_seed(seed)
+    return AutoModelForImageTextToText.from_config(config, dtype=dtype).eval()
+
+
+def loss_of(model, **inputs) -> float:
+    with torch.no_grad():
+        return float(model(**inputs).loss)
+
+
+# ---------------------------------------------------------------------------- Dense LLaVA
+
+LLAVA_PRESETS = ["dc-dci-clip-l-336", "dc-sti-clip-l-336", "dc-dci-clip-l-336-efficient"]
+
+
+@pytest.fixture(scope="module")
+def dense_llava():
+    """``(preset, dtype) -> Dense LLaVA`` converted with ``from_llava`` from a stock HF LLaVA
+    cast to ``dtype``, in eval mode, built once per module (tests must not change it)."""
+    cache = {}
+
+    def get(preset: str, dtype: torch.dtype):
+        if (preset, dtype) not in cache:
+            stock = test_llava.build_llava(-2).to(dtype)
+            cache[preset, dtype] = from_llava(stock, test_llava.connector_config(preset))
+        return cache[preset, dtype]
+
+    return get
+
+
+def llava_inputs(preset: str, seed: int = 1) -> dict[str, torch.Tensor]:
+    """One prompt with the preset's image tokens, fp32 pixels (as a processor gives them), labels."""
+    ids = test_llava.prompt_ids(test_llava.TOKENS[preset])
+    labels = ids.masked_fill(ids == test_llava.IMAGE, -100)
+    return {"input_ids": ids, "pixel_values": test_llava.pixels(1, seed=seed), "labels": labels}
+
+
+@each_dtype
+@pytest.mark.parametrize("preset", LLAVA_PRESETS)
+def test_llava_forward_with_labels_and_generate(dense_llava, preset, dtype):
+    model = dense_llava(preset, dtype)
+    assert float_dtypes(model.connector) == {dtype}  # the new connector follows the tower
+    assert model.connector.config_fingerprint.dtype == torch.int64
+    inputs = llava_inputs(preset)
+    ids = inputs["input_ids"]
+    with torch.no_grad():
+        output = model(**inputs)
+    assert output.logits.dtype == dtype
+    assert output.logits.shape == (1, ids.shape[1], test_llava.VOCAB)
+    assert torch.isfinite(output.loss) and torch.isfinite(output.logits).all()
+    if dtype != torch.float32:  # the same weights in fp32 give nearly the same loss
+        reference = loss_of(dense_llava(preset, torch.float32), **inputs)
+        assert abs(float(output.loss) - reference) < LOSS_TOLERANCE
+
+    generated = model.generate(
+        input_ids=ids,
+        pixel_values=inputs["pixel_values"],
+        max_new_tokens=3,
+        min_new_tokens=3,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    sequences = generated.sequences
+    assert sequences.shape == (1, ids.shape[1] + 3)
+    assert torch.equal(sequences[:, : ids.shape[1]], ids)
+    # The first step sees the same image features as the forward: same logits (generate
+    # returns them upcast to fp32), same token.
+    assert_close(generated.logits[0], output.logits[:, -1].float(), atol=1e-5, rtol=0)
+    assert sequences[0, ids.shape[1]] == output.logits[0, -1].argmax()
+
+
+@each_dtype
+@pytest.mark.parametrize("preset", LLAVA_PRESETS)
+def test_llava_image_features_are_the_connector_on_the_towers_layers(dense_llava, preset, dtype):
+    """``get_image_features`` equals, bit for bit, (1) the connector on a tap of the model's
+    tower run by hand and (2) the connector on the tower's own ``output_hidden_states`` (every
+    layer stored, DCI groups averaged by the fusion), with the pixels cast to the tower's dtype."""
+    model = dense_llava(preset, dtype)
+    tower, connector = model.model.vision_tower, model.connector
+    pixels = test_llava.pixels(1, seed=2)  # fp32 pixels, as a processor gives them
+    with torch.no_grad():
+        features = model.model.get_image_features(pixels).pooler_output
+        tapped = connector.make_tap(tower, keep_prefix=False)(pixels.to(dtype))
+        by_tap = connector(tapped, (24, 24))
+        states = tower(pixels.to(dtype), output_hidden_states=True).hidden_states
+        by_states = connector(LayerFeatures.from_hidden_states(states, num_prefix_tokens=1))
+    assert [f.dtype for f in features] == [dtype]
+    assert [tuple(f.shape) for f in features] == [(test_llava.TOKENS[preset], test_llava.LLM)]
+    assert torch.equal(features[0], by_tap[0]), "differs from the tap run by hand"
+    assert torch.equal(features[0], by_states[0]), "differs from the hidden-states path"
+
+
+def llava_config() -> LlavaConfig:
+    """``test_llava.build_llava(-2)``'s stock LLaVA config (CLIP-L/336 geometry, Llama)."""
+    return LlavaConfig(
+        vision_config=test_llava.clip_config(),
+        text_config=test_llava.llm_config(),
+        image_token_id=test_llava.IMAGE,
+        vision_feature_layer=-2,
+    )
+
+
+@each_dtype
+def test_llava_save_and_reload_keep_dtype_and_logits(tmp_path, dtype):
+    stock = native_in(dtype, llava_config())
+    model = from_llava(stock, test_llava.connector_config("dc-dci-clip-l-336"))
+    model.save_pretrained(tmp_path)
+    assert checkpoint_dtypes(tmp_path) == {"F32" if dtype == torch.float32 else "BF16"}
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    assert parameter_dtypes(loaded) == {dtype}
+    assert loaded.connector.config_fingerprint.dtype == torch.int64
+    inputs = llava_inputs("dc-dci-clip-l-336", seed=4)
+    del inputs["labels"]
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        actual = loaded(**inputs).logits
+    assert actual.dtype == dtype
+    assert torch.equal(actual, expected)
+
+
+def test_llava_bf16_tower_under_an_fp32_llm():
+    """A bf16 vision tower under an fp32 LLM: ``from_llava`` puts the new connector in the
+    tower's dtype (bf16) and HF casts its tokens to the LLM's; a connector cast to fp32 takes
+    the bf16 features and projects them in fp32 (``DenseConnector.forward`` casts the fused
+    features to its projector's dtype)."""
+    stock = test_llava.build_llava(-2)
+    stock.model.vision_tower.to(torch.bfloat16)
+    model = from_llava(stock, test_llava.connector_config("dc-dci-clip-l-336"))
+    assert float_dtypes(model.connector) == {torch.bfloat16}
+    inputs = llava_inputs("dc-dci-clip-l-336", seed=5)
+    with torch.no_grad():
+        output = model(**inputs)
+    assert output.logits.dtype == torch.float32 and torch.isfinite(output.loss)
+
+    connector = model.connector.float()
+    pixels = inputs["pixel_values"]
+    with torch.no_grad():
+        features = model.model.get_image_features(pixels).pooler_output[0]
+        tapped = connector.make_tap(model.model.vision_tower, keep_prefix=False)(
+            pixels.to(torch.bfloat16)
+        )
+        fused = connector.fuse(tapped, (24, 24))
+        output = model(**inputs)
+    assert fused.dtype == torch.bfloat16 and features.dtype == torch.float32
+    assert torch.equal(features, connector.projector(fused.float())[0])
+    assert output.logits.dtype == torch.float32 and torch.isfinite(output.loss)
+
+
+# ---------------------------------------------------------------------------- Dense LLaVA-NeXT
+
+NEXT_CONNECTORS = ["dci", "sti", "efficient"]
+NEXT_SIZES = [(60, 150), (1080, 1920)]
+
+
+def llava_next_config() -> LlavaNextConfig:
+    """The stock HF LLaVA-NeXT config of ``test_llava_next``'s ``hf_model`` fixture."""
+    n = test_llava_next
+    vision = CLIPVisionConfig(
+        hidden_size=n.VISION,
+        intermediate_size=32,
+        num_hidden_layers=n.BLOCKS,
+        num_attention_heads=2,
+        image_size=n.TILE,
+        patch_size=n.PATCH,
+    )
+    text = LlamaConfig(
+        hidden_size=n.LLM,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=n.VOCAB,
+        pad_token_id=n.PAD,
+        bos_token_id=n.BOS,
+        eos_token_id=n.EOS,
+    )
+    return LlavaNextConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=n.IMAGE_TOKEN,
+        vision_feature_layer=[-2, 3, 5],
+        vision_feature_select_strategy="default",
+        image_grid_pinpoints=n.PINPOINTS,
+    )
+
+
+@pytest.fixture(scope="module")
+def dense_next():
+    """``(connector name, dtype) -> Dense LLaVA-NeXT`` converted from the stock model in dtype."""
+    cache = {}
+
+    def get(name: str, dtype: torch.dtype) -> DenseLlavaNextForConditionalGeneration:
+        if (name, dtype) not in cache:
+            torch.manual_seed(0)
+            stock = LlavaNextForConditionalGeneration(llava_next_config()).eval().to(dtype)
+            torch.manual_seed(1)
+            cache[name, dtype] = from_llava_next(stock, test_llava_next.CONNECTORS[name]).eval()
+        return cache[name, dtype]
+
+    return get
+
+
+def next_labels(inputs: dict) -> torch.Tensor:
+    labels = inputs["input_ids"].clone()
+    labels[(labels == test_llava_next.IMAGE_TOKEN) | (inputs["attention_mask"] == 0)] = -100
+    return labels
+
+
+@each_dtype
+@pytest.mark.parametrize("name", NEXT_CONNECTORS)
+def test_llava_next_forward_with_labels_and_generate(dense_next, name, dtype):
+    model = dense_next(name, dtype)
+    assert float_dtypes(model.connector) == {dtype}
+    assert model.model.image_newline.dtype == dtype
+    inputs = test_llava_next._inputs(model, NEXT_SIZES)
+    with torch.no_grad():
+        output = model(**inputs, labels=next_labels(inputs))
+    assert output.logits.dtype == dtype
+    assert output.logits.shape == (*inputs["input_ids"].shape, test_llava_next.VOCAB)
+    assert torch.isfinite(output.loss) and torch.isfinite(output.logits).all()
+    if dtype != torch.float32:
+        with torch.no_grad():
+            reference = dense_next(name, torch.float32)(**inputs, labels=next_labels(inputs))
+        assert abs(float(output.loss) - float(reference.loss)) < LOSS_TOLERANCE
+
+    one = test_llava_next._inputs(model, [(150, 60)])
+    generated = model.generate(
+        **one, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=test_llava_next.PAD
+    )
+    assert generated.shape == (1, one["input_ids"].shape[1] + 3)
+    assert torch.equal(generated[:, : one["input_ids"].shape[1]], one["input_ids"])
+
+
+@each_dtype
+@pytest.mark.parametrize("name", NEXT_CONNECTORS)
+def test_llava_next_base_crop_features_are_the_connector_by_hand(dense_next, name, dtype):
+    """The packed image starts with the base crop's connector tokens (its grid, no newlines)."""
+    model = dense_next(name, dtype)
+    size = (60, 150)
+    pixels = test_llava_next._pixels([size])
+    crops = pixels[0, : test_llava_next._crops(size)]
+    connector, tower = model.connector, model.model.vision_tower
+    with torch.no_grad():
+        packed = model.model.get_image_features(pixels, torch.tensor([size])).pooler_output[0]
+        by_hand = connector(connector.make_tap(tower)(crops.to(dtype)), (4, 4))
+    assert packed.dtype == dtype
+    assert packed.shape == (model.model.image_token_count(size), test_llava_next.LLM)
+    rows, columns = connector.token_grid((4, 4))
+    assert torch.equal(packed[: rows * columns], by_hand[0, : rows * columns])
+
+
+@each_dtype
+def test_llava_next_save_and_reload_keep_dtype_and_logits(tmp_path, dtype):
+    stock = native_in(dtype, llava_next_config())
+    torch.manual_seed(1)
+    model = from_llava_next(stock, test_llava_next.CONNECTORS["sti"]).eval()
+    model.save_pretrained(tmp_path)
+    assert checkpoint_dtypes(tmp_path) == {"F32" if dtype == torch.float32 else "BF16"}
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    assert type(loaded) is DenseLlavaNextForConditionalGeneration
+    assert parameter_dtypes(loaded) == {dtype}
+    inputs = test_llava_next._inputs(loaded, NEXT_SIZES)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        actual = loaded(**inputs).logits
+    assert actual.dtype == dtype
+    assert torch.equal(actual, expected)
+
+
+# ---------------------------------------------------------------------------- Dense Mini-Gemini
+
+MGM_PRESET = "dc-dci-clip-l-336"
+
+
+@pytest.fixture(scope="module")
+def dense_mgm():
+    """``dtype -> Dense MGM`` with a DCI connector (``test_mgm_model.build``, then cast)."""
+    cache = {}
+
+    def get(dtype: torch.dtype):
+        if dtype not in cache:
+            cache[dtype] = test_mgm_model.build(MGM_PRESET).to(dtype)
+        return cache[dtype]
+
+    return get
+
+
+def mgm_inputs(seed: int) -> dict[str, torch.Tensor]:
+    """A 768 px HR image and a prompt with its 576 image tokens, labels on the text only."""
+    ids = test_mgm_model.prompt(576)
+    labels = ids.masked_fill(ids == test_mgm_model.IMAGE, -100)
+    return {"input_ids": ids, "pixel_values": test_mgm_model.hr_pixels(seed=seed), "labels": labels}
+
+
+@each_dtype
+def test_mgm_forward_with_labels_and_generate(dense_mgm, dtype):
+    model = dense_mgm(dtype)
+    inner = model.model
+    assert float_dtypes(inner.connector) == float_dtypes(inner.mining) == {dtype}
+    assert float_dtypes(inner.vision_tower_aux) == {dtype}
+    inputs = mgm_inputs(seed=2)
+    ids = inputs["input_ids"]
+    with torch.no_grad():
+        output = model(**inputs)
+        features = inner.get_image_features(inputs["pixel_values"]).pooler_output[0]
+    assert output.logits.dtype == features.dtype == dtype
+    assert features.shape == (576, test_mgm_model.LLM)
+    assert torch.isfinite(output.loss) and torch.isfinite(output.logits).all()
+    if dtype != torch.float32:
+        reference = loss_of(dense_mgm(torch.float32), **inputs)
+        assert abs(float(output.loss) - reference) < LOSS_TOLERANCE
+
+    generated = model.generate(
+        input_ids=ids,
+        pixel_values=inputs["pixel_values"],
+        max_new_tokens=3,
+        min_new_tokens=3,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    assert generated.sequences.shape == (1, ids.shape[1] + 3)
+    assert_close(generated.logits[0], output.logits[:, -1].float(), atol=1e-5, rtol=0)
+
+
+@each_dtype
+def test_mgm_save_and_reload_keep_dtype_and_logits(tmp_path, dtype):
+    config = test_mgm_model.build(MGM_PRESET, mining_placement="before").config
+    model = native_in(dtype, config)
+    model.save_pretrained(tmp_path)
+    assert checkpoint_dtypes(tmp_path) == {"F32" if dtype == torch.float32 else "BF16"}
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    assert parameter_dtypes(loaded) == {dtype}
+    assert loaded.config.mining_placement == "before"
+    inputs = mgm_inputs(seed=3)
+    del inputs["labels"]
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        actual = loaded(**inputs).logits
+    assert actual.dtype == dtype
+    assert torch.equal(actual, expected)
+
+
+@pytest.mark.slow
+@each_dtype
+def test_mgm_hd_mode_forward_with_labels(dtype):
+    """HD: 1536 px HR image, 2 x 2 crops and the global view, 5 x 576 visual tokens."""
+    model = test_mgm_model.build("dc-dci-clip-l-336", hd=True).to(dtype)
+    ids = test_mgm_model.prompt(2880)
+    labels = ids.masked_fill(ids == test_mgm_model.IMAGE, -100)
+    with torch.no_grad():
+        output = model(
+            input_ids=ids, pixel_values=test_mgm_model.hr_pixels(1536, seed=6), labels=labels
+        )
+    assert output.logits.dtype == dtype
+    assert output.logits.shape == (1, 2884, 40)
+    assert torch.isfinite(output.loss) and torch.isfinite(output.logits).all()
+
+
+# ---------------------------------------------------------------------------- codebase swaps
+
+
+def mgm_style_model(dtype: torch.dtype):
+    """``test_mgm_codebase``'s MGM-style model (its towers and seeds), cast to ``dtype``."""
+    c = test_mgm_codebase
+    torch.manual_seed(0)
+    clip = CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=c.WIDTH,
+            intermediate_size=32,
+            num_hidden_layers=24,
+            num_attention_heads=2,
+            image_size=336,
+            patch_size=14,
+        )
+    ).eval()
+    convnext = timm.create_model(
+        "convnext_atto", pretrained=False, num_classes=0, dims=(8, 16, 32, 64), depths=(1, 1, 1, 1)
+    ).eval()
+    torch.manual_seed(3)
+    model = c.MGMStyleModel(clip.requires_grad_(False), convnext.requires_grad_(False))
+    return model.to(dtype)
+
+
+@pytest.mark.parametrize(
+    ("placement", "dtype"),
+    [("after", torch.float32), ("after", torch.bfloat16), ("before", torch.bfloat16)],
+    ids=["after-fp32", "after-bf16", "before-bf16"],  # before-fp32: test_mgm_codebase
+)
+def test_mgm_codebase_swap_in_the_models_dtype(dtype, placement):
+    """Mining and connector by hand from the MGM model's own pieces (``unified_resampler``,
+    aux tower) give ``encode_images``'s tokens bit for bit, in the model's dtype."""
+    model = mgm_style_model(dtype)
+    connector = DenseConnector(
+        ConnectorConfig.from_preset(
+            "dc-dci-clip-l-336", vision_dim=test_mgm_codebase.WIDTH, llm_dim=test_mgm_codebase.LLM
+        )
+    )
+    swap_mgm(model, connector, placement=placement)
+    inner = model.get_model()
+    connector = inner.mm_projector
+    assert float_dtypes(connector) == float_dtypes(inner.vlm_uni_query_projector) == {dtype}
+    images, hr = test_mgm_codebase.mgm_inputs(768, 1, False, seed=4)
+    images, hr = images.to(dtype), hr.to(dtype)
+    tokens = model.encode_images(images, hr)
+    with torch.no_grad():
+        features = connector.make_tap(inner.vision_tower.vision_tower, keep_prefix=False)(images)
+        hr_map = inner.get_vision_tower_aux()(hr)
+        final = connector.individual_layers[0]
+        if placement == "after":
+            kept, mined = model.unified_resampler(features[final], hr_map)
+            layers = {k: (kept + mined if k == final else v) for k, v in features.items()}
+            replaced = LayerFeatures(layers, grids=features.grids, group_means=features.group_means)
+            expected = connector(replaced, (24, 24))
+        else:
+            kept, mined = model.unified_resampler(connector.fuse(features, (24, 24)), hr_map)
+            expected = connector.projector(kept + mined)
+    assert tokens.dtype == dtype
+    assert tokens.shape == (2, 576, test_mgm_codebase.LLM)
+    assert torch.equal(tokens.detach(), expected)
+    tokens.float().square().mean().backward()  # the connector trains in the model's dtype
+    assert all(p.grad is not None and p.grad.dtype == dtype for p in connector.parameters())
+
+
+# ---------------------------------------------------------------------------- video chat
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer():
+    """``test_video_chat``'s word-level tokenizer over the vicuna_v1 prompt."""
+    system = get_template("vicuna_v1").render(
+        [Turn("human", test_video_chat.QUESTION), Turn("gpt", "red")]
+    )
+    return build_word_tokenizer([system, "red green blue yellow purple orange square triangle"])
+
+
+@pytest.fixture(scope="module")
+def chat_llava(chat_tokenizer):
+    """``dtype -> (Dense LLaVA DCI, processor)`` of ``test_video_chat``, cast to dtype."""
+    v = test_video_chat
+    images = CLIPImageProcessor(
+        size={"shortest_edge": v.SIZE}, crop_size={"height": v.SIZE, "width": v.SIZE}
+    )
+    processor = DenseLlavaProcessor(images, chat_tokenizer, patch_size=v.PATCH, connector=v.DCI)
+    return lambda dtype: (v._llava(chat_tokenizer, v.DCI).to(dtype), processor)
+
+
+@each_dtype
+def test_answer_image_and_video_on_a_dense_llava(chat_llava, chat_tokenizer, tmp_path, dtype):
+    v = test_video_chat
+    model, processor = chat_llava(dtype)
+    picture = v.frames(1, seed=5)[0]
+    answer = answer_image(model, processor, picture, v.QUESTION, max_new_tokens=3)
+    visual = encode_image(model, processor.image_processor, picture)
+    assert visual.dtype == dtype
+    assert isinstance(answer.text, str) and answer.num_visual_tokens == v.TOKENS
+    # The answer is what greedy decoding over the same embeddings gives, in this dtype too.
+    embeds, _ = prompt_embeddings(model, chat_tokenizer, v.QUESTION, visual)
+    assert embeds.dtype == dtype
+    expected = v.greedy(model, embeds, chat_tokenizer.eos_token_id, steps=3)
+    assert answer.text == chat_tokenizer.decode(expected, skip_special_tokens=True).strip()
+
+    path = v.write_mp4(tmp_path / "clip.mp4")
+    answer = answer_video(model, processor, path, v.QUESTION, num_frames=4, max_new_tokens=3)
+    assert isinstance(answer.text, str)
+    assert answer.frame_indices == tuple(sample_frame_indices(12, 4))
+    assert (answer.pooling, answer.num_visual_tokens) == ("concat", 4 * v.TOKENS)
+    pooled = answer_video(
+        model, processor, v.frames(6), v.QUESTION, pooling="avgpool2d", max_new_tokens=3
+    )
+    assert isinstance(pooled.text, str)
+    assert pooled.num_visual_tokens == count_video_tokens(6, v.TOKENS, "avgpool2d", (4, 4))
+
+
+@each_dtype
+def test_answer_video_on_a_dense_llava_next(chat_tokenizer, dtype):
+    """LLaVA-NeXT: each frame's base crop through the tower and connector, no AnyRes tiles."""
+    v = test_video_chat
+    torch.manual_seed(1)
+    config = DenseLlavaNextConfig(
+        **v._configs(chat_tokenizer), connector=v.DCI.to_dict(), image_grid_pinpoints=v.PINPOINTS
+    )
+    model = DenseLlavaNextForConditionalGeneration(config).eval().to(dtype)
+    images = LlavaNextImageProcessor(
+        image_grid_pinpoints=v.PINPOINTS,
+        size={"shortest_edge": v.SIZE},
+        crop_size={"height": v.SIZE, "width": v.SIZE},
+    )
+    processor = DenseLlavaNextProcessor(images, chat_tokenizer, patch_size=v.PATCH, connector=v.DCI)
+    answer = answer_video(model, processor, v.frames(6), v.QUESTION, num_frames=4, max_new_tokens=3)
+    assert isinstance(answer.text, str)
+    assert answer.frame_indices == (0, 1, 3, 4)
+    assert answer.num_visual_tokens == 4 * v.TOKENS
+    image = answer_image(model, processor, v.frames(1, seed=5)[0], v.QUESTION, max_new_tokens=3)
+    assert isinstance(image.text, str)
+    assert image.num_visual_tokens == model.model.image_token_count((60, 80))
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
+
+
+def changed(before: dict[str, torch.Tensor], module: torch.nn.Module) -> set[str]:
+    return {name for name, t in module.state_dict().items() if not torch.equal(t, before[name])}
+
+
+#: How the model trains: fp32 weights; bf16 weights (the model cast, optimizer on bf16 tensors);
+#: fp32 weights under the Trainer's bf16 autocast (``bf16=True``, fp32 master weights).
+TRAINING_MODES = ["fp32", "bf16-weights", "bf16-autocast"]
+
+
+@pytest.mark.parametrize("mode", TRAINING_MODES)
+def test_one_step_of_each_stage(tmp_path, mode):
+    """Stage 1 then stage 2 (from stage 1's model), one optimizer step each at the recipe's
+    learning rates (no warm-up, so the single step has the full rate)."""
+    model = training_toys.build_model()
+    dtype = torch.bfloat16 if mode == "bf16-weights" else torch.float32
+    model.to(dtype)
+    inner = model.model
+    options = {
+        "max_steps": 1,
+        "per_device_train_batch_size": 4,
+        "warmup_ratio": 0.0,
+        "disable_tqdm": True,
+        "bf16": mode == "bf16-autocast",
+        # transformers refuses bf16 autocast without an accelerator unless told to use the CPU
+        "extra_training_arguments": {"use_cpu": True} if mode == "bf16-autocast" else {},
+    }
+    for stage in ("align", "instruct"):
+        tower, llm = snapshot(inner.vision_tower), snapshot(inner.language_model)
+        head, connector = snapshot(model.lm_head), snapshot(inner.multi_modal_projector)
+        result = train_stage(
+            model,
+            training_toys.ToyDataset(),
+            training_toys.collate,
+            StageConfig(stage=stage, output_dir=str(tmp_path / stage), **options),
+        )
+        assert result.model is model
+        [(step, loss)] = result.losses
+        assert step == 1 and loss == loss and abs(loss) < float("inf")  # finite
+        assert parameter_dtypes(model) == {dtype}
+        assert changed(connector, inner.multi_modal_projector) == {
+            "projector.0.weight",
+            "projector.0.bias",
+            "projector.2.weight",
+            "projector.2.bias",
+        }
+        assert changed(tower, inner.vision_tower) == set()
+        if stage == "align":
+            assert changed(llm, inner.language_model) == set()
+            assert changed(head, model.lm_head) == set()
+        else:
+            assert changed(llm, inner.language_model) and changed(head, model.lm_head)
+        saved = checkpoint_dtypes(tmp_path / stage)
+        assert saved == {"BF16" if dtype == torch.bfloat16 else "F32"}
