@@ -17,6 +17,9 @@ open_clip CLIP model              ``visual.transformer.resblocks``      ``class_
 timm ConvNeXt                     ``stages``                            none (4-D outputs)
 open_clip ConvNeXt (timm trunk)   ``trunk.stages`` / ``visual.trunk.*``  none (4-D outputs)
 ================================  ====================================  =======================
+
+An encoder wrapped by ``torch.compile`` (``OptimizedModule``) is read through the module it wraps
+(``_orig_mod``), see :func:`unwrap_compiled`.
 """
 
 from __future__ import annotations
@@ -74,6 +77,23 @@ class EncoderBlocks:
         return len(self.blocks)
 
 
+def unwrap_compiled(module: nn.Module) -> nn.Module:
+    """The module inside ``torch.compile`` wrappers (``OptimizedModule._orig_mod``), else ``module``.
+
+    The wrapper holds no blocks of its own and answers attribute look-ups and ``len()`` by
+    delegating to the wrapped module in ways that break structural discovery; hooks registered on
+    the wrapped module's submodules still fire when the compiled wrapper runs.
+    """
+    seen: set[int] = set()
+    while id(module) not in seen:  # a wrapper of a wrapper is unwrapped too
+        seen.add(id(module))
+        inner = module.__dict__.get("_modules", {}).get("_orig_mod")
+        if not isinstance(inner, nn.Module):
+            break
+        module = inner
+    return module
+
+
 def _resolve(module: nn.Module, path: str) -> nn.Module | None:
     """Follow a dotted attribute path; ``None`` where any step is missing or not a module."""
     current: object = module
@@ -121,7 +141,8 @@ def find_encoder_blocks(
     Args:
         encoder: an HF ``CLIPVisionModel`` / ``SiglipVisionModel`` (any transformers layout), a
             timm ``VisionTransformer`` or ``ConvNeXt``, an open_clip ``VisionTransformer``,
-            ``TimmModel`` or full CLIP model, or any module whose blocks ``blocks`` names.
+            ``TimmModel`` or full CLIP model, or any module whose blocks ``blocks`` names; or
+            any of these wrapped by ``torch.compile`` (the wrapped module is read).
         blocks: a dotted path to the ``nn.ModuleList`` / ``nn.Sequential`` of blocks inside
             ``encoder`` (e.g. ``"encoder.layers"``); overrides discovery.
         num_prefix_tokens: overrides the prefix-token count read from the structure.
@@ -139,6 +160,7 @@ def find_encoder_blocks(
         or num_prefix_tokens < 0
     ):
         raise ValueError(f"num_prefix_tokens must be a non-negative int, got {num_prefix_tokens!r}")
+    encoder = unwrap_compiled(encoder)
 
     if blocks is not None:
         if not isinstance(blocks, str) or not blocks:
@@ -157,7 +179,9 @@ def find_encoder_blocks(
             found = _resolve(encoder, candidate)
             if _is_block_list(found):
                 # Owner paths are prefixes of their block paths, so they resolve too.
-                path, owner = candidate, _resolve(encoder, owner_path) or encoder
+                resolved = _resolve(encoder, owner_path)
+                # Not `resolved or encoder`: a module's truth value may call len() on it.
+                path, owner = candidate, resolved if resolved is not None else encoder
                 break
         else:
             children = ", ".join(name for name, _ in encoder.named_children()) or "none"

@@ -45,16 +45,49 @@ class LayerFeatures(Mapping[int, Tensor]):
     ) -> LayerFeatures:
         """Wrap an HF ``hidden_states`` tuple (``output_hidden_states=True``), dropping prefix tokens.
 
+        The tensors keep their dtype (the tower's); the official Dense Connector fuses in the
+        images' dtype, so cast the states to it first when the two differ.
+
         Args:
             hidden_states: ``L + 1`` tensors ``[B, prefix + tokens, C]``; entry ``k`` is layer ``k``.
             num_prefix_tokens: leading tokens to drop (1 for CLIP's CLS, 0 for SigLIP).
-            grid: the token grid, when it is not square.
+            grid: the ``(height, width)`` token grid, when it is not square.
+
+        Raises:
+            TypeError: ``hidden_states`` is not a sequence of tensors.
+            ValueError: ``num_prefix_tokens`` is not a non-negative int, a state is not
+                ``[B, N, C]``, or the tokens left after the prefix do not form a square grid
+                (or ``grid``); the message names the prefix count that would.
         """
         if isinstance(hidden_states, Tensor) or not isinstance(hidden_states, Sequence):
             raise TypeError(
                 "hidden_states must be a sequence of [B, tokens, C] tensors (HF's hidden_states "
                 f"tuple), got {type(hidden_states).__name__}"
             )
+        if (
+            isinstance(num_prefix_tokens, bool)
+            or not isinstance(num_prefix_tokens, int)
+            or num_prefix_tokens < 0
+        ):
+            raise ValueError(
+                "num_prefix_tokens must be a non-negative int (1 for CLIP's CLS token, 0 for "
+                f"SigLIP), got {num_prefix_tokens!r}"
+            )
+        if grid is not None:
+            if (
+                not isinstance(grid, tuple | list)
+                or len(grid) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in grid)
+            ):
+                raise ValueError(f"grid must be (height, width) with positive ints, got {grid!r}")
+            grid = (grid[0], grid[1])
+        for index, state in enumerate(hidden_states):
+            if not isinstance(state, Tensor) or state.dim() != 3:
+                shape = tuple(state.shape) if isinstance(state, Tensor) else type(state).__name__
+                raise ValueError(
+                    f"hidden_states[{index}] must be a [batch, tokens, channels] tensor, got {shape}"
+                )
+            _check_prefix(state.shape[1], num_prefix_tokens, grid, f"hidden_states[{index}]")
         layers = {index: state[:, num_prefix_tokens:] for index, state in enumerate(hidden_states)}
         grids = {index: grid for index in layers} if grid is not None else None
         return cls(layers, grids=grids)
@@ -91,6 +124,45 @@ class LayerFeatures(Mapping[int, Tensor]):
         if layer in self.grids:
             return self.grids[layer]
         return infer_square_grid(self._layers[layer].shape[1] - self.num_prefix_tokens)
+
+
+def _check_prefix(
+    num_tokens: int, num_prefix_tokens: int, grid: tuple[int, int] | None, argument: str
+) -> None:
+    """Refuse a prefix count that leaves no square grid (or not ``grid``), naming one that fits."""
+    patches = num_tokens - num_prefix_tokens
+    if grid is not None:
+        height, width = grid
+        if patches == height * width:
+            return
+        fitting = num_tokens - height * width
+        expected = (
+            f"num_prefix_tokens={fitting} would leave exactly grid={grid}"
+            if fitting >= 0
+            else f"grid={grid} needs {height * width} tokens, more than the state has"
+        )
+        raise ValueError(
+            f"{argument} has {num_tokens} tokens: num_prefix_tokens={num_prefix_tokens} leaves "
+            f"{patches}, which is not the {height}x{width} grid={grid} ({height * width} tokens); "
+            f"{expected}"
+        )
+    if patches >= 1 and math.isqrt(patches) ** 2 == patches:
+        return
+    # The smallest prefix count that leaves a square: CLIP's 577 = 1 + 24 * 24 gives 1.
+    fitting = next(
+        (k for k in range(num_tokens) if math.isqrt(num_tokens - k) ** 2 == num_tokens - k), None
+    )
+    expected = (
+        f"expected num_prefix_tokens={fitting} ({num_tokens} = {fitting} + "
+        f"{math.isqrt(num_tokens - fitting)}x{math.isqrt(num_tokens - fitting)})"
+        if fitting is not None
+        else "no prefix count leaves a square"
+    )
+    raise ValueError(
+        f"{argument} has {num_tokens} tokens: num_prefix_tokens={num_prefix_tokens} leaves "
+        f"{patches}, which is not a square grid; {expected}, or pass grid=(height, width) for a "
+        "non-square grid"
+    )
 
 
 def infer_square_grid(num_tokens: int) -> tuple[int, int]:

@@ -6,6 +6,10 @@ can average groups of layers while they stream by (one running sum per group, so
 ``O(groups)`` tensors rather than ``O(layers)``), and stops the forward once the last needed block
 has run.
 
+One tap, or one encoder, may be shared by threads: every call (and every ``with tap:``) registers
+its own hooks, which act only in the thread that registered them, and keeps its capture state to
+itself. An encoder wrapped by ``torch.compile`` is tapped through the module it wraps and run compiled.
+
 Examples:
     >>> tap = MultiLayerFeatureTap(clip_vision_model, layers=[-2, 7, 15])  # doctest: +SKIP
     >>> features = tap(pixel_values)                                        # doctest: +SKIP
@@ -15,8 +19,10 @@ Examples:
 
 from __future__ import annotations
 
+import sys
+import threading
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -24,7 +30,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from mmconnect.encoder_blocks import EncoderBlocks, find_encoder_blocks
+from mmconnect.encoder_blocks import EncoderBlocks, find_encoder_blocks, unwrap_compiled
 from mmconnect.features import LayerFeatures
 from mmconnect.layers import normalize_groups, normalize_layers
 
@@ -49,12 +55,295 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+def _opmath(dtype: torch.dtype) -> torch.dtype:
+    """The dtype torch's CPU kernels compute a reduction of ``dtype`` in (fp32 for half types)."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+def _untraced(hook: Callable) -> Callable:
+    """Keep ``torch.compile`` from tracing a hook: hooks mutate Python state and raise to stop.
+
+    Only when dynamo is already imported (anyone compiling has imported it): importing it just
+    for this would cost every process a second.
+    """
+    dynamo = sys.modules.get("torch._dynamo")
+    return dynamo.disable(hook) if dynamo is not None else hook
+
+
+class _GroupSum:
+    """The running sum of one layer group, added up as ``torch.stack(members).sum(0)`` does.
+
+    torch's CPU sum over the stacked dimension accumulates in ``_opmath(dtype)`` (fp32 for half
+    types, rounded once at the end) in blocks of 16 members: members ``0..15`` are summed one by
+    one, the block total is moved to a second accumulator, the next block starts from zero, and
+    so on for 4 levels (level ``j`` is flushed every ``16 ** j`` members); the levels are added
+    at the end. Below 16 members that is a plain running sum. Mirroring it makes the streamed
+    sum equal the stacked one bit for bit while holding at most 4 accumulators, never the
+    members (verified for 1..300 members in ``tests/test_fusion.py``).
+    """
+
+    _LEVELS = 4
+
+    def __init__(self, size: int, dtype: torch.dtype, output_dtype: torch.dtype) -> None:
+        self.size = size
+        self.dtype = dtype  # the dtype the sum is rounded to and divided in (the stack's dtype)
+        self.output_dtype = output_dtype  # the dtype of the mean (the features' dtype)
+        power = max(4, (size - 1).bit_length() // self._LEVELS)  # torch's level_power
+        self._step = 1 << power
+        self._mask = self._step - 1
+        self._power = power
+        self._levels: list[Tensor | None] = [None] * self._LEVELS
+        self.count = 0
+
+    @staticmethod
+    def _add(total: Tensor | None, value: Tensor) -> Tensor:
+        if total is None:
+            return value  # always a buffer this sum owns (see add)
+        if torch.is_grad_enabled() and (total.requires_grad or value.requires_grad):
+            return total + value  # keep the autograd graph intact
+        return total.add_(value)
+
+    def add(self, tokens: Tensor) -> None:
+        """Add the next member, ``[B, N, C]``, in the features' dtype."""
+        levels = self._levels
+        # Round to the stacked dtype first (as ``tensor.to(dtype)`` before stacking does), then
+        # widen; copy=True gives a buffer of our own, never an alias of a block's output, so
+        # later additions may be in place.
+        value = tokens.to(self.dtype).to(_opmath(self.dtype), copy=True)
+        levels[0] = self._add(levels[0], value)
+        self.count += 1
+        if self.count % self._step:
+            return
+        for level in range(1, self._LEVELS):  # a block of 16 is complete: carry it up
+            if levels[level - 1] is not None:
+                levels[level] = self._add(levels[level], levels[level - 1])
+                levels[level - 1] = None
+            if self.count & (self._mask << (level * self._power)):
+                break
+
+    def total(self) -> Tensor:
+        """The sum of the members, rounded once to ``dtype``."""
+        levels = [level for level in self._levels if level is not None]
+        total = levels[0]
+        for level in levels[1:]:
+            total = total + level
+        return total.to(self.dtype)
+
+
+class _Capture:
+    """The hooks and capture state of one ``tap(...)`` call or one ``with tap:`` block.
+
+    Its hooks act only in ``thread`` (the one that attached them), so forwards of the shared
+    encoder in other threads, which fire the same hooks, leave this capture alone.
+    """
+
+    def __init__(self, tap: MultiLayerFeatureTap, *, stop_after_last: bool) -> None:
+        self.tap = tap
+        self.thread = threading.get_ident()
+        self.stop_after_last = stop_after_last
+        # A block that runs without grad inside a grad-enabled call cuts the tapped layers off the
+        # encoder's graph (reentrant activation checkpointing does that): warn, once per capture.
+        self.expects_grad = torch.is_grad_enabled() and any(
+            parameter.requires_grad for parameter in tap.encoder.parameters()
+        )
+        self.warned_no_grad = False
+        self.handles: list[RemovableHandle] = []
+        self.result: LayerFeatures | None = None
+        self.input_dtype: torch.dtype | None = None
+        self.reset()
+
+    # ------------------------------------------------------------------ hooks
+    def attach(self) -> None:
+        structure = self.tap.structure
+        blocks = structure.blocks
+        try:
+            self.handles.append(
+                unwrap_compiled(self.tap.encoder).register_forward_pre_hook(
+                    _untraced(self._on_encoder_input), with_kwargs=True
+                )
+            )
+            self.handles.append(
+                blocks[0].register_forward_pre_hook(
+                    _untraced(self._on_first_block_input), with_kwargs=True
+                )
+            )
+            for layer in self.tap._needed:
+                if layer >= 1:
+                    self.handles.append(
+                        blocks[layer - 1].register_forward_hook(
+                            _untraced(self._make_output_hook(layer))
+                        )
+                    )
+            if structure.patch_embedding is not None:
+                self.handles.append(
+                    structure.patch_embedding.register_forward_hook(_untraced(self._on_patch_grid))
+                )
+        except BaseException:
+            self.detach()
+            raise
+
+    def detach(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def _active(self) -> bool:
+        return threading.get_ident() == self.thread and not _in_backward()
+
+    def _on_encoder_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not self._active():
+            return
+        value = kwargs.get("pixel_values", args[0] if args else None)
+        if isinstance(value, Tensor) and value.is_floating_point():
+            self.input_dtype = value.dtype
+
+    def _on_patch_grid(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+        if self._active() and isinstance(output, Tensor) and output.dim() == 4:
+            self.patch_grid = (int(output.shape[-2]), int(output.shape[-1]))
+
+    def _on_first_block_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not self._active():
+            return
+        # A new forward pass starts here: forget the previous one (but not its patch grid).
+        patch_grid = self.patch_grid
+        self.reset()
+        self.patch_grid = patch_grid
+        if 0 in self.tap._needed:
+            value = args[0] if args else next(v for v in kwargs.values() if isinstance(v, Tensor))
+            self.receive(0, _first_tensor(value))
+
+    def _make_output_hook(self, layer: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if self._active():
+                self.receive(layer, _first_tensor(output))
+
+        return hook
+
+    # ------------------------------------------------------------------ capture
+    def reset(self) -> None:
+        self.captured: dict[int, Tensor] = {}
+        self.grids: dict[int, tuple[int, int]] = {}
+        self.sums: list[_GroupSum | None] = [None] * len(self.tap.groups)
+        self.shapes: list[tuple[int, ...] | None] = [None] * len(self.tap.groups)
+        self.seen: set[int] = set()
+        self.patch_grid: tuple[int, int] | None = None
+        self.result = None
+
+    def _as_tokens(self, layer: int, value: Tensor) -> Tensor:
+        """``[B, N, C]`` (prefix dropped unless kept) from a block's raw output."""
+        if value.dim() == 4:  # ConvNeXt stage: [B, C, H, W]
+            self.grids[layer] = (int(value.shape[-2]), int(value.shape[-1]))
+            return rearrange(value, "b c h w -> b (h w) c")
+        if value.dim() != 3:
+            raise ValueError(
+                f"layer {layer}: expected a [batch, tokens, channels] or [batch, channels, height, "
+                f"width] block output, got shape {tuple(value.shape)}"
+            )
+        if not self.tap.structure.batch_first:
+            value = value.transpose(0, 1)
+        prefix = self._prefix_count(layer, value)
+        if (
+            self.patch_grid is not None
+            and value.shape[1] - prefix == self.patch_grid[0] * self.patch_grid[1]
+        ):
+            self.grids[layer] = self.patch_grid
+        return value if self.tap.keep_prefix else value[:, prefix:]
+
+    def _prefix_count(self, layer: int, value: Tensor) -> int:
+        if self.tap.structure.num_prefix_tokens is not None:
+            return self.tap.structure.num_prefix_tokens
+        if self.patch_grid is None:
+            raise ValueError(
+                f"cannot tell how many prefix tokens lead layer {layer} of "
+                f"{type(self.tap.encoder).__name__}: its structure does not say and it has no "
+                "patch convolution; pass num_prefix_tokens="
+            )
+        return value.shape[1] - self.patch_grid[0] * self.patch_grid[1]
+
+    def receive(self, layer: int, value: Tensor) -> None:
+        tap = self.tap
+        if self.expects_grad and not torch.is_grad_enabled() and not self.warned_no_grad:
+            self.warned_no_grad = True
+            warnings.warn(
+                f"layer {layer} of {type(tap.encoder).__name__} was computed without grad although "
+                "the call runs with grad and the encoder has trainable parameters, so no gradient "
+                "will flow back through the tapped layers; this happens with reentrant activation "
+                "checkpointing (use use_reentrant=False) or a forward wrapped in torch.no_grad",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        tokens = self._as_tokens(layer, value)
+        # Fuse in the images' dtype, as the official code casts each hidden state to it.
+        if self.input_dtype is not None and tokens.dtype != self.input_dtype:
+            tokens = tokens.to(self.input_dtype)
+        self.seen.add(layer)
+        if layer in tap.layers:
+            self.captured[layer] = tokens
+        group = tap._group_of.get(layer)
+        if group is not None:
+            self._accumulate(group, tokens)
+        if self.stop_after_last and layer == tap.last_needed_layer:
+            raise _StopEncoder
+
+    def _accumulate(self, group: int, tokens: Tensor) -> None:
+        shape = self.shapes[group]
+        if shape is not None and shape != tuple(tokens.shape):
+            raise ValueError(
+                f"groups[{group}] mixes layers of different shapes ({shape} and "
+                f"{tuple(tokens.shape)}); only layers of one shape can be averaged"
+            )
+        running = self.sums[group]
+        if running is None:
+            self.shapes[group] = tuple(tokens.shape)
+            running = self.sums[group] = _GroupSum(
+                len(self.tap.groups[group]), self.tap.accumulate_dtype or tokens.dtype, tokens.dtype
+            )
+        running.add(tokens)
+
+    def features(self) -> LayerFeatures:
+        if self.result is None:
+            missing = [layer for layer in self.tap._needed if layer not in self.seen]
+            if not self.seen:
+                raise RuntimeError(
+                    "no features captured yet: call tap(pixel_values) or run the encoder inside `with tap:`"
+                )
+            if missing:
+                raise RuntimeError(
+                    f"the encoder's forward ended before reaching layers {missing}; captured only "
+                    f"{sorted(self.seen)}"
+                )
+            self.result = self._finish()
+        return self.result
+
+    def _finish(self) -> LayerFeatures:
+        tap = self.tap
+        group_means: dict[tuple[int, ...], Tensor] = {}
+        for group, running in zip(tap.groups, self.sums, strict=True):
+            if running is None:
+                raise RuntimeError(f"group {group} received no layer during the forward pass")
+            # Rounded once to the accumulation dtype, divided in it, as `stack(...).sum(0) / n`.
+            mean = running.total() / len(group)
+            group_means[group] = mean.to(running.output_dtype)
+        grids = {layer: self.grids[layer] for layer in tap.layers if layer in self.grids}
+        for group in tap.groups:
+            if group[0] in self.grids:
+                grids.setdefault(group[0], self.grids[group[0]])
+        return LayerFeatures(
+            self.captured,
+            grids=grids,
+            group_means=group_means,
+            num_prefix_tokens=(tap.structure.num_prefix_tokens or 0) if tap.keep_prefix else 0,
+        )
+
+
 class MultiLayerFeatureTap:
     """Capture the outputs of chosen encoder layers with forward hooks.
 
     Args:
         encoder: the vision encoder (HF CLIP / SigLIP, timm ViT / ConvNeXt, open_clip ViT /
-            ConvNeXt, or any module whose block list ``blocks`` names).
+            ConvNeXt, or any module whose block list ``blocks`` names), or such an encoder
+            wrapped by ``torch.compile`` (its blocks are found in the wrapped module, and the
+            forward runs compiled; the hooks run outside the compiled graphs).
         layers: layer indices to capture individually, in the HF ``hidden_states`` convention
             (0 = embedding output, k = output of block k, negatives from the end).
         groups: layer groups to average while streaming (each a collection of layer indices in
@@ -65,13 +354,36 @@ class MultiLayerFeatureTap:
         early_exit: when called as ``tap(pixel_values)``, stop the forward after the last block
             any requested layer needs. The context-manager form never stops the forward, since
             the caller wants the encoder's own output.
-        accumulate_dtype: dtype of the running group sums; ``None`` sums in the features' own
-            dtype (as the official Dense Connector code does), ``torch.float32`` upcasts half
-            precision features for accuracy. Means are returned in the features' dtype.
+        accumulate_dtype: how group means are computed.
+
+            * ``None`` (default, the official rounding): each mean equals
+              ``torch.sum(torch.stack(members), 0) / len(members)`` in the features' dtype, bit
+              for bit on the CPU: the members are summed in fp32 (for bf16 / fp16 features; in
+              their own dtype otherwise) in the order torch's CPU sum uses, the sum is rounded
+              once to the features' dtype and divided in that dtype. One fp32 sum per group is
+              held, never the members. In fp16 the rounded sum overflows to ``inf`` once it
+              passes 65504, as the official code's does.
+            * a floating dtype such as ``torch.float32`` (overflow-safe upcast): the sum *and*
+              the division happen in that dtype and the mean is rounded once to the features'
+              dtype; an fp16 mean is then finite whenever its members are, and is one rounding
+              closer to the exact mean. It equals
+              ``(torch.stack([m.to(dtype) for m in members]).sum(0) / n).to(features_dtype)``.
+
         num_prefix_tokens: overrides the prefix-token count read from the encoder's structure.
 
     Captured tensors are ``[B, tokens, C]``; 4-D stage outputs (ConvNeXt) are flattened in
     raster order with their grid recorded in ``LayerFeatures.grids``.
+
+    Dtype: the features come out in the dtype of the images given to the encoder (its first
+    floating tensor argument, or ``pixel_values=``), as the official Dense Connector casts
+    every hidden state to the images' dtype before fusing: a bf16 tower fed fp32 images gives
+    fp32 features and fp32 group means. When the tap does not see the images (the encoder is
+    called through another method inside ``with tap:``) the tower's dtype is kept.
+
+    Threads: any number of threads may call one tap, or taps sharing one encoder, at once.
+    Each call (and each ``with tap:`` block) registers its own hooks, which act only in the
+    thread that registered them, and :attr:`features`, :attr:`attached` and :meth:`remove`
+    concern the calling thread's captures only.
     """
 
     def __init__(
@@ -110,12 +422,8 @@ class MultiLayerFeatureTap:
             layer: index for index, group in enumerate(self.groups) for layer in group
         }
         self._needed = sorted(set(self.layers) | set(self._group_of))
-        self._handles: list[RemovableHandle] = []
-        self._stop_after_last = False
-        self._expects_grad = False  # set per attach, see _attach
-        self._warned_no_grad = False
-        self._reset_pass()
-        self._result: LayerFeatures | None = None
+        # Per thread: the active ``with tap:`` capture and the latest capture.
+        self._local = threading.local()
 
     # ------------------------------------------------------------------ public API
     @property
@@ -137,199 +445,60 @@ class MultiLayerFeatureTap:
         """Run the encoder on ``pixel_values`` (``[B, 3, H, W]``) and return the captured layers.
 
         Extra arguments go to the encoder. Hooks are removed before returning, also on error.
+        Safe to call from several threads at once (see the class docstring).
         """
-        self._attach(stop_after_last=self.early_exit)
+        self._refuse_if_attached()
+        capture = _Capture(self, stop_after_last=self.early_exit)
+        self._local.latest = capture
+        capture.attach()
         try:
             self.encoder(pixel_values, *args, **kwargs)
         except _StopEncoder:
             pass
         finally:
-            self._detach()
-        return self.features
+            capture.detach()
+        return capture.features()
 
     def __enter__(self) -> MultiLayerFeatureTap:
-        self._attach(stop_after_last=False)
+        self._refuse_if_attached()
+        capture = _Capture(self, stop_after_last=False)
+        capture.attach()
+        self._local.active = self._local.latest = capture
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self._detach()
+        self.remove()
 
     @property
     def features(self) -> LayerFeatures:
-        """The layers captured by the latest forward pass.
+        """The layers captured by the calling thread's latest forward pass.
 
         Raises:
-            RuntimeError: no forward ran, or it ended before reaching a needed layer.
+            RuntimeError: no forward ran in this thread, or it ended before reaching a needed
+                layer.
         """
-        if self._result is None:
-            missing = [layer for layer in self._needed if layer not in self._seen]
-            if not self._seen:
-                raise RuntimeError(
-                    "no features captured yet: call tap(pixel_values) or run the encoder inside `with tap:`"
-                )
-            if missing:
-                raise RuntimeError(
-                    f"the encoder's forward ended before reaching layers {missing}; captured only "
-                    f"{sorted(self._seen)}"
-                )
-            self._result = self._finish_pass()
-        return self._result
+        capture = getattr(self._local, "latest", None)
+        if capture is None:
+            raise RuntimeError(
+                "no features captured yet: call tap(pixel_values) or run the encoder inside `with tap:`"
+            )
+        return capture.features()
 
     def remove(self) -> None:
-        """Remove every hook this tap installed (idempotent)."""
-        self._detach()
+        """Remove the hooks of the calling thread's ``with tap:`` block (idempotent)."""
+        capture = getattr(self._local, "active", None)
+        if capture is not None:
+            capture.detach()
+            self._local.active = None
 
     @property
     def attached(self) -> bool:
-        """Whether hooks are currently installed."""
-        return bool(self._handles)
+        """Whether the calling thread has hooks installed by this tap (a ``with tap:`` block)."""
+        return getattr(self._local, "active", None) is not None
 
-    # ------------------------------------------------------------------ hooks
-    def _attach(self, *, stop_after_last: bool) -> None:
-        if self._handles:
-            raise RuntimeError("this tap is already attached; a tap can be active once at a time")
-        self._stop_after_last = stop_after_last
-        # A block that runs without grad inside a grad-enabled call cuts the tapped layers off the
-        # encoder's graph (reentrant activation checkpointing does that): warn, once per attach.
-        self._expects_grad = torch.is_grad_enabled() and any(
-            parameter.requires_grad for parameter in self.encoder.parameters()
-        )
-        self._warned_no_grad = False
-        self._reset_pass()
-        self._result = None
-        blocks = self.structure.blocks
-        handles = [
-            blocks[0].register_forward_pre_hook(self._on_first_block_input, with_kwargs=True)
-        ]
-        for layer in self._needed:
-            if layer >= 1:
-                handles.append(
-                    blocks[layer - 1].register_forward_hook(self._make_output_hook(layer))
-                )
-        if self.structure.patch_embedding is not None:
-            handles.append(
-                self.structure.patch_embedding.register_forward_hook(self._on_patch_grid)
+    def _refuse_if_attached(self) -> None:
+        if self.attached:
+            raise RuntimeError(
+                "this tap is already attached in this thread (inside `with tap:`); a tap can be "
+                "active once at a time per thread"
             )
-        self._handles = handles
-
-    def _detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-    def _on_patch_grid(self, module: nn.Module, args: tuple, output: Tensor) -> None:
-        if not _in_backward() and isinstance(output, Tensor) and output.dim() == 4:
-            self._patch_grid = (int(output.shape[-2]), int(output.shape[-1]))
-
-    def _on_first_block_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if _in_backward():
-            return
-        # A new forward pass starts here: forget the previous one.
-        patch_grid = self._patch_grid
-        self._reset_pass()
-        self._result = None
-        self._patch_grid = patch_grid
-        if 0 in self._group_of or 0 in self.layers:
-            value = args[0] if args else next(v for v in kwargs.values() if isinstance(v, Tensor))
-            self._receive(0, _first_tensor(value))
-
-    def _make_output_hook(self, layer: int):
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            if not _in_backward():
-                self._receive(layer, _first_tensor(output))
-
-        return hook
-
-    # ------------------------------------------------------------------ capture
-    def _reset_pass(self) -> None:
-        self._captured: dict[int, Tensor] = {}
-        self._grids: dict[int, tuple[int, int]] = {}
-        self._sums: list[Tensor | None] = [None] * len(self.groups)
-        self._sum_dtype: list[torch.dtype | None] = [None] * len(self.groups)
-        self._seen: set[int] = set()
-        self._patch_grid: tuple[int, int] | None = None
-
-    def _as_tokens(self, layer: int, value: Tensor) -> Tensor:
-        """``[B, N, C]`` (prefix dropped unless kept) from a block's raw output."""
-        if value.dim() == 4:  # ConvNeXt stage: [B, C, H, W]
-            self._grids[layer] = (int(value.shape[-2]), int(value.shape[-1]))
-            return rearrange(value, "b c h w -> b (h w) c")
-        if value.dim() != 3:
-            raise ValueError(
-                f"layer {layer}: expected a [batch, tokens, channels] or [batch, channels, height, "
-                f"width] block output, got shape {tuple(value.shape)}"
-            )
-        if not self.structure.batch_first:
-            value = value.transpose(0, 1)
-        prefix = self._prefix_count(layer, value)
-        if (
-            self._patch_grid is not None
-            and value.shape[1] - prefix == self._patch_grid[0] * self._patch_grid[1]
-        ):
-            self._grids[layer] = self._patch_grid
-        return value if self.keep_prefix else value[:, prefix:]
-
-    def _prefix_count(self, layer: int, value: Tensor) -> int:
-        if self.structure.num_prefix_tokens is not None:
-            return self.structure.num_prefix_tokens
-        if self._patch_grid is None:
-            raise ValueError(
-                f"cannot tell how many prefix tokens lead layer {layer} of {type(self.encoder).__name__}: "
-                f"its structure does not say and it has no patch convolution; pass num_prefix_tokens="
-            )
-        return value.shape[1] - self._patch_grid[0] * self._patch_grid[1]
-
-    def _receive(self, layer: int, value: Tensor) -> None:
-        if self._expects_grad and not torch.is_grad_enabled() and not self._warned_no_grad:
-            self._warned_no_grad = True
-            warnings.warn(
-                f"layer {layer} of {type(self.encoder).__name__} was computed without grad although "
-                "the call runs with grad and the encoder has trainable parameters, so no gradient "
-                "will flow back through the tapped layers; this happens with reentrant activation "
-                "checkpointing (use use_reentrant=False) or a forward wrapped in torch.no_grad",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        tokens = self._as_tokens(layer, value)
-        self._seen.add(layer)
-        if layer in self.layers:
-            self._captured[layer] = tokens
-        group = self._group_of.get(layer)
-        if group is not None:
-            self._accumulate(group, tokens)
-        if self._stop_after_last and layer == self.last_needed_layer:
-            raise _StopEncoder
-
-    def _accumulate(self, group: int, tokens: Tensor) -> None:
-        dtype = self.accumulate_dtype or tokens.dtype
-        running = self._sums[group]
-        if running is not None and running.shape != tokens.shape:
-            raise ValueError(
-                f"groups[{group}] mixes layers of different shapes ({tuple(running.shape)} and "
-                f"{tuple(tokens.shape)}); only layers of one shape can be averaged"
-            )
-        if running is None:
-            self._sum_dtype[group] = tokens.dtype
-            # Own the buffer (never alias a block's output) so later additions may be in place.
-            self._sums[group] = tokens.to(dtype, copy=True)
-        elif torch.is_grad_enabled() and (running.requires_grad or tokens.requires_grad):
-            self._sums[group] = running + tokens.to(dtype)  # keep the autograd graph intact
-        else:
-            running.add_(tokens.to(dtype))
-
-    def _finish_pass(self) -> LayerFeatures:
-        group_means: dict[tuple[int, ...], Tensor] = {}
-        for group, running, dtype in zip(self.groups, self._sums, self._sum_dtype, strict=True):
-            if running is None or dtype is None:
-                raise RuntimeError(f"group {group} received no layer during the forward pass")
-            group_means[group] = (running / len(group)).to(dtype)
-        grids = {layer: self._grids[layer] for layer in self.layers if layer in self._grids}
-        for group in self.groups:
-            if group[0] in self._grids:
-                grids.setdefault(group[0], self._grids[group[0]])
-        return LayerFeatures(
-            self._captured,
-            grids=grids,
-            group_means=group_means,
-            num_prefix_tokens=(self.structure.num_prefix_tokens or 0) if self.keep_prefix else 0,
-        )
