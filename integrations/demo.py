@@ -19,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import TrainerCallback
 
 from mmconnect import ConnectorConfig
 from mmconnect.integrations.data import (
@@ -63,9 +66,15 @@ class DemoConfig:
         overwrite: write into a non-empty ``output_dir`` that no demo created (only the files
             the demo writes are replaced; nothing else is deleted). Without it such a folder is
             refused (:mod:`mmconnect.integrations.output_folders`).
-        num_threads: torch intra-op threads while the demo runs (restored after). The models
-            are tiny: a second thread gains little on idle cores and, when other processes share
-            the cores, makes every small operation wait for a descheduled thread.
+        num_threads: torch intra-op threads of each training process (restored after). The
+            models are tiny: a second thread gains little on idle cores and, when other
+            processes share the cores, makes every small operation wait for a descheduled
+            thread.
+        jobs: connectors trained at the same time, each in its own process with
+            ``num_threads`` threads; ``None``: one per connector, at most one per available
+            core. Independent single-threaded processes use every core without waiting for one
+            another, so the demo slows down in proportion when other jobs share the cores
+            instead of stalling. Results are the same for any ``jobs``.
     """
 
     output_dir: str = "mmconnect-demo"
@@ -91,6 +100,7 @@ class DemoConfig:
     show_progress: bool = True
     overwrite: bool = False
     num_threads: int = 1
+    jobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.connectors, str) or not isinstance(self.connectors, tuple | list):
@@ -128,6 +138,10 @@ class DemoConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if self.jobs is not None and (
+            isinstance(self.jobs, bool) or not isinstance(self.jobs, int) or self.jobs < 1
+        ):
+            raise ValueError(f"jobs must be an int >= 1 or None (automatic), got {self.jobs!r}")
         for name in ("vision_path", "llm_path"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str | Path):
@@ -493,12 +507,87 @@ def _run_demo(config: DemoConfig) -> dict[str, Any]:
             _all_texts([files.stage1, files.stage2, files.eval], ["plain", "vicuna_v1"])
         )
     results: dict[str, Any] = {"config": dataclasses.asdict(config), "connectors": {}}
-    for kind in config.connectors:
-        results["connectors"][kind] = train_connector(kind, config, tokenizer, files)
+    jobs = demo_jobs(config)
+    if jobs == 1:
+        for kind in config.connectors:
+            results["connectors"][kind] = train_connector(kind, config, tokenizer, files)
+    else:
+        results["connectors"] = _train_in_processes(config, tokenizer, files, jobs)
+    results["jobs"] = jobs
     results["seconds"] = round(time.monotonic() - started, 1)
     (output / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     plot_losses(results, output / "loss_curves.png")
     return results
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity, which containers and taskset narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def demo_jobs(config: DemoConfig) -> int:
+    """How many connectors :func:`run_demo` trains at once (``config.jobs``, or automatic)."""
+    wanted = config.jobs if config.jobs is not None else available_cores()
+    return max(1, min(wanted, len(config.connectors)))
+
+
+class _ProgressLines(TrainerCallback):
+    """One line per logging step (``dci stage 1: step 30/150, loss 2.134``) on stderr: what
+    parallel training processes show instead of progress bars that would overwrite each other."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            print(
+                f"{self.label}: step {state.global_step}/{state.max_steps}, loss "
+                f"{float(logs['loss']):.3f}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+
+def _train_connector_process(
+    kind: str, config: DemoConfig, tokenizer: Any, files: SyntheticVQAFiles, progress: bool
+) -> dict[str, Any]:
+    """:func:`train_connector` in a worker process (threads set there: they are per process)."""
+    torch.set_num_threads(config.num_threads)
+    return train_connector(kind, config, tokenizer, files, progress_lines=progress)
+
+
+def _train_in_processes(
+    config: DemoConfig, tokenizer: Any, files: SyntheticVQAFiles, jobs: int
+) -> dict[str, dict[str, Any]]:
+    """Every connector of ``config`` trained in its own process, ``jobs`` at a time."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # Plain dicts instead of read-only mapping proxies: the files go to other processes.
+    counts = {split: dict(values) for split, values in files.question_type_counts.items()}
+    files = dataclasses.replace(files, question_type_counts=counts)
+    quiet = dataclasses.replace(config, show_progress=False)  # no bars: progress lines instead
+    print(
+        f"training {len(config.connectors)} connectors, {jobs} at a time in separate processes "
+        f"({config.num_threads} thread(s) each)",
+        file=sys.stderr,
+        flush=True,
+    )
+    # "spawn": a fresh interpreter per worker (forking a process that holds torch threads can
+    # deadlock).
+    with ProcessPoolExecutor(
+        max_workers=jobs, mp_context=multiprocessing.get_context("spawn")
+    ) as pool:
+        futures = {
+            kind: pool.submit(
+                _train_connector_process, kind, quiet, tokenizer, files, config.show_progress
+            )
+            for kind in config.connectors
+        }
+        return {kind: future.result() for kind, future in futures.items()}
 
 
 def train_connector(
@@ -508,9 +597,12 @@ def train_connector(
     files: SyntheticVQAFiles,
     *,
     connector: ConnectorConfig | None = None,
+    progress_lines: bool = False,
 ) -> dict[str, Any]:
     """Build the model of ``kind`` (:func:`build_demo_model`), train both stages into
     ``config.output_dir / kind`` and score the held-out questions of ``files``.
+
+    ``progress_lines`` prints one line per logged step (for parallel runs without bars).
 
     Returns:
         ``{"visual_tokens", "accuracy": {question type | "all": fraction}, "stage1_losses",
@@ -545,14 +637,23 @@ def train_connector(
         config,
         config.stage2_learning_rate,
     )
+
+    def lines(label: str) -> list[TrainerCallback]:
+        return [_ProgressLines(f"{kind} {label}")] if progress_lines else []
+
     stage1 = train_stage(
-        model, LlavaDataset.from_json(files.stage1, template="plain", **data), collator, align
+        model,
+        LlavaDataset.from_json(files.stage1, template="plain", **data),
+        collator,
+        align,
+        callbacks=lines("stage 1"),
     )
     stage2 = train_stage(
         stage1.model,
         LlavaDataset.from_json(files.stage2, template="vicuna_v1", **data),
         collator,
         instruct,
+        callbacks=lines("stage 2"),
     )
     processor = DenseLlavaProcessor(
         image_processor,

@@ -125,8 +125,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--threads",
         type=_positive_int,
         default=1,
-        help="torch threads (default 1: the tiny models gain little from more, and lose much "
-        "when other jobs share the cores)",
+        help="torch threads per training process (default 1: the tiny models gain little "
+        "from more, and lose much when other jobs share the cores)",
+    )
+    demo.add_argument(
+        "--jobs",
+        type=_positive_int,
+        default=None,
+        help="connectors trained at once, each in its own process (default: one per "
+        "connector, at most one per available core)",
     )
     lab = commands.add_parser(
         "lab", help="compare the five connectors over seeds on a detail-losing pretrained tower"
@@ -257,6 +264,7 @@ def _demo(arguments: argparse.Namespace) -> int:
         "llm_path": arguments.llm,
         "overwrite": arguments.overwrite,
         "num_threads": arguments.threads,
+        "jobs": arguments.jobs,
     }
     if arguments.quick:
         options |= {

@@ -320,7 +320,10 @@ def test_a_good_run_file_loads_with_numbers_written_as_yaml_text(run_inputs, tmp
                 "stage1.stage: is set by the run (the stage, and output_dir/<section>), not in the file"
             ],
         ),
-        ({"extra": 1}, ["extra: unknown key; known keys: data, model, output_dir, overwrite, stage1, stage2"]),
+        (
+            {"extra": 1},
+            ["extra: unknown key; known keys: data, model, output_dir, overwrite, stage1, stage2"],
+        ),
         ({"overwrite": "please"}, ["overwrite: expected true or false, got 'please'"]),
         (
             {"data": {"stage1": "x.json"}},
@@ -392,9 +395,45 @@ def test_run_file_refuses_stage_folders_training_did_not_create(run_inputs, tmp_
     assert (stage1 / "weights.bin").read_bytes() == b"precious"
 
 
+def test_train_cli_names_a_missing_run_file(tmp_path, capsys):
+    assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert capsys.readouterr().err == (
+        f"mmconnect train: run file {str(tmp_path / 'missing.yaml')!r} does not exist\n"
+    )
+
+
 def test_train_cli_reports_run_file_problems_with_exit_2(run_inputs, tmp_path, capsys):
     path = _run_file(run_inputs, tmp_path, stage2={"lora": {"rank": -4}})
     assert main(["train", "--config", str(path)]) == 2
     assert capsys.readouterr().err == (
         f"mmconnect train: {path}:stage2.lora.rank: expected a whole number >= 1, got -4\n"
     )
+
+
+@pytest.mark.slow
+def test_connectors_trained_in_parallel_processes_match_one_process(tmp_path):
+    """jobs=2 (a process per connector, one thread each) gives exactly the results of jobs=1."""
+    tiny = {
+        "num_train_images": 8,
+        "num_eval_images": 2,
+        "image_size": 40,
+        "vision_width": 16,
+        "vision_blocks": 4,
+        "llm_width": 16,
+        "llm_blocks": 1,
+        "stage1_steps": 2,
+        "stage2_steps": 2,
+        "batch_size": 4,
+        "show_progress": False,
+    }
+    runs = {
+        jobs: run_demo(DemoConfig(output_dir=str(tmp_path / f"jobs-{jobs}"), jobs=jobs, **tiny))
+        for jobs in (1, 2)
+    }
+    assert (runs[1]["jobs"], runs[2]["jobs"]) == (1, 2)
+    for kind in ("baseline", "dci"):
+        one, two = runs[1]["connectors"][kind], runs[2]["connectors"][kind]
+        assert one["stage1_losses"] == two["stage1_losses"]
+        assert one["stage2_losses"] == two["stage2_losses"]
+        assert one["accuracy"] == two["accuracy"]
+        assert len(one["stage2_losses"]) == 2
