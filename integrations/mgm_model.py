@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 from huggingface_hub.dataclasses import strict
-from safetensors import safe_open
 from torch import Tensor, nn
 from transformers import AutoModel, LlavaConfig, LlavaForConditionalGeneration, LlavaModel
 from transformers.image_utils import get_image_size, to_numpy_array
@@ -36,6 +35,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava.modeling_llava import LlavaPreTrainedModel
 
 from mmconnect import ConnectorConfig, DenseConnector
+from mmconnect.checkpoint import open_safetensors
 from mmconnect.connector import count_output_tokens
 from mmconnect.integrations.hf_dense import (
     CheckedLoadingMixin,
@@ -277,7 +277,7 @@ def check_checkpoint_mining(directory: Path, config: DenseMGMConfig) -> None:
         return
     saved: dict[str, tuple[int, ...]] = {}
     for file in files:
-        with safe_open(str(file), framework="pt") as handle:
+        with open_safetensors(file) as handle:  # a corrupt file is named
             for key in handle.keys():  # noqa: SIM118 (safe_open handles are not iterable)
                 for prefix in ("model.mining.", "mining."):
                     if key.startswith(prefix):

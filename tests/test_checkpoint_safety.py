@@ -352,6 +352,29 @@ def test_dense_llava_from_pretrained_names_a_corrupt_file(tmp_path):
         DenseLlavaForConditionalGeneration.from_pretrained(target)
 
 
+@pytest.mark.slow  # a 24-block tower and a ConvNeXt aux encoder
+def test_dense_mgm_save_is_atomic_and_a_corrupt_file_is_named(tmp_path):
+    pytest.importorskip("timm")
+    from mmconnect.integrations.mgm_model import DenseMGMForConditionalGeneration
+    from tests.test_mgm_model import build
+
+    target = tmp_path / "mgm"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    build().save_pretrained(target)
+    assert sorted(p.name for p in target.iterdir()) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "notes.txt",
+    ]
+    assert leftovers(tmp_path) == []
+    weights = target / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=re.escape(repr(str(weights))) + r" \(\d+ bytes\) is not"):
+        DenseMGMForConditionalGeneration.from_pretrained(target)
+
+
 @pytest.mark.slow  # a fresh process imports transformers
 def test_stage_rerun_that_fails_while_saving_keeps_the_stage_folder(tmp_path):
     pytest.importorskip("transformers")
