@@ -16,6 +16,7 @@ are those of a toy; the comparison between connectors is what the demo shows.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -554,9 +555,18 @@ class _ProgressLines(TrainerCallback):
 def _train_connector_process(
     kind: str, config: DemoConfig, tokenizer: Any, files: SyntheticVQAFiles, progress: bool
 ) -> dict[str, Any]:
-    """:func:`train_connector` in a worker process (threads set there: they are per process)."""
+    """:func:`train_connector` in a worker process (threads set there: they are per process).
+
+    The Trainer prints its log dicts to stdout when its bars are off, and saves draw bars; with
+    several processes those interleave unlabelled, so they are dropped here: the labelled
+    progress lines on stderr say the same.
+    """
+    from transformers.utils import logging as hf_logging
+
     torch.set_num_threads(config.num_threads)
-    return train_connector(kind, config, tokenizer, files, progress_lines=progress)
+    hf_logging.disable_progress_bar()
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        return train_connector(kind, config, tokenizer, files, progress_lines=progress)
 
 
 def _train_in_processes(
