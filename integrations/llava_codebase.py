@@ -37,11 +37,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors import safe_open
 from torch import Tensor, nn
 
 from mmconnect import ConnectorConfig, DenseConnector, LayerFeatures
+from mmconnect.checkpoint import atomic_save_directory, open_safetensors, read_state_dict
 from mmconnect.connector import FINGERPRINT_KEY
 
 #: Model-config attribute holding the swapped connector's config (``ConnectorConfig.to_dict()``).
@@ -256,12 +255,17 @@ def save_pretrained(model: nn.Module, directory: str | Path, **save_kwargs: Any)
         directory: where to save.
         save_kwargs: passed to ``model.save_pretrained`` (e.g. ``safe_serialization``).
 
+    The save is atomic (:func:`mmconnect.checkpoint.atomic_save_directory`): if it fails
+    midway, an earlier checkpoint in ``directory`` stays intact.
+
     Raises:
         ValueError: ``model.get_model().mm_projector`` is not a :class:`DenseConnector`.
     """
     connector = _swapped_connector(model)
     _mark_config(model.config, connector)
-    model.save_pretrained(str(directory), **save_kwargs)
+    # atomic: a save that fails midway leaves an earlier checkpoint in ``directory`` intact
+    with atomic_save_directory(directory) as staging:
+        model.save_pretrained(str(staging), **save_kwargs)
 
 
 def load_pretrained(
@@ -366,12 +370,12 @@ def _read_prefixed(directory: Path, prefix: str) -> dict[str, Tensor]:
     found: dict[str, Tensor] = {}
     for path in _weight_files(directory):
         if path.suffix == ".safetensors":
-            with safe_open(str(path), framework="pt") as file:
+            with open_safetensors(path) as file:  # a truncated / corrupt file is named
                 for key in file.keys():  # noqa: SIM118 (safe_open is no dict)
                     if key.startswith(prefix):
                         found[key[len(prefix) :]] = file.get_tensor(key)
         else:  # never unpickle objects: weights_only; mmap avoids reading the whole LLM
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            state = read_state_dict(path, mmap=True)
             found.update({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
     if not found:
         raise ValueError(f"no {prefix}* weights in {str(directory)!r}")

@@ -78,10 +78,12 @@ def _check_file(path: Path, what: str) -> None:
         raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
 
 
-def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+def read_state_dict(path: str | Path, *, mmap: bool = False) -> dict[str, Tensor]:
     """Read tensors from ``*.safetensors`` or a PyTorch file, never unpickling arbitrary objects.
 
-    PyTorch files (``mm_projector.bin``) are read with ``torch.load(weights_only=True)``.
+    PyTorch files (``mm_projector.bin``) are read with ``torch.load(weights_only=True)``;
+    ``mmap=True`` maps them instead of reading them whole (for a large LLM file of which only a
+    few tensors are used).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -99,7 +101,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
                 f"safetensors file: it is truncated or corrupt ({error}); save it again"
             ) from None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as error:  # RuntimeError (zip), EOFError, pickle.UnpicklingError, ...
         raise ValueError(
             f"weights file {str(path)!r} ({path.stat().st_size} bytes) cannot be read as "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -545,3 +546,65 @@ def test_fingerprint_tensors_is_exact_and_weight_dependent():
     ]
     for tensors in different:
         assert ckpt.fingerprint_tensors(tensors) != reference
+
+
+# ---------------------------------------------------------------------------- LLaVA codebase swap
+
+
+def test_llava_codebase_save_is_atomic_and_a_corrupt_file_is_named(tmp_path):
+    """The swap for LLaVA's own code (its model classes re-created in test_llava_codebase)."""
+    pytest.importorskip("transformers")
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from mmconnect.integrations.llava_codebase import (
+        restore_connector,
+        save_pretrained,
+        swap_connector,
+    )
+    from tests.test_llava_codebase import LlavaLlamaForCausalLM, connector, llava_config
+
+    torch.manual_seed(0)
+    tower = CLIPVisionConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=24,
+        num_attention_heads=2,
+        image_size=112,
+        patch_size=14,
+    )
+    CLIPVisionModel(tower).save_pretrained(tmp_path / "clip")
+    llava = LlavaLlamaForCausalLM(llava_config(tmp_path / "clip"))
+    llava.get_vision_tower().load_model()
+    swap_connector(llava.get_model(), connector("dc-sci-clip-l-336", seed=4))
+    target = tmp_path / "swapped"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    save_pretrained(llava, target, safe_serialization=True)
+    assert "notes.txt" in {p.name for p in target.iterdir()}
+    assert (target / "model.safetensors").is_file()
+    assert leftovers(tmp_path) == []
+    before = tree_hashes(target)
+    llava.config.second_save = True  # the new config.json differs from the saved one
+    with pytest.raises(RuntimeError, match="failed midway"):
+        save_pretrained(llava, target, safe_serialization=True, state_dict=_Exploding())
+    assert tree_hashes(target) == before
+    # HF's own save, not atomic, has rewritten config.json by the time it fails
+    plain = tmp_path / "plain"
+    shutil.copytree(target, plain)
+    with pytest.raises(RuntimeError, match="failed midway"):
+        llava.save_pretrained(plain, safe_serialization=True, state_dict=_Exploding())
+    assert tree_hashes(plain) != before
+    weights = target / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=re.escape(repr(str(weights))) + r" \(\d+ bytes\) is not"):
+        restore_connector(llava, target)
+
+
+class _Exploding(dict):
+    """A ``state_dict=`` that fails once the save has started writing (after config.json)."""
+
+    def items(self):
+        raise RuntimeError("failed midway")
+
+    def keys(self):
+        raise RuntimeError("failed midway")
