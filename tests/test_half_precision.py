@@ -11,7 +11,7 @@ stand-ins load their tower the way LLaVA's builder does.
 
 Exact checks (``torch.equal``): image features against the tap and the connector run by hand and
 against the tower's ``output_hidden_states``, reloaded checkpoints against the saved model.
-bf16 against fp32 is a tolerance check on the loss (bf16 keeps 8 bits of mantissa).
+bf16 against fp32 is a tolerance check on the logits (bf16 keeps 8 bits of mantissa).
 
 Two transformers behaviours the checks take into account:
 
@@ -76,9 +76,16 @@ from tests import (  # noqa: E402
 DTYPES = [torch.float32, torch.bfloat16]
 #: Parametrize a test over fp32 and bf16.
 each_dtype = pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
-#: bf16 loss against the fp32 model's (same weights rounded to bf16): measured differences stay
-#: below 0.003 on these models; 0.03 is ten times that and far below any broken path's error.
-LOSS_TOLERANCE = 0.03
+#: Relative L2 error of bf16 logits against the same weights' fp32 logits: measured 0.9-1.3 % on
+#: these models (bf16 keeps 8 bits of mantissa); a path that drops or garbles a layer is off by
+#: tens of percent.
+BF16_RELATIVE_ERROR = 0.03
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """``||actual - expected|| / ||expected||`` in fp32."""
+    difference = actual.float() - expected.float()
+    return float(difference.norm() / expected.float().norm())
 
 
 def float_dtypes(module: torch.nn.Module) -> set[torch.dtype]:
@@ -105,9 +112,9 @@ def native_in(dtype: torch.dtype, config, seed: int = 0):
     return AutoModelForImageTextToText.from_config(config, dtype=dtype).eval()
 
 
-def loss_of(model, **inputs) -> float:
+def logits_of(model, **inputs) -> torch.Tensor:
     with torch.no_grad():
-        return float(model(**inputs).loss)
+        return model(**inputs).logits
 
 
 # ---------------------------------------------------------------------------- Dense LLaVA
@@ -150,9 +157,9 @@ def test_llava_forward_with_labels_and_generate(dense_llava, preset, dtype):
     assert output.logits.dtype == dtype
     assert output.logits.shape == (1, ids.shape[1], test_llava.VOCAB)
     assert torch.isfinite(output.loss) and torch.isfinite(output.logits).all()
-    if dtype != torch.float32:  # the same weights in fp32 give nearly the same loss
-        reference = loss_of(dense_llava(preset, torch.float32), **inputs)
-        assert abs(float(output.loss) - reference) < LOSS_TOLERANCE
+    if dtype != torch.float32:  # the same weights in fp32 give nearly the same logits
+        reference = logits_of(dense_llava(preset, torch.float32), **inputs)
+        assert relative_error(output.logits, reference) < BF16_RELATIVE_ERROR
 
     generated = model.generate(
         input_ids=ids,
@@ -322,9 +329,8 @@ def test_llava_next_forward_with_labels_and_generate(dense_next, name, dtype):
     assert output.logits.shape == (*inputs["input_ids"].shape, test_llava_next.VOCAB)
     assert torch.isfinite(output.loss) and torch.isfinite(output.logits).all()
     if dtype != torch.float32:
-        with torch.no_grad():
-            reference = dense_next(name, torch.float32)(**inputs, labels=next_labels(inputs))
-        assert abs(float(output.loss) - float(reference.loss)) < LOSS_TOLERANCE
+        reference = logits_of(dense_next(name, torch.float32), **inputs)
+        assert relative_error(output.logits, reference) < BF16_RELATIVE_ERROR
 
     one = test_llava_next._inputs(model, [(150, 60)])
     generated = model.generate(
@@ -410,8 +416,8 @@ def test_mgm_forward_with_labels_and_generate(dense_mgm, dtype):
     assert features.shape == (576, test_mgm_model.LLM)
     assert torch.isfinite(output.loss) and torch.isfinite(output.logits).all()
     if dtype != torch.float32:
-        reference = loss_of(dense_mgm(torch.float32), **inputs)
-        assert abs(float(output.loss) - reference) < LOSS_TOLERANCE
+        reference = logits_of(dense_mgm(torch.float32), **inputs)
+        assert relative_error(output.logits, reference) < BF16_RELATIVE_ERROR
 
     generated = model.generate(
         input_ids=ids,
@@ -656,6 +662,13 @@ def test_one_step_of_each_stage(tmp_path, mode):
             assert changed(llm, inner.language_model) == set()
             assert changed(head, model.lm_head) == set()
         else:
-            assert changed(llm, inner.language_model) and changed(head, model.lm_head)
+            moved = changed(llm, inner.language_model)
+            assert changed(head, model.lm_head) == {"weight"}
+            if mode == "bf16-weights":
+                # Updates of about lr = 2e-5 fall below half a bf16 step of most weights and
+                # round away; the optimizer still reaches the LLM.
+                assert moved
+            else:  # fp32 weights (also under bf16 autocast): every LLM tensor moves
+                assert moved == set(llm)
         saved = checkpoint_dtypes(tmp_path / stage)
         assert saved == {"BF16" if dtype == torch.bfloat16 else "F32"}
