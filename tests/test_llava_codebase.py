@@ -462,7 +462,7 @@ def test_non_square_resample_grid_with_a_spatial_merge_is_refused(build_llava):
 # ---------------------------------------------------------------------------- half precision
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", [*DTYPES, torch.float16], ids=str)  # LLaVA's builder: fp16
 def test_fresh_connector_takes_the_model_dtype(dtype, images, build_llava):
     """LLaVA's builder loads the model in half precision; a fresh fp32 connector must follow."""
     llava = build_llava(dtype=dtype)
@@ -613,6 +613,26 @@ def test_restore_connector_on_a_model_loaded_by_other_means(tmp_path, images, bu
     restore_connector(again, tmp_path / "swapped")
     with torch.no_grad():
         assert torch.equal(again.encode_images(images), expected)
+
+
+def test_restore_connector_from_shards_and_bin(tmp_path, images, build_llava):
+    """Sharded safetensors (with their index) and LLaVA-era ``pytorch_model.bin`` files."""
+    llava = build_llava()
+    swap_connector(llava.get_model(), connector("dc-dci-clip-l-336", seed=8))
+    with torch.no_grad():
+        expected = llava.encode_images(images)
+    save_pretrained(llava, tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    state = {k: v.contiguous() for k, v in llava.state_dict().items()}
+    (tmp_path / "bin").mkdir()
+    torch.save(state, tmp_path / "bin" / "pytorch_model.bin")
+    for directory in ("sharded", "bin"):
+        again = build_llava(seed=1)
+        again.config = llava.config  # the saved config, record included
+        again.get_model().config = llava.config
+        restore_connector(again, tmp_path / directory)
+        with torch.no_grad():
+            assert torch.equal(again.encode_images(images), expected), directory
 
 
 def test_reload_of_an_unswapped_checkpoint_is_refused(tmp_path, build_llava):
