@@ -312,6 +312,11 @@ def check_saved_connector(model_class: type, path: Any, kwargs: dict[str, Any]) 
     if not isinstance(path, str | os.PathLike):
         return
     directory = Path(path) / kwargs.get("subfolder", "")
+    if directory.is_file():  # HF would look it up on the Hub, then call it a broken config
+        raise ValueError(
+            f"{str(directory)!r} is a file; {model_class.__name__}.from_pretrained expects the "
+            "directory written by save_pretrained (with config.json and the weights)"
+        )
     if not directory.is_dir():
         return
     config = kwargs.get("config")

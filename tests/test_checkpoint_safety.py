@@ -351,6 +351,8 @@ def test_dense_llava_from_pretrained_names_a_corrupt_file(tmp_path):
     config.write_bytes(b"\xff\xfe{\x00}\x00")  # UTF-16
     with pytest.raises(ValueError, match=re.escape(repr(str(config))) + " is not UTF-8 text"):
         DenseLlavaForConditionalGeneration.from_pretrained(target)
+    with pytest.raises(ValueError, match=re.escape(repr(str(weights))) + " is a file; Dense"):
+        DenseLlavaForConditionalGeneration.from_pretrained(weights)
 
 
 @pytest.mark.slow  # a 24-block tower and a ConvNeXt aux encoder
@@ -518,6 +520,12 @@ def test_check_torch_archive(tmp_path):
     path.write_bytes(path.read_bytes()[:300])
     with pytest.raises(ValueError, match=r"optimizer\.pt' \(300 bytes\) is not a complete"):
         ckpt.check_torch_archive(path)
+
+
+def test_projector_weights_path_that_is_a_directory(tmp_path):
+    connector = tiny_connector(0)
+    with pytest.raises(ValueError, match=re.escape(repr(str(tmp_path))) + " is a directory"):
+        connector.load_projector_weights(tmp_path)
 
 
 def test_write_state_dict_names_the_file_it_cannot_write(tmp_path):
