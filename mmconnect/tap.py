@@ -190,10 +190,12 @@ class _Capture:
     def _active(self) -> bool:
         return threading.get_ident() == self.thread and not _in_backward()
 
-    def _on_encoder_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    # ``kwargs`` has a default: torch registers a with_kwargs hook in two steps, and a forward in
+    # another thread may call it in between without kwargs (it then only checks the thread).
+    def _on_encoder_input(self, module: nn.Module, args: tuple, kwargs: dict | None = None) -> None:
         if not self._active():
             return
-        value = kwargs.get("pixel_values", args[0] if args else None)
+        value = (kwargs or {}).get("pixel_values", args[0] if args else None)
         if isinstance(value, Tensor) and value.is_floating_point():
             self.input_dtype = value.dtype
 
@@ -201,9 +203,12 @@ class _Capture:
         if self._active() and isinstance(output, Tensor) and output.dim() == 4:
             self.patch_grid = (int(output.shape[-2]), int(output.shape[-1]))
 
-    def _on_first_block_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _on_first_block_input(
+        self, module: nn.Module, args: tuple, kwargs: dict | None = None
+    ) -> None:
         if not self._active():
             return
+        kwargs = kwargs or {}
         # A new forward pass starts here: forget the previous one (but not its patch grid).
         patch_grid = self.patch_grid
         self.reset()

@@ -1035,3 +1035,220 @@ def test_bad_arguments_give_clear_errors(tiny_clip_vision, kwargs, error, match)
 def test_encoder_must_be_a_module(encoder):
     with pytest.raises(TypeError, match=r"encoder must be a torch\.nn\.Module, got"):
         MultiLayerFeatureTap(encoder, layers=[1])
+
+
+# ------------------------------------------------------------------- 11. torch.compile
+def _compile_counter():
+    """A dynamo backend that runs graphs eagerly and counts the frames it compiled."""
+    from torch._dynamo.testing import CompileCounter
+
+    return CompileCounter()
+
+
+@pytest.mark.slow  # dynamo's first trace costs ~10 s on 2 shared cores
+@pytest.mark.parametrize(
+    ("encoder_name", "size"),
+    [
+        pytest.param("tiny_clip_vision", IMAGE, id="hf-clip"),
+        pytest.param("tiny_timm_vit_reg", IMAGE, id="timm-vit-reg"),
+    ],
+)
+def test_compiled_encoder_gives_the_plain_features(request, encoder_name, size):
+    """``MultiLayerFeatureTap(torch.compile(tower))`` finds the blocks of the wrapped module (it
+    raised ``TypeError: ... does not support len()`` before), runs the compiled forward, and gives
+    the uncompiled tap's features exactly, with early exit and without."""
+    model = request.getfixturevalue(encoder_name)
+    x = pixels(size)
+    counter = _compile_counter()
+    compiled = torch.compile(model, backend=counter)
+    for early_exit in (True, False):
+        plain_tap = MultiLayerFeatureTap(
+            model, layers=[1, -2], groups=[[0, 2]], early_exit=early_exit
+        )
+        tap = MultiLayerFeatureTap(compiled, layers=[1, -2], groups=[[0, 2]], early_exit=early_exit)
+        assert tap.num_layers == plain_tap.num_layers
+        assert tap.num_prefix_tokens == plain_tap.num_prefix_tokens
+        with torch.no_grad():
+            expected, actual = plain_tap(x), tap(x)
+        assert_features_equal(actual, expected)
+    assert counter.frame_count > 0  # the compiled forward ran
+    assert_no_hooks(model)
+
+
+@pytest.mark.slow
+def test_compiled_tower_with_the_eager_backend_through_a_connector(tiny_clip_vision):
+    """``DenseConnector.make_tap`` checks the depth of a compiled tower and taps it; with
+    ``backend="eager"`` the fused output equals the uncompiled one, with grad too."""
+    from mmconnect import ConnectorConfig, DenseConnector
+
+    config = ConnectorConfig(
+        fusion="dci", vision_dim=32, llm_dim=16, num_layers=HF_LAYERS, groups=[[0, 1], [2, 3]]
+    )
+    connector = DenseConnector(config)
+    compiled = torch.compile(tiny_clip_vision, backend="eager")
+    x = pixels()
+    expected = connector(connector.make_tap(tiny_clip_vision)(x))
+    actual = connector(connector.make_tap(compiled)(x))
+    assert_same(actual, expected)
+    assert actual.requires_grad
+    with pytest.raises(ValueError, match=r"the encoder has 4 blocks but the connector config says"):
+        DenseConnector(config.replace(num_layers=5, groups=((0, 1), (2, 3)))).make_tap(compiled)
+    assert_no_hooks(tiny_clip_vision)
+
+
+def test_compiled_wrappers_are_unwrapped_for_discovery(tiny_clip_vision):
+    """Discovery reads ``_orig_mod`` without compiling anything (no dynamo trace needed)."""
+    from mmconnect.encoder_blocks import find_encoder_blocks, unwrap_compiled
+
+    compiled = torch.compile(tiny_clip_vision, backend="eager")
+    assert unwrap_compiled(compiled) is tiny_clip_vision
+    assert unwrap_compiled(tiny_clip_vision) is tiny_clip_vision
+    structure = find_encoder_blocks(compiled)
+    assert structure.blocks is tiny_clip_vision.encoder.layers
+    assert structure.num_prefix_tokens == 1
+
+
+def test_gradient_checkpointing_reaches_tower_and_connector(tiny_clip_vision):
+    """HF ``gradient_checkpointing_enable()`` in training mode: a streaming DCI connector on the
+    tap gets the same gradients, and so does the tower, as without checkpointing."""
+    from mmconnect import ConnectorConfig, DenseConnector
+
+    config = ConnectorConfig(
+        fusion="dci", vision_dim=32, llm_dim=16, num_layers=HF_LAYERS, groups=[[0, 1], [2, 3]]
+    )
+    torch.manual_seed(1)
+    connector = DenseConnector(config)
+    plain = tiny_clip_vision.train()
+    checkpointed = copy.deepcopy(plain)
+    enable_hf_gradient_checkpointing(checkpointed, None)  # HF's default kwargs
+    checkpointed.train()
+    assert all(layer.gradient_checkpointing for layer in checkpointed.encoder.layers)
+    x = pixels()
+
+    grads = []
+    for model in (plain, checkpointed):
+        connector.zero_grad(set_to_none=True)
+        connector(connector.make_tap(model)(x)).square().mean().backward()
+        grads.append((parameter_grads(model), parameter_grads(connector)))
+    (tower_plain, connector_plain), (tower_checkpointed, connector_checkpointed) = grads
+    assert_grads_equal(tower_checkpointed, tower_plain)
+    assert_grads_equal(connector_checkpointed, connector_plain)
+    assert tower_checkpointed["embeddings.patch_embedding.weight"].abs().sum() > 0
+    assert all(grad is not None for grad in connector_checkpointed.values())
+
+
+# ------------------------------------------------------------ 12. dtype and group means
+@pytest.mark.parametrize("images", [torch.float32, torch.float16], ids=str)
+def test_features_come_in_the_images_dtype(tiny_clip_vision, images):
+    """A bf16 tower fed images of another dtype: each layer is cast to the images' dtype as it is
+    captured (as the official code casts every hidden state), before any averaging."""
+    model = tiny_clip_vision.to(torch.bfloat16)
+    x = pixels(dtype=images)
+    hidden = [state[:, 1:].to(images) for state in hf_hidden_states(model, x)]
+    tap = MultiLayerFeatureTap(model, layers=[2], groups=[[0, 1, 3]])
+    for features in (tap(x), _context_features(tap, model, x)):
+        assert features[2].dtype == images
+        assert_same(features[2], hidden[2])
+        mean = features.group_means[(0, 1, 3)]
+        assert mean.dtype == images
+        assert_same(mean, torch.sum(torch.stack([hidden[0], hidden[1], hidden[3]]), 0) / 3)
+
+
+def _context_features(tap: MultiLayerFeatureTap, model: nn.Module, x: Tensor) -> LayerFeatures:
+    with torch.no_grad(), tap:
+        model(pixel_values=x)  # the images given by keyword are seen too
+    return tap.features
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_streamed_means_round_like_stack_sum_divide(tiny_clip_vision, dtype):
+    """The default rounds like ``torch.sum(torch.stack(group), 0) / n`` in the dtype (the
+    official code), bit for bit; ``accumulate_dtype=torch.float32`` divides in fp32 and rounds
+    once, like ``(stack(...).float().sum(0) / n).to(dtype)``; the two differ."""
+    model = tiny_clip_vision.to(dtype)
+    x = pixels(dtype=dtype, seed=3).mul(4)
+    hidden = [state[:, 1:] for state in hf_hidden_states(model, x)]
+    group = tuple(range(HF_LAYERS + 1))
+    stacked = torch.stack([hidden[k] for k in group])
+    with torch.no_grad():
+        official = MultiLayerFeatureTap(model, groups=[group])(x).group_means[group]
+        upcast = MultiLayerFeatureTap(model, groups=[group], accumulate_dtype=torch.float32)(x)
+    upcast = upcast.group_means[group]
+    assert official.dtype == upcast.dtype == dtype
+    assert torch.equal(official, torch.sum(stacked, 0) / len(group))
+    assert torch.equal(upcast, (stacked.float().sum(0) / len(group)).to(dtype))
+    assert not torch.equal(official, upcast)
+
+
+class _ConstantBlocks(nn.Module):
+    """Twelve blocks, each a zero-weight Linear whose output is ``value`` everywhere."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(4, 4) for _ in range(12))
+        with torch.no_grad():
+            for block in self.blocks:
+                block.weight.zero_()
+                block.bias.fill_(value)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_fp16_upcast_accumulation_avoids_the_official_overflow():
+    """In fp16 the official sum is rounded to fp16 before dividing: 12 layers of 6000 sum to
+    72000 > 65504, so the mean is inf; ``accumulate_dtype=torch.float32`` gives 6000."""
+    model = _ConstantBlocks(6000.0).to(torch.float16)
+    x = torch.zeros(1, 9, 4, dtype=torch.float16)  # [B, tokens, C] straight into the blocks
+    group = tuple(range(1, 13))
+    options = {"groups": [group], "num_prefix_tokens": 0}
+    with torch.no_grad():
+        official = MultiLayerFeatureTap(model, **options)(x).group_means[group]
+        upcast = MultiLayerFeatureTap(model, accumulate_dtype=torch.float32, **options)(x)
+    assert torch.isinf(official).all()
+    assert (upcast.group_means[group] == 6000).all()
+
+
+# --------------------------------------------------------- 13. LayerFeatures.from_hidden_states
+@pytest.mark.parametrize(
+    ("tokens", "prefix", "grid", "match"),
+    [
+        (
+            577,
+            0,
+            None,
+            r"num_prefix_tokens=0 leaves 577, .* expected num_prefix_tokens=1 \(577 = 1 \+ 24x24\)",
+        ),
+        (
+            729,
+            1,
+            None,
+            r"num_prefix_tokens=1 leaves 728, .* expected num_prefix_tokens=0 \(729 = 0 \+ 27x27\)",
+        ),
+        (14, 0, None, r"expected num_prefix_tokens=5 \(14 = 5 \+ 3x3\)"),
+        (577, 0, (24, 24), r"not the 24x24 grid=\(24, 24\).*num_prefix_tokens=1 would leave"),
+        (4, 0, (3, 3), r"grid=\(3, 3\) needs 9 tokens, more than the state has"),
+        (577, -1, None, r"num_prefix_tokens must be a non-negative int .* got -1"),
+        (577, 1.0, None, r"num_prefix_tokens must be a non-negative int .* got 1\.0"),
+        (577, True, None, r"num_prefix_tokens must be a non-negative int .* got True"),
+        (577, 1, (24, 0), r"grid must be \(height, width\) with positive ints, got \(24, 0\)"),
+    ],
+)
+def test_from_hidden_states_refuses_a_wrong_prefix_count(tokens, prefix, grid, match):
+    states = tuple(torch.zeros(1, tokens, 4) for _ in range(3))
+    with pytest.raises(ValueError, match=match):
+        LayerFeatures.from_hidden_states(states, num_prefix_tokens=prefix, grid=grid)
+
+
+def test_from_hidden_states_accepts_right_counts_and_non_square_grids():
+    states = (torch.randn(1, 577, 4), torch.randn(1, 577, 4))
+    features = LayerFeatures.from_hidden_states(states, num_prefix_tokens=1)
+    assert_same(features[1], states[1][:, 1:])
+    wide = LayerFeatures.from_hidden_states(states, num_prefix_tokens=1, grid=(16, 36))
+    assert wide.grid(0) == (16, 36)
+    with pytest.raises(
+        ValueError, match=r"hidden_states\[1\] must be a \[batch, tokens, channels\]"
+    ):
+        LayerFeatures.from_hidden_states((states[0], torch.zeros(577, 4)), num_prefix_tokens=1)
