@@ -427,6 +427,13 @@ def _check_checkpoint_files(checkpoint: Path) -> None:
             "checkpoint-N folder"
         )
     read_json(state_file, what="trainer state")
+    if not any(checkpoint.glob("optimizer*")) and not any(checkpoint.glob("global_step*")):
+        # the Trainer would resume silently with a fresh optimizer (and learning-rate schedule)
+        logger.warning(
+            "resume checkpoint %s holds no optimizer state (optimizer.pt): the optimizer starts "
+            "afresh, so the run will not continue exactly as it would have",
+            checkpoint,
+        )
     for file in sorted(checkpoint.iterdir()):
         if file.suffix in (".pt", ".pth"):
             check_torch_archive(file)

@@ -218,7 +218,7 @@ def copy_of_checkpoint(run, tmp_path):
     return copy
 
 
-def test_resume_checkpoint_with_a_truncated_or_missing_file(interrupted_run, tmp_path):
+def test_resume_checkpoint_with_a_truncated_or_missing_file(interrupted_run, tmp_path, caplog):
     checkpoint = copy_of_checkpoint(interrupted_run, tmp_path)
     names = sorted(p.name for p in checkpoint.iterdir())
     assert names == [
@@ -242,6 +242,10 @@ def test_resume_checkpoint_with_a_truncated_or_missing_file(interrupted_run, tmp
         f"{str(optimizer)!r} (1000 bytes) is not a complete torch.save file: it is truncated "
         "or corrupt (File is not a zip file)"
     )
+    optimizer.unlink()
+    with caplog.at_level(logging.WARNING, logger="mmconnect.integrations.training"):
+        check_resume_checkpoint(checkpoint, model)
+    assert "holds no optimizer state (optimizer.pt): the optimizer starts afresh" in caplog.text
     shutil.copy(interrupted_run["checkpoint"] / "optimizer.pt", optimizer)
     weights = checkpoint / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-4])
