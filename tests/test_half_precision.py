@@ -56,14 +56,14 @@ from mmconnect.integrations.llava_next import (  # noqa: E402
     from_llava_next,
 )
 from mmconnect.integrations.mgm_codebase import swap_connector as swap_mgm  # noqa: E402
-from mmconnect.integrations.training import StageConfig, train_stage  # noqa: E402
+from mmconnect.integrations.training import LoraSettings, StageConfig, train_stage  # noqa: E402
 from mmconnect.integrations.video_chat import (  # noqa: E402
     answer_image,
     answer_video,
     encode_image,
     prompt_embeddings,
 )
-from mmconnect.video import count_video_tokens, sample_frame_indices  # noqa: E402
+from mmconnect.video import POOLINGS, count_video_tokens, sample_frame_indices  # noqa: E402
 from tests import (  # noqa: E402
     test_llava,
     test_llava_next,
@@ -574,11 +574,12 @@ def test_answer_image_and_video_on_a_dense_llava(chat_llava, chat_tokenizer, tmp
     assert isinstance(answer.text, str)
     assert answer.frame_indices == tuple(sample_frame_indices(12, 4))
     assert (answer.pooling, answer.num_visual_tokens) == ("concat", 4 * v.TOKENS)
-    pooled = answer_video(
-        model, processor, v.frames(6), v.QUESTION, pooling="avgpool2d", max_new_tokens=3
-    )
-    assert isinstance(pooled.text, str)
-    assert pooled.num_visual_tokens == count_video_tokens(6, v.TOKENS, "avgpool2d", (4, 4))
+    for pooling in POOLINGS:  # each temporal pooling on the model's dtype
+        pooled = answer_video(
+            model, processor, v.frames(6), v.QUESTION, pooling=pooling, max_new_tokens=2
+        )
+        assert isinstance(pooled.text, str) and pooled.pooling == pooling
+        assert pooled.num_visual_tokens == count_video_tokens(6, v.TOKENS, pooling, (4, 4))
 
 
 @each_dtype
@@ -621,23 +622,28 @@ def changed(before: dict[str, torch.Tensor], module: torch.nn.Module) -> set[str
 TRAINING_MODES = ["fp32", "bf16-weights", "bf16-autocast"]
 
 
-@pytest.mark.parametrize("mode", TRAINING_MODES)
-def test_one_step_of_each_stage(tmp_path, mode):
-    """Stage 1 then stage 2 (from stage 1's model), one optimizer step each at the recipe's
-    learning rates (no warm-up, so the single step has the full rate)."""
-    model = training_toys.build_model()
-    dtype = torch.bfloat16 if mode == "bf16-weights" else torch.float32
-    model.to(dtype)
-    inner = model.model
-    options = {
+def training_options(mode: str) -> dict:
+    """``StageConfig`` fields for one optimizer step at the recipe's rates in ``mode``."""
+    return {
         "max_steps": 1,
         "per_device_train_batch_size": 4,
-        "warmup_ratio": 0.0,
+        "warmup_ratio": 0.0,  # no warm-up: the single step has the full learning rate
         "disable_tqdm": True,
         "bf16": mode == "bf16-autocast",
         # transformers refuses bf16 autocast without an accelerator unless told to use the CPU
         "extra_training_arguments": {"use_cpu": True} if mode == "bf16-autocast" else {},
     }
+
+
+@pytest.mark.parametrize("mode", TRAINING_MODES)
+def test_one_step_of_each_stage(tmp_path, mode):
+    """Stage 1 then stage 2 (from stage 1's model), one optimizer step each at the recipe's
+    learning rates, the model cast with ``.to()`` for bf16 weights."""
+    model = training_toys.build_model()
+    dtype = torch.bfloat16 if mode == "bf16-weights" else torch.float32
+    model.to(dtype)
+    inner = model.model
+    options = training_options(mode)
     for stage in ("align", "instruct"):
         tower, llm = snapshot(inner.vision_tower), snapshot(inner.language_model)
         head, connector = snapshot(model.lm_head), snapshot(inner.multi_modal_projector)
@@ -672,3 +678,31 @@ def test_one_step_of_each_stage(tmp_path, mode):
                 assert moved == set(llm)
         saved = checkpoint_dtypes(tmp_path / stage)
         assert saved == {"BF16" if dtype == torch.bfloat16 else "F32"}
+
+
+@pytest.mark.parametrize("mode", TRAINING_MODES)
+def test_lora_stage_saves_a_merged_model_that_reloads_in_its_dtype(tmp_path, mode):
+    """Stage 2 with LoRA: the adapters merge into the weights in the model's dtype, and the
+    saved Dense model reloads with that dtype and the same logits."""
+    dtype = torch.bfloat16 if mode == "bf16-weights" else torch.float32
+    model = native_in(dtype, training_toys.build_model().config)
+    stage = StageConfig(
+        stage="instruct",
+        output_dir=str(tmp_path),
+        lora=LoraSettings(rank=4, alpha=8),
+        **training_options(mode),
+    )
+    result = train_stage(model, training_toys.ToyDataset(), training_toys.collate, stage)
+    [(_, loss)] = result.losses
+    assert loss == loss and abs(loss) < float("inf")  # finite
+    merged = result.model.eval()
+    assert not any("lora_" in name for name, _ in merged.named_parameters())
+    assert parameter_dtypes(merged) == {dtype}
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    assert parameter_dtypes(loaded) == {dtype}
+    batch = training_toys.collate([training_toys.ToyDataset()[0]])
+    with torch.no_grad():
+        expected = merged(**batch).logits
+        actual = loaded(**batch).logits
+    assert actual.dtype == dtype
+    assert torch.equal(actual, expected)
