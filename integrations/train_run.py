@@ -280,6 +280,13 @@ def _check_fields(
         if rule is not None and value is not None and not rule[0](value):
             problems.add(key, f"expected {rule[1]}, got {values[name]!r}")
             continue
+        if name == "lr_scheduler_type":
+            from transformers import SchedulerType
+
+            known_schedules = [schedule.value for schedule in SchedulerType]
+            if value not in known_schedules:
+                problems.add(key, f"expected one of {known_schedules}, got {value!r}")
+                continue
         checked[name] = value
     return checked
 
@@ -380,12 +387,14 @@ def load_train_run(path: str | Path, *, overwrite: bool = False) -> TrainRun:
         )
         or {}
     )
+    settings: dict[str, Any] | None = None
     if "data" not in data:
         problems.add("data", "missing (required): image_folder and stage1 / stage2 files")
-    settings = _check_fields(
-        DataSettings, data.get("data"), "data", problems, required=frozenset({"image_folder"})
-    )
-    if "data" in data and settings is not None:
+    else:
+        settings = _check_fields(
+            DataSettings, data["data"], "data", problems, required=frozenset({"image_folder"})
+        )
+    if settings is not None:
         _check_data(settings, problems)
         if not settings.get("stage1") and not settings.get("stage2"):
             problems.add("data", "no stage has data: set stage1 and/or stage2 (LLaVA JSON files)")

@@ -293,6 +293,19 @@ def test_a_good_run_file_loads_with_numbers_written_as_yaml_text(run_inputs, tmp
         ({"stage1": {"learning_rate": 0}}, ["stage1.learning_rate: expected a number > 0, got 0"]),
         ({"stage1": {"bf16": "yes"}}, ["stage1.bf16: expected true or false, got 'yes'"]),
         (
+            {"data": None},
+            [
+                "data.image_folder: missing (required)",
+                "data: no stage has data: set stage1 and/or stage2 (LLaVA JSON files)",
+            ],
+        ),
+        (
+            {"data": ["images"]},
+            [
+                "data: expected a mapping of DataSettings fields (key: value lines), got list ['images']"
+            ],
+        ),
+        (
             {"stage1": [{"max_steps": 2}]},
             [
                 "stage1: expected a mapping of StageConfig fields (key: value lines), got list [{'max_steps': 2}]"
@@ -351,6 +364,22 @@ def test_run_file_problems_are_reported_as_file_field_problem(
     run_inputs, tmp_path, changes, expected
 ):
     assert _problems(_run_file(run_inputs, tmp_path, **changes)) == expected
+
+
+def test_an_unknown_learning_rate_schedule_is_named_with_the_known_ones(run_inputs, tmp_path):
+    from transformers import SchedulerType
+
+    path = _run_file(run_inputs, tmp_path, stage1={"lr_scheduler_type": "cosine_annealing"})
+    known = [schedule.value for schedule in SchedulerType]
+    assert _problems(path) == [
+        f"stage1.lr_scheduler_type: expected one of {known}, got 'cosine_annealing'"
+    ]
+
+
+def test_a_run_file_without_data_says_what_data_needs(run_inputs, tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(f"model: {run_inputs / 'model'}\noutput_dir: out\n")
+    assert _problems(path) == ["data: missing (required): image_folder and stage1 / stage2 files"]
 
 
 def test_every_problem_of_a_run_file_is_reported_at_once(run_inputs, tmp_path):
