@@ -143,8 +143,14 @@ class DenseConnector(nn.Module):
     ) -> MultiLayerFeatureTap:
         """A :class:`MultiLayerFeatureTap` on ``encoder`` that captures what this connector needs.
 
+        Both forms give the same fused features, bit for bit: the streaming tap's group means
+        round as the official ``torch.sum(torch.stack(group), 0) / n`` does (or, with
+        ``config.accumulate_dtype``, sum and divide in that dtype), as :meth:`fuse` does on the
+        member layers. The tap may be called from several threads at once.
+
         Args:
-            encoder: the vision encoder.
+            encoder: the vision encoder, or one wrapped by ``torch.compile`` (its depth is read
+                from the wrapped module).
             streaming: average DCI groups inside the tap (one running sum per group) instead of
                 holding every member layer.
             tap_options: further :class:`MultiLayerFeatureTap` options (``blocks``, ``early_exit``...).

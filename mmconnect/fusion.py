@@ -155,14 +155,19 @@ def grouped_average(
 ) -> list[Tensor]:
     """Mean over each group of layers (DCI), one ``[B, N, C]`` tensor per group.
 
-    Follows the official code: stack the group's layers, sum, divide by the group size, all in
-    the features' dtype unless ``accumulate_dtype`` upcasts (the result is cast back). When
-    ``features`` is a :class:`LayerFeatures` that already holds a group's streamed mean, that
-    mean is used.
+    With ``accumulate_dtype=None`` this is the official op sequence,
+    ``torch.sum(torch.stack(group), 0) / len(group)`` in the features' dtype, so it rounds as the
+    official code does (in bf16 / fp16 torch sums in fp32, rounds the sum once to the dtype and
+    the division rounds again). With a dtype such as ``torch.float32`` the members are cast to it,
+    summed and divided in it, and the mean is rounded once to the features' dtype (overflow-safe
+    in fp16). The streaming tap computes the same two variants without holding the members (see
+    :class:`mmconnect.MultiLayerFeatureTap`). When ``features`` is a :class:`LayerFeatures` that
+    already holds a group's streamed mean, that mean is used.
 
     Args:
         features: layer index -> ``[B, N, C]`` (non-negative HF ``hidden_states`` indices).
-        groups: the layer indices of each group.
+        groups: the layer indices of each group, in the order they are stacked.
+        accumulate_dtype: ``None`` (official rounding) or the dtype to sum and divide in.
 
     Raises:
         ValueError: a group is empty, a layer is missing, or shapes differ within a group.
@@ -183,7 +188,11 @@ def grouped_average(
                 f"groups[{position}] mixes layers of different shapes: {sorted(shapes)}"
             )
         dtype = tensors[0].dtype
-        total = torch.stack([tensor.to(accumulate_dtype or dtype) for tensor in tensors]).sum(dim=0)
+        # Exactly the official `torch.sum(torch.stack(...), 0) / n` (stack first: summing pairwise
+        # would round after every addition in half precision).
+        total = torch.sum(
+            torch.stack([tensor.to(accumulate_dtype or dtype) for tensor in tensors]), 0
+        )
         means.append((total / len(members)).to(dtype))
     return means
 
@@ -286,7 +295,8 @@ class TokenStack(Fusion):
 class GroupedChannelConcat(Fusion):
     """DCI: ``concat([F, mean(group_1), mean(group_2), ...])`` along channels.
 
-    ``[B, N, C]`` per layer -> ``[B, N, C * (1 + len(groups))]``.
+    ``[B, N, C]`` per layer -> ``[B, N, C * (1 + len(groups))]``. Means as
+    :func:`grouped_average` computes them (``accumulate_dtype=None``: the official rounding).
     """
 
     def __init__(

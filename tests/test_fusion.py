@@ -176,6 +176,61 @@ def test_grouped_average_keeps_dtype_and_can_accumulate_in_fp32():
     assert_close(upcast.float(), torch.full((1, 2, 3), exact).bfloat16().float(), **EXACT)
 
 
+HALF = [torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("shape", [(1, 256, 32), (2, 7, 5), (1, 3, 1)], ids=str)
+def test_grouped_average_rounds_like_the_official_stack_sum_divide(dtype, shape):
+    """Non-streaming DCI: ``torch.sum(torch.stack(group), 0) / n`` in the features' dtype,
+    exactly; with ``accumulate_dtype=torch.float32``, summed and divided in fp32, rounded once."""
+    generator = torch.Generator().manual_seed(7)
+    features = {i: torch.randn(*shape, generator=generator).mul(8).to(dtype) for i in range(13)}
+    group = list(range(13))
+    stacked = torch.stack([features[i] for i in group])
+    official, upcast = (
+        grouped_average(features, [group], accumulate_dtype=accumulate)[0]
+        for accumulate in (None, torch.float32)
+    )
+    assert torch.equal(official, torch.sum(stacked, 0) / 13)
+    assert torch.equal(upcast, (stacked.float().sum(0) / 13).to(dtype))
+    assert official.dtype == upcast.dtype == dtype
+
+
+#: Group sizes around torch's CPU reduction blocks (16 members, then 16 blocks of 16).
+GROUP_SIZES = [*range(1, 41), 63, 64, 65, 255, 256, 257, 300]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "shape"),
+    [
+        (torch.bfloat16, (1, 64, 32)),
+        (torch.float16, (1, 64, 32)),
+        (torch.bfloat16, (2, 7, 5)),  # any element count in half precision
+        (torch.float16, (1, 3, 1)),
+        (torch.float32, (1, 64, 32)),  # fp32 / fp64: element counts that are multiples of 32
+        (torch.float64, (2, 16, 48)),
+    ],
+    ids=str,
+)
+def test_streamed_group_sum_equals_the_stacked_sum_bit_for_bit(dtype, shape):
+    """The tap's running sum (never holding the members) adds up in torch's CPU order: for
+    every group size, including the 16-member blocks torch switches to, it equals
+    ``torch.stack(members).sum(0)`` exactly (rounded once, in the members' dtype)."""
+    from mmconnect.tap import _GroupSum
+
+    generator = torch.Generator().manual_seed(3)
+    members = [torch.randn(*shape, generator=generator).mul(5).to(dtype) for _ in range(300)]
+    wrong = []
+    for size in GROUP_SIZES:
+        running = _GroupSum(size, dtype, dtype)
+        for member in members[:size]:
+            running.add(member)
+        if not torch.equal(running.total(), torch.stack(members[:size]).sum(0)):
+            wrong.append(size)
+    assert wrong == []
+
+
 def test_grouped_average_uses_a_streamed_group_mean():
     streamed = torch.full((1, 4, 2), 7.0)
     features = LayerFeatures({5: torch.zeros(1, 4, 2)}, group_means={(0, 1, 2): streamed})
