@@ -153,8 +153,9 @@ def swap_connector(llava_model: nn.Module, connector: DenseConnector) -> nn.Modu
         is kept in ``config.mm_dense_original_projector_type``).
 
     Raises:
-        ValueError: ``llava_model`` lacks ``vision_tower`` / ``mm_projector``, the widths differ,
-            or the config asks for a spatial patch merge the connector's tokens cannot form.
+        ValueError: ``llava_model`` lacks ``vision_tower`` / ``mm_projector``, the tower is not
+            loaded yet, the widths differ, or the config asks for a spatial patch merge the
+            connector's tokens cannot form.
     """
     for attribute in ("vision_tower", "mm_projector"):
         if not hasattr(llava_model, attribute):
@@ -167,6 +168,12 @@ def swap_connector(llava_model: nn.Module, connector: DenseConnector) -> nn.Modu
         tower = tower[0]
     if isinstance(tower, DenseVisionTower):
         tower = tower.tower
+    if getattr(tower, "is_loaded", True) is False:  # LLaVA builds towers with delay_load
+        raise ValueError(
+            f"the vision tower {getattr(tower, 'vision_tower_name', type(tower).__name__)!r} is not "
+            "loaded yet: swap after LLaVA loads it (initialize_vision_modules, or "
+            "get_vision_tower().load_model() after from_pretrained)"
+        )
     width = getattr(tower, "hidden_size", None)
     if isinstance(width, int) and width != connector.config.vision_dim:
         raise ValueError(

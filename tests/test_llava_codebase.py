@@ -667,6 +667,14 @@ def test_object_without_mm_projector(clip_dirs):
         swap_connector(OnlyTower(), connector("dc-sci-clip-l-336"))
 
 
+def test_tower_not_loaded_yet(clip_dirs):
+    """Inside from_pretrained LLaVA builds the tower with delay_load: no weights to tap yet."""
+    torch.manual_seed(0)
+    llava = LlavaLlamaForCausalLM(llava_config(clip_dirs[112]))
+    with pytest.raises(ValueError, match=r"the vision tower '.*clip112.*' is not loaded yet"):
+        swap_connector(llava.get_model(), connector("dc-sci-clip-l-336"))
+
+
 def test_whole_model_instead_of_get_model(build_llava):
     llava = build_llava()
     with pytest.raises(ValueError, match=r"has no 'vision_tower'.*model\.get_model\(\)"):
