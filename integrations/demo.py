@@ -45,7 +45,7 @@ from mmconnect.integrations.llava import (
     DenseLlavaProcessor,
 )
 from mmconnect.integrations.output_folders import OutputFolder, claim_output_folder
-from mmconnect.integrations.synthetic import SyntheticVQAFiles, write_synthetic_vqa
+from mmconnect.integrations.synthetic import SceneSpec, SyntheticVQAFiles, write_synthetic_vqa
 from mmconnect.integrations.training import StageConfig, train_stage
 
 logger = logging.getLogger(__name__)
@@ -147,6 +147,26 @@ class DemoConfig:
             value = getattr(self, name)
             if value is not None and not isinstance(value, str | Path):
                 raise TypeError(f"{name} must be a path or None, got {value!r}")
+        smallest = SceneSpec().min_image_size()
+        if self.image_size < smallest:
+            raise ValueError(
+                f"image_size must be >= {smallest} (the synthetic shapes need it), got "
+                f"{self.image_size}"
+            )
+        if self.vision_path is None:
+            if self.image_size % self.patch_size:
+                raise ValueError(
+                    f"image_size ({self.image_size}) must be a multiple of patch_size "
+                    f"({self.patch_size})"
+                )
+            for kind in self.connectors:  # each connector's own checks, before any work
+                demo_connector(
+                    kind,
+                    vision_dim=self.vision_width,
+                    llm_dim=self.llm_width,
+                    num_layers=self.vision_blocks,
+                    grid_side=self.image_size // self.patch_size,
+                )
 
 
 # ---------------------------------------------------------------------------- tokenizer

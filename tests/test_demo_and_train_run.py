@@ -186,6 +186,13 @@ def test_demo_takes_tower_and_llm_from_a_saved_dense_llava(tmp_path):
         ({"num_threads": 0}, ValueError, "num_threads must be an int >= 1, got 0"),
         ({"stage1_steps": -1}, ValueError, "stage1_steps must be an int >= 1, got -1"),
         ({"stage2_learning_rate": 0}, ValueError, "stage2_learning_rate must be a positive number"),
+        (
+            {"image_size": 20},
+            ValueError,
+            "image_size must be >= 36 (the synthetic shapes need it), got 20",
+        ),
+        ({"image_size": 60}, ValueError, "image_size (60) must be a multiple of patch_size (8)"),
+        ({"jobs": 0}, ValueError, "jobs must be an int >= 1 or None (automatic), got 0"),
     ],
 )
 def test_demo_config_refuses_bad_input(changes, error, message):
