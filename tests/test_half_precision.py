@@ -179,8 +179,21 @@ def test_llava_forward_with_labels_and_generate(dense_llava, preset, dtype):
     assert sequences[0, ids.shape[1]] == output.logits[0, -1].argmax()
 
 
-@each_dtype
-@pytest.mark.parametrize("preset", LLAVA_PRESETS)
+#: ``(preset, dtype)`` of the exact image-feature checks: every preset in fp32 and bf16, the DCI
+#: presets (whose group means are where precision bites) also in fp16, the dtype LLaVA's own
+#: builder loads models in.
+FEATURE_CASES = [
+    *[(preset, dtype) for dtype in DTYPES for preset in LLAVA_PRESETS],
+    ("dc-dci-clip-l-336", torch.float16),
+    ("dc-dci-clip-l-336-efficient", torch.float16),
+]
+
+
+@pytest.mark.parametrize(
+    ("preset", "dtype"),
+    FEATURE_CASES,
+    ids=[f"{preset}-{str(dtype).removeprefix('torch.')}" for preset, dtype in FEATURE_CASES],
+)
 def test_llava_image_features_are_the_connector_on_the_towers_layers(dense_llava, preset, dtype):
     """``get_image_features`` equals, bit for bit, (1) the connector on a tap of the model's
     tower run by hand and (2) the connector on the tower's own ``output_hidden_states`` (every
