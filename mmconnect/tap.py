@@ -107,9 +107,10 @@ class _GroupSum:
         """Add the next member, ``[B, N, C]``, in the features' dtype."""
         levels = self._levels
         # Round to the stacked dtype first (as ``tensor.to(dtype)`` before stacking does), then
-        # widen; copy=True gives a buffer of our own, never an alias of a block's output, so
-        # later additions may be in place.
-        value = tokens.to(self.dtype).to(_opmath(self.dtype), copy=True)
+        # widen. The buffer must be our own, never an alias of a block's output, so that later
+        # additions may be in place: copy unless a conversion already made a new tensor.
+        value = tokens.to(self.dtype)
+        value = value.to(_opmath(self.dtype), copy=value is tokens)
         levels[0] = self._add(levels[0], value)
         self.count += 1
         if self.count % self._step:
@@ -428,6 +429,17 @@ class MultiLayerFeatureTap:
         }
         self._needed = sorted(set(self.layers) | set(self._group_of))
         # Per thread: the active ``with tap:`` capture and the latest capture.
+        self._local = threading.local()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Per-thread captures are not part of a copy (and thread-local storage cannot be copied):
+        # a deep-copied or pickled model that holds a tap gets a fresh, unattached one.
+        state = self.__dict__.copy()
+        del state["_local"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
         self._local = threading.local()
 
     # ------------------------------------------------------------------ public API

@@ -10,6 +10,7 @@ every result must equal the single-threaded one exactly, with no hook left behin
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Callable
 
@@ -267,3 +268,22 @@ def test_a_thread_inside_with_tap_does_not_block_other_threads(tower):
     assert torch.equal(tap.features[2], expected_main)
     with pytest.raises(RuntimeError, match="already attached in this thread"), tap, tap:
         pass
+
+
+def test_a_tap_is_copied_without_its_captures(tower):
+    """Thread-local capture state stays behind when a model holding a tap is deep-copied (as
+    ``copy.deepcopy(model)`` does to an integration that keeps its tap): the copy taps the
+    copied tower and has no features yet."""
+    tap = MultiLayerFeatureTap(tower, layers=[2])
+    with torch.no_grad():
+        expected = tap(image(0, 0))[2]
+    holder = nn.Module()
+    holder.tower, holder.tap = tower, tap
+    copied = copy.deepcopy(holder)
+    assert copied.tap.encoder is copied.tower
+    assert copied.tap.structure.blocks is copied.tower.encoder.layers
+    with pytest.raises(RuntimeError, match="no features captured yet"):
+        _ = copied.tap.features
+    with torch.no_grad():
+        assert torch.equal(copied.tap(image(0, 0))[2], expected)
+    assert hook_counts(copied.tower) == hook_counts(tower)
