@@ -73,7 +73,10 @@ class ConnectorConfig:
         resample_mode: ``"bilinear"`` (paper), ``"avg"`` or ``"max"``.
         resample_placement: ``"before_projector"`` (cheaper, default) or ``"after_projector"``.
         projector: a registered projector name (see :func:`mmconnect.list_projectors`).
-        accumulate_dtype: dtype name for DCI sums (``None``: the features' dtype, as official).
+        accumulate_dtype: how DCI group means round. ``None`` (default): as the official code's
+            ``torch.sum(torch.stack(group), 0) / n`` in the features' dtype, bit for bit on the
+            CPU. A dtype name such as ``"float32"``: summed and divided in that dtype, rounded
+            once to the features' dtype (overflow-safe in fp16).
         format_version: the config format; newer versions than this library knows are refused.
     """
 
