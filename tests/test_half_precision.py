@@ -56,7 +56,12 @@ from mmconnect.integrations.llava_next import (  # noqa: E402
     from_llava_next,
 )
 from mmconnect.integrations.mgm_codebase import swap_connector as swap_mgm  # noqa: E402
-from mmconnect.integrations.training import LoraSettings, StageConfig, train_stage  # noqa: E402
+from mmconnect.integrations.training import (  # noqa: E402
+    LoraSettings,
+    StageConfig,
+    prepare_stage,
+    train_stage,
+)
 from mmconnect.integrations.video_chat import (  # noqa: E402
     answer_image,
     answer_video,
@@ -719,3 +724,22 @@ def test_lora_stage_saves_a_merged_model_that_reloads_in_its_dtype(tmp_path, mod
         actual = loaded(**batch).logits
     assert actual.dtype == dtype
     assert torch.equal(actual, expected)
+
+
+@each_dtype
+def test_mgm_stage_one_backward_reaches_connector_and_mining_in_the_models_dtype(dtype):
+    """Mini-Gemini's mining trains with the connector: both get gradients in the model's
+    dtype, the two towers and the LLM none."""
+    model = test_mgm_model.build(MGM_PRESET).to(dtype).train()
+    trainable = prepare_stage(model, StageConfig(stage="align", output_dir="unused"))
+    inputs = mgm_inputs(seed=4)
+    loss = trainable(**inputs).loss
+    assert torch.isfinite(loss)
+    loss.backward()
+    inner = model.model
+    for module in (inner.mining, inner.connector):
+        for name, parameter in module.named_parameters():
+            assert parameter.grad is not None and parameter.grad.dtype == dtype, name
+            assert parameter.grad.abs().sum() > 0, name
+    frozen = (inner.vision_tower, inner.vision_tower_aux, inner.language_model, model.lm_head)
+    assert all(p.grad is None for module in frozen for p in module.parameters())
