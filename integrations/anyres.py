@@ -46,6 +46,47 @@ def check_pinpoints(pinpoints: Sequence[Sequence[int]], tile_size: int) -> None:
             )
 
 
+def check_image_size(image_size: object, argument: str = "image_size") -> tuple[int, int]:
+    """An image's original ``(height, width)`` in pixels as two positive ints.
+
+    Args:
+        image_size: a pair (list, tuple, or a tensor row of ``image_sizes``).
+        argument: how the message names it (e.g. ``"image_sizes[1]"``).
+
+    Raises:
+        ValueError: not a pair of positive integers (``(0, 0)`` would divide by zero in the tile
+            choice, a negative side has no best resolution).
+    """
+    values = image_size.tolist() if hasattr(image_size, "tolist") else image_size
+    if (
+        isinstance(values, str | bytes)
+        or not isinstance(values, Sequence)
+        or len(values) != 2
+        or any(isinstance(side, bool) or not isinstance(side, Integral) for side in values)
+        or any(side <= 0 for side in values)
+    ):
+        raise ValueError(
+            f"{argument}={_shown(values)} is not an image size: expected the original "
+            "(height, width) in pixels, two positive integers (as the processor's image_sizes)"
+        )
+    return int(values[0]), int(values[1])
+
+
+def check_image_sizes(image_sizes: object) -> list[tuple[int, int]]:
+    """Every row of ``image_sizes`` (``[images, 2]``) checked with :func:`check_image_size`.
+
+    Raises:
+        ValueError: naming the first bad row, or an empty / non-2-D ``image_sizes``.
+    """
+    rows = image_sizes.tolist() if hasattr(image_sizes, "tolist") else image_sizes
+    if isinstance(rows, str | bytes) or not isinstance(rows, Sequence) or not rows:
+        raise ValueError(
+            f"image_sizes must hold one original (height, width) per image ([images, 2]), got "
+            f"{rows!r}"
+        )
+    return [check_image_size(row, f"image_sizes[{index}]") for index, row in enumerate(rows)]
+
+
 def _shown(pinpoint: object) -> object:
     return list(pinpoint) if isinstance(pinpoint, Sequence) else pinpoint
 
@@ -56,11 +97,13 @@ def tile_grid(
     """``(rows, columns)`` of tiles for an image of ``(height, width)`` pixels.
 
     Raises:
-        ValueError: a pinpoint is not a ``(height, width)`` pair of multiples of ``tile_size``.
+        ValueError: a pinpoint is not a ``(height, width)`` pair of multiples of ``tile_size``,
+            or ``image_size`` is not two positive ints.
     """
     check_pinpoints(pinpoints, tile_size)
+    image_height, image_width = check_image_size(image_size)
     height, width = select_best_resolution(
-        [int(image_size[0]), int(image_size[1])], [list(p) for p in pinpoints]
+        [image_height, image_width], [list(p) for p in pinpoints]
     )
     return height // tile_size, width // tile_size
 

@@ -12,14 +12,19 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
+from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
@@ -111,19 +116,133 @@ def native_grid(vision_config: Any) -> tuple[int, int]:
     return side, side
 
 
-def checked_grid(pixel_values: Tensor, vision_config: Any) -> tuple[int, int]:
-    """The tower's patch grid for ``pixel_values`` (``[images, 3, S, S]``), checked against its size.
+def check_pixel_values(
+    pixel_values: Any,
+    size: int,
+    *,
+    channels: int = 3,
+    what: str = "this vision tower",
+    size_name: str = "image_size",
+    leading: str = "images",
+) -> None:
+    """Check ``pixel_values`` (``[images, channels, size, size]``) before any tensor work.
+
+    Args:
+        pixel_values: the images.
+        size: the square side the model takes.
+        channels: the colour channels it takes (3: RGB).
+        what: names the model part in the message; ``size_name`` the config field of ``size``.
+        leading: what the first dimension counts (``"images"``, ``"crops"``).
 
     Raises:
-        ValueError: the pixel size differs from the tower's ``image_size``.
+        TypeError: ``pixel_values`` is not a tensor.
+        ValueError: unbatched (``[3, S, S]``), an empty batch, another channel count or another
+            size; each message names the expected shape and what to do.
     """
-    size = vision_config.image_size
-    if pixel_values.dim() != 4 or tuple(pixel_values.shape[-3:]) != (3, size, size):
+    if not isinstance(pixel_values, Tensor):
+        raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
+    expected = f"[{leading}, {channels}, {size}, {size}]"
+    shape = tuple(pixel_values.shape)
+    if pixel_values.dim() == 3 and shape[0] == channels:
         raise ValueError(
-            f"pixel_values must be [images, 3, {size}, {size}] for this vision tower "
-            f"(image_size={size}), got shape {tuple(pixel_values.shape)}"
+            f"pixel_values of shape {shape} is one unbatched image; {what} takes a batch "
+            f"{expected}: add the batch dimension (pixel_values.unsqueeze(0))"
         )
+    if pixel_values.dim() != 4:
+        raise ValueError(
+            f"pixel_values must be {expected} for {what}, got shape {shape} ({pixel_values.dim()} "
+            "dimensions)"
+        )
+    if shape[0] == 0:
+        raise ValueError(
+            f"pixel_values holds 0 {leading} (shape {shape}); pass at least one image "
+            f"{expected}, or pixel_values=None for a prompt without images"
+        )
+    if shape[1] != channels:
+        raise ValueError(
+            f"pixel_values have {shape[1]} channel(s) but {what} takes {channels} (RGB), "
+            f"{expected}, got shape {shape}: convert the images to RGB before the processor "
+            "(e.g. PIL's image.convert('RGB'))"
+        )
+    if shape[2:] != (size, size):
+        # Why refuse larger images: the connector's token count (and the prompt's) is fixed by
+        # the tower's native grid, and its position embeddings are not interpolated.
+        raise ValueError(
+            f"pixel_values must be {expected} ({size_name}={size}) for {what}, got shape "
+            f"{shape}: resize the images with the model's processor (Dense models do not "
+            "interpolate position embeddings, interpolate_pos_encoding is not supported)"
+        )
+
+
+def checked_grid(
+    pixel_values: Tensor, vision_config: Any, leading: str = "images"
+) -> tuple[int, int]:
+    """The tower's patch grid for ``pixel_values`` (``[images, 3, S, S]``), checked with
+    :func:`check_pixel_values` against its ``image_size`` and ``num_channels``."""
+    check_pixel_values(
+        pixel_values,
+        vision_config.image_size,
+        channels=getattr(vision_config, "num_channels", 3),
+        leading=leading,
+    )
     return native_grid(vision_config)
+
+
+def reject_interpolation(kwargs: dict[str, Any]) -> None:
+    """``interpolate_pos_encoding=True`` cannot be honoured: the connector's token count (and the
+    prompt's) follows the tower's native grid."""
+    if kwargs.get("interpolate_pos_encoding"):
+        raise ValueError(
+            "interpolate_pos_encoding=True is not supported by Dense models: the image-token "
+            "count follows the vision tower's image_size; resize the images to it instead"
+        )
+
+
+def tower_features(
+    connector: DenseConnector,
+    tower: nn.Module,
+    pixel_values: Tensor,
+    *,
+    output_hidden_states: Any = None,
+    output_attentions: Any = None,
+) -> tuple[Any, BaseModelOutputWithPooling]:
+    """Tap ``tower`` for ``connector``; the tower's own outputs when they are asked for.
+
+    Without ``output_hidden_states`` / ``output_attentions`` (arguments, else the tower config's
+    fields, as HF reads them) the tower stops after the deepest layer the connector reads
+    (early exit). With either it runs in full under the same tap and its ``hidden_states`` /
+    ``attentions`` are returned as HF's ``get_image_features`` returns them.
+
+    Returns:
+        The tapped :class:`mmconnect.LayerFeatures` (prefix tokens dropped) and a
+        ``BaseModelOutputWithPooling`` whose ``last_hidden_state`` is the tapped final layer,
+        ``[images, tokens, vision_dim]`` (the same with or without the full run; the tower's
+        last block may never run), with ``hidden_states`` / ``attentions`` when asked for.
+    """
+    config = tower.config
+    hidden = (
+        output_hidden_states if output_hidden_states is not None else config.output_hidden_states
+    )
+    attentions = output_attentions if output_attentions is not None else config.output_attentions
+    tap = connector.make_tap(tower, keep_prefix=False)
+    if hidden or attentions:
+        with tap:
+            outputs = tower(
+                pixel_values,
+                output_hidden_states=bool(hidden),
+                output_attentions=bool(attentions),
+                return_dict=True,
+            )
+        features = tap.features
+    else:
+        outputs = None
+        features = tap(pixel_values)
+    final = features[connector.individual_layers[0]]
+    return features, BaseModelOutputWithPooling(
+        last_hidden_state=final,
+        hidden_states=outputs.hidden_states if outputs is not None and hidden else None,
+        attentions=outputs.attentions if outputs is not None and attentions else None,
+    )
 
 
 def processor_connector(
@@ -140,6 +259,32 @@ def processor_connector(
 
 
 # ---------------------------------------------------------------------------- model mixins
+
+
+class DenseInitMixin:
+    """Weight initialisation of the Dense models as for HF's own classes.
+
+    * ``is_custom_code`` is ``False`` (unless registered for the Hub's remote code): HF treats
+      classes defined outside ``transformers`` as custom code and then skips the per-module
+      initialisation of sub-models' container modules, so vision-tower weights missing from a
+      checkpoint would get the generic ``normal(0, 0.02)`` instead of the tower's own scheme
+      (CLIP's attention projections). The Dense classes initialise only through HF's
+      ``transformers.initialization`` functions, which is what that shortcut guards against.
+    * ``_init_weights`` sets each connector's ``config_fingerprint`` buffer from its config, so a
+      model built on the meta device (``init_weights()``) or loaded from a checkpoint without
+      the buffer holds the right value (HF's generic init leaves buffers uninitialised).
+    """
+
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        """``False`` unless the class is registered as Hub remote code (see the class doc)."""
+        return cls.is_remote_code()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, DenseConnector):
+            fingerprint = torch.tensor(config_fingerprint(module.config), dtype=torch.int64)
+            init.copy_(module.get_buffer(FINGERPRINT_KEY), fingerprint)
 
 
 class CheckedLoadingMixin:
@@ -188,6 +333,7 @@ class FixedImageTokensMixin:
         """
         if input_ids is None or pixel_values is None:
             return
+        self.check_pixel_values(pixel_values)
         found = int((input_ids == self.config.image_token_id).sum())
         images = pixel_values.shape[0]
         per_image = self.image_tokens_per_image()
@@ -198,11 +344,29 @@ class FixedImageTokensMixin:
                 f"prompt with {self.processor_name} so the counts agree"
             )
 
-    def forward(
-        self, input_ids: Tensor | None = None, pixel_values: Tensor | None = None, **kwargs: Any
-    ):
-        self.check_image_tokens(input_ids, pixel_values)
-        return super().forward(input_ids=input_ids, pixel_values=pixel_values, **kwargs)
+    def check_pixel_values(self, pixel_values: Any) -> None:
+        """``pixel_values`` must be ``[images, 3, S, S]`` at the tower's ``image_size``."""
+        checked_grid(pixel_values, self.config.vision_config)
+
+
+def checked_forward(stock_forward: Callable) -> Callable:
+    """``stock_forward`` (an HF base model's ``forward``) with ``check_image_tokens`` first.
+
+    The wrapper keeps the stock signature (``inspect.signature`` and positional arguments after
+    ``pixel_values`` work as for the stock class): it only binds the arguments to find
+    ``input_ids``, ``pixel_values`` and ``image_sizes``.
+    """
+    signature = inspect.signature(stock_forward)
+
+    @functools.wraps(stock_forward)
+    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        arguments = signature.bind_partial(self, *args, **kwargs).arguments
+        self.check_image_tokens(
+            arguments.get("input_ids"), arguments.get("pixel_values"), arguments.get("image_sizes")
+        )
+        return stock_forward(self, *args, **kwargs)
+
+    return forward
 
 
 class DenseGenerationMixin(CheckedLoadingMixin):
@@ -286,7 +450,9 @@ def check_checkpoint_connector(directory: str | os.PathLike, connector: Connecto
             key: tuple(tensor.shape)
             for key, tensor in DenseConnector(connector).state_dict().items()
         }
-    problems = [f"missing {key}" for key in expected if key not in saved]
+    # A checkpoint without the fingerprint (parameters only, or saved before it existed) loads:
+    # DenseInitMixin sets the buffer from the config.
+    problems = [f"missing {key}" for key in expected if key not in saved and key != FINGERPRINT_KEY]
     problems += [f"unexpected {key}" for key in saved if key not in expected]
     problems += [
         f"{key}: {saved[key]} in the weights, {shape} expected by the config"

@@ -33,6 +33,8 @@ from transformers import (
 from transformers.image_utils import get_image_size, to_numpy_array
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava.modeling_llava import LlavaPreTrainedModel
+from transformers.processing_utils import MultiModalData
+from transformers.utils.generic import can_return_tuple
 
 from mmconnect import ConnectorConfig, DenseConnector
 from mmconnect.connector import count_output_tokens
@@ -40,15 +42,19 @@ from mmconnect.integrations.hf_dense import (
     CheckedLoadingMixin,
     ConnectorConfigMixin,
     DenseGenerationMixin,
+    DenseInitMixin,
     FixedImageTokensMixin,
     attach_connector,
     check_connector_fits,
+    checked_forward,
     checked_grid,
     convert_model,
     native_grid,
     processor_connector,
     register_dense_model,
     reject_feature_layer,
+    reject_interpolation,
+    tower_features,
 )
 
 MODEL_TYPE = "dense_llava"
@@ -76,8 +82,12 @@ class DenseLlavaConfig(ConnectorConfigMixin, LlavaConfig):
 # ---------------------------------------------------------------------------- model
 
 
-class DenseLlavaModel(FixedImageTokensMixin, CheckedLoadingMixin, LlavaModel):
-    """HF ``LlavaModel`` whose ``multi_modal_projector`` is a :class:`mmconnect.DenseConnector`."""
+class DenseLlavaModel(DenseInitMixin, FixedImageTokensMixin, CheckedLoadingMixin, LlavaModel):
+    """HF ``LlavaModel`` whose ``multi_modal_projector`` is a :class:`mmconnect.DenseConnector`.
+
+    ``forward`` has the stock signature and checks the prompt's image tokens before the tower
+    runs.
+    """
 
     config_class = DenseLlavaConfig
     processor_name = "DenseLlavaProcessor"
@@ -102,6 +112,9 @@ class DenseLlavaModel(FixedImageTokensMixin, CheckedLoadingMixin, LlavaModel):
         """How many ``<image>`` placeholder tokens one image fills."""
         return self.connector.num_tokens(native_grid(self.config.vision_config))
 
+    forward = checked_forward(LlavaModel.forward)
+
+    @can_return_tuple
     def get_image_features(
         self,
         pixel_values: Tensor,
@@ -109,26 +122,42 @@ class DenseLlavaModel(FixedImageTokensMixin, CheckedLoadingMixin, LlavaModel):
         vision_feature_select_strategy: Any = None,
         image_sizes: Tensor | None = None,
         **kwargs: Any,
-    ) -> BaseModelOutputWithPooling:
-        """Tap the tower, run the connector: ``pooler_output`` is a list of ``[tokens, llm_dim]``.
+    ) -> tuple | BaseModelOutputWithPooling:
+        """Tap the tower, run the connector; returns what HF LLaVA's ``get_image_features`` does.
 
-        The tower runs only up to the deepest layer the connector reads (early exit). The layers
-        come from the connector config; ``vision_feature_select_strategy`` is not used (the tap
-        drops prefix tokens by structure).
+        ``[images, 3, S, S]`` -> ``pooler_output``: a list of ``[tokens, llm_dim]`` per image;
+        ``last_hidden_state``: the connector's final layer ``[images, h*w, vision_dim]`` (prefix
+        tokens dropped); ``hidden_states`` / ``attentions`` when ``output_hidden_states`` /
+        ``output_attentions`` ask for them (then the tower runs in full, otherwise it stops
+        after the deepest layer the connector reads); a tuple when ``return_dict=False``.
+        The layers come from the connector config; ``vision_feature_select_strategy`` is not
+        used (the tap drops prefix tokens by structure).
+
+        Raises:
+            ValueError: bad ``pixel_values`` (see :func:`~mmconnect.integrations.hf_dense.check_pixel_values`),
+                another ``vision_feature_layer``, ``image_sizes`` or ``interpolate_pos_encoding``.
         """
         reject_feature_layer(self.config, vision_feature_layer)
+        reject_interpolation(kwargs)
         if image_sizes is not None:
             raise ValueError(
                 "image_sizes is for AnyRes models; use DenseLlavaNextForConditionalGeneration"
             )
         grid = checked_grid(pixel_values, self.config.vision_config)
-        tap = self.connector.make_tap(self.vision_tower, keep_prefix=False)
-        features = tap(pixel_values.to(self.vision_tower.dtype))
-        image_features = self.connector(features, grid)
-        return BaseModelOutputWithPooling(pooler_output=list(image_features))
+        features, outputs = tower_features(
+            self.connector,
+            self.vision_tower,
+            pixel_values.to(self.vision_tower.dtype),
+            output_hidden_states=kwargs.get("output_hidden_states"),
+            output_attentions=kwargs.get("output_attentions"),
+        )
+        outputs.pooler_output = list(self.connector(features, grid))
+        return outputs
 
 
-class DenseLlavaForConditionalGeneration(DenseGenerationMixin, LlavaForConditionalGeneration):
+class DenseLlavaForConditionalGeneration(
+    DenseInitMixin, DenseGenerationMixin, LlavaForConditionalGeneration
+):
     """HF ``LlavaForConditionalGeneration`` with a Dense Connector (``model_type="dense_llava"``)."""
 
     config_class = DenseLlavaConfig
@@ -168,23 +197,35 @@ class DenseLlavaProcessor(LlavaProcessor):
         connector: the connector config as a dict (``ConnectorConfig.to_dict()``) or a
             :class:`ConnectorConfig`; saved with the processor.
         patch_size: the vision tower's patch size.
+        chat_template: as for ``LlavaProcessor`` (saved and reloaded with the processor).
+        image_token: as for ``LlavaProcessor``.
     """
 
+    # Every argument that must survive save_pretrained -> from_pretrained is named here: HF
+    # passes a saved processor only the arguments its __init__ names.
     def __init__(
         self,
         image_processor: Any = None,
         tokenizer: Any = None,
         patch_size: int | None = None,
         connector: dict | ConnectorConfig | None = None,
+        chat_template: str | None = None,
+        image_token: str = "<image>",
         **kwargs: Any,
     ) -> None:
         self._connector_config = processor_connector(connector, patch_size, "DenseLlavaProcessor")
         self.connector = self._connector_config.to_dict()  # saved with the processor
+        # The stock count adjustments (CLS, "default" strategy) never apply: both token counts
+        # are overridden below with the connector's.
+        kwargs.pop("vision_feature_select_strategy", None)
+        kwargs.pop("num_additional_image_tokens", None)
         super().__init__(
             image_processor,
             tokenizer,
             patch_size=patch_size,
             vision_feature_select_strategy="default",
+            chat_template=chat_template,
+            image_token=image_token,
             **kwargs,
         )
 
@@ -197,6 +238,40 @@ class DenseLlavaProcessor(LlavaProcessor):
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
         height, width = get_image_size(to_numpy_array(image_inputs["pixel_values"][image_idx]))
         return self.image_token * self.num_image_tokens(height, width)
+
+    def _get_num_multimodal_tokens(
+        self, image_sizes: list[list[int]] | None = None, **kwargs: Any
+    ) -> MultiModalData:
+        """The placeholder tokens per image that the processor inserts (serving engines read
+        this): every image is cropped to the image processor's ``crop_size``."""
+        vision_data = {}
+        if image_sizes is not None:
+            height, width = _processed_size(
+                self.image_processor, self._merge_kwargs(**kwargs)["images_kwargs"]
+            )
+            tokens = self.num_image_tokens(height, width)
+            vision_data = {
+                "num_image_tokens": [tokens] * len(image_sizes),
+                "num_image_patches": [1] * len(image_sizes),
+            }
+        return MultiModalData(**vision_data)
+
+
+def _processed_size(image_processor: Any, images_kwargs: dict) -> tuple[int, int]:
+    """``(height, width)`` of every image the image processor makes: its crop when it centre
+    crops (CLIP), else its resize target (SigLIP's ``{"height", "width"}``)."""
+    crop = images_kwargs.get("crop_size") or getattr(image_processor, "crop_size", None)
+    do_crop = images_kwargs.get("do_center_crop")
+    if do_crop is None:
+        do_crop = getattr(image_processor, "do_center_crop", crop is not None)
+    size = (
+        crop
+        if do_crop and crop is not None
+        else (images_kwargs.get("size") or image_processor.size)
+    )
+    if size.get("height") is not None:
+        return int(size["height"]), int(size["width"])
+    return int(size["shortest_edge"]), int(size["shortest_edge"])
 
 
 def register() -> None:

@@ -27,10 +27,12 @@ from transformers import (
 )
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava_next.modeling_llava_next import LlavaNextPreTrainedModel
+from transformers.utils.generic import can_return_tuple
 
 from mmconnect import ConnectorConfig, DenseConnector
 from mmconnect.integrations.anyres import (
     anyres_token_count,
+    check_image_sizes,
     check_pinpoints,
     crop_layout,
     pack_anyres,
@@ -40,14 +42,19 @@ from mmconnect.integrations.hf_dense import (
     CheckedLoadingMixin,
     ConnectorConfigMixin,
     DenseGenerationMixin,
+    DenseInitMixin,
     attach_connector,
     check_connector_fits,
+    check_pixel_values,
+    checked_forward,
     checked_grid,
     convert_model,
     native_grid,
     processor_connector,
     register_dense_model,
     reject_feature_layer,
+    reject_interpolation,
+    tower_features,
 )
 
 MODEL_TYPE = "dense_llava_next"
@@ -70,8 +77,12 @@ class DenseLlavaNextConfig(ConnectorConfigMixin, LlavaNextConfig):
         check_pinpoints(self.image_grid_pinpoints, self.vision_config.image_size)
 
 
-class DenseLlavaNextModel(CheckedLoadingMixin, LlavaNextModel):
-    """HF ``LlavaNextModel`` with a Dense Connector per AnyRes crop."""
+class DenseLlavaNextModel(DenseInitMixin, CheckedLoadingMixin, LlavaNextModel):
+    """HF ``LlavaNextModel`` with a Dense Connector per AnyRes crop.
+
+    ``forward`` has the stock signature and checks the prompt's image tokens before the tower
+    runs.
+    """
 
     config_class = DenseLlavaNextConfig
 
@@ -108,16 +119,42 @@ class DenseLlavaNextModel(CheckedLoadingMixin, LlavaNextModel):
         )
 
     def _crops(self, pixel_values: Tensor, image_sizes: Tensor | None) -> tuple[Tensor, list[int]]:
-        """All crops as ``[crops, 3, S, S]`` and how many belong to each image."""
+        """All crops as ``[crops, 3, S, S]`` and how many belong to each image.
+
+        ``pixel_values`` is the processor's ``[images, max crops, 3, S, S]`` (padded) or the
+        crops of all images concatenated, ``[crops, 3, S, S]``.
+
+        Raises:
+            ValueError: ``image_sizes`` missing or not positive ``(height, width)`` pairs, or
+                ``pixel_values`` of another layout, channel count or size, or empty.
+        """
         if image_sizes is None:
             raise ValueError(
                 "image_sizes is required for AnyRes: pass the processor's image_sizes ([images, 2], "
                 "original (height, width) of each image)"
             )
-        tile = self.config.vision_config.image_size
+        vision = self.config.vision_config
+        tile = vision.image_size
+        if isinstance(pixel_values, Tensor) and pixel_values.dim() == 5:
+            if pixel_values.shape[0] == 0:
+                raise ValueError(
+                    f"pixel_values holds 0 images (shape {tuple(pixel_values.shape)}); pass at "
+                    f"least one image [images, crops, 3, {tile}, {tile}], or pixel_values=None "
+                    "for a prompt without images"
+                )
+            check_pixel_values(
+                pixel_values.flatten(0, 1),
+                tile,
+                channels=getattr(vision, "num_channels", 3),
+                leading="crops",
+            )
+        else:
+            check_pixel_values(
+                pixel_values, tile, channels=getattr(vision, "num_channels", 3), leading="crops"
+            )
+        sizes = check_image_sizes(image_sizes)
         counts = [
-            1 + math.prod(tile_grid(_pair(size), self.config.image_grid_pinpoints, tile))
-            for size in image_sizes
+            1 + math.prod(tile_grid(size, self.config.image_grid_pinpoints, tile)) for size in sizes
         ]
         if pixel_values.dim() == 5:
             if pixel_values.shape[0] != len(counts):
@@ -133,6 +170,9 @@ class DenseLlavaNextModel(CheckedLoadingMixin, LlavaNextModel):
             )
         return pixel_values, counts
 
+    forward = checked_forward(LlavaNextModel.forward)
+
+    @can_return_tuple
     def get_image_features(
         self,
         pixel_values: Tensor,
@@ -140,14 +180,31 @@ class DenseLlavaNextModel(CheckedLoadingMixin, LlavaNextModel):
         vision_feature_layer: Any = None,
         vision_feature_select_strategy: Any = None,
         **kwargs: Any,
-    ) -> BaseModelOutputWithPooling:
-        """Every crop through tap -> connector, then AnyRes packing; ``pooler_output`` is a list
-        with one ``[tokens, llm_dim]`` tensor per image."""
+    ) -> tuple | BaseModelOutputWithPooling:
+        """Every crop through tap -> connector, then AnyRes packing; returns what HF
+        LLaVA-NeXT's ``get_image_features`` does.
+
+        ``pooler_output``: a list with one ``[tokens, llm_dim]`` tensor per image;
+        ``last_hidden_state``: the connector's final layer for every crop, ``[crops, h*w,
+        vision_dim]``; ``hidden_states`` / ``attentions`` when asked for (the tower then runs in
+        full); a tuple when ``return_dict=False``.
+
+        Raises:
+            ValueError: see :meth:`_crops`; another ``vision_feature_layer`` or
+                ``interpolate_pos_encoding``.
+        """
         reject_feature_layer(self.config, vision_feature_layer)
+        reject_interpolation(kwargs)
         crops, counts = self._crops(pixel_values, image_sizes)
-        grid = checked_grid(crops, self.config.vision_config)
-        tap = self.connector.make_tap(self.vision_tower)
-        tokens = self.connector(tap(crops.to(self.vision_tower.dtype)), grid)
+        grid = checked_grid(crops, self.config.vision_config, leading="crops")
+        features, outputs = tower_features(
+            self.connector,
+            self.vision_tower,
+            crops.to(self.vision_tower.dtype),
+            output_hidden_states=kwargs.get("output_hidden_states"),
+            output_attentions=kwargs.get("output_attentions"),
+        )
+        tokens = self.connector(features, grid)
         crop_grid, _ = crop_layout(self.connector, grid)
         packed = [
             pack_anyres(
@@ -160,7 +217,8 @@ class DenseLlavaNextModel(CheckedLoadingMixin, LlavaNextModel):
             )
             for image_crops, size in zip(torch.split(tokens, counts), image_sizes, strict=True)
         ]
-        return BaseModelOutputWithPooling(pooler_output=packed)
+        outputs.pooler_output = packed
+        return outputs
 
     def check_image_tokens(
         self, input_ids: Tensor | None, pixel_values: Tensor | None, image_sizes: Any
@@ -168,8 +226,7 @@ class DenseLlavaNextModel(CheckedLoadingMixin, LlavaNextModel):
         """Before any tensor work: the prompt's image tokens must equal what the images fill."""
         if input_ids is None or pixel_values is None:
             return
-        if image_sizes is None:
-            self._crops(pixel_values, image_sizes)  # raises the missing image_sizes error
+        self._crops(pixel_values, image_sizes)  # layout, sizes and crop counts
         found = int((input_ids == self.config.image_token_id).sum())
         per_image = [self.image_token_count(size) for size in image_sizes]
         if found != sum(per_image):
@@ -179,21 +236,9 @@ class DenseLlavaNextModel(CheckedLoadingMixin, LlavaNextModel):
                 "DenseLlavaNextProcessor so the counts agree"
             )
 
-    def forward(
-        self,
-        input_ids: Tensor | None = None,
-        pixel_values: Tensor | None = None,
-        image_sizes: Tensor | None = None,
-        **kwargs: Any,
-    ):
-        self.check_image_tokens(input_ids, pixel_values, image_sizes)
-        return super().forward(
-            input_ids=input_ids, pixel_values=pixel_values, image_sizes=image_sizes, **kwargs
-        )
-
 
 class DenseLlavaNextForConditionalGeneration(
-    DenseGenerationMixin, LlavaNextForConditionalGeneration
+    DenseInitMixin, DenseGenerationMixin, LlavaNextForConditionalGeneration
 ):
     """HF ``LlavaNextForConditionalGeneration`` with a Dense Connector (``"dense_llava_next"``)."""
 
@@ -219,14 +264,20 @@ class DenseLlavaNextProcessor(LlavaNextProcessor):
     Args:
         connector: the connector config (dict or :class:`ConnectorConfig`); saved with the processor.
         patch_size: the vision tower's patch size.
+        chat_template: as for ``LlavaNextProcessor`` (saved and reloaded with the processor).
+        image_token: as for ``LlavaNextProcessor``.
     """
 
+    # Every argument that must survive save_pretrained -> from_pretrained is named here: HF
+    # passes a saved processor only the arguments its __init__ names.
     def __init__(
         self,
         image_processor: Any = None,
         tokenizer: Any = None,
         patch_size: int | None = None,
         connector: dict | ConnectorConfig | None = None,
+        chat_template: str | None = None,
+        image_token: str = "<image>",
         **kwargs: Any,
     ) -> None:
         self._connector_config = processor_connector(
@@ -242,6 +293,8 @@ class DenseLlavaNextProcessor(LlavaNextProcessor):
             patch_size=patch_size,
             vision_feature_select_strategy="full",
             num_additional_image_tokens=0,
+            chat_template=chat_template,
+            image_token=image_token,
             **kwargs,
         )
 

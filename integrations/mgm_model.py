@@ -33,6 +33,7 @@ from transformers import AutoModel, LlavaConfig, LlavaForConditionalGeneration, 
 from transformers.image_utils import get_image_size, to_numpy_array
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava.modeling_llava import LlavaPreTrainedModel
+from transformers.utils.generic import can_return_tuple
 
 from mmconnect import ConnectorConfig, DenseConnector
 from mmconnect.checkpoint import open_safetensors
@@ -41,13 +42,18 @@ from mmconnect.integrations.hf_dense import (
     CheckedLoadingMixin,
     ConnectorConfigMixin,
     DenseGenerationMixin,
+    DenseInitMixin,
     FixedImageTokensMixin,
     attach_connector,
     check_connector_fits,
+    check_pixel_values,
+    checked_forward,
     native_grid,
     register_dense_model,
     reject_feature_layer,
+    reject_interpolation,
     safetensors_files,
+    tower_features,
 )
 from mmconnect.integrations.llava import DenseLlavaProcessor
 from mmconnect.integrations.mgm import (
@@ -107,11 +113,7 @@ class DenseMGMConfig(ConnectorConfigMixin, LlavaConfig):
         attach_connector(self)
         if self.aux_encoder is None:
             self.aux_encoder = dict(DEFAULT_AUX_ENCODER)
-        if not isinstance(self.aux_encoder.get("name"), str):
-            raise ValueError(
-                f"aux_encoder must name a timm ConvNeXt, e.g. {{'name': 'convnext_large'}}, got "
-                f"{self.aux_encoder!r}"
-            )
+        check_aux_encoder(self.aux_encoder)
         views = check_views(self.image_grid, self.image_global)
         if self.mining_placement not in ("after", "before"):
             raise ValueError(
@@ -143,10 +145,39 @@ def check_hr_size(image_size_aux: int, image_grid: int, lr_grid: tuple[int, int]
         )
 
 
-def build_aux_encoder(spec: dict) -> nn.Module:
-    """The HR ConvNeXt from ``{"name": timm model name, **timm kwargs}``, without weights."""
+def check_aux_encoder(spec: Any) -> None:
+    """``aux_encoder`` must name a timm model (``{"name": "convnext_large", **timm kwargs}``).
+
+    Checked when the config is made, so an unknown name fails before any model is built (timm
+    itself would fail only at ``create_model``, with a ``RuntimeError``).
+
+    Raises:
+        ValueError: ``spec`` is not a dict with a ``name`` string, or timm has no such model.
+    """
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise ValueError(
+            f"aux_encoder must name a timm ConvNeXt, e.g. {{'name': 'convnext_large'}}, got {spec!r}"
+        )
     import timm
 
+    if not timm.is_model(spec["name"]):
+        similar = timm.list_models("convnext*")[:6]
+        raise ValueError(
+            f"aux_encoder name {spec['name']!r} is not a timm model (timm "
+            f"{timm.__version__}); expected a timm ConvNeXt name such as 'convnext_large' "
+            f"(MGM's HR encoder), e.g. one of {similar}"
+        )
+
+
+def build_aux_encoder(spec: dict) -> nn.Module:
+    """The HR ConvNeXt from ``{"name": timm model name, **timm kwargs}``, without weights.
+
+    Raises:
+        ValueError: see :func:`check_aux_encoder`.
+    """
+    import timm
+
+    check_aux_encoder(spec)
     options = {key: value for key, value in spec.items() if key != "name"}
     for key, value in options.items():  # JSON turns timm's tuples into lists
         if isinstance(value, list):
@@ -157,7 +188,7 @@ def build_aux_encoder(spec: dict) -> nn.Module:
 # ---------------------------------------------------------------------------- model
 
 
-class DenseMGMModel(FixedImageTokensMixin, CheckedLoadingMixin, LlavaModel):
+class DenseMGMModel(DenseInitMixin, FixedImageTokensMixin, CheckedLoadingMixin, LlavaModel):
     """HF ``LlavaModel`` with Mini-Gemini's dual-encoder vision path and a Dense Connector.
 
     Modules: ``vision_tower`` (CLIP, LR), ``vision_tower_aux`` (ConvNeXt, HR), ``mining``
@@ -198,6 +229,18 @@ class DenseMGMModel(FixedImageTokensMixin, CheckedLoadingMixin, LlavaModel):
             native_grid(self.config.vision_config)
         )
 
+    forward = checked_forward(LlavaModel.forward)
+
+    def check_pixel_values(self, pixel_values: Any) -> None:
+        """``pixel_values`` must be the HR image ``[images, 3, image_size_aux, image_size_aux]``."""
+        check_pixel_values(
+            pixel_values,
+            self.config.image_size_aux,
+            what="Mini-Gemini's HR image",
+            size_name="image_size_aux",
+        )
+
+    @can_return_tuple
     def get_image_features(
         self,
         pixel_values: Tensor,
@@ -205,28 +248,34 @@ class DenseMGMModel(FixedImageTokensMixin, CheckedLoadingMixin, LlavaModel):
         vision_feature_select_strategy: Any = None,
         image_sizes: Tensor | None = None,
         **kwargs: Any,
-    ) -> BaseModelOutputWithPooling:
+    ) -> tuple | BaseModelOutputWithPooling:
         """HR ``[images, 3, S, S]`` -> ``pooler_output``: a list of ``[views * tokens, llm_dim]``.
 
+        ``last_hidden_state`` is the CLIP tower's tapped final layer for every LR view,
+        ``[images * views, h*w, vision_dim]``; ``hidden_states`` / ``attentions`` of the CLIP
+        tower when asked for; a tuple when ``return_dict=False`` (as HF LLaVA).
+
         Raises:
-            ValueError: the pixels are not ``image_size_aux`` square, or ``image_sizes`` is given.
+            ValueError: the pixels are not ``image_size_aux`` square RGB images (or unbatched,
+                or none), or ``image_sizes`` / ``interpolate_pos_encoding`` is given.
         """
         reject_feature_layer(self.config, vision_feature_layer)
+        reject_interpolation(kwargs)
         if image_sizes is not None:
             raise ValueError("image_sizes is for AnyRes models; Mini-Gemini takes one HR image")
-        size = self.config.image_size_aux
-        if pixel_values.dim() != 4 or tuple(pixel_values.shape[-3:]) != (3, size, size):
-            raise ValueError(
-                f"pixel_values must be the HR image [images, 3, {size}, {size}] "
-                f"(image_size_aux={size}), got shape {tuple(pixel_values.shape)}"
-            )
+        self.check_pixel_values(pixel_values)
         config = self.config
         pixels = pixel_values.to(self.vision_tower.dtype)
         views = lr_views(
             pixels, config.vision_config.image_size, config.image_grid, config.image_global
         )
-        tap = self.connector.make_tap(self.vision_tower, keep_prefix=False)
-        features = tap(views.flatten(0, 1))
+        features, outputs = tower_features(
+            self.connector,
+            self.vision_tower,
+            views.flatten(0, 1),
+            output_hidden_states=kwargs.get("output_hidden_states"),
+            output_attentions=kwargs.get("output_attentions"),
+        )
         hr_map = hr_views(
             convnext_hr_features(self.vision_tower_aux, pixels.to(self.vision_tower_aux_dtype)),
             config.image_grid,
@@ -236,7 +285,8 @@ class DenseMGMModel(FixedImageTokensMixin, CheckedLoadingMixin, LlavaModel):
             features, hr_map.flatten(0, 1), self.connector, self.mining, config.mining_placement
         )
         per_image = tokens.reshape(pixel_values.shape[0], -1, tokens.shape[-1])
-        return BaseModelOutputWithPooling(pooler_output=list(per_image))
+        outputs.pooler_output = list(per_image)
+        return outputs
 
     @property
     def vision_tower_aux_dtype(self) -> torch.dtype:
@@ -244,7 +294,9 @@ class DenseMGMModel(FixedImageTokensMixin, CheckedLoadingMixin, LlavaModel):
         return next(self.vision_tower_aux.parameters()).dtype
 
 
-class DenseMGMForConditionalGeneration(DenseGenerationMixin, LlavaForConditionalGeneration):
+class DenseMGMForConditionalGeneration(
+    DenseInitMixin, DenseGenerationMixin, LlavaForConditionalGeneration
+):
     """Mini-Gemini with a Dense Connector (``model_type="dense_mgm"``): loss, ``generate()``,
     ``save_pretrained`` / ``from_pretrained``."""
 
@@ -396,8 +448,11 @@ class DenseMGMProcessor(DenseLlavaProcessor):
         image_global: the global view beside the crops (True in HD mode).
         aux_normalization: ``(mean, std)`` the HR encoder was trained with; checked against the
             image processor's, since both towers read its one normalised tensor.
+        chat_template: as for ``LlavaProcessor`` (saved and reloaded with the processor).
+        image_token: as for ``LlavaProcessor``.
     """
 
+    # Arguments not named here are dropped by from_pretrained (see DenseLlavaProcessor).
     def __init__(
         self,
         image_processor: Any = None,
@@ -409,6 +464,8 @@ class DenseMGMProcessor(DenseLlavaProcessor):
         image_grid: int = 1,
         image_global: bool = False,
         aux_normalization: Any = None,
+        chat_template: str | None = None,
+        image_token: str = "<image>",
         **kwargs: Any,
     ) -> None:
         if image_size is None or image_size_aux is None:
@@ -421,7 +478,13 @@ class DenseMGMProcessor(DenseLlavaProcessor):
                 (image_processor.image_mean, image_processor.image_std), aux_normalization
             )
         super().__init__(
-            image_processor, tokenizer, patch_size=patch_size, connector=connector, **kwargs
+            image_processor,
+            tokenizer,
+            patch_size=patch_size,
+            connector=connector,
+            chat_template=chat_template,
+            image_token=image_token,
+            **kwargs,
         )
 
     def num_image_tokens(self, height: int, width: int) -> int:

@@ -720,14 +720,15 @@ def test_pixel_size_must_match_the_tower(dense_models, size):
     with pytest.raises(
         ValueError,
         match=re.escape(
-            f"[images, 3, 336, 336] for this vision tower (image_size=336), got shape (1, 3, {size}, {size})"
+            f"[images, 3, 336, 336] (image_size=336) for this vision tower, got shape (1, 3, {size}, {size})"
         ),
     ):
         model(input_ids=prompt_ids(576), pixel_values=pixels(1, size=size))
 
 
 def test_pixel_size_mismatch_from_a_processor_for_another_size(dense_models, tokenizer):
-    """A processor set up for 56 px images inserts 16 tokens per image: the model says so."""
+    """A processor set up for 56 px images (16 tokens per image): the model names the pixel
+    size the tower needs before it counts the prompt's image tokens."""
     processor = DenseLlavaProcessor(
         image_processor=CLIPImageProcessor(
             size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}
@@ -737,8 +738,13 @@ def test_pixel_size_mismatch_from_a_processor_for_another_size(dense_models, tok
         connector=connector_config("baseline-clip-l-336"),
     )
     inputs = processor(images=[image()], text=["<image> what"], return_tensors="pt")
+    assert int((inputs["input_ids"] == IMAGE).sum()) == 16
     with pytest.raises(
-        ValueError, match=re.escape("holds 16 image tokens but 1 image(s) fill 576")
+        ValueError,
+        match=re.escape(
+            "pixel_values must be [images, 3, 336, 336] (image_size=336) for this vision tower, "
+            "got shape (1, 3, 56, 56): resize the images with the model's processor"
+        ),
     ):
         dense_models("baseline-clip-l-336")(**inputs)
 
@@ -780,3 +786,284 @@ def test_vision_feature_layer_cannot_override_the_connector(dense_models):
     model = dense_models("dc-sci-clip-l-336")
     with pytest.raises(ValueError, match=r"vision_feature_layer=-3 cannot change them"):
         model.model.get_image_features(pixels(1), vision_feature_layer=-3)
+
+
+# ---------------------------------------------------------------------------- the HF model contract
+# (issue 12: the six defects transformers' own tests found; issue 11: inputs refused early)
+
+TINY_SIZE = 28  # 2 x 2 patches of 14 px on a 4-block tower
+
+
+def tiny_connector(fusion: str = "dci") -> ConnectorConfig:
+    common = {"vision_dim": VISION, "llm_dim": LLM, "num_layers": 4, "final_layer": -2}
+    if fusion == "dci":
+        return ConnectorConfig(fusion="dci", groups=((0, 1), (2, 3)), **common)
+    return ConnectorConfig(fusion=fusion, **common)
+
+
+def tiny_config(connector: ConnectorConfig | None = None) -> DenseLlavaConfig:
+    vision = CLIPVisionConfig(
+        hidden_size=VISION,
+        intermediate_size=2 * VISION,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        image_size=TINY_SIZE,
+        patch_size=14,
+    )
+    return DenseLlavaConfig(
+        vision_config=vision.to_dict(),
+        text_config=llm_config().to_dict(),
+        image_token_id=IMAGE,
+        connector=(connector or tiny_connector()).to_dict(),
+    )
+
+
+def tiny_dense(seed: int = 0, connector: ConnectorConfig | None = None):
+    torch.manual_seed(seed)
+    return DenseLlavaForConditionalGeneration(tiny_config(connector)).eval()
+
+
+def _rewrite_weights(directory, keep) -> None:
+    """Rewrite ``model.safetensors`` of ``directory`` with only the keys ``keep`` accepts."""
+    from safetensors.torch import load_file, save_file
+
+    path = directory / "model.safetensors"
+    state = load_file(path)
+    save_file({k: v for k, v in state.items() if keep(k)}, path, metadata={"format": "pt"})
+
+
+def test_init_weights_after_a_meta_build_sets_the_config_fingerprint(tmp_path):
+    """Built on the meta device, materialised and initialised with ``init_weights()``, the
+    model holds its connector's fingerprint: it accepts its own weights, and what it saves
+    reloads (before: an uninitialised buffer, refused on reload)."""
+    from mmconnect.connector import config_fingerprint
+
+    config = tiny_config()
+    with torch.device("meta"):
+        model = DenseLlavaForConditionalGeneration(config)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    expected = config_fingerprint(tiny_connector())
+    assert int(model.connector.config_fingerprint) == expected
+    model.load_state_dict(model.state_dict())  # its own weights
+    model.save_pretrained(tmp_path)
+    loaded = DenseLlavaForConditionalGeneration.from_pretrained(tmp_path)
+    assert int(loaded.connector.config_fingerprint) == expected
+
+
+def test_checkpoint_without_the_fingerprint_loads_and_round_trips(tmp_path):
+    """A parameter-only checkpoint (no ``config_fingerprint``) loads with the fingerprint set from
+    the config, gives the same logits, and its own save reloads."""
+    from mmconnect.connector import config_fingerprint
+
+    model = tiny_dense()
+    model.save_pretrained(tmp_path / "full")
+    _rewrite_weights(tmp_path / "full", lambda key: not key.endswith("config_fingerprint"))
+    loaded = DenseLlavaForConditionalGeneration.from_pretrained(tmp_path / "full")
+    assert int(loaded.connector.config_fingerprint) == config_fingerprint(tiny_connector())
+    ids, images = prompt_ids(4), pixels(1, size=TINY_SIZE)
+    with torch.no_grad():
+        assert torch.equal(
+            loaded(input_ids=ids, pixel_values=images).logits,
+            model(input_ids=ids, pixel_values=images).logits,
+        )
+    loaded.save_pretrained(tmp_path / "again")
+    again = DenseLlavaForConditionalGeneration.from_pretrained(tmp_path / "again")
+    assert int(again.connector.config_fingerprint) == config_fingerprint(tiny_connector())
+
+
+def test_vision_tower_weights_missing_from_a_checkpoint_get_clip_initialisation(tmp_path):
+    """Stock LLaVA initialises missing tower weights as CLIP does (attention projections with
+    std hidden**-0.5 * (2 * layers)**-0.5 = 16**-0.5 * 48**-0.5 = 0.0361 here, not the generic
+    0.02); so does Dense LLaVA, compared on one checkpoint layout of each."""
+    dense, stock = tmp_path / "dense", tmp_path / "stock"
+    build_dense("baseline-clip-l-336").save_pretrained(dense)
+    build_llava(-2).save_pretrained(stock)
+    for directory in (dense, stock):
+        _rewrite_weights(directory, lambda key: "vision_tower" not in key)
+    torch.manual_seed(1)
+    dense_tower = DenseLlavaForConditionalGeneration.from_pretrained(dense).model.vision_tower
+    torch.manual_seed(1)
+    stock_tower = LlavaForConditionalGeneration.from_pretrained(stock).model.vision_tower
+
+    def spread(tower, name: str) -> float:
+        weights = [layer.get_submodule(name).weight.flatten() for layer in tower.encoder.layers]
+        return float(torch.cat(weights).detach().std())
+
+    expected = {"self_attn.q_proj": 16**-0.5 * 48**-0.5, "mlp.fc1": 32**-0.5}
+    for name, std in expected.items():
+        assert spread(dense_tower, name) == pytest.approx(std, rel=0.05), name
+        assert spread(stock_tower, name) == pytest.approx(std, rel=0.05), name
+    class_embedding = dense_tower.embeddings.class_embedding.detach()
+    assert float(class_embedding.std()) == pytest.approx(0.25, rel=0.25)
+
+
+def test_get_image_features_returns_what_stock_llava_returns(llava_multi):
+    """``last_hidden_state`` (the connector's final layer without CLS), ``hidden_states`` and
+    ``attentions`` on request, a tuple for ``return_dict=False``; the pooled features equal the
+    stock model's for the converted SCI connector."""
+    dense = from_llava(llava_multi, connector_config("dc-sci-clip-l-336"))
+    images = pixels(2, seed=4)
+    with torch.no_grad():
+        plain = dense.model.get_image_features(images)
+        stock = llava_multi.model.get_image_features(images, return_dict=True)
+        full = dense.model.get_image_features(images, output_hidden_states=True)
+        as_tuple = dense.model.get_image_features(images, return_dict=False)
+        tower = llava_multi.model.vision_tower(images, output_hidden_states=True)
+    assert plain.hidden_states is None and plain.attentions is None
+    assert torch.equal(plain.last_hidden_state, tower.hidden_states[-2][:, 1:])
+    assert tuple(plain.last_hidden_state.shape) == (2, 576, VISION)
+    for ours, theirs in zip(plain.pooler_output, stock.pooler_output, strict=True):
+        assert_close(ours, theirs, **EXACT)
+    assert len(full.hidden_states) == 25 and full.attentions is None
+    assert torch.equal(full.last_hidden_state, plain.last_hidden_state)
+    for ours, theirs in zip(full.hidden_states, tower.hidden_states, strict=True):
+        assert torch.equal(ours, theirs)
+    assert isinstance(as_tuple, tuple)
+    assert torch.equal(as_tuple[0], plain.last_hidden_state)
+    assert all(torch.equal(a, b) for a, b in zip(as_tuple[1], plain.pooler_output, strict=True))
+
+
+def test_get_image_features_attentions_and_the_config_flags():
+    """Attentions (eager attention) per block; the tower config's output_* flags count as
+    requests, as HF reads them."""
+    model = tiny_dense()
+    model.set_attn_implementation("eager")
+    images = pixels(2, size=TINY_SIZE)
+    with torch.no_grad():
+        plain = model.model.get_image_features(images)
+        asked = model.model.get_image_features(images, output_attentions=True)
+        model.config.vision_config.output_hidden_states = True
+        from_config = model.model.get_image_features(images)
+    assert asked.hidden_states is None
+    assert [tuple(a.shape) for a in asked.attentions] == [(2, 2, 5, 5)] * 4
+    assert len(from_config.hidden_states) == 5
+    for outputs in (asked, from_config):
+        assert torch.equal(outputs.last_hidden_state, plain.last_hidden_state)
+        for ours, theirs in zip(outputs.pooler_output, plain.pooler_output, strict=True):
+            assert torch.equal(ours, theirs)
+
+
+def test_forward_keeps_the_stock_signature():
+    """Positional arguments after ``pixel_values`` work as for HF's LlavaModel (before: a
+    TypeError), and the signature is the stock one."""
+    import inspect
+
+    from transformers import LlavaModel
+
+    from mmconnect.integrations.llava import DenseLlavaModel
+
+    assert inspect.signature(DenseLlavaModel.forward) == inspect.signature(LlavaModel.forward)
+    model = tiny_dense()
+    ids, images = prompt_ids(4, batch=2), pixels(2, size=TINY_SIZE)
+    mask = torch.ones_like(ids)
+    mask[1, 0] = 0
+    with torch.no_grad():
+        positional = model.model(ids, images, mask).last_hidden_state
+        named = model.model(input_ids=ids, pixel_values=images, attention_mask=mask)
+    assert torch.equal(positional, named.last_hidden_state)
+    with pytest.raises(ValueError, match=re.escape("the prompt holds 3 image tokens")):
+        model.model(prompt_ids(3), pixels(1, size=TINY_SIZE))  # still checked first
+
+
+@pytest.mark.parametrize("load", ["class", "auto"])
+def test_processor_keeps_its_chat_template(tmp_path, tokenizer, load):
+    processor = build_processor("dc-dci-clip-l-336", tokenizer)
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    processor = DenseLlavaProcessor(
+        image_processor=processor.image_processor,
+        tokenizer=tokenizer,
+        patch_size=14,
+        connector=connector_config("dc-dci-clip-l-336"),
+        chat_template=template,
+    )
+    processor.save_pretrained(tmp_path)
+    loader = DenseLlavaProcessor if load == "class" else transformers.AutoProcessor
+    loaded = loader.from_pretrained(tmp_path)
+    assert type(loaded) is DenseLlavaProcessor
+    assert loaded.chat_template == template
+    assert loaded.connector == connector_config("dc-dci-clip-l-336").to_dict()
+
+
+@pytest.mark.parametrize(("fusion", "tokens"), [("none", 16), ("sti", 20)])
+def test_num_multimodal_tokens_is_what_the_processor_inserts(tokenizer, fusion, tokens):
+    """What serving engines read (``_get_num_multimodal_tokens``) equals the processor's
+    expansion: 4 x 4 patches at 56 px, plus STI's 4 pooled tokens (before: 15, one less)."""
+    config = ConnectorConfig(
+        fusion=fusion,
+        vision_dim=VISION,
+        llm_dim=LLM,
+        num_layers=24,
+        final_layer=-2,
+        **({"layers": (7, 15)} if fusion == "sti" else {}),
+    )
+    processor = DenseLlavaProcessor(
+        image_processor=CLIPImageProcessor(
+            size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}
+        ),
+        tokenizer=tokenizer,
+        patch_size=14,
+        connector=config,
+    )
+    data = processor._get_num_multimodal_tokens(image_sizes=[(48, 64), (300, 100)])
+    assert data.num_image_tokens == [tokens, tokens]
+    assert data.num_image_patches == [1, 1]
+    inputs = processor(images=[image()], text=["<image> what"], return_tensors="pt")
+    assert int((inputs["input_ids"] == IMAGE).sum()) == tokens
+
+
+def test_num_multimodal_tokens_with_a_siglip_image_processor(tokenizer):
+    processor = build_processor("dc-dci-siglip-so400m", tokenizer)
+    assert processor._get_num_multimodal_tokens(image_sizes=[(10, 10)]).num_image_tokens == [729]
+
+
+@pytest.mark.parametrize(
+    ("images", "message"),
+    [
+        (
+            torch.zeros(0, 3, TINY_SIZE, TINY_SIZE),
+            "pixel_values holds 0 images (shape (0, 3, 28, 28)); pass at least one image "
+            "[images, 3, 28, 28], or pixel_values=None",
+        ),
+        (
+            torch.zeros(3, TINY_SIZE, TINY_SIZE),
+            "pixel_values of shape (3, 28, 28) is one unbatched image; this vision tower takes "
+            "a batch [images, 3, 28, 28]: add the batch dimension (pixel_values.unsqueeze(0))",
+        ),
+        (
+            torch.zeros(1, 1, TINY_SIZE, TINY_SIZE),
+            "pixel_values have 1 channel(s) but this vision tower takes 3 (RGB), "
+            "[images, 3, 28, 28], got shape (1, 1, 28, 28): convert the images to RGB",
+        ),
+        (
+            torch.zeros(1, 3, 56, 56),
+            "pixel_values must be [images, 3, 28, 28] (image_size=28) for this vision tower, got "
+            "shape (1, 3, 56, 56): resize the images with the model's processor (Dense models "
+            "do not interpolate position embeddings, interpolate_pos_encoding is not supported)",
+        ),
+    ],
+    ids=["no-images", "unbatched", "one-channel", "larger"],
+)
+@pytest.mark.parametrize("call", ["forward", "generate", "get_image_features"])
+def test_bad_pixel_values_are_refused_before_the_tower_runs(images, message, call):
+    model = tiny_dense()
+    calls = []
+    handle = count_calls(model.model.vision_tower.encoder.layers[0], calls)
+    try:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            if call == "forward":
+                model(input_ids=prompt_ids(4), pixel_values=images)
+            elif call == "generate":
+                model.generate(input_ids=prompt_ids(4), pixel_values=images, max_new_tokens=1)
+            else:
+                model.model.get_image_features(images)
+    finally:
+        handle.remove()
+    assert calls == []
+
+
+def test_interpolate_pos_encoding_is_refused():
+    with pytest.raises(ValueError, match="interpolate_pos_encoding=True is not supported"):
+        tiny_dense().model.get_image_features(
+            pixels(1, size=TINY_SIZE), interpolate_pos_encoding=True
+        )

@@ -10,6 +10,7 @@ of the prompt, the processor and the model in agreement.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -406,9 +407,9 @@ def test_wrong_pixel_size(dense):
     size = (60, 150)
     inputs = _inputs(model, [size])
     inputs["pixel_values"] = torch.randn(1, _crops(size), 3, 64, 64)
-    with pytest.raises(ValueError, match=r"\[images, 3, 56, 56\].*image_size=56.*64, 64"):
+    with pytest.raises(ValueError, match=r"\[crops, 3, 56, 56\] \(image_size=56\).*64, 64"):
         model(**inputs)
-    with pytest.raises(ValueError, match=r"\[images, 3, 56, 56\]"):
+    with pytest.raises(ValueError, match=r"\[crops, 3, 56, 56\]"):
         model.model.get_image_features(torch.randn(_crops(size), 3, 42, 42), torch.tensor([size]))
 
 
@@ -510,3 +511,117 @@ def test_checkpoint_with_other_fusion(saved_sti, tmp_path, changes, problem):
     directory = _edited_checkpoint(saved_sti, tmp_path, **changes)
     with pytest.raises(ValueError, match=r"do not match the connector config.*" + problem):
         AutoModelForImageTextToText.from_pretrained(directory)
+
+
+# ---------------------------------------------------------------------------- the HF model contract
+# (issue 12: defects transformers' own tests found; issue 11: inputs refused early)
+
+
+@pytest.mark.parametrize("load", ["class", "auto"])
+def test_processor_keeps_its_chat_template(tokenizer, image_processor, tmp_path, load):
+    from transformers import AutoProcessor
+
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    DenseLlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=PATCH,
+        connector=CONNECTORS["dci"],
+        chat_template=template,
+    ).save_pretrained(tmp_path)
+    loaded = (DenseLlavaNextProcessor if load == "class" else AutoProcessor).from_pretrained(
+        tmp_path
+    )
+    assert type(loaded) is DenseLlavaNextProcessor
+    assert loaded.chat_template == template
+
+
+def test_forward_keeps_the_stock_signature(dense):
+    """Positional arguments after ``pixel_values`` reach HF's LlavaNextModel.forward
+    (``input_ids, pixel_values, image_sizes, attention_mask``) as for the stock class."""
+    import inspect
+
+    from transformers import LlavaNextModel
+
+    from mmconnect.integrations.llava_next import DenseLlavaNextModel
+
+    assert inspect.signature(DenseLlavaNextModel.forward) == inspect.signature(
+        LlavaNextModel.forward
+    )
+    model = dense["dci"]
+    inputs = _inputs(model, [(60, 150), (56, 56)])
+    with torch.no_grad():
+        positional = model.model(
+            inputs["input_ids"],
+            inputs["pixel_values"],
+            inputs["image_sizes"],
+            inputs["attention_mask"],
+        ).last_hidden_state
+        named = model.model(**inputs).last_hidden_state
+    assert torch.equal(positional, named)
+
+
+def test_get_image_features_returns_what_stock_llava_next_returns(hf_model, dense):
+    """SCI on HF's own layers: the packed features equal HF's; ``last_hidden_state`` is each
+    crop's final layer without CLS (``[crops, 16, C]``), hidden states on request, a tuple for
+    ``return_dict=False``."""
+    size = (60, 150)
+    pixels, sizes = _pixels([size]), torch.tensor([size])
+    crops = pixels[0, : _crops(size)]
+    with torch.no_grad():
+        ours = dense["sci"].model.get_image_features(pixels, sizes, output_hidden_states=True)
+        stock = hf_model.model.get_image_features(pixels, sizes, return_dict=True)
+        tower = hf_model.model.vision_tower(crops, output_hidden_states=True)
+        as_tuple = dense["sci"].model.get_image_features(pixels, sizes, return_dict=False)
+    assert_close(ours.pooler_output[0], stock.pooler_output[0], **TIGHT)
+    assert torch.equal(ours.last_hidden_state, tower.hidden_states[-2][:, 1:])
+    assert len(ours.hidden_states) == BLOCKS + 1
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], ours.last_hidden_state)
+
+
+@pytest.mark.parametrize(
+    ("sizes", "message"),
+    [
+        ([[0, 0]], "image_sizes[0]=[0, 0] is not an image size"),
+        ([[60, 150], [-5, 20]], "image_sizes[1]=[-5, 20] is not an image size"),
+    ],
+)
+@pytest.mark.parametrize("call", ["forward", "get_image_features"])
+def test_image_sizes_that_are_not_sizes(dense, sizes, message, call):
+    """Before: ZeroDivisionError for (0, 0), a TypeError for a negative side."""
+    model = dense["sci"]
+    pixels = _pixels([(60, 150)] * len(sizes))
+    expected = message + ": expected the original (height, width) in pixels, two positive integers"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        if call == "forward":
+            model(input_ids=torch.tensor([_prompt(4)]), pixel_values=pixels, image_sizes=sizes)
+        else:
+            model.model.get_image_features(pixels, torch.tensor(sizes))
+
+
+@pytest.mark.parametrize(
+    ("pixels", "sizes", "message"),
+    [
+        (
+            torch.zeros(0, 5, 3, TILE, TILE),
+            torch.zeros(0, 2, dtype=torch.long),
+            "pixel_values holds 0 images (shape (0, 5, 3, 56, 56)); pass at least one image "
+            "[images, crops, 3, 56, 56], or pixel_values=None",
+        ),
+        (
+            torch.zeros(3, TILE, TILE),
+            torch.tensor([[56, 56]]),
+            "pixel_values of shape (3, 56, 56) is one unbatched image",
+        ),
+        (
+            torch.zeros(1, 3, 1, TILE, TILE),
+            torch.tensor([[60, 150]]),
+            "pixel_values have 1 channel(s) but this vision tower takes 3 (RGB)",
+        ),
+    ],
+    ids=["no-images", "unbatched", "one-channel"],
+)
+def test_bad_pixel_values_are_refused_before_the_tower_runs(dense, pixels, sizes, message):
+    model = dense["sci"]
+    with pytest.raises(ValueError, match=re.escape(message)):
+        model(input_ids=torch.tensor([_prompt(4)]), pixel_values=pixels, image_sizes=sizes)

@@ -446,3 +446,110 @@ def test_checkpoint_without_mining_weights_is_refused(tmp_path):
     )
     with pytest.raises(ValueError, match=re.escape("missing query.1.weight")):
         DenseMGMForConditionalGeneration.from_pretrained(tmp_path)
+
+
+# ---------------------------------------------------------------------------- the HF model contract
+# (issue 12: defects transformers' own tests found; issue 11: inputs refused early)
+
+
+def test_init_weights_after_a_meta_build_sets_the_config_fingerprint():
+    from mmconnect.connector import config_fingerprint
+
+    config = build("dc-dci-clip-l-336").config
+    with torch.device("meta"):
+        model = DenseMGMForConditionalGeneration(config)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    expected = config_fingerprint(connector("dc-dci-clip-l-336"))
+    assert int(model.connector.config_fingerprint) == expected
+    model.load_state_dict(model.state_dict())
+
+
+def test_forward_and_get_image_features_follow_the_stock_contract():
+    """Positional arguments after ``pixel_values`` work; ``get_image_features`` returns the CLIP
+    tower's tapped final layer per view as ``last_hidden_state`` and a tuple on request."""
+    import inspect
+
+    from transformers import LlavaModel
+
+    from mmconnect.integrations.mgm_model import DenseMGMModel
+
+    assert inspect.signature(DenseMGMModel.forward) == inspect.signature(LlavaModel.forward)
+    model = build()
+    ids, pixels = prompt(576), hr_pixels()
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        positional = model.model(ids, pixels, mask).last_hidden_state
+        named = model.model(input_ids=ids, pixel_values=pixels, attention_mask=mask)
+        features = model.model.get_image_features(pixels)
+        as_tuple = model.model.get_image_features(pixels, return_dict=False)
+    assert torch.equal(positional, named.last_hidden_state)
+    assert tuple(features.last_hidden_state.shape) == (1, 576, VISION)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], features.last_hidden_state)
+
+
+def test_processor_keeps_its_chat_template_and_counts_tokens(tmp_path):
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    processor = DenseMGMProcessor(
+        image_processor=CLIPImageProcessor(
+            size={"shortest_edge": 1536}, crop_size={"height": 1536, "width": 1536}
+        ),
+        tokenizer=build_tokenizer(),
+        patch_size=14,
+        connector=connector("dc-dci-clip-l-336"),
+        image_size=336,
+        image_size_aux=1536,
+        image_grid=2,
+        image_global=True,
+        chat_template=template,
+    )
+    processor.save_pretrained(tmp_path)
+    loaded = AutoProcessor.from_pretrained(tmp_path)
+    assert type(loaded) is DenseMGMProcessor
+    assert loaded.chat_template == template
+    # what serving engines read: all five views' tokens (before: 575 = 24 * 24 - 1)
+    assert loaded._get_num_multimodal_tokens(image_sizes=[(40, 50)]).num_image_tokens == [2880]
+
+
+@pytest.mark.parametrize(
+    ("pixels", "message"),
+    [
+        (
+            torch.zeros(0, 3, 768, 768),
+            "pixel_values holds 0 images (shape (0, 3, 768, 768)); pass at least one image",
+        ),
+        (
+            torch.zeros(3, 768, 768),
+            "pixel_values of shape (3, 768, 768) is one unbatched image; Mini-Gemini's HR "
+            "image takes a batch [images, 3, 768, 768]",
+        ),
+        (
+            torch.zeros(1, 1, 768, 768),
+            "pixel_values have 1 channel(s) but Mini-Gemini's HR image takes 3 (RGB)",
+        ),
+    ],
+    ids=["no-images", "unbatched", "one-channel"],
+)
+def test_bad_pixel_values_are_refused_before_the_towers_run(pixels, message):
+    model = build()
+    with pytest.raises(ValueError, match=re.escape(message)):
+        model(input_ids=prompt(576), pixel_values=pixels)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        model.model.get_image_features(pixels)
+
+
+def test_unknown_timm_name_for_the_hr_encoder():
+    """Refused when the config is made (before: timm's RuntimeError when the model was built)."""
+    with pytest.raises(
+        ValueError,
+        match=re.escape("aux_encoder name 'convnext_hugee' is not a timm model (timm ")
+        + r".*expected a timm ConvNeXt name such as 'convnext_large'",
+    ):
+        DenseMGMConfig(
+            vision_config=CLIPVisionConfig(
+                hidden_size=VISION, num_attention_heads=2, num_hidden_layers=24
+            ),
+            text_config=LlamaConfig(hidden_size=LLM, num_attention_heads=2, vocab_size=40),
+            connector=connector("baseline-clip-l-336").to_dict(),
+            aux_encoder={"name": "convnext_hugee"},
+        )
