@@ -55,7 +55,13 @@ SPECIAL_TOKENS = ("<unk>", "<pad>", "<s>", "</s>", "<image>")
 
 @dataclass(frozen=True, kw_only=True)
 class DemoConfig:
-    """Everything the demo does; the defaults fit about ten minutes on two CPU cores.
+    """Everything the demo does.
+
+    Measured with the defaults (two connectors, one process and one thread each): 290 s of CPU
+    time in all, 13 min 23 s of wall time on two cores shared with other jobs (1-minute load
+    average 4.3-11.6, median 9.2). On two idle cores the two processes run side by side, so
+    the wall time should be about half the CPU time, 2.5 to 3 minutes (an estimate: no idle
+    machine was available to measure it).
 
     Attributes:
         output_dir: data, checkpoints, ``results.json`` and ``loss_curves.png`` go here.
