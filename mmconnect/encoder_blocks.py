@@ -78,7 +78,7 @@ class EncoderBlocks:
 
 
 def unwrap_compiled(module: nn.Module) -> nn.Module:
-    """The module inside ``torch.compile`` wrappers (``OptimizedModule._orig_mod``), else ``module``.
+    """The module inside ``torch.compile`` wrappers (``OptimizedModule._orig_mod``), or ``module``.
 
     The wrapper holds no blocks of its own and answers attribute look-ups and ``len()`` by
     delegating to the wrapped module in ways that break structural discovery; hooks registered on

@@ -8,7 +8,8 @@ has run.
 
 One tap, or one encoder, may be shared by threads: every call (and every ``with tap:``) registers
 its own hooks, which act only in the thread that registered them, and keeps its capture state to
-itself. An encoder wrapped by ``torch.compile`` is tapped through the module it wraps and run compiled.
+itself. An encoder wrapped by ``torch.compile`` is tapped through the module it wraps and runs
+compiled.
 
 Examples:
     >>> tap = MultiLayerFeatureTap(clip_vision_model, layers=[-2, 7, 15])  # doctest: +SKIP
