@@ -10,7 +10,8 @@ from pathlib import Path
 
 
 def save_tiny_dense_llava(directory: Path, *, seed: int = 0) -> Path:
-    """Save a random Dense LLaVA (4-block 32 px CLIP tower, DCI, 2-block Llama) with its processor.
+    """Save a random Dense LLaVA (4-block 48 px CLIP tower, 12 px patches: a 4x4 grid; DCI; 1-block
+    Llama) with its processor.
 
     The tokenizer covers the synthetic VQA vocabulary and the chat templates' words, so the
     folder trains on and answers about the demo's data.
@@ -28,8 +29,8 @@ def save_tiny_dense_llava(directory: Path, *, seed: int = 0) -> Path:
     tokenizer = build_word_tokenizer(texts)
     config = DemoConfig(
         seed=seed,
-        image_size=32,
-        patch_size=8,
+        image_size=48,
+        patch_size=12,
         vision_width=16,
         vision_blocks=4,
         llm_width=32,
@@ -39,9 +40,9 @@ def save_tiny_dense_llava(directory: Path, *, seed: int = 0) -> Path:
     model = build_demo_model("dci", config, tokenizer)
     model.save_pretrained(directory)
     processor = DenseLlavaProcessor(
-        CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        CLIPImageProcessor(size={"shortest_edge": 48}, crop_size={"height": 48, "width": 48}),
         tokenizer,
-        patch_size=8,
+        patch_size=12,
         connector=model.connector.config,
     )
     processor.save_pretrained(directory)

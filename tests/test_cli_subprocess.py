@@ -133,7 +133,7 @@ def test_inspect_a_saved_dense_llava_in_a_fresh_process(dense_dir, tmp_path):
     result = mmconnect("inspect", str(dense_dir), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "encoder        CLIPVisionModel" in result.stdout
-    assert "token grid     4x4 at 32 px" in result.stdout
+    assert "token grid     4x4 at 48 px" in result.stdout
 
 
 # ---------------------------------------------------------------------------- bad input
@@ -146,7 +146,7 @@ def test_inspect_a_saved_dense_llava_in_a_fresh_process(dense_dir, tmp_path):
         ("-3", "argument --image-size: expected a whole number >= 1, got '-3'"),
         (
             "64",
-            "--image-size 64 is not a size CLIPVisionModel accepts: it takes 32 px images only",
+            "--image-size 64 is not a size CLIPVisionModel accepts: it takes 48 px images only",
         ),
     ],
 )

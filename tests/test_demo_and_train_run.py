@@ -165,7 +165,7 @@ def test_demo_takes_tower_and_llm_from_a_saved_dense_llava(tmp_path):
     arguments = ["demo", "--quick", "--output", str(output), "--connectors", "dci"]
     assert main([*arguments, "--vision", str(dense), "--llm", str(dense)]) == 0
     results = json.loads((output / "results.json").read_text())
-    assert results["connectors"]["dci"]["visual_tokens"] == 16  # the dense tower: 32 px / 8
+    assert results["connectors"]["dci"]["visual_tokens"] == 16  # the dense tower: 48 px / 12
     source = load_file(str(dense / "model.safetensors"))
     trained = load_file(str(output / "dci" / "stage2" / "model.safetensors"))
     towers = [key for key in source if key.startswith("model.vision_tower.")]
