@@ -57,7 +57,7 @@ def check_output_folder(folder: str | Path, *, tool: str, overwrite: bool, optio
         option: how the user names the folder in messages (``"--output"``, ``"output_dir"``).
 
     Returns:
-        ``folder`` as a :class:`~pathlib.Path`.
+        ``folder`` as a ``Path``.
 
     Raises:
         ValueError: ``folder`` exists and is not a folder.
@@ -102,7 +102,7 @@ class OutputFolder:
         return self.path / marker_name(self.tool)
 
     def recorded_files(self) -> list[str]:
-        """Files (relative to :attr:`path`) this command wrote here, per the marker."""
+        """Files (relative to the folder) this command wrote here, per the marker."""
         return _read_manifest(self.marker)
 
     def record(self, files: list[str]) -> None:
