@@ -130,3 +130,11 @@ def tiny_openclip_convnext():
     return open_clip.timm_model.TimmModel(
         "convnext_atto", embed_dim=16, image_size=32, pretrained=False
     ).eval()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Register the markers of transformers' own test modules, which tests/test_hf_contract.py
+    runs (the suite uses --strict-markers)."""
+    from tests.hf_upstream import register_markers
+
+    register_markers(config)
