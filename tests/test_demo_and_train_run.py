@@ -473,3 +473,42 @@ def test_connectors_trained_in_parallel_processes_match_one_process(tmp_path):
         assert one["stage2_losses"] == two["stage2_losses"]
         assert one["accuracy"] == two["accuracy"]
         assert len(one["stage2_losses"]) == 2
+
+
+def test_a_demo_rerun_replaces_its_own_files_and_keeps_the_users(tmp_path):
+    """A folder an earlier demo made is reused without --overwrite; images of the earlier, larger
+    data set go (the marker lists them), a file the user added stays byte for byte."""
+    tiny = {
+        "output_dir": str(tmp_path),
+        "connectors": ("baseline",),
+        "num_eval_images": 1,
+        "image_size": 40,
+        "vision_width": 16,
+        "vision_blocks": 4,
+        "llm_width": 16,
+        "llm_blocks": 1,
+        "stage1_steps": 1,
+        "stage2_steps": 1,
+        "batch_size": 2,
+        "show_progress": False,
+        "jobs": 1,
+    }
+    run_demo(DemoConfig(num_train_images=6, **tiny))
+    images = tmp_path / "data" / "images"
+    assert sorted(path.name for path in images.glob("train_*.png"))[-1] == "train_00005.png"
+    (images / "mine.png").write_bytes(b"my picture")
+    (tmp_path / "notes.txt").write_bytes(b"my notes")
+    run_demo(DemoConfig(num_train_images=3, **tiny))
+    assert sorted(path.name for path in images.iterdir()) == [
+        "eval_00000.png",
+        "mine.png",
+        "train_00000.png",
+        "train_00001.png",
+        "train_00002.png",
+    ]
+    assert (images / "mine.png").read_bytes() == b"my picture"
+    assert (tmp_path / "notes.txt").read_bytes() == b"my notes"
+    marker = json.loads((tmp_path / ".mmconnect-demo").read_text())
+    assert "data/images/train_00005.png" not in marker["files"]
+    assert "data/images/mine.png" not in marker["files"]
+    assert len(json.loads((tmp_path / "data" / "stage1.json").read_text())) == 3
