@@ -190,8 +190,8 @@ class DenseLlavaNextModel(DenseInitMixin, CheckedLoadingMixin, LlavaNextModel):
         full); a tuple when ``return_dict=False``.
 
         Raises:
-            ValueError: see :meth:`_crops`; another ``vision_feature_layer`` or
-                ``interpolate_pos_encoding``.
+            ValueError: bad ``pixel_values`` or ``image_sizes`` (as in ``forward``), another
+                ``vision_feature_layer`` or ``interpolate_pos_encoding``.
         """
         reject_feature_layer(self.config, vision_feature_layer)
         reject_interpolation(kwargs)

@@ -507,7 +507,8 @@ def test_processor_keeps_its_chat_template_and_counts_tokens(tmp_path):
     loaded = AutoProcessor.from_pretrained(tmp_path)
     assert type(loaded) is DenseMGMProcessor
     assert loaded.chat_template == template
-    # what serving engines read: all five views' tokens (before: 575 = 24 * 24 - 1)
+    # what serving engines read: all five views' tokens (before: the stock count for 1536-px
+    # crops of 14-px patches less CLS, 109 * 109 - 1 = 11880)
     assert loaded._get_num_multimodal_tokens(image_sizes=[(40, 50)]).num_image_tokens == [2880]
 
 
