@@ -12,7 +12,15 @@ from mmconnect.config import ConnectorConfig
 from mmconnect.connector import DenseConnector
 from mmconnect.encoder_blocks import EncoderBlocks, find_encoder_blocks
 from mmconnect.features import LayerFeatures
-from mmconnect.fusion import concat, grouped_average, pool_tokens, stack
+from mmconnect.fusion import (
+    Fusion,
+    concat,
+    grouped_average,
+    list_fusions,
+    pool_tokens,
+    register_fusion,
+    stack,
+)
 from mmconnect.layers import normalize_layer, paper_layer
 from mmconnect.presets import list_presets
 from mmconnect.projectors import (
@@ -21,7 +29,12 @@ from mmconnect.projectors import (
     load_projector_weights,
     register_projector,
 )
-from mmconnect.resample import TokenResampler, resample_tokens
+from mmconnect.resample import (
+    TokenResampler,
+    list_resamplers,
+    register_resampler,
+    resample_tokens,
+)
 from mmconnect.tap import MultiLayerFeatureTap
 
 __version__ = "0.1.0"
@@ -30,6 +43,7 @@ __all__ = [
     "ConnectorConfig",
     "DenseConnector",
     "EncoderBlocks",
+    "Fusion",
     "LayerFeatures",
     "MultiLayerFeatureTap",
     "TokenResampler",
@@ -37,13 +51,17 @@ __all__ = [
     "concat",
     "find_encoder_blocks",
     "grouped_average",
+    "list_fusions",
     "list_presets",
     "list_projectors",
+    "list_resamplers",
     "load_projector_weights",
     "normalize_layer",
     "paper_layer",
     "pool_tokens",
+    "register_fusion",
     "register_projector",
+    "register_resampler",
     "resample_tokens",
     "stack",
 ]

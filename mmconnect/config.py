@@ -15,15 +15,17 @@ from typing import Any, Literal
 import torch
 
 from mmconnect.checkpoint import read_json, write_json
+from mmconnect.fusion import check_fusion_config, list_fusions
 from mmconnect.layers import normalize_groups, normalize_layer, normalize_layers
 from mmconnect.projectors import list_projectors
-from mmconnect.resample import RESAMPLE_MODES, check_target_grid
+from mmconnect.resample import check_resample_mode, check_target_grid
 
 #: The on-disk config format this version writes and the newest it reads.
 FORMAT_VERSION = 1
 
-FusionKind = Literal["none", "sti", "sci", "dci"]
-FUSION_KINDS: tuple[str, ...] = ("none", "sti", "sci", "dci")
+#: A registered fusion name: ``"none"``, ``"sti"``, ``"sci"``, ``"dci"`` or one added with
+#: :func:`mmconnect.register_fusion`.
+FusionKind = str
 PLACEMENTS: tuple[str, ...] = ("before_projector", "after_projector")
 STI_POOL_MODES: tuple[str, ...] = ("raster", "grid")
 
@@ -58,8 +60,9 @@ class ConnectorConfig:
 
     Attributes:
         fusion: ``"none"`` (only ``final_layer``: the LLaVA baseline), ``"sti"`` (stack pooled
-            ``layers`` as extra tokens), ``"sci"`` (concatenate ``layers`` along channels) or
-            ``"dci"`` (concatenate the means of ``groups`` along channels).
+            ``layers`` as extra tokens), ``"sci"`` (concatenate ``layers`` along channels),
+            ``"dci"`` (concatenate the means of ``groups`` along channels), or any name added
+            with :func:`mmconnect.register_fusion` (see :func:`mmconnect.list_fusions`).
         vision_dim: channel width ``C`` of the encoder's hidden states.
         llm_dim: the LLM's embedding width, the projector's output.
         num_layers: the encoder's block count ``L`` (indices ``-(L + 1) .. L`` are valid).
@@ -70,7 +73,8 @@ class ConnectorConfig:
         sti_pool: ``"raster"`` (1-D over the flattened sequence, official) or ``"grid"`` (2-D).
         resample_grid: ``(height, width)`` to resize the fused token grid to (efficient DC), or
             ``None``.
-        resample_mode: ``"bilinear"`` (paper), ``"avg"`` or ``"max"``.
+        resample_mode: ``"bilinear"`` (paper), ``"avg"``, ``"max"`` or a mode added with
+            :func:`mmconnect.register_resampler`.
         resample_placement: ``"before_projector"`` (cheaper, default) or ``"after_projector"``.
         projector: a registered projector name (see :func:`mmconnect.list_projectors`).
         accumulate_dtype: how DCI group means round. ``None`` (default): as the official code's
@@ -90,14 +94,14 @@ class ConnectorConfig:
     sti_window: int = 8
     sti_pool: Literal["raster", "grid"] = "raster"
     resample_grid: tuple[int, int] | None = None
-    resample_mode: Literal["bilinear", "avg", "max"] = "bilinear"
+    resample_mode: str = "bilinear"
     resample_placement: Literal["before_projector", "after_projector"] = "before_projector"
     projector: str = "mlp2x_gelu"
     accumulate_dtype: str | None = None
     format_version: int = field(default=FORMAT_VERSION)
 
     def __post_init__(self) -> None:
-        _choice(self.fusion, "fusion", FUSION_KINDS)
+        _choice(self.fusion, "fusion", tuple(list_fusions()))
         for argument in ("vision_dim", "llm_dim", "num_layers", "sti_window"):
             _positive_int(getattr(self, argument), argument)
         if self.format_version != FORMAT_VERSION:
@@ -120,32 +124,20 @@ class ConnectorConfig:
             raise ValueError(
                 f"layers contains the final layer {final} (final_layer={self.final_layer}); list only the extra layers"
             )
-        if self.fusion in ("sti", "sci") and (not self.layers or self.groups):
-            raise ValueError(
-                f"fusion={self.fusion!r} needs at least one index in layers= and no groups="
-            )
-        if self.fusion == "dci" and (not self.groups or self.layers):
-            raise ValueError("fusion='dci' needs at least one group in groups= and no layers=")
-        if self.fusion == "none" and (self.layers or self.groups):
-            raise ValueError(
-                "fusion='none' uses only final_layer; pass neither layers= nor groups="
-            )
         _choice(self.sti_pool, "sti_pool", STI_POOL_MODES)
-        _choice(self.resample_mode, "resample_mode", RESAMPLE_MODES)
+        check_resample_mode(self.resample_mode, argument="resample_mode")
         _choice(self.resample_placement, "resample_placement", PLACEMENTS)
         if self.resample_grid is not None:
             grid = check_target_grid(self.resample_grid, argument="resample_grid")
             object.__setattr__(self, "resample_grid", grid)
-            if self.fusion == "sti":
-                raise ValueError(
-                    "resample_grid cannot be used with fusion='sti': STI appends pooled tokens that "
-                    "form no grid; resample with 'none', 'sci' or 'dci'"
-                )
         if self.projector not in list_projectors():
             raise ValueError(
                 f"unknown projector {self.projector!r}; known projectors: {', '.join(list_projectors())}"
             )
         parse_dtype(self.accumulate_dtype)
+        # The fusion's own rules (which of layers= / groups= it reads, whether its tokens can be
+        # resampled) live with the fusion in its registry entry.
+        check_fusion_config(self)
 
     # ------------------------------------------------------------------ derived
     @property

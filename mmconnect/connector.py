@@ -31,24 +31,11 @@ from mmconnect.checkpoint import (
 from mmconnect.config import ConnectorConfig
 from mmconnect.encoder_blocks import find_encoder_blocks
 from mmconnect.features import LayerFeatures, check_grid, infer_square_grid
-from mmconnect.fusion import ChannelConcat, Fusion, GroupedChannelConcat, TokenStack, require_layer
+from mmconnect.fusion import build_fusion, require_layer
 from mmconnect.layers import normalize_groups, normalize_layer, normalize_layers
 from mmconnect.projectors import build_projector, load_projector_weights
 from mmconnect.resample import TokenResampler
 from mmconnect.tap import MultiLayerFeatureTap
-
-
-def build_fusion(config: ConnectorConfig) -> Fusion:
-    """The fusion module of ``config`` with its layer indices made non-negative."""
-    final = normalize_layer(config.final_layer, config.num_layers, argument="final_layer")
-    layers = normalize_layers(config.layers, config.num_layers, argument="layers")
-    if config.fusion == "sti":
-        return TokenStack(final, layers, window=config.sti_window, mode=config.sti_pool)
-    if config.fusion == "dci":
-        groups = normalize_groups(config.groups, config.num_layers, argument="groups")
-        return GroupedChannelConcat(final, groups, accumulate_dtype=config.accumulate_torch_dtype)
-    return ChannelConcat(final, layers)  # "sci"; "none" has no extra layers
-
 
 #: State-dict key of the buffer that records which config a connector's weights were made with.
 FINGERPRINT_KEY = "config_fingerprint"

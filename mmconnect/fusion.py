@@ -15,13 +15,17 @@ indices in the HF ``hidden_states`` convention)::
 
 The modules at the end (:class:`TokenStack`, :class:`ChannelConcat`, :class:`GroupedChannelConcat`)
 wrap these compositions with the bookkeeping a connector needs: which layers they read, their
-output width and token count.
+output width and the token contract (:meth:`Fusion.num_tokens`, :meth:`Fusion.output_grid`).
+
+The fusion registry maps each ``ConnectorConfig.fusion`` name to a builder; the four published
+fusions (``none``, ``sti``, ``sci``, ``dci``) are registered through :func:`register_fusion` like
+any user fusion, and :class:`mmconnect.ConnectorConfig` accepts every registered name.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Literal
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +33,10 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from mmconnect.features import LayerFeatures, check_grid
+from mmconnect.layers import normalize_groups, normalize_layer, normalize_layers
+
+if TYPE_CHECKING:  # the config module imports this one: no import at run time
+    from mmconnect.config import ConnectorConfig
 
 PoolMode = Literal["raster", "grid"]
 
@@ -203,6 +211,11 @@ def grouped_average(
 class Fusion(nn.Module):
     """Base of the fusion modules: the final layer first, then the extra layers or groups.
 
+    The token contract: for the encoder grid ``(h, w)`` it receives, a fusion returns
+    :meth:`num_tokens` tokens whose leading ``output_grid`` tokens form that grid in raster
+    order; any tokens after them (STI's pooled tokens) form no grid. Subclasses that change the
+    count or the grid override both methods.
+
     Attributes:
         final_layer: the layer whose tokens lead the output (LLaVA's ``hidden_states[-2]``).
         layers: every individual layer the module reads, final layer first.
@@ -226,12 +239,16 @@ class Fusion(nn.Module):
         return vision_dim
 
     def num_tokens(self, grid: tuple[int, int]) -> int:
-        """Token count of the fused output for a ``(height, width)`` token grid."""
+        """Token count of the fused output for a ``(height, width)`` encoder token grid."""
         return grid[0] * grid[1]
 
-    def output_grid(self, grid: tuple[int, int]) -> tuple[int, int] | None:
-        """The output's token grid, or ``None`` when its tokens form no grid (STI)."""
-        return grid
+    def output_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
+        """The ``(height, width)`` grid of the output's leading tokens for an encoder grid.
+
+        Tokens beyond ``height * width`` (``num_tokens(grid)`` minus that) follow the grid and
+        form none of their own.
+        """
+        return tuple(grid)
 
     def forward(
         self, features: Mapping[int, Tensor], grid: tuple[int, int]
@@ -277,9 +294,6 @@ class TokenStack(Fusion):
             tokens, grid, self.window, self.mode
         )
 
-    def output_grid(self, grid: tuple[int, int]) -> tuple[int, int] | None:
-        return None
-
     def forward(self, features: Mapping[int, Tensor], grid: tuple[int, int]) -> Tensor:
         final = require_layer(features, self.final_layer)
         shallow = [
@@ -320,3 +334,139 @@ class GroupedChannelConcat(Fusion):
     def extra_repr(self) -> str:
         spans = ", ".join(f"{group[0]}..{group[-1]}" for group in self.groups)
         return f"final_layer={self.final_layer}, groups=[{spans}]"
+
+
+# ---------------------------------------------------------------------------- registry
+
+#: ``builder(config) -> Fusion``: reads the fields of a :class:`mmconnect.ConnectorConfig` it needs.
+FusionBuilder = Callable[["ConnectorConfig"], Fusion]
+#: ``check(config)``: raises ``ValueError`` for field combinations the fusion cannot use.
+FusionCheck = Callable[["ConnectorConfig"], None]
+# Insertion order is the listing order: the published fusions in the paper's order, then users'.
+_FUSIONS: dict[str, tuple[FusionBuilder, FusionCheck | None]] = {}
+
+
+def register_fusion(name: str, builder: FusionBuilder, *, check: FusionCheck | None = None) -> None:
+    """Register a fusion under ``ConnectorConfig.fusion == name``.
+
+    Args:
+        name: the exact name configs use.
+        builder: ``builder(config) -> Fusion``; called by :class:`mmconnect.DenseConnector` with
+            the validated config. Layer indices in the config may be negative: normalise them
+            with :func:`mmconnect.normalize_layer` against ``config.num_layers``.
+        check: optional ``check(config)`` run while the config validates itself, raising
+            ``ValueError`` for fields the fusion cannot use (e.g. ``groups`` for SCI), so a bad
+            config fails when it is made, not when a connector is built.
+
+    Raises:
+        ValueError: ``name`` is empty or already registered (registries never silently replace).
+        TypeError: ``builder`` or ``check`` is not callable.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"fusion name must be a non-empty string, got {name!r}")
+    if name in _FUSIONS:
+        raise ValueError(
+            f"a fusion named {name!r} is already registered (builder "
+            f"{_describe(_FUSIONS[name][0])}); pick another name"
+        )
+    if not callable(builder):
+        raise TypeError(f"fusion builder must be callable, got {type(builder).__name__}")
+    if check is not None and not callable(check):
+        raise TypeError(f"fusion check must be callable or None, got {type(check).__name__}")
+    _FUSIONS[name] = (builder, check)
+
+
+def list_fusions() -> list[str]:
+    """The registered fusion names: the published ``none``, ``sti``, ``sci``, ``dci``, then
+    user registrations in the order they were made."""
+    return list(_FUSIONS)
+
+
+def check_fusion_config(config: ConnectorConfig) -> None:
+    """Run the registered ``check`` of ``config.fusion`` (the config's own validation calls it).
+
+    Raises:
+        ValueError: unknown fusion name (the message lists the known ones) or a field
+            combination the fusion refuses.
+    """
+    if config.fusion not in _FUSIONS:
+        raise ValueError(f"fusion must be one of {tuple(_FUSIONS)}, got {config.fusion!r}")
+    check = _FUSIONS[config.fusion][1]
+    if check is not None:
+        check(config)
+
+
+def build_fusion(config: ConnectorConfig) -> Fusion:
+    """The fusion module that ``config.fusion`` names, built from ``config``.
+
+    Raises:
+        ValueError: unknown fusion name.
+        TypeError: the registered builder did not return a :class:`Fusion`.
+    """
+    if config.fusion not in _FUSIONS:
+        raise ValueError(f"fusion must be one of {tuple(_FUSIONS)}, got {config.fusion!r}")
+    fusion = _FUSIONS[config.fusion][0](config)
+    if not isinstance(fusion, Fusion):
+        # The connector relies on the Fusion bookkeeping (layers, widths, token contract).
+        raise TypeError(
+            f"the builder of fusion {config.fusion!r} returned {type(fusion).__name__}, "
+            "expected a mmconnect.fusion.Fusion"
+        )
+    return fusion
+
+
+def _describe(builder: Callable) -> str:
+    module = getattr(builder, "__module__", None)
+    name = getattr(builder, "__qualname__", None)
+    return f"{module}.{name}" if module and name else repr(builder)
+
+
+def _final_and_layers(config: ConnectorConfig) -> tuple[int, tuple[int, ...]]:
+    final = normalize_layer(config.final_layer, config.num_layers, argument="final_layer")
+    return final, normalize_layers(config.layers, config.num_layers, argument="layers")
+
+
+def _build_single_or_channels(config: ConnectorConfig) -> Fusion:
+    return ChannelConcat(*_final_and_layers(config))  # "none" has no extra layers
+
+
+def _build_token_stack(config: ConnectorConfig) -> Fusion:
+    return TokenStack(*_final_and_layers(config), window=config.sti_window, mode=config.sti_pool)
+
+
+def _build_grouped(config: ConnectorConfig) -> Fusion:
+    final = normalize_layer(config.final_layer, config.num_layers, argument="final_layer")
+    groups = normalize_groups(config.groups, config.num_layers, argument="groups")
+    return GroupedChannelConcat(final, groups, accumulate_dtype=config.accumulate_torch_dtype)
+
+
+def _check_none(config: ConnectorConfig) -> None:
+    if config.layers or config.groups:
+        raise ValueError("fusion='none' uses only final_layer; pass neither layers= nor groups=")
+
+
+def _check_layers(config: ConnectorConfig) -> None:
+    if not config.layers or config.groups:
+        raise ValueError(
+            f"fusion={config.fusion!r} needs at least one index in layers= and no groups="
+        )
+
+
+def _check_sti(config: ConnectorConfig) -> None:
+    _check_layers(config)
+    if config.resample_grid is not None:
+        raise ValueError(
+            "resample_grid cannot be used with fusion='sti': STI appends pooled tokens that "
+            "form no grid; resample with 'none', 'sci' or 'dci'"
+        )
+
+
+def _check_dci(config: ConnectorConfig) -> None:
+    if not config.groups or config.layers:
+        raise ValueError("fusion='dci' needs at least one group in groups= and no layers=")
+
+
+register_fusion("none", _build_single_or_channels, check=_check_none)
+register_fusion("sti", _build_token_stack, check=_check_sti)
+register_fusion("sci", _build_single_or_channels, check=_check_layers)
+register_fusion("dci", _build_grouped, check=_check_dci)

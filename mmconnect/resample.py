@@ -4,11 +4,16 @@ The paper's efficient Dense Connector resizes the fused 24x24 grid to 12x12 (576
 with 2-D bilinear interpolation (``align_corners=False``) and trains with it in place. Average and
 max pooling to the target grid are offered too; :class:`TokenResampler` is the module form used by
 :class:`mmconnect.DenseConnector`, before or after the projector.
+
+The modes form a registry (``ConnectorConfig.resample_mode`` accepts every registered name):
+:func:`register_resampler` adds one as a function on ``[B, C, h, w]`` maps.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 
 import torch.nn.functional as F
 from einops import rearrange
@@ -16,8 +21,68 @@ from torch import Tensor, nn
 
 from mmconnect.features import check_grid
 
-ResampleMode = Literal["bilinear", "avg", "max"]
-RESAMPLE_MODES: tuple[str, ...] = ("bilinear", "avg", "max")
+#: A registered resample mode name (``"bilinear"``, ``"avg"``, ``"max"`` or a user's).
+ResampleMode = str
+#: ``resize(maps, (th, tw))``: ``[B, C, h, w] -> [B, C, th, tw]``.
+ResizeFn = Callable[[Tensor, tuple[int, int]], Tensor]
+
+
+@dataclass(frozen=True)
+class _Resampler:
+    resize: ResizeFn
+    enlarges: bool  # pooling modes can only shrink a grid
+
+
+# Insertion order is the listing order (the paper's bilinear first).
+_RESAMPLERS: dict[str, _Resampler] = {}
+
+
+def register_resampler(name: str, resize: ResizeFn, *, enlarges: bool = False) -> None:
+    """Register a resample mode: ``resize(maps, (th, tw))`` maps ``[B, C, h, w]`` to
+    ``[B, C, th, tw]``.
+
+    Args:
+        name: the exact ``resample_mode`` name configs use.
+        resize: the resizing function; it receives the raster-ordered tokens as ``[B, C, h, w]``.
+        enlarges: whether the mode may produce a grid larger than its input (interpolation can,
+            pooling cannot: such targets are refused with a clear error).
+
+    Raises:
+        ValueError: ``name`` is empty or already registered (registries never silently replace).
+        TypeError: ``resize`` is not callable.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"resample mode name must be a non-empty string, got {name!r}")
+    if name in _RESAMPLERS:
+        existing = _RESAMPLERS[name].resize
+        raise ValueError(
+            f"a resample mode named {name!r} is already registered ({existing!r}); pick another name"
+        )
+    if not callable(resize):
+        raise TypeError(f"resize must be callable, got {type(resize).__name__}")
+    _RESAMPLERS[name] = _Resampler(resize, bool(enlarges))
+
+
+def list_resamplers() -> list[str]:
+    """The registered resample mode names: ``bilinear``, ``avg``, ``max``, then user modes in
+    registration order."""
+    return list(_RESAMPLERS)
+
+
+def check_resample_mode(mode: str, *, argument: str = "mode") -> str:
+    """``mode`` if it is a registered resample mode, else a ``ValueError`` listing them."""
+    if not isinstance(mode, str) or mode not in _RESAMPLERS:
+        raise ValueError(f"{argument} must be one of {tuple(_RESAMPLERS)}, got {mode!r}")
+    return mode
+
+
+register_resampler(
+    "bilinear",
+    partial(F.interpolate, mode="bilinear", align_corners=False),
+    enlarges=True,
+)
+register_resampler("avg", F.adaptive_avg_pool2d)
+register_resampler("max", F.adaptive_max_pool2d)
 
 
 def check_target_grid(target: tuple[int, int], *, argument: str = "target") -> tuple[int, int]:
@@ -47,7 +112,8 @@ def resample_tokens(
         grid: ``(h, w)``, the grid the tokens form (non-square grids are fine).
         target: ``(th, tw)``, the grid to produce.
         mode: ``"bilinear"`` (``align_corners=False``, as the efficient Dense Connector),
-            ``"avg"`` or ``"max"`` (adaptive pooling; the target may not exceed the grid).
+            ``"avg"`` or ``"max"`` (adaptive pooling; the target may not exceed the grid), or a
+            mode added with :func:`register_resampler`.
 
     Raises:
         ValueError: the tokens do not form ``grid``, a pooling target is larger than the grid,
@@ -56,9 +122,8 @@ def resample_tokens(
     check_grid(tokens, grid, argument="tokens")
     height, width = grid
     target_height, target_width = check_target_grid(target)
-    if mode not in RESAMPLE_MODES:
-        raise ValueError(f"mode must be one of {RESAMPLE_MODES}, got {mode!r}")
-    if mode != "bilinear" and (target_height > height or target_width > width):
+    resampler = _RESAMPLERS[check_resample_mode(mode)]
+    if not resampler.enlarges and (target_height > height or target_width > width):
         raise ValueError(
             f"pooling target {target_height}x{target_width} is larger than the {height}x{width} "
             "grid; pooling can only shrink a grid (use mode='bilinear' to enlarge)"
@@ -66,26 +131,33 @@ def resample_tokens(
     if (target_height, target_width) == (height, width):
         return tokens
     maps = rearrange(tokens, "b (h w) c -> b c h w", h=height, w=width)
-    if mode == "bilinear":
-        maps = F.interpolate(
-            maps, size=(target_height, target_width), mode="bilinear", align_corners=False
+    maps = resampler.resize(maps, (target_height, target_width))
+    if tuple(maps.shape[-2:]) != (target_height, target_width):
+        raise RuntimeError(
+            f"resample mode {mode!r} returned a {tuple(maps.shape[-2:])} grid, "
+            f"{(target_height, target_width)} was asked for"
         )
-    elif mode == "avg":
-        maps = F.adaptive_avg_pool2d(maps, (target_height, target_width))
-    else:
-        maps = F.adaptive_max_pool2d(maps, (target_height, target_width))
     return rearrange(maps, "b c h w -> b (h w) c")
 
 
 class TokenResampler(nn.Module):
-    """Module form of :func:`resample_tokens` with a fixed target grid and mode."""
+    """Module form of :func:`resample_tokens` with a fixed target grid and mode.
+
+    Token contract: any input grid -> the target grid (``num_tokens`` is its area).
+    """
 
     def __init__(self, target: tuple[int, int], mode: ResampleMode = "bilinear") -> None:
         super().__init__()
         self.target = check_target_grid(target)
-        if mode not in RESAMPLE_MODES:
-            raise ValueError(f"mode must be one of {RESAMPLE_MODES}, got {mode!r}")
-        self.mode = mode
+        self.mode = check_resample_mode(mode)
+
+    def num_tokens(self, grid: tuple[int, int]) -> int:
+        """Output token count for an input grid: the target's area, whatever the input."""
+        return self.target[0] * self.target[1]
+
+    def output_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
+        """The output grid for an input grid: always the target."""
+        return self.target
 
     def forward(self, tokens: Tensor, grid: tuple[int, int]) -> Tensor:
         """``[B, h*w, C] -> [B, th*tw, C]``."""

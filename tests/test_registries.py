@@ -1,0 +1,191 @@
+"""The core's registries: fusions, resample modes, projectors and presets (issue 13).
+
+Each registry refuses duplicates naming the existing entry, lists its names publicly, and is what
+``ConnectorConfig`` consults: a name registered by a user is accepted like a built-in one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.testing import assert_close
+
+import mmconnect
+from mmconnect import (
+    ConnectorConfig,
+    DenseConnector,
+    Fusion,
+    list_fusions,
+    list_resamplers,
+    register_fusion,
+    register_resampler,
+    resample_tokens,
+)
+from mmconnect import fusion as fusion_module
+from mmconnect import resample as resample_module
+from mmconnect.fusion import require_layer
+
+EXACT = {"atol": 0.0, "rtol": 0.0}
+BASE = {"vision_dim": 4, "llm_dim": 6, "num_layers": 6, "final_layer": -2}
+
+
+def _randn(seed: int, *shape: int) -> Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture
+def isolated_fusions(monkeypatch):
+    """Register into a copy of the fusion registry so no test leaks a fusion into another."""
+    monkeypatch.setattr(fusion_module, "_FUSIONS", dict(fusion_module._FUSIONS))
+
+
+@pytest.fixture
+def isolated_resamplers(monkeypatch):
+    monkeypatch.setattr(resample_module, "_RESAMPLERS", dict(resample_module._RESAMPLERS))
+
+
+class LayerDifference(Fusion):
+    """A toy fusion: ``F - f[l1]`` per token, ``[B, N, C] -> [B, N, C]``."""
+
+    def forward(self, features: Mapping[int, Tensor], grid: tuple[int, int]) -> Tensor:
+        return require_layer(features, self.final_layer) - require_layer(
+            features, self.extra_layers[0]
+        )
+
+
+def _build_difference(config: ConnectorConfig) -> Fusion:
+    final = mmconnect.normalize_layer(config.final_layer, config.num_layers)
+    return LayerDifference(final, [mmconnect.normalize_layer(config.layers[0], config.num_layers)])
+
+
+def _check_difference(config: ConnectorConfig) -> None:
+    if len(config.layers) != 1 or config.groups:
+        raise ValueError(f"fusion='difference' reads exactly one extra layer, got {config.layers}")
+
+
+# ---------------------------------------------------------------------------- fusions
+
+
+def test_list_fusions_exact():
+    assert list_fusions() == ["none", "sti", "sci", "dci"]
+    assert mmconnect.list_fusions is list_fusions
+
+
+@pytest.mark.parametrize("name", ["none", "sti", "sci", "dci"])
+def test_register_fusion_refuses_builtin_duplicates(name):
+    builder = fusion_module._FUSIONS[name][0].__qualname__
+    with pytest.raises(
+        ValueError,
+        match=rf"a fusion named '{name}' is already registered \(builder "
+        rf"mmconnect\.fusion\.{builder}\); pick another name",
+    ):
+        register_fusion(name, _build_difference)
+    assert list_fusions() == ["none", "sti", "sci", "dci"]
+
+
+def test_register_fusion_refuses_user_duplicates_and_bad_arguments(isolated_fusions):
+    register_fusion("difference", _build_difference, check=_check_difference)
+    assert list_fusions() == ["none", "sti", "sci", "dci", "difference"]
+    with pytest.raises(
+        ValueError, match=r"'difference' is already registered \(builder .*_build_difference\)"
+    ):
+        register_fusion("difference", _build_difference)
+    with pytest.raises(ValueError, match="fusion name must be a non-empty string, got ''"):
+        register_fusion("", _build_difference)
+    with pytest.raises(TypeError, match="fusion builder must be callable, got str"):
+        register_fusion("other", "LayerDifference")
+    with pytest.raises(TypeError, match="fusion check must be callable or None, got int"):
+        register_fusion("other", _build_difference, check=3)
+    assert "other" not in list_fusions()
+
+
+def test_user_fusion_is_accepted_by_the_config_and_runs(isolated_fusions):
+    with pytest.raises(ValueError, match=r"fusion must be one of \('none', 'sti', 'sci', 'dci'\)"):
+        ConnectorConfig(fusion="difference", layers=(1,), **BASE)
+    register_fusion("difference", _build_difference, check=_check_difference)
+    config = ConnectorConfig(fusion="difference", layers=(1,), **BASE)
+    # The fusion's own check runs while the config validates itself.
+    with pytest.raises(ValueError, match=r"fusion='difference' reads exactly one extra layer"):
+        ConnectorConfig(fusion="difference", layers=(1, 2), **BASE)
+    # Saved and read back like a built-in (the JSON format is unchanged).
+    assert ConnectorConfig.from_dict(config.to_dict()) == config
+
+    torch.manual_seed(0)
+    connector = DenseConnector(config)
+    assert isinstance(connector.fusion, LayerDifference)
+    assert connector.layers == (1, 5)
+    features = {layer: _randn(layer, 2, 6, 4) for layer in (1, 5)}
+    expected = connector.projector(features[5] - features[1])
+    assert_close(connector(features, (2, 3)), expected, **EXACT)
+    assert connector.num_tokens((2, 3)) == 6
+
+
+def test_fusion_builder_must_return_a_fusion(isolated_fusions):
+    register_fusion("broken", lambda config: torch.nn.Identity())
+    config = ConnectorConfig(fusion="broken", **BASE)
+    with pytest.raises(
+        TypeError,
+        match=r"the builder of fusion 'broken' returned Identity, expected a mmconnect.fusion.Fusion",
+    ):
+        DenseConnector(config)
+
+
+# ---------------------------------------------------------------------------- resamplers
+
+
+def test_list_resamplers_exact():
+    assert list_resamplers() == ["bilinear", "avg", "max"]
+    assert mmconnect.list_resamplers is list_resamplers
+
+
+def test_register_resampler_refuses_duplicates(isolated_resamplers):
+    with pytest.raises(
+        ValueError, match=r"a resample mode named 'avg' is already registered .*adaptive_avg_pool2d"
+    ):
+        register_resampler("avg", F.adaptive_max_pool2d)
+    with pytest.raises(ValueError, match="resample mode name must be a non-empty string"):
+        register_resampler("", F.adaptive_max_pool2d)
+    with pytest.raises(TypeError, match="resize must be callable, got NoneType"):
+        register_resampler("nearest", None)
+
+
+def _nearest(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    return F.interpolate(maps, size=size, mode="nearest")
+
+
+def test_user_resampler_is_accepted_by_the_config_and_runs(isolated_resamplers):
+    with pytest.raises(
+        ValueError, match=r"resample_mode must be one of \('bilinear', 'avg', 'max'\)"
+    ):
+        ConnectorConfig(fusion="none", resample_grid=(2, 2), resample_mode="nearest", **BASE)
+    register_resampler("nearest", _nearest, enlarges=True)
+    assert list_resamplers() == ["bilinear", "avg", "max", "nearest"]
+    config = ConnectorConfig(
+        fusion="none",
+        resample_grid=(2, 2),
+        resample_mode="nearest",
+        projector="identity",
+        **{**BASE, "llm_dim": 4},
+    )
+    connector = DenseConnector(config)
+    tokens = torch.arange(16.0).reshape(1, 16, 1).expand(1, 16, 4)  # a 4x4 grid, value = index
+    out = connector({5: tokens}, (4, 4))
+    # nearest from 4x4 to 2x2 keeps the tokens at rows / columns 0 and 2.
+    assert out[0, :, 0].tolist() == [0.0, 2.0, 8.0, 10.0]
+    assert connector.num_tokens((4, 4)) == 4
+
+
+def test_resampler_that_may_not_enlarge_is_refused_a_larger_target(isolated_resamplers):
+    register_resampler("shrink_only", _nearest)
+    with pytest.raises(ValueError, match="pooling target 3x3 is larger than the 2x2 grid"):
+        resample_tokens(torch.zeros(1, 4, 2), (2, 2), (3, 3), mode="shrink_only")
+
+
+def test_resampler_returning_another_grid_is_an_error(isolated_resamplers):
+    register_resampler("wrong", lambda maps, size: maps)
+    with pytest.raises(RuntimeError, match=r"resample mode 'wrong' returned a \(4, 4\) grid, "):
+        resample_tokens(torch.zeros(1, 16, 2), (4, 4), (2, 2), mode="wrong")
