@@ -57,11 +57,11 @@ SPECIAL_TOKENS = ("<unk>", "<pad>", "<s>", "</s>", "<image>")
 class DemoConfig:
     """Everything the demo does.
 
-    Measured with the defaults (two connectors, one process and one thread each): 290 s of CPU
-    time in all, 13 min 23 s of wall time on two cores shared with other jobs (1-minute load
-    average 4.3-11.6, median 9.2). On two idle cores the two processes run side by side, so
-    the wall time should be about half the CPU time, 2.5 to 3 minutes (an estimate: no idle
-    machine was available to measure it).
+    Measured with the defaults (two connectors, one process and one thread each), on two
+    cores that other jobs shared: 5 min 13 s of wall time at a 1-minute load average of 3.2-5.2
+    (median 4.0), 13 min 23 s at 4.3-11.6 (median 9.2); about 290 s of CPU time in both runs,
+    with identical results. On idle cores the wall time should be about half the CPU time (not
+    measured: no idle machine was available).
 
     Attributes:
         output_dir: data, checkpoints, ``results.json`` and ``loss_curves.png`` go here.
