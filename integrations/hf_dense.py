@@ -5,7 +5,11 @@
 * checkpoint checks before HF loads anything (:class:`CheckedLoadingMixin`): connector weights
   missing, unexpected, of another shape or saved under another connector config are named;
 * ``generate()`` that checks the prompt's image tokens before the vision tower runs
-  (:class:`DenseGenerationMixin`);
+  (:class:`DenseGenerationMixin`), and ``forward`` with the stock signature doing the same
+  (:func:`checked_forward`); ``pixel_values`` checked before any tensor work
+  (:func:`check_pixel_values`);
+* the stock HF contract: initialisation as for HF's own classes (:class:`DenseInitMixin`) and
+  ``get_image_features`` outputs (:func:`tower_features`);
 * conversion of an existing HF model around its own modules (:func:`convert_model`) and
   registration with the Auto classes (:func:`register_dense_model`).
 """
