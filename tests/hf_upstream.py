@@ -79,6 +79,11 @@ def _pip_download(requirement: str, destination: Path, *flags: str) -> None:
         "pip",
         "download",
         "--no-deps",
+        # An unreachable registry should skip the tests within seconds, not minutes.
+        "--timeout",
+        "20",
+        "--retries",
+        "1",
         *flags,
         requirement,
         "-d",
