@@ -291,3 +291,24 @@ def test_demo_with_overwrite_replaces_only_its_own_files(tmp_path):
         assert after[name] != before[name], name
     marker = json.loads((tmp_path / "mine" / ".mmconnect-demo").read_text())
     assert "notes.txt" not in marker["files"] and "data/stage1.json" in marker["files"]
+
+
+@pytest.mark.slow
+def test_demo_takes_tower_and_llm_from_a_saved_dense_llava_in_a_fresh_process(dense_dir, tmp_path):
+    result = mmconnect(
+        "demo",
+        "--quick",
+        "--connectors",
+        "dci",
+        "--vision",
+        str(dense_dir),
+        "--llm",
+        str(dense_dir),
+        "--output",
+        "demo",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    results = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert results["connectors"]["dci"]["visual_tokens"] == 16  # the saved tower: 48 px / 12
+    assert results["config"]["vision_path"] == results["config"]["llm_path"] == str(dense_dir)
