@@ -107,9 +107,10 @@ def frame_layout(model: Any) -> tuple[int, tuple[int, int] | None]:
     """
     base = _dense_base(model)
     encoder_grid = native_grid(base.config.vision_config)
-    tokens = base.connector.num_tokens(encoder_grid)
-    grid = base.connector.token_grid(encoder_grid)
-    return tokens, (tuple(grid) if grid[0] * grid[1] == tokens else None)
+    connector = base.connector
+    # The connector's declared layout (its token contract), not a guess from the count.
+    grid = None if connector.extra_tokens(encoder_grid) else connector.token_grid(encoder_grid)
+    return connector.num_tokens(encoder_grid), grid
 
 
 def _as_images(frames: Frames, argument: str = "frames") -> list[Image.Image]:

@@ -33,7 +33,7 @@ from mmconnect.encoder_blocks import find_encoder_blocks
 from mmconnect.features import LayerFeatures, check_grid, infer_square_grid
 from mmconnect.fusion import build_fusion, require_layer
 from mmconnect.layers import normalize_groups, normalize_layer, normalize_layers
-from mmconnect.projectors import build_projector, load_projector_weights
+from mmconnect.projectors import GridProjector, build_projector, load_projector_weights
 from mmconnect.resample import TokenResampler
 from mmconnect.tap import MultiLayerFeatureTap
 
@@ -60,19 +60,45 @@ def config_fingerprint(config: ConnectorConfig) -> int:
 
 
 def count_output_tokens(config: ConnectorConfig, grid: tuple[int, int]) -> int:
-    """The connector's output token count for an encoder token grid, from its config alone."""
-    if config.resample_grid is not None:
-        return config.resample_grid[0] * config.resample_grid[1]
-    return build_fusion(config).num_tokens(grid)
+    """The output token count of a connector built from ``config``: :meth:`DenseConnector.num_tokens`.
+
+    For processors that count tokens from a config: the connector is built on the ``meta``
+    device, so no weights are allocated.
+    """
+    return _bookkeeping_connector(config).num_tokens(grid)
 
 
 def output_token_grid(config: ConnectorConfig, grid: tuple[int, int]) -> tuple[int, int]:
-    """The grid of the connector's leading output tokens, from its config alone.
+    """The grid of the leading output tokens of a connector built from ``config``:
+    :meth:`DenseConnector.token_grid`, without allocating weights."""
+    return _bookkeeping_connector(config).token_grid(grid)
 
-    The resample target when resampling, else the encoder grid itself; STI appends its pooled
-    tokens after these ``height * width`` tokens.
-    """
-    return config.resample_grid if config.resample_grid is not None else tuple(grid)
+
+def _bookkeeping_connector(config: ConnectorConfig) -> DenseConnector:
+    if not isinstance(config, ConnectorConfig):
+        raise TypeError(f"config must be a ConnectorConfig, got {type(config).__name__}")
+    with torch.device("meta"):  # bookkeeping only: the declared counts need no weights
+        return DenseConnector(config)
+
+
+def _check_grid_pair(grid: Any) -> tuple[int, int]:
+    if (
+        not isinstance(grid, tuple | list)
+        or len(grid) != 2
+        or any(isinstance(side, bool) or not isinstance(side, int) or side < 1 for side in grid)
+    ):
+        raise ValueError(f"grid must be a (height, width) pair of positive ints, got {grid!r}")
+    return int(grid[0]), int(grid[1])
+
+
+def _check_count(tokens: Tensor, expected: int, component: str) -> None:
+    # A component whose output differs from its declaration would make every processor count
+    # wrong: fail here, naming it, rather than deep inside an LLM's embedding merge.
+    if tokens.shape[1] != expected:
+        raise RuntimeError(
+            f"the {component} returned {tokens.shape[1]} tokens but declares {expected} "
+            "(num_tokens(grid)); fix its num_tokens / output_grid"
+        )
 
 
 class DenseConnector(nn.Module):
@@ -81,6 +107,12 @@ class DenseConnector(nn.Module):
     Input: a mapping ``layer -> [B, N, C]`` (a :class:`LayerFeatures` from a tap, or any dict
     with non-negative HF ``hidden_states`` indices; prefix tokens already dropped).
     Output: ``[B, num_tokens(grid), llm_dim]``.
+
+    Token contract: the fusion, the resampler and a :class:`~mmconnect.projectors.GridProjector`
+    each declare ``num_tokens(grid)`` / ``output_grid(grid)`` for the grid they receive;
+    :meth:`num_tokens` and :meth:`token_grid` compose them in the order ``forward`` runs them
+    (fusion -> resampler -> projector, or fusion -> projector -> resampler with
+    ``resample_placement="after_projector"``). Token-wise projectors keep the count.
 
     Attributes:
         config: the :class:`ConnectorConfig`.
@@ -162,16 +194,54 @@ class DenseConnector(nn.Module):
 
     # ------------------------------------------------------------------ token bookkeeping
     def num_tokens(self, grid: tuple[int, int]) -> int:
-        """The output token count for an encoder token grid ``(height, width)``; runs nothing."""
-        return count_output_tokens(self.config, grid)
+        """The output token count for an encoder token grid ``(height, width)``; runs nothing.
+
+        Raises:
+            ValueError: ``grid`` is not a pair of positive ints, or no component can take it
+                (an STI window larger than the grid; STI's extra tokens into a grid component).
+        """
+        return self._token_layout(grid)[1]
 
     def token_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
         """The ``(height, width)`` grid formed by the leading output tokens for an encoder grid.
 
-        The resample target when resampling, else the encoder grid itself; STI appends its
-        pooled tokens after these ``height * width`` tokens.
+        The last grid-changing component's output grid (the resample target, a grid projector's
+        grid), else the encoder grid itself; tokens beyond its area (STI's pooled tokens) follow
+        it and form no grid.
         """
-        return output_token_grid(self.config, grid)
+        return self._token_layout(grid)[0]
+
+    def extra_tokens(self, grid: tuple[int, int]) -> int:
+        """How many output tokens follow the :meth:`token_grid` tokens and form no grid (STI's
+        pooled tokens); 0 when the whole output forms ``token_grid(grid)``."""
+        (height, width), count = self._token_layout(grid)
+        return count - height * width
+
+    def _grid_stages(self) -> list[tuple[str, nn.Module]]:
+        """The components after the fusion that work on the token grid, in forward order."""
+        stages: list[tuple[str, nn.Module]] = []
+        if isinstance(self.projector, GridProjector):
+            stages.append((f"projector {self.config.projector!r}", self.projector))
+        if self.resampler is not None:
+            resampler = (f"resampler ({self.config.resample_mode!r})", self.resampler)
+            after = self.config.resample_placement == "after_projector"
+            stages.insert(len(stages) if after else 0, resampler)
+        return stages
+
+    def _token_layout(self, grid: tuple[int, int]) -> tuple[tuple[int, int], int]:
+        """``(leading grid, token count)`` after every component, for an encoder grid."""
+        grid = _check_grid_pair(grid)
+        count, lead = self.fusion.num_tokens(grid), tuple(self.fusion.output_grid(grid))
+        for name, stage in self._grid_stages():
+            extra = count - lead[0] * lead[1]
+            if extra:
+                raise ValueError(
+                    f"fusion {self.config.fusion!r} gives {extra} tokens after its "
+                    f"{lead[0]}x{lead[1]} grid that form no grid, but the {name} works on a "
+                    "whole token grid; use a token-wise projector or another fusion"
+                )
+            count, lead = stage.num_tokens(lead), tuple(stage.output_grid(lead))
+        return lead, count
 
     @property
     def fused_dim(self) -> int:
@@ -227,18 +297,25 @@ class DenseConnector(nn.Module):
         self, features: Mapping[int, Tensor], grid: tuple[int, int] | None = None
     ) -> Tensor:
         """Fuse, project and (if so configured) resample: ``-> [B, num_tokens(grid), llm_dim]``."""
-        fused, grid = self._fuse(features, grid)
+        fused, lead = self._fuse(features, grid)
         weight = next(self.projector.parameters(), None)
         if weight is not None and fused.dtype != weight.dtype:
             fused = fused.to(weight.dtype)  # e.g. a bf16 tower feeding an fp32 connector
-        projected = self.projector(fused)
+        if isinstance(self.projector, GridProjector):
+            projected = self.projector(fused, lead)
+            expected = self.projector.num_tokens(lead)
+            lead = tuple(self.projector.output_grid(lead))
+            _check_count(projected, expected, f"projector {self.config.projector!r}")
+        else:
+            projected = self.projector(fused)
         if self.resampler is not None and self.config.resample_placement == "after_projector":
-            projected = self.resampler(projected, grid)
+            projected = self.resampler(projected, lead)
         return projected
 
     def _fuse(
         self, features: Mapping[int, Tensor], grid: tuple[int, int] | None
     ) -> tuple[Tensor, tuple[int, int]]:
+        """The fused (and, before the projector, resampled) tokens and their leading grid."""
         if not isinstance(features, Mapping):
             raise TypeError(
                 "features must be a mapping from layer index to [B, tokens, C] (e.g. a tap's "
@@ -246,10 +323,14 @@ class DenseConnector(nn.Module):
             )
         grid = self._resolve_grid(features, grid)
         self._check_widths(features)
+        self._token_layout(grid)  # refuse a composition the grid cannot take before running it
         fused = self.fusion(features, grid)
+        _check_count(fused, self.fusion.num_tokens(grid), f"fusion {self.config.fusion!r}")
+        lead = tuple(self.fusion.output_grid(grid))
         if self.resampler is not None and self.config.resample_placement == "before_projector":
-            fused = self.resampler(fused, grid)
-        return fused, grid
+            fused = self.resampler(fused, lead)
+            lead = self.resampler.output_grid(lead)
+        return fused, lead
 
     # ------------------------------------------------------------------ weights
     def load_projector_weights(self, source: str | Path | Mapping[str, Tensor]) -> None:

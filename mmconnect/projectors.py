@@ -5,6 +5,12 @@ exact-erf GELU between them, LLaVA's naming). The module layouts equal LLaVA's `
 (``linear`` is one ``nn.Linear``, ``mlpNx_gelu`` an ``nn.Sequential`` with Linears at indices
 0, 2, 4, ...), so official weights load by key. Register more with :func:`register_projector`.
 
+Token contract: a plain module is applied token by token (``[B, N, in_dim] -> [B, N, out_dim]``,
+the grid unchanged, tokens after the grid passed through). A projector that changes the token
+count or the grid (pixel shuffle, C-Abstractor) subclasses :class:`GridProjector`: it receives
+the grid in ``forward(tokens, grid)`` and declares ``num_tokens(grid)`` / ``output_grid(grid)``,
+which :class:`mmconnect.DenseConnector` composes into its own count.
+
 Examples:
     >>> projector = build_projector("mlp2x_gelu", in_dim=3072, out_dim=4096)
     >>> [name for name, _ in projector.named_parameters()]
@@ -26,17 +32,58 @@ ProjectorBuilder = Callable[[int, int], nn.Module]
 _PROJECTORS: dict[str, ProjectorBuilder] = {}
 
 
+class GridProjector(nn.Module):
+    """Base of the projectors that work on the token grid rather than token by token.
+
+    ``forward(tokens, grid)``: ``[B, h*w, in_dim]`` in raster order on the ``(h, w)`` grid ->
+    ``[B, num_tokens(grid), out_dim]``, whose tokens form ``output_grid(grid)`` in raster order.
+    Subclasses implement :meth:`output_grid` and :meth:`forward`; :meth:`num_tokens` defaults to
+    the output grid's area. The input is always a whole grid: a fusion whose tokens do not all
+    form one (STI) cannot feed a grid projector.
+    """
+
+    def output_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
+        """The ``(height, width)`` grid produced for an input grid."""
+        raise NotImplementedError(f"{type(self).__name__} must implement output_grid(grid)")
+
+    def num_tokens(self, grid: tuple[int, int]) -> int:
+        """The output token count for an input grid: the output grid's area."""
+        height, width = self.output_grid(grid)
+        return height * width
+
+    def forward(self, tokens: Tensor, grid: tuple[int, int]) -> Tensor:  # pragma: no cover
+        raise NotImplementedError(f"{type(self).__name__} must implement forward(tokens, grid)")
+
+
 def register_projector(name: str, builder: ProjectorBuilder) -> None:
     """Register ``builder(in_dim, out_dim) -> nn.Module`` under the exact ``name``.
 
+    The module is either applied token by token (``[B, N, in_dim] -> [B, N, out_dim]``) or is a
+    :class:`GridProjector` that declares the token count and grid it produces.
+
     Raises:
         ValueError: ``name`` is already registered (registries never silently replace).
+        TypeError: ``builder`` is not callable.
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"projector name must be a non-empty string, got {name!r}")
     if name in _PROJECTORS:
-        raise ValueError(f"a projector named {name!r} is already registered")
+        raise ValueError(
+            f"a projector named {name!r} is already registered (builder "
+            f"{_describe(_PROJECTORS[name])}); pick another name"
+        )
+    if not callable(builder):
+        raise TypeError(f"projector builder must be callable, got {type(builder).__name__}")
     _PROJECTORS[name] = builder
+
+
+def _describe(builder: Callable) -> str:
+    if isinstance(builder, partial):
+        keywords = ", ".join(f"{key}={value!r}" for key, value in builder.keywords.items())
+        return f"{_describe(builder.func)}({keywords})"
+    module = getattr(builder, "__module__", None)
+    name = getattr(builder, "__qualname__", None)
+    return f"{module}.{name}" if module and name else repr(builder)
 
 
 def list_projectors() -> list[str]:
@@ -45,7 +92,9 @@ def list_projectors() -> list[str]:
 
 
 def build_projector(name: str, in_dim: int, out_dim: int) -> nn.Module:
-    """Build the projector registered as ``name``: ``[B, N, in_dim] -> [B, N, out_dim]``.
+    """Build the projector registered as ``name``: ``[B, N, in_dim] -> [B, N', out_dim]``.
+
+    ``N' = N`` for token-wise projectors; a :class:`GridProjector` declares ``N'``.
 
     Raises:
         ValueError: unknown name (the message lists the known ones) or bad widths.

@@ -123,11 +123,7 @@ def resample_tokens(
     height, width = grid
     target_height, target_width = check_target_grid(target)
     resampler = _RESAMPLERS[check_resample_mode(mode)]
-    if not resampler.enlarges and (target_height > height or target_width > width):
-        raise ValueError(
-            f"pooling target {target_height}x{target_width} is larger than the {height}x{width} "
-            "grid; pooling can only shrink a grid (use mode='bilinear' to enlarge)"
-        )
+    _check_reachable(mode, grid, (target_height, target_width))
     if (target_height, target_width) == (height, width):
         return tokens
     maps = rearrange(tokens, "b (h w) c -> b c h w", h=height, w=width)
@@ -138,6 +134,14 @@ def resample_tokens(
             f"{(target_height, target_width)} was asked for"
         )
     return rearrange(maps, "b c h w -> b (h w) c")
+
+
+def _check_reachable(mode: str, grid: tuple[int, int], target: tuple[int, int]) -> None:
+    if not _RESAMPLERS[mode].enlarges and (target[0] > grid[0] or target[1] > grid[1]):
+        raise ValueError(
+            f"pooling target {target[0]}x{target[1]} is larger than the {grid[0]}x{grid[1]} "
+            f"grid; mode {mode!r} can only shrink a grid (use mode='bilinear' to enlarge)"
+        )
 
 
 class TokenResampler(nn.Module):
@@ -152,11 +156,17 @@ class TokenResampler(nn.Module):
         self.mode = check_resample_mode(mode)
 
     def num_tokens(self, grid: tuple[int, int]) -> int:
-        """Output token count for an input grid: the target's area, whatever the input."""
-        return self.target[0] * self.target[1]
+        """Output token count for an input grid: the target's area."""
+        height, width = self.output_grid(grid)
+        return height * width
 
     def output_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
-        """The output grid for an input grid: always the target."""
+        """The output grid for an input grid: the target.
+
+        Raises:
+            ValueError: a pooling mode would have to enlarge ``grid`` (as :meth:`forward` would).
+        """
+        _check_reachable(self.mode, grid, self.target)
         return self.target
 
     def forward(self, tokens: Tensor, grid: tuple[int, int]) -> Tensor:

@@ -1,0 +1,330 @@
+"""The token contract (issue 13): the count a connector declares is the count ``forward`` returns.
+
+Every fusion, resampler and projector declares ``num_tokens(grid)`` / ``output_grid(grid)`` for
+the grid it receives; ``DenseConnector.num_tokens`` / ``token_grid`` compose them in forward
+order. The property test runs over *everything registered* (the built-ins plus a token-reducing
+projector and a grid-changing fusion registered here), on square and non-square grids.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import pytest
+import torch
+from einops import rearrange
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import Tensor, nn
+from torch.testing import assert_close
+
+import mmconnect
+from mmconnect import (
+    ConnectorConfig,
+    DenseConnector,
+    Fusion,
+    list_fusions,
+    list_projectors,
+    list_resamplers,
+    register_fusion,
+    register_projector,
+)
+from mmconnect import fusion as fusion_module
+from mmconnect import projectors as projectors_module
+from mmconnect.connector import count_output_tokens, output_token_grid
+from mmconnect.fusion import require_layer
+from mmconnect.projectors import GridProjector
+
+EXACT = {"atol": 0.0, "rtol": 0.0}
+NUM_LAYERS = 4
+
+
+def _randn(seed: int, *shape: int) -> Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------- toy components
+
+
+class SpaceToDepth(GridProjector):
+    """2x2 space-to-depth then a Linear: ``[B, h*w, C] -> [B, (h/2)*(w/2), D]`` (grid / 4)."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4 * in_dim, out_dim)
+
+    def output_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
+        if grid[0] % 2 or grid[1] % 2:
+            raise ValueError(f"space_to_depth needs an even grid, got {grid[0]}x{grid[1]}")
+        return grid[0] // 2, grid[1] // 2
+
+    def forward(self, tokens: Tensor, grid: tuple[int, int]) -> Tensor:
+        height, width = self.output_grid(grid)
+        folded = rearrange(tokens, "b (h p w q) c -> b (h w) (p q c)", h=height, p=2, w=width, q=2)
+        return self.linear(folded)
+
+
+class TransposedFinal(Fusion):
+    """The final layer's ``(h, w)`` grid transposed to ``(w, h)``: changes a non-square grid."""
+
+    def output_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
+        return grid[1], grid[0]
+
+    def forward(self, features: Mapping[int, Tensor], grid: tuple[int, int]) -> Tensor:
+        final = require_layer(features, self.final_layer)
+        return rearrange(final, "b (h w) c -> b (w h) c", h=grid[0], w=grid[1])
+
+
+def _build_transposed(config: ConnectorConfig) -> Fusion:
+    return TransposedFinal(mmconnect.normalize_layer(config.final_layer, config.num_layers))
+
+
+def _check_transposed(config: ConnectorConfig) -> None:
+    if config.layers or config.groups:
+        raise ValueError("fusion='transposed' reads only final_layer")
+
+
+def _register_toys() -> None:
+    register_projector("space_to_depth", SpaceToDepth)
+    register_fusion("transposed", _build_transposed, check=_check_transposed)
+
+
+@pytest.fixture(scope="module")
+def toys():
+    """The registries with the toys added, restored afterwards (no test leaks them)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(projectors_module, "_PROJECTORS", dict(projectors_module._PROJECTORS))
+        patch.setattr(fusion_module, "_FUSIONS", dict(fusion_module._FUSIONS))
+        _register_toys()
+        yield
+
+
+# The layer fields each registered fusion needs on a 4-block encoder. A fusion registered without
+# an entry here fails test_every_registered_fusion_is_covered, so the property covers it.
+FUSION_FIELDS = {
+    "none": {},
+    "sti": {"layers": (1, 2)},
+    "sci": {"layers": (1, 2)},
+    "dci": {"groups": ((0, 1), (2, 3))},
+    "transposed": {},
+}
+
+
+def test_every_registered_fusion_is_covered(toys):
+    assert set(list_fusions()) == set(FUSION_FIELDS)
+
+
+def _config(
+    fusion: str,
+    projector: str,
+    vision_dim: int,
+    resample: tuple[tuple[int, int], str, str] | None,
+    sti: tuple[int, str],
+) -> ConnectorConfig:
+    fields = dict(FUSION_FIELDS[fusion], fusion=fusion, sti_window=sti[0], sti_pool=sti[1])
+    if resample is not None:
+        target, mode, placement = resample
+        fields.update(resample_grid=target, resample_mode=mode, resample_placement=placement)
+    probe = ConnectorConfig(
+        vision_dim=vision_dim, llm_dim=3, num_layers=NUM_LAYERS, final_layer=-1, **fields
+    )
+    # The identity projector keeps the fused width: give it an LLM of that width.
+    fused = fusion_module.build_fusion(probe).output_channels(vision_dim)
+    return probe.replace(projector=projector, llm_dim=fused if projector == "identity" else 3)
+
+
+@st.composite
+def _settings(draw):
+    fusion = draw(st.sampled_from(list_fusions()))
+    projector = draw(st.sampled_from(list_projectors()))
+    resample = None
+    if fusion != "sti" and draw(st.booleans()):  # the config refuses to resample STI
+        target = (draw(st.integers(1, 6)), draw(st.integers(1, 6)))
+        mode = draw(st.sampled_from(list_resamplers()))
+        placement = draw(st.sampled_from(["before_projector", "after_projector"]))
+        resample = (target, mode, placement)
+    sti = (draw(st.integers(1, 3)), draw(st.sampled_from(["raster", "grid"])))
+    grid = (draw(st.integers(1, 6)), draw(st.integers(1, 6)))
+    return fusion, projector, draw(st.integers(1, 3)), resample, sti, grid
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(drawn=_settings(), seed=st.integers(0, 2**16))
+def test_forward_returns_the_declared_count_and_grid(toys, drawn, seed):
+    fusion, projector, vision_dim, resample, sti, grid = drawn
+    config = _config(fusion, projector, vision_dim, resample, sti)
+    torch.manual_seed(seed)
+    connector = DenseConnector(config)
+    features = {
+        layer: _randn(seed + layer, 2, grid[0] * grid[1], vision_dim)
+        for layer in range(NUM_LAYERS + 1)
+    }
+    try:
+        declared = connector.num_tokens(grid)
+    except ValueError as refusal:
+        # A grid some component cannot take (an odd grid into space-to-depth, an STI window
+        # larger than the grid, STI's extra tokens into a grid projector) is refused by forward
+        # with the same error before anything runs.
+        with pytest.raises(ValueError, match=re.escape(str(refusal))):
+            connector(features, grid)
+        return
+    output = connector(features, grid)
+    assert output.shape == (2, declared, config.llm_dim)
+    lead = connector.token_grid(grid)
+    extra = connector.extra_tokens(grid)
+    assert lead[0] * lead[1] + extra == declared
+    assert extra == (declared - grid[0] * grid[1] if fusion == "sti" else 0)
+    # The config-only helpers processors use answer the same.
+    assert count_output_tokens(config, grid) == declared
+    assert output_token_grid(config, grid) == lead
+
+
+@settings(max_examples=40, deadline=None)
+@given(grid=st.tuples(st.integers(1, 6), st.integers(1, 6)), seed=st.integers(0, 2**16))
+def test_leading_tokens_form_the_declared_grid(grid, seed):
+    """With identity components the output is the final layer's tokens: the declared grid is the
+    one they really form (a transposed grid would put other tokens first)."""
+    config = ConnectorConfig(
+        fusion="none", vision_dim=2, llm_dim=2, num_layers=NUM_LAYERS, projector="identity"
+    )
+    connector = DenseConnector(config)
+    final = _randn(seed, 1, grid[0] * grid[1], 2)
+    output = connector({NUM_LAYERS - 1: final}, grid)
+    assert connector.token_grid(grid) == grid
+    assert_close(output, final, **EXACT)
+
+
+# ---------------------------------------------------------------------------- toys, exact
+
+
+def test_toy_fusion_and_token_reducing_projector_exact(toys):
+    config = ConnectorConfig(
+        fusion="transposed",
+        projector="space_to_depth",
+        vision_dim=2,
+        llm_dim=3,
+        num_layers=NUM_LAYERS,
+        final_layer=-1,
+    )
+    torch.manual_seed(0)
+    connector = DenseConnector(config)
+    # (4, 6) -> transposed (6, 4) -> space to depth (3, 2): 6 tokens, not the 24 it receives.
+    assert connector.num_tokens((4, 6)) == 6
+    assert connector.token_grid((4, 6)) == (3, 2)
+    assert connector.extra_tokens((4, 6)) == 0
+    final = torch.arange(48.0).reshape(1, 24, 2)
+    output = connector({NUM_LAYERS: final}, (4, 6))
+    assert output.shape == (1, 6, 3)
+    # By hand: transposed token (r, c) is encoder token (c, r); output token (i, j) folds the
+    # transposed 2x2 block at rows 2i..2i+1, columns 2j..2j+1 (row-major inside the block).
+    encoder = final[0].reshape(4, 6, 2)
+    transposed = encoder.transpose(0, 1)  # [6, 4, 2]
+    folded = torch.stack(
+        [
+            torch.cat([transposed[2 * i + p, 2 * j + q] for p in (0, 1) for q in (0, 1)])
+            for i in range(3)
+            for j in range(2)
+        ]
+    )
+    assert folded[0, :4].tolist() == [0.0, 1.0, 12.0, 13.0]  # encoder tokens 0 and 6 lead
+    assert_close(output, connector.projector.linear(folded[None]), **EXACT)
+    # Processors counting from the config see the same.
+    assert count_output_tokens(config, (4, 6)) == 6
+    assert output_token_grid(config, (4, 6)) == (3, 2)
+
+
+def test_token_reducing_projector_with_resampling_composes_in_forward_order(toys):
+    def connector(placement: str) -> DenseConnector:
+        return DenseConnector(
+            ConnectorConfig(
+                fusion="none",
+                projector="space_to_depth",
+                vision_dim=2,
+                llm_dim=3,
+                num_layers=NUM_LAYERS,
+                resample_grid=(4, 4),
+                resample_placement=placement,
+            )
+        )
+
+    before, after = connector("before_projector"), connector("after_projector")
+    # Resample 6x8 -> 4x4, then fold to 2x2; or fold 6x8 -> 3x4, then resample to 4x4.
+    assert (before.num_tokens((6, 8)), before.token_grid((6, 8))) == (4, (2, 2))
+    assert (after.num_tokens((6, 8)), after.token_grid((6, 8))) == (16, (4, 4))
+    features = {NUM_LAYERS - 1: _randn(0, 1, 48, 2)}
+    assert before(features, (6, 8)).shape == (1, 4, 3)
+    assert after(features, (6, 8)).shape == (1, 16, 3)
+    # An odd grid cannot be folded: refused, naming the projector's reason.
+    with pytest.raises(ValueError, match="space_to_depth needs an even grid, got 5x8"):
+        after.num_tokens((5, 8))
+
+
+def test_sti_extra_tokens_into_a_grid_projector_are_refused(toys):
+    config = ConnectorConfig(
+        fusion="sti",
+        layers=(1,),
+        sti_window=2,
+        projector="space_to_depth",
+        vision_dim=2,
+        llm_dim=3,
+        num_layers=NUM_LAYERS,
+    )
+    connector = DenseConnector(config)
+    message = (
+        r"fusion 'sti' gives 8 tokens after its 4x4 grid that form no grid, but the projector "
+        r"'space_to_depth' works on a whole token grid"
+    )
+    with pytest.raises(ValueError, match=message):
+        connector.num_tokens((4, 4))
+    features = {layer: _randn(layer, 1, 16, 2) for layer in (1, NUM_LAYERS - 1)}
+    with pytest.raises(ValueError, match=message):
+        connector(features, (4, 4))
+
+
+class LyingProjector(GridProjector):
+    """Declares a 1x1 grid but returns every token: the connector must notice."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_dim, out_dim)
+
+    def output_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
+        return 1, 1
+
+    def forward(self, tokens: Tensor, grid: tuple[int, int]) -> Tensor:
+        return self.linear(tokens)
+
+
+def test_a_component_that_breaks_its_declaration_is_named(toys, monkeypatch):
+    monkeypatch.setattr(projectors_module, "_PROJECTORS", dict(projectors_module._PROJECTORS))
+    register_projector("lying", LyingProjector)
+    config = ConnectorConfig(
+        fusion="none", projector="lying", vision_dim=2, llm_dim=3, num_layers=NUM_LAYERS
+    )
+    connector = DenseConnector(config)
+    with pytest.raises(
+        RuntimeError, match=r"the projector 'lying' returned 4 tokens but declares 1"
+    ):
+        connector({NUM_LAYERS - 1: _randn(0, 1, 4, 2)}, (2, 2))
+
+
+@pytest.mark.parametrize("grid", [(0, 4), (4,), "24x24", (2.0, 2), (True, 2)])
+def test_num_tokens_refuses_a_bad_grid(grid):
+    config = ConnectorConfig(fusion="none", vision_dim=2, llm_dim=3, num_layers=NUM_LAYERS)
+    with pytest.raises(ValueError, match=r"grid must be a \(height, width\) pair of positive ints"):
+        DenseConnector(config).num_tokens(grid)
+
+
+def test_builtin_components_declare_the_contract():
+    """Fusions, the resampler and token-wise projectors: count and grid for a non-square grid."""
+    fusion = fusion_module.TokenStack(3, (1, 2), window=2, mode="grid")
+    assert (fusion.num_tokens((4, 6)), fusion.output_grid((4, 6))) == (24 + 2 * 6, (4, 6))
+    resampler = mmconnect.TokenResampler((2, 3), "avg")
+    assert (resampler.num_tokens((4, 6)), resampler.output_grid((4, 6))) == (6, (2, 3))
+    # Token-wise projectors are no GridProjector: the connector passes every token through.
+    assert not isinstance(projectors_module.build_projector("mlp2x_gelu", 2, 3), GridProjector)
