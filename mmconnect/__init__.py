@@ -22,7 +22,7 @@ from mmconnect.fusion import (
     stack,
 )
 from mmconnect.layers import normalize_layer, paper_layer
-from mmconnect.presets import list_presets
+from mmconnect.presets import EncoderGeometry, list_presets, preset_geometry, register_preset
 from mmconnect.projectors import (
     build_projector,
     list_projectors,
@@ -43,6 +43,7 @@ __all__ = [
     "ConnectorConfig",
     "DenseConnector",
     "EncoderBlocks",
+    "EncoderGeometry",
     "Fusion",
     "LayerFeatures",
     "MultiLayerFeatureTap",
@@ -59,7 +60,9 @@ __all__ = [
     "normalize_layer",
     "paper_layer",
     "pool_tokens",
+    "preset_geometry",
     "register_fusion",
+    "register_preset",
     "register_projector",
     "register_resampler",
     "resample_tokens",

@@ -29,10 +29,7 @@ import torch
 
 from mmconnect.config import ConnectorConfig
 from mmconnect.connector import DenseConnector
-from mmconnect.presets import list_presets
-
-#: Token grid of each preset's native encoder (CLIP-L/336: 24x24, SigLIP-SO400M/384: 27x27).
-_NATIVE_GRIDS = {24: (24, 24), 27: (27, 27)}
+from mmconnect.presets import list_presets, preset_geometry
 
 
 def _describe_layers(connector: DenseConnector) -> str:
@@ -51,7 +48,7 @@ def presets_table() -> str:
         config = ConnectorConfig.from_preset(name)
         with torch.device("meta"):  # bookkeeping only: no weights are allocated
             connector = DenseConnector(config)
-        grid = _NATIVE_GRIDS[config.num_layers]
+        grid = preset_geometry(name).grid  # the preset's own encoder, not a guess from its depth
         rows.append(
             (
                 name,

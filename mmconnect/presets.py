@@ -17,11 +17,136 @@ dc-dci-siglip-so400m           dci       [F, mean H[0..12], mean H[13..25]] (345
 
 Every preset projects with ``mlp2x_gelu`` to ``llm_dim=4096`` (Vicuna-7B). Override
 ``vision_dim``, ``llm_dim`` (and anything else) to run a preset on a tiny encoder of the same depth.
+
+Each preset is registered with the geometry of the encoder it was made for
+(:class:`EncoderGeometry`: image size, patch size, depth, prefix tokens, width), so tools read a
+preset's native token grid from :func:`preset_geometry` instead of guessing it from the depth.
+:func:`register_preset` adds presets; names are unique.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
+
+from mmconnect.config import ConnectorConfig
+
+
+def _positive(value: Any, argument: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{argument} must be a positive int, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True, kw_only=True)
+class EncoderGeometry:
+    """The vision encoder a preset is made for.
+
+    Attributes:
+        image_size: input side in pixels, or ``(height, width)``.
+        patch_size: patch side in pixels (the grid is ``image_size // patch_size`` per side, as a
+            stride-``patch_size`` convolution gives).
+        num_layers: the encoder's block count (the preset's ``num_layers``).
+        num_prefix_tokens: tokens before the patch tokens (1: CLIP's class token; 0: SigLIP).
+        width: the hidden-state width (the preset's ``vision_dim``).
+
+    Examples:
+        >>> EncoderGeometry(image_size=336, patch_size=14, num_layers=24, num_prefix_tokens=1,
+        ...                 width=1024).grid
+        (24, 24)
+    """
+
+    image_size: int | tuple[int, int]
+    patch_size: int
+    num_layers: int
+    num_prefix_tokens: int
+    width: int
+
+    def __post_init__(self) -> None:
+        size = self.image_size
+        if isinstance(size, list | tuple):
+            if len(size) != 2:
+                raise ValueError(
+                    f"image_size must be an int or a (height, width) pair, got {size!r}"
+                )
+            _positive(size[0], "image_size[0]")
+            _positive(size[1], "image_size[1]")
+            object.__setattr__(self, "image_size", (size[0], size[1]))
+        else:
+            _positive(size, "image_size")
+        for argument in ("patch_size", "num_layers", "width"):
+            _positive(getattr(self, argument), argument)
+        prefix = self.num_prefix_tokens
+        if isinstance(prefix, bool) or not isinstance(prefix, int) or prefix < 0:
+            raise ValueError(f"num_prefix_tokens must be an int >= 0, got {prefix!r}")
+        height, width = self._size()
+        if height < self.patch_size or width < self.patch_size:
+            raise ValueError(
+                f"image_size={self.image_size!r} is smaller than patch_size={self.patch_size}"
+            )
+
+    def _size(self) -> tuple[int, int]:
+        size = self.image_size
+        return (size, size) if isinstance(size, int) else size
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """The ``(height, width)`` patch-token grid at ``image_size``."""
+        height, width = self._size()
+        return height // self.patch_size, width // self.patch_size
+
+
+# Insertion order of registration; listing is sorted.
+_PRESETS: dict[str, tuple[dict[str, Any], EncoderGeometry]] = {}
+
+
+def register_preset(name: str, fields: Mapping[str, Any], *, geometry: EncoderGeometry) -> None:
+    """Register a preset: :class:`mmconnect.ConnectorConfig` fields and the encoder they fit.
+
+    Args:
+        name: the exact name :meth:`ConnectorConfig.from_preset` takes.
+        fields: every field of the config (validated now, as a config).
+        geometry: the encoder the preset is made for; its ``num_layers`` and ``width`` must
+            equal the fields' ``num_layers`` and ``vision_dim``.
+
+    Raises:
+        ValueError: ``name`` is empty or already registered, the fields make no valid config, or
+            the geometry disagrees with them.
+        TypeError: ``geometry`` is not an :class:`EncoderGeometry` or ``fields`` no mapping.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"preset name must be a non-empty string, got {name!r}")
+    if name in _PRESETS:
+        existing = _PRESETS[name][0]
+        raise ValueError(
+            f"a preset named {name!r} is already registered (fusion={existing.get('fusion')!r}, "
+            f"num_layers={existing.get('num_layers')}); pick another name"
+        )
+    if not isinstance(fields, Mapping):
+        raise TypeError(f"preset fields must be a mapping, got {type(fields).__name__}")
+    if not isinstance(geometry, EncoderGeometry):
+        raise TypeError(f"geometry must be an EncoderGeometry, got {type(geometry).__name__}")
+    try:
+        config = ConnectorConfig(**fields)
+    except (TypeError, ValueError) as error:
+        raise type(error)(f"preset {name!r}: {error}") from None
+    for config_field, geometry_field in (("num_layers", "num_layers"), ("vision_dim", "width")):
+        if getattr(config, config_field) != getattr(geometry, geometry_field):
+            raise ValueError(
+                f"preset {name!r}: {config_field}={getattr(config, config_field)} but its "
+                f"geometry says {geometry_field}={getattr(geometry, geometry_field)}"
+            )
+    _PRESETS[name] = (dict(fields), geometry)
+
+
+CLIP_L_336 = EncoderGeometry(
+    image_size=336, patch_size=14, num_layers=24, num_prefix_tokens=1, width=1024
+)
+# 27 blocks as the presets read them (see the note on final_layer below); no class token.
+SIGLIP_SO400M_384 = EncoderGeometry(
+    image_size=384, patch_size=14, num_layers=27, num_prefix_tokens=0, width=1152
+)
 
 _CLIP_L_336: dict[str, Any] = {
     "vision_dim": 1024,
@@ -39,36 +164,57 @@ _SIGLIP_SO400M: dict[str, Any] = {
 _STI = {"fusion": "sti", "layers": (7, 15), "sti_window": 8, "sti_pool": "raster"}
 _SCI = {"fusion": "sci", "layers": (7, 15)}
 
-_PRESETS: dict[str, dict[str, Any]] = {
-    "baseline-clip-l-336": {**_CLIP_L_336, "fusion": "none"},
-    "dc-sti-clip-l-336": {**_CLIP_L_336, **_STI},
-    "dc-sci-clip-l-336": {**_CLIP_L_336, **_SCI},
-    "dc-dci-clip-l-336": {
-        **_CLIP_L_336,
-        "fusion": "dci",
-        "groups": (tuple(range(0, 12)), tuple(range(12, 24))),
-    },
-    "dc-dci-clip-l-336-efficient": {
-        **_CLIP_L_336,
-        "fusion": "dci",
-        "groups": (tuple(range(0, 12)), tuple(range(12, 24))),
-        "resample_grid": (12, 12),
-        "resample_mode": "bilinear",
-        "resample_placement": "before_projector",
-    },
-    "dc-sti-siglip-so400m": {**_SIGLIP_SO400M, **_STI},
-    "dc-sci-siglip-so400m": {**_SIGLIP_SO400M, **_SCI},
-    "dc-dci-siglip-so400m": {
-        **_SIGLIP_SO400M,
-        "fusion": "dci",
-        "groups": (tuple(range(0, 13)), tuple(range(13, 26))),
-    },
-}
+_DCI_CLIP_GROUPS = (tuple(range(0, 12)), tuple(range(12, 24)))
+for _name, _fields, _geometry in (
+    ("baseline-clip-l-336", {**_CLIP_L_336, "fusion": "none"}, CLIP_L_336),
+    ("dc-sti-clip-l-336", {**_CLIP_L_336, **_STI}, CLIP_L_336),
+    ("dc-sci-clip-l-336", {**_CLIP_L_336, **_SCI}, CLIP_L_336),
+    ("dc-dci-clip-l-336", {**_CLIP_L_336, "fusion": "dci", "groups": _DCI_CLIP_GROUPS}, CLIP_L_336),
+    (
+        "dc-dci-clip-l-336-efficient",
+        {
+            **_CLIP_L_336,
+            "fusion": "dci",
+            "groups": _DCI_CLIP_GROUPS,
+            "resample_grid": (12, 12),
+            "resample_mode": "bilinear",
+            "resample_placement": "before_projector",
+        },
+        CLIP_L_336,
+    ),
+    ("dc-sti-siglip-so400m", {**_SIGLIP_SO400M, **_STI}, SIGLIP_SO400M_384),
+    ("dc-sci-siglip-so400m", {**_SIGLIP_SO400M, **_SCI}, SIGLIP_SO400M_384),
+    (
+        "dc-dci-siglip-so400m",
+        {**_SIGLIP_SO400M, "fusion": "dci", "groups": (tuple(range(0, 13)), tuple(range(13, 26)))},
+        SIGLIP_SO400M_384,
+    ),
+):
+    register_preset(_name, _fields, geometry=_geometry)
 
 
 def list_presets() -> list[str]:
-    """The names of the built-in presets, sorted."""
+    """The names of the registered presets (built-in and added), sorted."""
     return sorted(_PRESETS)
+
+
+def _entry(name: str) -> tuple[dict[str, Any], EncoderGeometry]:
+    if not isinstance(name, str) or name not in _PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(list_presets())}")
+    return _PRESETS[name]
+
+
+def preset_geometry(name: str) -> EncoderGeometry:
+    """The geometry of the encoder the preset ``name`` is made for.
+
+    Examples:
+        >>> preset_geometry("dc-sti-siglip-so400m").grid
+        (27, 27)
+
+    Raises:
+        ValueError: unknown name (the message lists the known ones).
+    """
+    return _entry(name)[1]
 
 
 def preset_fields(name: str) -> dict[str, Any]:
@@ -77,6 +223,4 @@ def preset_fields(name: str) -> dict[str, Any]:
     Raises:
         ValueError: unknown name (the message lists the known ones).
     """
-    if name not in _PRESETS:
-        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(list_presets())}")
-    return dict(_PRESETS[name])
+    return dict(_entry(name)[0])

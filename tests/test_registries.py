@@ -18,15 +18,20 @@ import mmconnect
 from mmconnect import (
     ConnectorConfig,
     DenseConnector,
+    EncoderGeometry,
     Fusion,
     list_fusions,
     list_resamplers,
+    preset_geometry,
     register_fusion,
+    register_preset,
     register_resampler,
     resample_tokens,
 )
 from mmconnect import fusion as fusion_module
+from mmconnect import presets as presets_module
 from mmconnect import resample as resample_module
+from mmconnect.cli import main
 from mmconnect.fusion import require_layer
 
 EXACT = {"atol": 0.0, "rtol": 0.0}
@@ -189,3 +194,89 @@ def test_resampler_returning_another_grid_is_an_error(isolated_resamplers):
     register_resampler("wrong", lambda maps, size: maps)
     with pytest.raises(RuntimeError, match=r"resample mode 'wrong' returned a \(4, 4\) grid, "):
         resample_tokens(torch.zeros(1, 16, 2), (4, 4), (2, 2), mode="wrong")
+
+
+# ---------------------------------------------------------------------------- presets
+
+
+@pytest.fixture
+def isolated_presets(monkeypatch):
+    monkeypatch.setattr(presets_module, "_PRESETS", dict(presets_module._PRESETS))
+
+
+CLIP = EncoderGeometry(
+    image_size=336, patch_size=14, num_layers=24, num_prefix_tokens=1, width=1024
+)
+SIGLIP = EncoderGeometry(
+    image_size=384, patch_size=14, num_layers=27, num_prefix_tokens=0, width=1152
+)
+#: A 12-block ViT-B/16 at 224 x 320 pixels: a depth and a grid no built-in preset has.
+VIT_B = EncoderGeometry(
+    image_size=(224, 320), patch_size=16, num_layers=12, num_prefix_tokens=1, width=768
+)
+VIT_B_FIELDS = {
+    "fusion": "sti",
+    "layers": (3, 7),
+    "vision_dim": 768,
+    "llm_dim": 2048,
+    "num_layers": 12,
+    "final_layer": -2,
+    "sti_window": 4,
+}
+
+
+@pytest.mark.parametrize("name", mmconnect.list_presets())
+def test_builtin_presets_carry_their_encoder_geometry(name):
+    expected = CLIP if "clip-l-336" in name else SIGLIP
+    assert preset_geometry(name) == expected
+    assert preset_geometry(name).num_layers == ConnectorConfig.from_preset(name).num_layers
+
+
+def test_encoder_geometry_grid_and_validation():
+    assert CLIP.grid == (24, 24)
+    assert SIGLIP.grid == (27, 27)  # 384 // 14, as the stride-14 patch convolution gives
+    assert VIT_B.grid == (14, 20)
+    with pytest.raises(ValueError, match="patch_size must be a positive int, got 0"):
+        EncoderGeometry(image_size=224, patch_size=0, num_layers=12, num_prefix_tokens=1, width=8)
+    with pytest.raises(ValueError, match=r"num_prefix_tokens must be an int >= 0, got -1"):
+        EncoderGeometry(image_size=224, patch_size=16, num_layers=12, num_prefix_tokens=-1, width=8)
+    with pytest.raises(ValueError, match=r"image_size=\(8, 224\) is smaller than patch_size=16"):
+        EncoderGeometry(
+            image_size=(8, 224), patch_size=16, num_layers=12, num_prefix_tokens=1, width=8
+        )
+
+
+def test_register_preset_refuses_duplicates_and_mismatches(isolated_presets):
+    with pytest.raises(
+        ValueError,
+        match=r"a preset named 'dc-sti-clip-l-336' is already registered \(fusion='sti', "
+        r"num_layers=24\); pick another name",
+    ):
+        register_preset("dc-sti-clip-l-336", VIT_B_FIELDS, geometry=VIT_B)
+    with pytest.raises(
+        ValueError, match=r"preset 'vit': num_layers=12 but its geometry says num_layers=24"
+    ):
+        register_preset("vit", VIT_B_FIELDS, geometry=CLIP)
+    with pytest.raises(
+        ValueError, match=r"preset 'vit': vision_dim=768 but its geometry says width=1152"
+    ):
+        register_preset("vit", {**VIT_B_FIELDS, "num_layers": 27}, geometry=SIGLIP)
+    with pytest.raises(ValueError, match=r"preset 'vit': fusion='sti' needs at least one index"):
+        register_preset("vit", {**VIT_B_FIELDS, "layers": ()}, geometry=VIT_B)
+    with pytest.raises(TypeError, match="geometry must be an EncoderGeometry, got tuple"):
+        register_preset("vit", VIT_B_FIELDS, geometry=(224, 16))
+    assert "vit" not in mmconnect.list_presets()
+    with pytest.raises(ValueError, match="unknown preset 'vit'; known presets: baseline-clip"):
+        preset_geometry("vit")
+
+
+def test_registered_preset_of_another_depth_is_listed_by_the_cli(isolated_presets, capsys):
+    register_preset("dc-sti-vit-b-16", VIT_B_FIELDS, geometry=VIT_B)
+    assert preset_geometry("dc-sti-vit-b-16") == VIT_B
+    assert ConnectorConfig.from_preset("dc-sti-vit-b-16").num_layers == 12
+    assert main(["presets"]) == 0  # a depth the CLI used to look up in a fixed table: KeyError
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[1:]}
+    assert sorted(rows) == mmconnect.list_presets()
+    # 14 x 20 = 280 tokens, plus two layers raster-pooled by 4: 2 * 70.
+    assert rows["dc-sti-vit-b-16"][-2:] == ["420", "768"]
+    assert rows["dc-sti-clip-l-336"][-2:] == ["720", "1024"]
