@@ -193,6 +193,33 @@ def _register_missing_helpers(tests: Path) -> None:
         setattr(parent, name, child)
 
 
+def _register_hub_fixture_shim(cache: Path) -> None:
+    """``test_processing_common`` imports ``url_to_local_path`` from transformers' ``utils/``
+    folder (not in the sdist), which maps the Hub URLs of its sample files to files downloaded
+    for CI. Tests have no network: an image URL maps to a synthetic RGB image written once into
+    the cache (seeded from the URL, 64 x 48 pixels), other URLs stay URLs (the video and audio
+    tests do not apply to image processors)."""
+    if "fetch_hub_objects_for_ci" in sys.modules:
+        return
+
+    def url_to_local_path(url: str) -> str:
+        name = url.rsplit("/", 1)[-1]
+        if not name.lower().endswith((".png", ".jpg", ".jpeg")):
+            return url
+        import numpy as np
+        from PIL import Image
+
+        path = cache / "synthetic-images" / name
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            seed = sum(url.encode())
+            pixels = np.random.default_rng(seed).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(path)
+        return str(path)
+
+    _module("fetch_hub_objects_for_ci", url_to_local_path=url_to_local_path)
+
+
 def load_upstream_tests() -> types.ModuleType:
     """Import the sdist's ``tests/`` folder as the package ``hf_upstream_tests``.
 
@@ -218,4 +245,5 @@ def load_upstream_tests() -> types.ModuleType:
         register_markers(_PYTEST_CONFIG, tuple(sorted(used)))
     package = _module(PACKAGE, __path__=[str(tests)])
     _register_missing_helpers(tests)
+    _register_hub_fixture_shim(cache_dir())
     return package
