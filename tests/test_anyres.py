@@ -7,6 +7,8 @@ device (token bookkeeping only, no weights allocated). No LLM is built here.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -23,6 +25,8 @@ from transformers import (
 from mmconnect import ConnectorConfig, DenseConnector
 from mmconnect.integrations.anyres import (
     anyres_token_count,
+    check_image_size,
+    check_image_sizes,
     check_pinpoints,
     crop_layout,
     pack_anyres,
@@ -324,3 +328,38 @@ def test_counts_refuse_bad_pinpoints(connectors):
         anyres_token_count(connectors["dc-sci-clip-l-336"], (700, 700), [[672, 700]], TILE, GRID)
     with pytest.raises(ValueError, match=r"\[672, 700\].*tile size 336"):
         tile_grid((700, 700), [[672, 700]], TILE)
+
+
+# ---------------------------------------------------------------------------- image size checks (issue 11)
+
+
+@pytest.mark.parametrize(
+    ("size", "shown"),
+    [
+        ((0, 0), "[0, 0]"),  # before: ZeroDivisionError in the tile choice
+        ((-5, 20), "[-5, 20]"),  # before: TypeError (no best resolution)
+        ((336,), "[336]"),
+        ((336.5, 336), "[336.5, 336]"),
+        ((True, 336), "[True, 336]"),
+    ],
+)
+def test_counts_refuse_sizes_that_are_not_image_sizes(connectors, size, shown):
+    message = (
+        f"image_size={shown} is not an image size: expected the original (height, width) in "
+        "pixels, two positive integers"
+    )
+    for call in (
+        lambda: anyres_token_count(connectors["dc-sci-clip-l-336"], size, PINPOINTS, TILE, GRID),
+        lambda: tile_grid(size, PINPOINTS, TILE),
+    ):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            call()
+
+
+def test_image_size_checks_accept_tensors_and_name_the_row():
+    assert check_image_size(torch.tensor([60, 150])) == (60, 150)
+    assert check_image_sizes(torch.tensor([[60, 150], [1, 1]])) == [(60, 150), (1, 1)]
+    with pytest.raises(ValueError, match=re.escape("image_sizes[1]=[0, 7] is not an image size")):
+        check_image_sizes(torch.tensor([[60, 150], [0, 7]]))
+    with pytest.raises(ValueError, match=re.escape("image_sizes must hold one original")):
+        check_image_sizes([])
