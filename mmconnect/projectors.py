@@ -37,7 +37,7 @@ class GridProjector(nn.Module):
 
     ``forward(tokens, grid)``: ``[B, h*w, in_dim]`` in raster order on the ``(h, w)`` grid ->
     ``[B, num_tokens(grid), out_dim]``, whose tokens form ``output_grid(grid)`` in raster order.
-    Subclasses implement :meth:`output_grid` and :meth:`forward`; :meth:`num_tokens` defaults to
+    Subclasses implement ``output_grid`` and ``forward``; ``num_tokens`` defaults to
     the output grid's area. The input is always a whole grid: a fusion whose tokens do not all
     form one (STI) cannot feed a grid projector.
     """

@@ -12,12 +12,26 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 PYTHON_BLOCK = re.compile(r"```python\n(.*?)```", re.DOTALL)
 
 
+@pytest.fixture
+def isolated_registries(monkeypatch):
+    """Pages register fusions, projectors and presets: keep them out of the other tests."""
+    from mmconnect import fusion, presets, projectors, resample
+
+    for module, name in (
+        (fusion, "_FUSIONS"),
+        (projectors, "_PROJECTORS"),
+        (resample, "_RESAMPLERS"),
+        (presets, "_PRESETS"),
+    ):
+        monkeypatch.setattr(module, name, dict(getattr(module, name)))
+
+
 @pytest.mark.parametrize(
     "page",
     [page for page in PAGES if PYTHON_BLOCK.search(page.read_text())],
     ids=lambda page: page.relative_to(ROOT).as_posix(),
 )
-def test_python_examples_run(page: Path, capsys):
+def test_python_examples_run(page: Path, capsys, isolated_registries):
     namespace: dict = {"__name__": f"docs_example_{page.stem}"}
     for block in PYTHON_BLOCK.findall(page.read_text()):
         exec(compile(block, str(page), "exec"), namespace)  # the page's blocks share one namespace
