@@ -149,19 +149,12 @@ def _settings(draw):
     return fusion, projector, draw(st.integers(1, 3)), resample, sti, grid
 
 
-@settings(
-    max_examples=150,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture],
-)
-@given(drawn=_settings(), seed=st.integers(0, 2**16))
-def test_forward_returns_the_declared_count_and_grid(toys, drawn, seed):
-    fusion, projector, vision_dim, resample, sti, grid = drawn
-    config = _config(fusion, projector, vision_dim, resample, sti)
+def _check_contract(config: ConnectorConfig, grid: tuple[int, int], seed: int) -> None:
+    """``forward`` returns what ``num_tokens`` / ``token_grid`` declare, or both refuse alike."""
     torch.manual_seed(seed)
     connector = DenseConnector(config)
     features = {
-        layer: _randn(seed + layer, 2, grid[0] * grid[1], vision_dim)
+        layer: _randn(seed + layer, 2, grid[0] * grid[1], config.vision_dim)
         for layer in range(NUM_LAYERS + 1)
     }
     try:
@@ -178,10 +171,40 @@ def test_forward_returns_the_declared_count_and_grid(toys, drawn, seed):
     lead = connector.token_grid(grid)
     extra = connector.extra_tokens(grid)
     assert lead[0] * lead[1] + extra == declared
-    assert extra == (declared - grid[0] * grid[1] if fusion == "sti" else 0)
+    assert extra == (declared - grid[0] * grid[1] if config.fusion == "sti" else 0)
     # The config-only helpers processors use answer the same.
     assert count_output_tokens(config, grid) == declared
     assert output_token_grid(config, grid) == lead
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(drawn=_settings(), seed=st.integers(0, 2**16))
+def test_forward_returns_the_declared_count_and_grid(toys, drawn, seed):
+    fusion, projector, vision_dim, resample, sti, grid = drawn
+    _check_contract(_config(fusion, projector, vision_dim, resample, sti), grid, seed)
+
+
+def test_every_registered_combination_keeps_the_contract(toys):
+    """Exhaustively, beside the sampled property: every fusion x projector x resample setting
+    (none, or each mode before / after the projector) on one square and one non-square grid."""
+    resamples = [None] + [
+        ((2, 3), mode, placement)
+        for mode in list_resamplers()
+        for placement in ("before_projector", "after_projector")
+    ]
+    checked = 0
+    for fusion in list_fusions():
+        for projector in list_projectors():
+            for resample in resamples if fusion != "sti" else [None]:
+                config = _config(fusion, projector, 2, resample, (2, "raster"))
+                for grid in ((4, 4), (4, 6)):
+                    _check_contract(config, grid, seed=checked)
+                    checked += 1
+    assert checked == 2 * len(list_projectors()) * (4 * len(resamples) + 1)
 
 
 @settings(max_examples=40, deadline=None)
