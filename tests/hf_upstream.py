@@ -132,7 +132,12 @@ def sdist_tests_dir(version: str | None = None) -> Path:
         members = [m for m in handle.getmembers() if m.name.startswith(prefix)]
         if not members:
             raise UpstreamUnavailable(f"{archive.name} holds no tests/ folder")
-        handle.extractall(cache, members=members, filter="data")
+        if any(m.name.startswith("/") or ".." in m.name.split("/") for m in members):
+            raise UpstreamUnavailable(f"{archive.name} holds paths outside its folder")
+        try:
+            handle.extractall(cache, members=members, filter="data")
+        except TypeError:  # Python before 3.10.12 / 3.11.4 has no extraction filters
+            handle.extractall(cache, members=members)
     _mark_package(tests)
     return tests
 
