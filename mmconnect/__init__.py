@@ -24,6 +24,7 @@ from mmconnect.fusion import (
 from mmconnect.layers import normalize_layer, paper_layer
 from mmconnect.presets import EncoderGeometry, list_presets, preset_geometry, register_preset
 from mmconnect.projectors import (
+    GridProjector,
     build_projector,
     list_projectors,
     load_projector_weights,
@@ -45,6 +46,7 @@ __all__ = [
     "EncoderBlocks",
     "EncoderGeometry",
     "Fusion",
+    "GridProjector",
     "LayerFeatures",
     "MultiLayerFeatureTap",
     "TokenResampler",
