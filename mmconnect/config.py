@@ -101,7 +101,12 @@ class ConnectorConfig:
     format_version: int = field(default=FORMAT_VERSION)
 
     def __post_init__(self) -> None:
-        _choice(self.fusion, "fusion", tuple(list_fusions()))
+        if self.fusion not in list_fusions():
+            # A config saved with a user's fusion loads only once that fusion is registered again.
+            raise ValueError(
+                f"fusion must be one of {tuple(list_fusions())}, got {self.fusion!r}; a new fusion "
+                "is registered with mmconnect.register_fusion before a config names it"
+            )
         for argument in ("vision_dim", "llm_dim", "num_layers", "sti_window"):
             _positive_int(getattr(self, argument), argument)
         if self.format_version != FORMAT_VERSION:
@@ -125,14 +130,20 @@ class ConnectorConfig:
                 f"layers contains the final layer {final} (final_layer={self.final_layer}); list only the extra layers"
             )
         _choice(self.sti_pool, "sti_pool", STI_POOL_MODES)
-        check_resample_mode(self.resample_mode, argument="resample_mode")
+        try:
+            check_resample_mode(self.resample_mode, argument="resample_mode")
+        except ValueError as error:
+            raise ValueError(
+                f"{error}; a new mode is registered with mmconnect.register_resampler first"
+            ) from None
         _choice(self.resample_placement, "resample_placement", PLACEMENTS)
         if self.resample_grid is not None:
             grid = check_target_grid(self.resample_grid, argument="resample_grid")
             object.__setattr__(self, "resample_grid", grid)
         if self.projector not in list_projectors():
             raise ValueError(
-                f"unknown projector {self.projector!r}; known projectors: {', '.join(list_projectors())}"
+                f"unknown projector {self.projector!r}; known projectors: "
+                f"{', '.join(list_projectors())} (register one with mmconnect.register_projector)"
             )
         parse_dtype(self.accumulate_dtype)
         # The fusion's own rules (which of layers= / groups= it reads, whether its tokens can be

@@ -109,15 +109,25 @@ def test_register_fusion_refuses_user_duplicates_and_bad_arguments(isolated_fusi
 
 
 def test_user_fusion_is_accepted_by_the_config_and_runs(isolated_fusions):
-    with pytest.raises(ValueError, match=r"fusion must be one of \('none', 'sti', 'sci', 'dci'\)"):
+    unregistered = (
+        r"fusion must be one of \('none', 'sti', 'sci', 'dci'\), got 'difference'; a new fusion "
+        r"is registered with mmconnect.register_fusion before a config names it"
+    )
+    with pytest.raises(ValueError, match=unregistered):
         ConnectorConfig(fusion="difference", layers=(1,), **BASE)
     register_fusion("difference", _build_difference, check=_check_difference)
     config = ConnectorConfig(fusion="difference", layers=(1,), **BASE)
     # The fusion's own check runs while the config validates itself.
     with pytest.raises(ValueError, match=r"fusion='difference' reads exactly one extra layer"):
         ConnectorConfig(fusion="difference", layers=(1, 2), **BASE)
-    # Saved and read back like a built-in (the JSON format is unchanged).
+    # Saved and read back like a built-in (the JSON format is unchanged) ...
     assert ConnectorConfig.from_dict(config.to_dict()) == config
+    # ... and read in a process that has not registered it: the error says what to do.
+    registered = dict(fusion_module._FUSIONS)
+    del fusion_module._FUSIONS["difference"]
+    with pytest.raises(ValueError, match=unregistered):
+        ConnectorConfig.from_dict(config.to_dict())
+    fusion_module._FUSIONS.update(registered)
 
     torch.manual_seed(0)
     connector = DenseConnector(config)
@@ -164,7 +174,9 @@ def _nearest(maps: Tensor, size: tuple[int, int]) -> Tensor:
 
 def test_user_resampler_is_accepted_by_the_config_and_runs(isolated_resamplers):
     with pytest.raises(
-        ValueError, match=r"resample_mode must be one of \('bilinear', 'avg', 'max'\)"
+        ValueError,
+        match=r"resample_mode must be one of \('bilinear', 'avg', 'max'\), got 'nearest'; "
+        r"a new mode is registered with mmconnect.register_resampler first",
     ):
         ConnectorConfig(fusion="none", resample_grid=(2, 2), resample_mode="nearest", **BASE)
     register_resampler("nearest", _nearest, enlarges=True)
