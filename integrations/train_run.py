@@ -498,8 +498,11 @@ def run_training(run: TrainRun) -> dict[str, Any]:
         claim_output_folder(
             config.output_dir, tool="train", overwrite=run.overwrite, option="stage folder"
         )
-        result = train_stage(model, dataset, DataCollator.from_tokenizer(tokenizer), config)
-        processor.save_pretrained(config.output_dir)
+        # The processor is saved in the stage's atomic save: the folder never pairs a new
+        # model with an old processor.
+        result = train_stage(
+            model, dataset, DataCollator.from_tokenizer(tokenizer), config, processor=processor
+        )
         model = result.model
         results[stage] = {"losses": result.losses, "output_dir": str(result.output_dir)}
     return results

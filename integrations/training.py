@@ -148,6 +148,11 @@ class StageConfig:
             if self.save_steps
             else {"save_strategy": "no"}
         )
+        extra = dict(self.extra_training_arguments)
+        if self.bf16 and not _accelerator_available():
+            # The Trainer refuses bf16 without an accelerator unless told to train on the CPU,
+            # where bf16 autocast works (a CPU smoke run of a GPU recipe keeps bf16=True).
+            extra.setdefault("use_cpu", True)
         return TrainingArguments(
             output_dir=self.output_dir,
             learning_rate=self.rates[0],
@@ -170,7 +175,7 @@ class StageConfig:
             remove_unused_columns=False,  # pixel_values are not in the LLM's signature
             report_to=[],
             **save,
-            **self.extra_training_arguments,
+            **extra,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -179,6 +184,14 @@ class StageConfig:
 
 
 # ---------------------------------------------------------------------------- freezing
+
+
+def _accelerator_available() -> bool:
+    """Whether torch sees a CUDA (or other) accelerator the Trainer could use."""
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    if accelerator is not None:
+        return bool(accelerator.is_available())
+    return torch.cuda.is_available()
 
 
 def _dense_model(model: nn.Module) -> nn.Module:

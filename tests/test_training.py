@@ -341,6 +341,22 @@ def test_resuming_from_a_checkpoint_of_another_connector_config_is_refused(tmp_p
         )
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without an accelerator")
+def test_bf16_without_an_accelerator_trains_on_the_cpu(tmp_path):
+    """transformers refuses ``bf16=True`` without an accelerator unless ``use_cpu`` is set."""
+    stage = StageConfig(stage="align", output_dir=str(tmp_path), bf16=True)
+    arguments = stage.training_arguments()
+    assert arguments.bf16 and arguments.use_cpu
+    kept = StageConfig(
+        stage="align",
+        output_dir=str(tmp_path),
+        bf16=True,
+        extra_training_arguments={"use_cpu": False, "logging_first_step": True},
+    )
+    with pytest.raises(ValueError, match="use_cpu"):  # the caller's explicit False is kept
+        kept.training_arguments()
+
+
 def test_bad_stage_arguments(tmp_path):
     with pytest.raises(ValueError, match="stage must be 'align' or 'instruct'"):
         StageConfig(stage="pretrain", output_dir=str(tmp_path))
