@@ -1,6 +1,6 @@
 """LLM prefill latency vs the number of visual tokens: efficient Dense Connector (144) vs 576.
 
-The efficient Dense Connector (REFERENCE.md section 5) resizes the fused 24x24 grid to 12x12 and
+The efficient Dense Connector (docs/concepts.md, Efficient Dense Connector) resizes the fused 24x24 grid to 12x12 and
 hands the LLM 144 visual tokens instead of LLaVA-1.5's 576; STI hands it 720 (576 + 144 from its
 extra layers). What that buys is in the LLM, so this suite times the LLM's prefill alone:
 

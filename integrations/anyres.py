@@ -9,7 +9,7 @@ the image's aspect ratio, and a learned newline token ends each row. STI's poole
 grid: they are appended after packing, base first, then the tiles in row-major order.
 
 Token count: ``h*w + H'*(W'+1) + extra * (1 + tiles)`` where ``H' x W'`` is the unpadded map
-(REFERENCE: 672x672 -> 2928, 1920x1080 -> 1948 for a 24x24 grid).
+(672x672 -> 2928, 1920x1080 -> 1948 for a 24x24 grid; see docs/llava-next.md, Token bookkeeping).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The pieces, in the order data flows through them:
 
-* :func:`load_llava_json` reads the LLaVA JSON format (REFERENCE.md section 9) into
+* :func:`load_llava_json` reads the LLaVA JSON format (docs/training.md, Data format) into
   :class:`LlavaRecord` objects and refuses anything that is not in that format, naming the record.
 * :class:`ChatTemplate` renders a conversation as text segments, each marked supervised or not;
   four are registered (:func:`get_template`, :func:`list_templates`): ``plain`` (LLaVA stage 1),

@@ -1,7 +1,7 @@
 """``mmconnect lab``: the connectors side by side on a CPU, over seeds.
 
-The CPU-scale analogue of the Dense Connector paper's Tables 1 and 3 (REFERENCE sections 2, 5,
-11). One run:
+The CPU-scale analogue of the Dense Connector paper's Tables 1 and 3 (the presets and the
+efficient Dense Connector of docs/concepts.md; the paper's figures in docs/lab.md). One run:
 
 1. writes the synthetic VQA data set (:mod:`mmconnect.integrations.synthetic`) and its word
    tokenizer, once;

@@ -1,6 +1,6 @@
 """Mini-Gemini's dual-encoder vision path with patch info mining, and the Dense Connector in it.
 
-REFERENCE section 8, re-derived:
+Mini-Gemini's path as docs/mini-gemini.md (The vision path) states it, re-derived:
 
 * the high-resolution (HR) image goes through a ConvNeXt (timm, or open_clip's timm trunk): stem
   and four stages; stages 2-4 are bilinearly upsampled to stage 1's size and all four are

@@ -9,7 +9,7 @@ deterministic by seed; the held-out split is disjoint from training by construct
 to eval or train by a hash of its layout (cells, colours, shapes, sizes; not the jitter), so no
 evaluation image repeats a training layout, whatever the seed or the split sizes.
 
-Layout written by :func:`write_synthetic_vqa` (LLaVA JSON, REFERENCE.md section 9; the ``image``
+Layout written by :func:`write_synthetic_vqa` (LLaVA JSON, see docs/training.md, Data format; the ``image``
 paths are relative to ``output_dir``, which is LLaVA's ``image_folder``)::
 
     output_dir/

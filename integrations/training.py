@@ -1,6 +1,6 @@
 """Two-stage training of a Dense Connector MLLM on the Hugging Face Trainer.
 
-The LLaVA-1.5 / Dense Connector recipe (REFERENCE section 9):
+The LLaVA-1.5 / Dense Connector recipe (docs/training.md):
 
 * stage 1, ``"align"``: vision tower and LLM frozen, the connector trains (lr 1e-3, cosine,
   warm-up 3 %, no weight decay);

@@ -4,7 +4,7 @@ An image MLLM answers questions about a video without video training: sample ``T
 send each through the normal image path (tower -> tap -> Dense Connector -> projector), pool the
 frames' tokens over time and put them all where one ``<image>`` placeholder stands.
 
-* :func:`sample_frame_indices` picks the frames exactly as FreeVA does (REFERENCE.md section 10):
+* :func:`sample_frame_indices` picks the frames exactly as FreeVA does (see docs/video.md, Frame sampling):
   ``T = min(total_frames, num_frames)``, ``seg = (total_frames - 1) / T`` and frame ``i`` is
   ``(round(seg * i) + round(seg * (i + 1))) // 2`` with round-half-to-even. Asking for more frames
   than the video has is not an error: ``T`` is clamped to the video's length.
@@ -120,7 +120,7 @@ def _inapplicable(pooling: str, tokens_per_frame: int, grid: tuple[int, int] | N
 
 
 def sample_frame_indices(total_frames: int, num_frames: int) -> list[int]:
-    """FreeVA's frame indices: the midpoints of ``T`` equal segments (REFERENCE.md section 10).
+    """FreeVA's frame indices: the midpoints of ``T`` equal segments (docs/video.md, Frame sampling).
 
     ``T = min(total_frames, num_frames)``, ``seg = (total_frames - 1) / T``; frame ``i`` is
     ``(round(seg * i) + round(seg * (i + 1))) // 2``, rounding half to even (as ``numpy.round``;

@@ -1,5 +1,5 @@
 """LLaVA-NeXT AnyRes bookkeeping (:mod:`mmconnect.integrations.anyres`): tile grids, token counts
-against REFERENCE section 7 and HF's own processor, packing layout, pinpoint validation.
+against the published ones (docs/llava-next.md, Token bookkeeping) and HF's own processor, packing layout, pinpoint validation.
 
 Connectors are the CLIP-L/336 presets at their real widths and 24 x 24 grid, built on the meta
 device (token bookkeeping only, no weights allocated). No LLM is built here.
@@ -37,8 +37,8 @@ from mmconnect.integrations.anyres import (
 PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 TILE, PATCH = 336, 14
 GRID = (24, 24)
-#: (height, width) -> tokens for SCI / DCI (REFERENCE section 7) and tiles (rows, columns).
-REFERENCE_COUNTS = {(672, 672): 2928, (1080, 1920): 1948, (336, 336): 1176}
+#: (height, width) -> tokens for SCI / DCI (docs/llava-next.md, Token bookkeeping) and tiles (rows, columns).
+PUBLISHED_COUNTS = {(672, 672): 2928, (1080, 1920): 1948, (336, 336): 1176}
 TILES = {(672, 672): (2, 2), (1080, 1920): (2, 2), (336, 336): (1, 2), (1008, 336): (3, 1)}
 #: Aspect ratios from square to extreme (one pixel high / wide), ``(height, width)``.
 SIZES = [
@@ -130,7 +130,7 @@ def test_processor_tiles_are_row_major(hf_processor):
 
 
 @pytest.mark.parametrize("preset", ["dc-sci-clip-l-336", "dc-dci-clip-l-336"])
-@pytest.mark.parametrize(("size", "expected"), sorted(REFERENCE_COUNTS.items()))
+@pytest.mark.parametrize(("size", "expected"), sorted(PUBLISHED_COUNTS.items()))
 def test_reference_counts_sci_dci(connectors, preset, size, expected):
     assert _count(connectors[preset], size) == expected
 

@@ -1,4 +1,4 @@
-"""``ConnectorConfig``: validation, serialisation, presets (REFERENCE.md sections 2, 3 and 5)."""
+"""``ConnectorConfig``: validation, serialisation, presets (docs/concepts.md, Presets)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ SCI = {"fusion": "sci", "layers": (7, 15)}
 CLIP_GROUPS = (tuple(range(0, 12)), tuple(range(12, 24)))  # H[0..11], H[12..23]
 SIGLIP_GROUPS = (tuple(range(0, 13)), tuple(range(13, 26)))  # H[0..12], H[13..25]
 
-#: Every preset written out from REFERENCE.md, field by field (defaults spelled out too).
+#: Every preset written out from docs/concepts.md (Presets), field by field (defaults spelled out too).
 EXPECTED_PRESETS = {
     "baseline-clip-l-336": {**CLIP, "fusion": "none"},
     "dc-sti-clip-l-336": {**CLIP, **STI},

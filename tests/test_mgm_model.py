@@ -87,7 +87,7 @@ def prompt(image_tokens: int, count: int = 1) -> torch.Tensor:
 
 
 def mined(model, lr_view: torch.Tensor, hr_map: torch.Tensor) -> torch.Tensor:
-    """One view by hand: CLIP H[-2] without CLS, the REFERENCE mining formula, the projector."""
+    """One view by hand: CLIP H[-2] without CLS, the mining formula of docs/mini-gemini.md, the projector."""
     inner = model.model
     states = inner.vision_tower(lr_view, output_hidden_states=True).hidden_states
     tokens = states[-2][0, 1:]  # [576, C]

@@ -1,6 +1,6 @@
 """Projectors: the registry, the module layouts, and loading official LLaVA / HF LLaVA weights.
 
-REFERENCE.md section 4: ``mlp2x_gelu`` is ``Linear -> GELU (exact erf) -> Linear`` with keys
+docs/concepts.md, The projector: ``mlp2x_gelu`` is ``Linear -> GELU (exact erf) -> Linear`` with keys
 ``model.mm_projector.{0,2}.{weight,bias}`` in an official ``mm_projector.bin``; HF's
 ``LlavaMultiModalProjector`` is the same shape with keys ``linear_1`` / ``linear_2``.
 """

@@ -1,8 +1,9 @@
-"""Parity of every preset with REFERENCE.md sections 2 and 3 (the official Dense Connector code).
+"""Parity of every preset with the official Dense Connector code's semantics (docs/concepts.md,
+Fusion ops and Presets).
 
 Tiny encoders of the real depth and token grid (CLIP-L/336: 24 blocks, 336 px / patch 14, CLS;
 SigLIP-SO400M/384: 27 blocks, 384 px / patch 14, no CLS) with narrow widths. Expected values are
-computed here from HF ``hidden_states`` with plain torch, written out the way REFERENCE.md states
+computed here from HF ``hidden_states`` with plain torch, written out the way docs/concepts.md states
 them, independently of mmconnect's fusion code.
 """
 
@@ -51,7 +52,7 @@ def _encoder_and_states(family: str):
 
 
 def _expected_fused(preset: str, h: list[torch.Tensor]) -> torch.Tensor:
-    """REFERENCE sections 2, 3 and 5, written out literally."""
+    """docs/concepts.md (Fusion ops, Presets, Efficient Dense Connector), written out literally."""
     clip = "clip" in preset
     final = h[23] if clip else h[26]
     if preset.startswith("baseline"):
@@ -76,7 +77,7 @@ def _expected_fused(preset: str, h: list[torch.Tensor]) -> torch.Tensor:
     return fused
 
 
-# (encoder family, preset, output tokens, fused channels): REFERENCE sections 2, 3 and 5.
+# (encoder family, preset, output tokens, fused channels): docs/concepts.md, Presets.
 CASES = [
     ("clip", "baseline-clip-l-336", 576, WIDTH),
     ("clip", "dc-sti-clip-l-336", 720, WIDTH),
@@ -107,7 +108,7 @@ def test_preset_matches_reference(family, preset, tokens, channels, streaming):
     assert fused.shape == (2, tokens, channels) == expected.shape
     torch.testing.assert_close(fused, expected, atol=1e-6, rtol=1e-6)
 
-    # REFERENCE section 4: Linear -> exact-erf GELU -> Linear, both with bias.
+    # docs/concepts.md, The projector: Linear -> exact-erf GELU -> Linear, both with bias.
     first, second = connector.projector[0], connector.projector[2]
     projected = F.linear(
         F.gelu(F.linear(expected, first.weight, first.bias)), second.weight, second.bias

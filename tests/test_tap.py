@@ -2,7 +2,7 @@
 discovery, early exit, hook hygiene, streaming group means, gradients and argument checking.
 
 Reference values come from the encoders themselves: HF ``output_hidden_states=True``, timm and
-open_clip ``forward_intermediates`` (block ``i`` == layer ``i + 1``, see REFERENCE.md section 1).
+open_clip ``forward_intermediates`` (block ``i`` == layer ``i + 1``, see docs/concepts.md, Layer indices).
 All encoders are tiny random models from ``conftest.py``; values must match exactly in fp32.
 """
 

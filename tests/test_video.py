@@ -26,7 +26,7 @@ CLIP, SIGLIP = (24, 24), (27, 27)
 
 
 def numpy_reference(total: int, num: int) -> list[int]:
-    """REFERENCE.md section 10 written with numpy's round-half-to-even (vectorised)."""
+    """FreeVA's rule (docs/video.md, Frame sampling) written with numpy's round-half-to-even (vectorised)."""
     count = min(total, num)
     segment = float(total - 1) / count
     steps = np.arange(count + 1, dtype=np.float64)
