@@ -50,6 +50,8 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from mmconnect.registry import Registry
+
 #: Label of positions that carry no loss (PyTorch's ``cross_entropy`` default ``ignore_index``).
 IGNORE_INDEX = -100
 #: The image placeholder in LLaVA JSON human turns.
@@ -440,7 +442,9 @@ class ChatTemplate:
         return "".join(segment.text for segment in self.segments(turns))
 
 
-_TEMPLATES: dict[str, ChatTemplate] = {}
+_TEMPLATES: Registry[ChatTemplate] = Registry(
+    "chat template", describe=lambda template: f"{type(template).__name__} {template.name!r}"
+)
 
 
 def register_template(template: ChatTemplate) -> None:
@@ -451,9 +455,7 @@ def register_template(template: ChatTemplate) -> None:
     """
     if not isinstance(template, ChatTemplate):
         raise TypeError(f"template must be a ChatTemplate, got {type(template).__name__}")
-    if template.name in _TEMPLATES:
-        raise ValueError(f"a chat template named {template.name!r} is already registered")
-    _TEMPLATES[template.name] = template
+    _TEMPLATES.register(template.name, template)
 
 
 def list_templates() -> list[str]:

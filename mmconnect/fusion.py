@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from mmconnect.features import LayerFeatures, check_grid
 from mmconnect.layers import normalize_groups, normalize_layer, normalize_layers
+from mmconnect.registry import Registry, describe_callable
 
 if TYPE_CHECKING:  # the config module imports this one: no import at run time
     from mmconnect.config import ConnectorConfig
@@ -343,7 +344,9 @@ FusionBuilder = Callable[["ConnectorConfig"], Fusion]
 #: ``check(config)``: raises ``ValueError`` for field combinations the fusion cannot use.
 FusionCheck = Callable[["ConnectorConfig"], None]
 # Insertion order is the listing order: the published fusions in the paper's order, then users'.
-_FUSIONS: dict[str, tuple[FusionBuilder, FusionCheck | None]] = {}
+_FUSIONS: Registry[tuple[FusionBuilder, FusionCheck | None]] = Registry(
+    "fusion", describe=lambda entry: f"builder {describe_callable(entry[0])}"
+)
 
 
 def register_fusion(name: str, builder: FusionBuilder, *, check: FusionCheck | None = None) -> None:
@@ -362,24 +365,18 @@ def register_fusion(name: str, builder: FusionBuilder, *, check: FusionCheck | N
         ValueError: ``name`` is empty or already registered (registries never silently replace).
         TypeError: ``builder`` or ``check`` is not callable.
     """
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"fusion name must be a non-empty string, got {name!r}")
-    if name in _FUSIONS:
-        raise ValueError(
-            f"a fusion named {name!r} is already registered (builder "
-            f"{_describe(_FUSIONS[name][0])}); pick another name"
-        )
+    _FUSIONS.check_available(name)
     if not callable(builder):
         raise TypeError(f"fusion builder must be callable, got {type(builder).__name__}")
     if check is not None and not callable(check):
         raise TypeError(f"fusion check must be callable or None, got {type(check).__name__}")
-    _FUSIONS[name] = (builder, check)
+    _FUSIONS.register(name, (builder, check))
 
 
 def list_fusions() -> list[str]:
     """The registered fusion names: the published ``none``, ``sti``, ``sci``, ``dci``, then
     user registrations in the order they were made."""
-    return list(_FUSIONS)
+    return _FUSIONS.names()
 
 
 def check_fusion_config(config: ConnectorConfig) -> None:
@@ -390,7 +387,7 @@ def check_fusion_config(config: ConnectorConfig) -> None:
             combination the fusion refuses.
     """
     if config.fusion not in _FUSIONS:
-        raise ValueError(f"fusion must be one of {tuple(_FUSIONS)}, got {config.fusion!r}")
+        raise ValueError(f"fusion must be one of {tuple(_FUSIONS.names())}, got {config.fusion!r}")
     check = _FUSIONS[config.fusion][1]
     if check is not None:
         check(config)
@@ -404,7 +401,7 @@ def build_fusion(config: ConnectorConfig) -> Fusion:
         TypeError: the registered builder did not return a :class:`Fusion`.
     """
     if config.fusion not in _FUSIONS:
-        raise ValueError(f"fusion must be one of {tuple(_FUSIONS)}, got {config.fusion!r}")
+        raise ValueError(f"fusion must be one of {tuple(_FUSIONS.names())}, got {config.fusion!r}")
     fusion = _FUSIONS[config.fusion][0](config)
     if not isinstance(fusion, Fusion):
         # The connector relies on the Fusion bookkeeping (layers, widths, token contract).
@@ -413,12 +410,6 @@ def build_fusion(config: ConnectorConfig) -> Fusion:
             "expected a mmconnect.fusion.Fusion"
         )
     return fusion
-
-
-def _describe(builder: Callable) -> str:
-    module = getattr(builder, "__module__", None)
-    name = getattr(builder, "__qualname__", None)
-    return f"{module}.{name}" if module and name else repr(builder)
 
 
 def _final_and_layers(config: ConnectorConfig) -> tuple[int, tuple[int, ...]]:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mmconnect.config import ConnectorConfig
+from mmconnect.registry import Registry
 
 
 def _positive(value: Any, argument: str) -> int:
@@ -98,7 +99,12 @@ class EncoderGeometry:
 
 
 # Insertion order of registration; listing is sorted.
-_PRESETS: dict[str, tuple[dict[str, Any], EncoderGeometry]] = {}
+_PRESETS: Registry[tuple[dict[str, Any], EncoderGeometry]] = Registry(
+    "preset",
+    describe=lambda entry: (
+        f"fusion={entry[0].get('fusion')!r}, num_layers={entry[0].get('num_layers')}"
+    ),
+)
 
 
 def register_preset(name: str, fields: Mapping[str, Any], *, geometry: EncoderGeometry) -> None:
@@ -115,14 +121,7 @@ def register_preset(name: str, fields: Mapping[str, Any], *, geometry: EncoderGe
             the geometry disagrees with them.
         TypeError: ``geometry`` is not an :class:`EncoderGeometry` or ``fields`` no mapping.
     """
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"preset name must be a non-empty string, got {name!r}")
-    if name in _PRESETS:
-        existing = _PRESETS[name][0]
-        raise ValueError(
-            f"a preset named {name!r} is already registered (fusion={existing.get('fusion')!r}, "
-            f"num_layers={existing.get('num_layers')}); pick another name"
-        )
+    _PRESETS.check_available(name)
     if not isinstance(fields, Mapping):
         raise TypeError(f"preset fields must be a mapping, got {type(fields).__name__}")
     if not isinstance(geometry, EncoderGeometry):
@@ -137,7 +136,7 @@ def register_preset(name: str, fields: Mapping[str, Any], *, geometry: EncoderGe
                 f"preset {name!r}: {config_field}={getattr(config, config_field)} but its "
                 f"geometry says {geometry_field}={getattr(geometry, geometry_field)}"
             )
-    _PRESETS[name] = (dict(fields), geometry)
+    _PRESETS.register(name, (dict(fields), geometry))
 
 
 CLIP_L_336 = EncoderGeometry(

@@ -27,9 +27,12 @@ from pathlib import Path
 from torch import Tensor, nn
 
 from mmconnect.checkpoint import read_state_dict
+from mmconnect.registry import Registry, describe_callable
 
 ProjectorBuilder = Callable[[int, int], nn.Module]
-_PROJECTORS: dict[str, ProjectorBuilder] = {}
+_PROJECTORS: Registry[ProjectorBuilder] = Registry(
+    "projector", describe=lambda builder: f"builder {describe_callable(builder)}"
+)
 
 
 class GridProjector(nn.Module):
@@ -65,25 +68,10 @@ def register_projector(name: str, builder: ProjectorBuilder) -> None:
         ValueError: ``name`` is already registered (registries never silently replace).
         TypeError: ``builder`` is not callable.
     """
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"projector name must be a non-empty string, got {name!r}")
-    if name in _PROJECTORS:
-        raise ValueError(
-            f"a projector named {name!r} is already registered (builder "
-            f"{_describe(_PROJECTORS[name])}); pick another name"
-        )
+    _PROJECTORS.check_available(name)
     if not callable(builder):
         raise TypeError(f"projector builder must be callable, got {type(builder).__name__}")
-    _PROJECTORS[name] = builder
-
-
-def _describe(builder: Callable) -> str:
-    if isinstance(builder, partial):
-        keywords = ", ".join(f"{key}={value!r}" for key, value in builder.keywords.items())
-        return f"{_describe(builder.func)}({keywords})"
-    module = getattr(builder, "__module__", None)
-    name = getattr(builder, "__qualname__", None)
-    return f"{module}.{name}" if module and name else repr(builder)
+    _PROJECTORS.register(name, builder)
 
 
 def list_projectors() -> list[str]:

@@ -20,6 +20,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from mmconnect.features import check_grid
+from mmconnect.registry import Registry
 
 #: A registered resample mode name (``"bilinear"``, ``"avg"``, ``"max"`` or a user's).
 ResampleMode = str
@@ -34,7 +35,9 @@ class _Resampler:
 
 
 # Insertion order is the listing order (the paper's bilinear first).
-_RESAMPLERS: dict[str, _Resampler] = {}
+_RESAMPLERS: Registry[_Resampler] = Registry(
+    "resample mode", describe=lambda entry: repr(entry.resize)
+)
 
 
 def register_resampler(name: str, resize: ResizeFn, *, enlarges: bool = False) -> None:
@@ -51,28 +54,22 @@ def register_resampler(name: str, resize: ResizeFn, *, enlarges: bool = False) -
         ValueError: ``name`` is empty or already registered (registries never silently replace).
         TypeError: ``resize`` is not callable.
     """
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"resample mode name must be a non-empty string, got {name!r}")
-    if name in _RESAMPLERS:
-        existing = _RESAMPLERS[name].resize
-        raise ValueError(
-            f"a resample mode named {name!r} is already registered ({existing!r}); pick another name"
-        )
+    _RESAMPLERS.check_available(name)
     if not callable(resize):
         raise TypeError(f"resize must be callable, got {type(resize).__name__}")
-    _RESAMPLERS[name] = _Resampler(resize, bool(enlarges))
+    _RESAMPLERS.register(name, _Resampler(resize, bool(enlarges)))
 
 
 def list_resamplers() -> list[str]:
     """The registered resample mode names: ``bilinear``, ``avg``, ``max``, then user modes in
     registration order."""
-    return list(_RESAMPLERS)
+    return _RESAMPLERS.names()
 
 
 def check_resample_mode(mode: str, *, argument: str = "mode") -> str:
     """``mode`` if it is a registered resample mode, else a ``ValueError`` listing them."""
     if not isinstance(mode, str) or mode not in _RESAMPLERS:
-        raise ValueError(f"{argument} must be one of {tuple(_RESAMPLERS)}, got {mode!r}")
+        raise ValueError(f"{argument} must be one of {tuple(_RESAMPLERS.names())}, got {mode!r}")
     return mode
 
 

@@ -23,7 +23,7 @@ def isolated_registries(monkeypatch):
         (resample, "_RESAMPLERS"),
         (presets, "_PRESETS"),
     ):
-        monkeypatch.setattr(module, name, dict(getattr(module, name)))
+        monkeypatch.setattr(module, name, getattr(module, name).copy())
 
 
 @pytest.mark.parametrize(

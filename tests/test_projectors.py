@@ -32,7 +32,7 @@ def _randn(seed: int, *shape: int) -> torch.Tensor:
 @pytest.fixture
 def isolated_registry(monkeypatch):
     """Register into a copy of the registry so no test leaks a projector into another."""
-    monkeypatch.setattr(projectors_module, "_PROJECTORS", dict(projectors_module._PROJECTORS))
+    monkeypatch.setattr(projectors_module, "_PROJECTORS", projectors_module._PROJECTORS.copy())
 
 
 # ---------------------------------------------------------------------------- registry

@@ -45,12 +45,12 @@ def _randn(seed: int, *shape: int) -> Tensor:
 @pytest.fixture
 def isolated_fusions(monkeypatch):
     """Register into a copy of the fusion registry so no test leaks a fusion into another."""
-    monkeypatch.setattr(fusion_module, "_FUSIONS", dict(fusion_module._FUSIONS))
+    monkeypatch.setattr(fusion_module, "_FUSIONS", fusion_module._FUSIONS.copy())
 
 
 @pytest.fixture
 def isolated_resamplers(monkeypatch):
-    monkeypatch.setattr(resample_module, "_RESAMPLERS", dict(resample_module._RESAMPLERS))
+    monkeypatch.setattr(resample_module, "_RESAMPLERS", resample_module._RESAMPLERS.copy())
 
 
 class LayerDifference(Fusion):
@@ -115,6 +115,7 @@ def test_user_fusion_is_accepted_by_the_config_and_runs(isolated_fusions):
     )
     with pytest.raises(ValueError, match=unregistered):
         ConnectorConfig(fusion="difference", layers=(1,), **BASE)
+    unregistered_registry = fusion_module._FUSIONS.copy()  # what a fresh process has
     register_fusion("difference", _build_difference, check=_check_difference)
     config = ConnectorConfig(fusion="difference", layers=(1,), **BASE)
     # The fusion's own check runs while the config validates itself.
@@ -123,11 +124,13 @@ def test_user_fusion_is_accepted_by_the_config_and_runs(isolated_fusions):
     # Saved and read back like a built-in (the JSON format is unchanged) ...
     assert ConnectorConfig.from_dict(config.to_dict()) == config
     # ... and read in a process that has not registered it: the error says what to do.
-    registered = dict(fusion_module._FUSIONS)
-    del fusion_module._FUSIONS["difference"]
-    with pytest.raises(ValueError, match=unregistered):
-        ConnectorConfig.from_dict(config.to_dict())
-    fusion_module._FUSIONS.update(registered)
+    registered = fusion_module._FUSIONS
+    fusion_module._FUSIONS = unregistered_registry
+    try:
+        with pytest.raises(ValueError, match=unregistered):
+            ConnectorConfig.from_dict(config.to_dict())
+    finally:
+        fusion_module._FUSIONS = registered
 
     torch.manual_seed(0)
     connector = DenseConnector(config)
@@ -213,7 +216,7 @@ def test_resampler_returning_another_grid_is_an_error(isolated_resamplers):
 
 @pytest.fixture
 def isolated_presets(monkeypatch):
-    monkeypatch.setattr(presets_module, "_PRESETS", dict(presets_module._PRESETS))
+    monkeypatch.setattr(presets_module, "_PRESETS", presets_module._PRESETS.copy())
 
 
 CLIP = EncoderGeometry(

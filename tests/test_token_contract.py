@@ -94,8 +94,8 @@ def _register_toys() -> None:
 def toys():
     """The registries with the toys added, restored afterwards (no test leaks them)."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(projectors_module, "_PROJECTORS", dict(projectors_module._PROJECTORS))
-        patch.setattr(fusion_module, "_FUSIONS", dict(fusion_module._FUSIONS))
+        patch.setattr(projectors_module, "_PROJECTORS", projectors_module._PROJECTORS.copy())
+        patch.setattr(fusion_module, "_FUSIONS", fusion_module._FUSIONS.copy())
         _register_toys()
         yield
 
@@ -324,7 +324,7 @@ class LyingProjector(GridProjector):
 
 
 def test_a_component_that_breaks_its_declaration_is_named(toys, monkeypatch):
-    monkeypatch.setattr(projectors_module, "_PROJECTORS", dict(projectors_module._PROJECTORS))
+    monkeypatch.setattr(projectors_module, "_PROJECTORS", projectors_module._PROJECTORS.copy())
     register_projector("lying", LyingProjector)
     config = ConnectorConfig(
         fusion="none", projector="lying", vision_dim=2, llm_dim=3, num_layers=NUM_LAYERS
