@@ -31,8 +31,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
-import av
 import numpy as np
 import torch
 from PIL import Image
@@ -40,6 +41,9 @@ from torch import Tensor
 
 from mmconnect.integrations.data import load_image
 from mmconnect.video import sample_frame_indices
+
+if TYPE_CHECKING:
+    import av
 
 #: File suffixes (lower case) a :class:`FrameFolder` treats as frame images.
 FRAME_IMAGE_SUFFIXES: tuple[str, ...] = (
@@ -135,7 +139,16 @@ class VideoSource:
 # ---------------------------------------------------------------------------- video files
 
 
+def _import_av() -> ModuleType:
+    """PyAV, imported when a video file is opened or written: frame folders and the image path of
+    chat work without the ``video`` extra (``import av`` here raises ``ModuleNotFoundError``)."""
+    import av
+
+    return av
+
+
 def _open_container(path: Path) -> av.container.InputContainer:
+    av = _import_av()
     try:
         return av.open(str(path), mode="r")
     except (av.FFmpegError, OSError, UnicodeDecodeError) as error:
@@ -159,6 +172,7 @@ class VideoFile(VideoSource):
     """
 
     def __init__(self, path: str | Path) -> None:
+        av = _import_av()
         self.path = Path(path)
         if not self.path.exists():
             raise FileNotFoundError(f"video not found: {str(self.path)!r}")
@@ -228,6 +242,7 @@ class VideoFile(VideoSource):
 
     def _decode(self, container: av.container.InputContainer) -> Iterator[av.VideoFrame]:
         """Decoded frames of the video stream from the container's current position."""
+        av = _import_av()
         stream = container.streams[self.stream_index]
         try:
             for frame in container.decode(stream):
@@ -240,6 +255,7 @@ class VideoFile(VideoSource):
 
     def _read_seeking(self, targets: list[int]) -> dict[int, np.ndarray] | None:
         """Seek-and-decode; ``None`` when the timestamps do not lead to every target."""
+        av = _import_av()
         timestamps = self._timestamps
         wanted = {timestamps[index]: index for index in targets}
         found: dict[int, np.ndarray] = {}
@@ -382,6 +398,7 @@ def write_video(
     Raises:
         ValueError: no frames, an unknown suffix, odd or differing frame sizes.
     """
+    av = _import_av()
     path = Path(path)
     if path.suffix.lower() not in VIDEO_CODECS:
         raise ValueError(

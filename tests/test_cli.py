@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from mmconnect import list_presets
-from mmconnect.cli import main
+from mmconnect.integrations.cli import main
 
 
 def test_presets_lists_every_preset_with_its_token_count(capsys):

@@ -1,4 +1,4 @@
-"""The command line as users run it: every command in a fresh process (``python -m mmconnect.cli``).
+"""The command line as users run it: every command in a fresh process (``python -m mmconnect.integrations.cli``).
 
 A test that calls ``main([...])`` inside the test process sees whatever earlier tests imported
 (the Dense model types registered by importing the demo, for instance); a fresh process sees only
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def mmconnect(*arguments: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run ``mmconnect ARGUMENTS`` in a fresh interpreter of this environment."""
     return subprocess.run(
-        [sys.executable, "-m", "mmconnect.cli", *arguments],
+        [sys.executable, "-m", "mmconnect.integrations.cli", *arguments],
         capture_output=True,
         text=True,
         cwd=cwd,

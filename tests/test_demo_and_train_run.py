@@ -10,7 +10,7 @@ import pytest
 import yaml
 from saved_models import save_tiny_dense_llava
 
-from mmconnect.cli import main
+from mmconnect.integrations.cli import main
 from mmconnect.integrations.demo import DemoConfig, run_demo
 from mmconnect.integrations.train_run import RunFileError, load_train_run
 

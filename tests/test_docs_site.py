@@ -52,7 +52,10 @@ def markdown_pages() -> list[str]:
 
 
 def modules(folder: Path) -> list[str]:
-    return sorted(path.stem for path in folder.glob("*.py") if path.name != "__init__.py")
+    """The modules and sub-packages (folders with ``__init__.py``, e.g. ``integrations/cli``)."""
+    files = [path.stem for path in folder.glob("*.py") if path.name != "__init__.py"]
+    packages = [path.name for path in folder.iterdir() if (path / "__init__.py").is_file()]
+    return sorted(files + packages)
 
 
 def test_every_nav_entry_exists(nav):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mmconnect import ConnectorConfig, DenseConnector
-from mmconnect.cli import main
+from mmconnect.integrations.cli import main
 from mmconnect.integrations.lab import (
     LAB_PRESETS,
     LabConfig,

@@ -31,8 +31,8 @@ from mmconnect import (
 from mmconnect import fusion as fusion_module
 from mmconnect import presets as presets_module
 from mmconnect import resample as resample_module
-from mmconnect.cli import main
 from mmconnect.fusion import require_layer
+from mmconnect.integrations.cli import main
 
 EXACT = {"atol": 0.0, "rtol": 0.0}
 BASE = {"vision_dim": 4, "llm_dim": 6, "num_layers": 6, "final_layer": -2}

@@ -26,7 +26,7 @@ from transformers import (
 )
 
 from mmconnect import ConnectorConfig
-from mmconnect.cli import main
+from mmconnect.integrations.cli import main
 from mmconnect.integrations.data import ConversationEncoder, Turn, get_template
 from mmconnect.integrations.demo import build_word_tokenizer
 from mmconnect.integrations.llava import (

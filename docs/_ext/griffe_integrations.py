@@ -3,7 +3,8 @@
 1. pyproject.toml installs the ``integrations/`` folder as the subpackage
    ``mmconnect.integrations`` (setuptools ``package-dir``). Griffe reads sources statically and only
    looks inside ``mmconnect/``, so it would never find the subpackage. When the ``mmconnect``
-   package is loaded, this visits ``integrations/*.py`` and attaches them under it, so the API
+   package is loaded, this visits ``integrations/*.py`` and its sub-packages (``integrations/cli/``)
+   and attaches them under it, so the API
    pages, cross-references and imports between modules resolve under their installed names.
 2. Module constants are documented with Sphinx-style ``#:`` comments above them, which Griffe
    does not read: they become the attributes' docstrings.
@@ -93,14 +94,24 @@ class IntegrationsSubpackage(griffe.Extension):
             init = folder / "__init__.py"
             if not init.is_file():
                 raise FileNotFoundError(f"{init} not found: cannot document {PACKAGE}.{SUBPACKAGE}")
-            subpackage = self._visit(SUBPACKAGE, init, pkg, loader)
-            for path in sorted(folder.glob("*.py")):
-                if path.name != "__init__.py":
-                    subpackage.set_member(
-                        path.stem, self._visit(path.stem, path, subpackage, loader)
-                    )
-            pkg.set_member(SUBPACKAGE, subpackage)
+            pkg.set_member(SUBPACKAGE, self._visit_package(SUBPACKAGE, folder, pkg, loader))
         self._document(pkg, loader, {})
+
+    def _visit_package(
+        self, name: str, folder: Path, parent: griffe.Module, loader: griffe.GriffeLoader
+    ) -> griffe.Module:
+        """``folder``'s ``__init__.py``, its modules and (recursively) its sub-packages, such as
+        ``integrations/cli/``, as the module ``name`` under ``parent``."""
+        package = self._visit(name, folder / "__init__.py", parent, loader)
+        for path in sorted(folder.glob("*.py")):
+            if path.name not in ("__init__.py", "__main__.py"):
+                package.set_member(path.stem, self._visit(path.stem, path, package, loader))
+        for child in sorted(folder.iterdir()):
+            if (child / "__init__.py").is_file():
+                package.set_member(
+                    child.name, self._visit_package(child.name, child, package, loader)
+                )
+        return package
 
     @staticmethod
     def _visit(

@@ -1,0 +1,62 @@
+"""``mmconnect lab``: train the baseline, STI, SCI, DCI and efficient-DCI connectors over seeds on
+a pretrained tower whose last layers lose colour and report accuracy per question type as mean
++- std (:mod:`mmconnect.integrations.lab`). Needs the ``hf`` extra."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``lab`` command."""
+    lab = subparsers.add_parser(
+        "lab", help="compare the five connectors over seeds on a detail-losing pretrained tower"
+    )
+    lab.add_argument("--output", default="mmconnect-lab", help="output directory")
+    lab.add_argument("--seeds", default=None, help="comma-separated seeds (default: 0,1,2)")
+    lab.add_argument(
+        "--connectors",
+        default=None,
+        help="comma-separated, from: baseline, sti, sci, dci, dci-efficient (default: all)",
+    )
+    lab.add_argument("--quick", action="store_true", help="a one-minute smoke run, two seeds")
+    lab.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a non-empty --output folder that no lab created (only the lab's own "
+        "files are replaced; nothing else is deleted)",
+    )
+
+
+def run(arguments: argparse.Namespace) -> int:
+    """Run the lab and print its accuracy table; exit status 2 with the reason on bad input."""
+    from mmconnect.integrations.lab import LabConfig, accuracy_table, quick_config, run_lab
+
+    options: dict = {"output_dir": arguments.output, "overwrite": arguments.overwrite}
+    try:
+        if arguments.seeds is not None:
+            try:
+                options["seeds"] = tuple(
+                    int(seed) for seed in arguments.seeds.split(",") if seed.strip()
+                )
+            except ValueError:
+                raise ValueError(
+                    f"--seeds must be comma-separated ints, got {arguments.seeds!r}"
+                ) from None
+        if arguments.connectors is not None:
+            options["connectors"] = tuple(
+                name.strip() for name in arguments.connectors.split(",") if name.strip()
+            )
+        config = quick_config(**options) if arguments.quick else LabConfig(**options)
+        results = run_lab(config)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as error:
+        print(f"mmconnect lab: {error}", file=sys.stderr)
+        return 2
+    print("\nHeld-out answer accuracy (%), mean +- std over seeds:\n")
+    print(accuracy_table(results))
+    print(
+        f"\n{results['seconds']['total']:.0f} s; results.md, results.json, accuracy.png and "
+        f"encoder_probe.png are in {arguments.output}"
+    )
+    return 0
