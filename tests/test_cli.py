@@ -91,3 +91,10 @@ def test_inspect_an_unknown_encoder(capsys):
         "neither a local checkpoint directory nor a tiny test encoder" in err
         and "tiny-clip-l-336" in err
     )
+
+
+def test_comma_list_strips_and_drops_empty_items():
+    from mmconnect.integrations.cli.common import comma_list
+
+    assert comma_list(" baseline, dci,, ") == ("baseline", "dci")
+    assert comma_list("") == ()

@@ -1,4 +1,4 @@
-"""What the command modules share: argument types and the package -> extra table.
+"""What the command modules share: argument types, comma lists and the package -> extra table.
 
 Only the standard library is imported here, so that every command's arguments parse (and
 ``mmconnect --help`` works) on a core-only install.
@@ -43,3 +43,9 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
     return value
+
+
+def comma_list(text: str) -> tuple[str, ...]:
+    """The non-empty, stripped items of a comma-separated option (``"baseline, dci,"`` ->
+    ``("baseline", "dci")``)."""
+    return tuple(item.strip() for item in text.split(",") if item.strip())

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mmconnect.integrations.cli.common import positive_int
+from mmconnect.integrations.cli.common import comma_list, positive_int
 
 
 def add_arguments(subparsers: argparse._SubParsersAction) -> None:
@@ -62,9 +62,7 @@ def run(arguments: argparse.Namespace) -> int:
     options: dict = {
         "output_dir": arguments.output,
         "seed": arguments.seed,
-        "connectors": tuple(
-            name.strip() for name in arguments.connectors.split(",") if name.strip()
-        ),
+        "connectors": comma_list(arguments.connectors),
         "vision_path": arguments.vision,
         "llm_path": arguments.llm,
         "overwrite": arguments.overwrite,

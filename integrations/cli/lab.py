@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mmconnect.integrations.cli.common import comma_list
+
 
 def add_arguments(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``lab`` command."""
@@ -37,17 +39,13 @@ def run(arguments: argparse.Namespace) -> int:
     try:
         if arguments.seeds is not None:
             try:
-                options["seeds"] = tuple(
-                    int(seed) for seed in arguments.seeds.split(",") if seed.strip()
-                )
+                options["seeds"] = tuple(int(seed) for seed in comma_list(arguments.seeds))
             except ValueError:
                 raise ValueError(
                     f"--seeds must be comma-separated ints, got {arguments.seeds!r}"
                 ) from None
         if arguments.connectors is not None:
-            options["connectors"] = tuple(
-                name.strip() for name in arguments.connectors.split(",") if name.strip()
-            )
+            options["connectors"] = comma_list(arguments.connectors)
         config = quick_config(**options) if arguments.quick else LabConfig(**options)
         results = run_lab(config)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as error:
