@@ -99,7 +99,7 @@ SECTIONS = {
 RUNNING = """## Running the suite
 
 - `MMCONNECT_BENCH_SIZE=real` (default) measures at the sizes above; `tiny` runs the same code on
-  narrow models in about a minute (`tests/test_benchmarks_smoke.py` does, then renders this page
+  narrow models in about a minute (`tests/benchmarks/test_benchmarks_smoke.py` does, then renders this page
   and its charts from that run, so neither can rot).
 - `MMCONNECT_BENCH_DEVICE=cuda` runs every model on the GPU, in `MMCONNECT_BENCH_DTYPE=bfloat16`
   by default (inference in bf16 weights; the training step keeps fp32 weights under bf16

@@ -110,7 +110,10 @@ def _assemble(preset: str, parts: SharedParts, clip_size: TowerSize) -> nn.Modul
     The model is built on the meta device (no memory, no initialisation), then its tower, LLM
     and head are the shared ones and its connector a freshly seeded one.
     """
-    from mmconnect.integrations.llava import DenseLlavaConfig, DenseLlavaForConditionalGeneration
+    from mmconnect.integrations.families.llava import (
+        DenseLlavaConfig,
+        DenseLlavaForConditionalGeneration,
+    )
 
     connector_config = ConnectorConfig.from_preset(
         preset, vision_dim=clip_size.width, llm_dim=parts.text_config.hidden_size
@@ -166,7 +169,7 @@ def test_training_step(
     measurements,
     tmp_path,
 ):
-    from mmconnect.integrations.training import (
+    from mmconnect.integrations.training.stages import (
         DenseConnectorTrainer,
         StageConfig,
         parameter_groups,

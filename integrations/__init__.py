@@ -1,7 +1,18 @@
-"""Adapters that need heavy packages (transformers, timm, open_clip, peft), installed as
-``mmconnect.integrations``.
+"""Everything that builds on the core with other packages, installed as ``mmconnect.integrations``.
 
-Importing :mod:`mmconnect` never imports this subpackage or those packages. Importing this
+Sub-packages by role, each saying in its docstring which extra it needs:
+
+* :mod:`~mmconnect.integrations.families` — Hugging Face model families with a Dense Connector
+  (``hf``): LLaVA, LLaVA-NeXT + AnyRes, Mini-Gemini, on one shared base;
+* :mod:`~mmconnect.integrations.codebases` — swaps for code derived from original research
+  repositories (core dependencies only);
+* :mod:`~mmconnect.integrations.training` — the two training stages, YAML run files and the data
+  pipeline (``hf``);
+* :mod:`~mmconnect.integrations.chat` — image and video answering (``hf``; video files ``video``);
+* :mod:`~mmconnect.integrations.applications` — the demo, the lab, synthetic data, tiny test
+  models, output folders (``hf``), and :mod:`~mmconnect.integrations.cli`, the command line.
+
+Importing ``mmconnect`` never imports this subpackage or those packages. Importing this
 subpackage registers the Dense model types (``dense_llava``, ``dense_llava_next``,
 ``dense_mgm``) with the Hugging Face Auto classes, so that a saved Dense model loads in a fresh
 process with ``AutoConfig`` / ``AutoModel`` / ``AutoModelForImageTextToText`` /
@@ -12,7 +23,6 @@ imports and the modules that need only the core (the LLaVA and Mini-Gemini codeb
 nothing is registered and :data:`REGISTRATION_ERROR` says why. ``pip install "mmconnect[hf]"``
 adds what the Dense models need.
 """
-
 from __future__ import annotations
 
 import warnings
@@ -31,13 +41,13 @@ def register_dense_models() -> None:
             the message names the extra to install.
     """
     try:
-        from mmconnect.integrations import llava, llava_next, mgm_model
+        from mmconnect.integrations.families import llava, llava_next, mini_gemini
     except ImportError as error:
         raise ImportError(
             f"the Dense model types cannot be registered: {error}. Install the Hugging Face "
             'extra: pip install "mmconnect[hf]"'
         ) from error
-    for module in (llava, llava_next, mgm_model):
+    for module in (llava, llava_next, mini_gemini):
         module.register()
 
 

@@ -2,7 +2,7 @@
 
 Fusions (:mod:`mmconnect.fusion`), projectors (:mod:`mmconnect.projectors`), resample modes
 (:mod:`mmconnect.resample`), presets (:mod:`mmconnect.presets`) and chat templates
-(:mod:`mmconnect.integrations.data`) each keep one :class:`Registry` in the module of their
+(:mod:`mmconnect.integrations.training.data`) each keep one :class:`Registry` in the module of their
 concept. A registry never silently replaces an entry: registering a taken name raises a
 ``ValueError`` that names the entry already there. Listing keeps registration order (the
 built-ins first, then the user's), so error messages and tables are stable.

@@ -80,7 +80,7 @@ class _GroupSum:
     so on for 4 levels (level ``j`` is flushed every ``16 ** j`` members); the levels are added
     at the end. Below 16 members that is a plain running sum. Mirroring it makes the streamed
     sum equal the stacked one bit for bit while holding at most 4 accumulators, never the
-    members (verified for 1..300 members in ``tests/test_fusion.py``).
+    members (verified for 1..300 members in ``tests/core/test_fusion.py``).
     """
 
     _LEVELS = 4

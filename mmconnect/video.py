@@ -29,8 +29,8 @@ frames' tokens over time and put them all where one ``<image>`` placeholder stan
   of visual tokens.
 
 Everything here works on tensors; decoding video files lives in
-:mod:`mmconnect.integrations.video_io` (PyAV), the LLaVA chat path in
-:mod:`mmconnect.integrations.video_chat`.
+:mod:`mmconnect.integrations.chat.video_io` (PyAV), the LLaVA chat path in
+:mod:`mmconnect.integrations.chat.answering`.
 
 Example:
     >>> sample_frame_indices(100, 8)

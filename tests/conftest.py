@@ -133,8 +133,8 @@ def tiny_openclip_convnext():
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Register the markers of transformers' own test modules, which tests/test_hf_contract.py
+    """Register the markers of transformers' own test modules, which tests/integrations/families/test_hf_contract.py
     runs (the suite uses --strict-markers)."""
-    from tests.hf_upstream import register_markers
+    from tests.support.hf_upstream import register_markers
 
     register_markers(config)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import mmconnect
+from tests.support.paths import REPO_ROOT
 
 HEAVY = ("transformers", "timm", "open_clip", "peft", "accelerate")
 
@@ -29,7 +30,7 @@ def _probe() -> dict:
         capture_output=True,
         text=True,
         timeout=120,
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=REPO_ROOT,
         check=False,
     )
     assert result.returncode == 0, result.stderr

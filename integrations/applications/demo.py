@@ -1,6 +1,6 @@
 """``mmconnect demo``: the whole pipeline on one CPU in minutes.
 
-1. write the synthetic VQA data set (:mod:`mmconnect.integrations.synthetic`);
+1. write the synthetic VQA data set (:mod:`mmconnect.integrations.applications.synthetic`);
 2. build a small LLaVA from configs (a CLIP-style tower, a Llama-style LLM, a word-level
    tokenizer over the data's vocabulary) or take the tower / LLM from local checkpoints;
 3. for each connector (the LLaVA-1.5 baseline and the Dense Connector's DCI), train stage 1
@@ -33,20 +33,24 @@ from torch import nn
 from transformers import TrainerCallback
 
 from mmconnect import ConnectorConfig
-from mmconnect.integrations.data import (
+from mmconnect.integrations.applications.output_folders import OutputFolder, claim_output_folder
+from mmconnect.integrations.applications.synthetic import (
+    SceneSpec,
+    SyntheticVQAFiles,
+    write_synthetic_vqa,
+)
+from mmconnect.integrations.families.llava import (
+    DenseLlavaConfig,
+    DenseLlavaForConditionalGeneration,
+    DenseLlavaProcessor,
+)
+from mmconnect.integrations.training.data import (
     IGNORE_INDEX,
     DataCollator,
     LlavaDataset,
     load_llava_json,
 )
-from mmconnect.integrations.llava import (
-    DenseLlavaConfig,
-    DenseLlavaForConditionalGeneration,
-    DenseLlavaProcessor,
-)
-from mmconnect.integrations.output_folders import OutputFolder, claim_output_folder
-from mmconnect.integrations.synthetic import SceneSpec, SyntheticVQAFiles, write_synthetic_vqa
-from mmconnect.integrations.training import StageConfig, train_stage
+from mmconnect.integrations.training.stages import StageConfig, train_stage
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +75,7 @@ class DemoConfig:
             an earlier demo's ``dci/stage2``) serves as either: its tower / its LLM is taken.
         overwrite: write into a non-empty ``output_dir`` that no demo created (only the files
             the demo writes are replaced; nothing else is deleted). Without it such a folder is
-            refused (:mod:`mmconnect.integrations.output_folders`).
+            refused (:mod:`mmconnect.integrations.applications.output_folders`).
         num_threads: torch intra-op threads of each training process (restored after). The
             models are tiny: a second thread gains little on idle cores and, when other
             processes share the cores, makes every small operation wait for a descheduled
@@ -204,7 +208,7 @@ def build_word_tokenizer(texts: list[str]) -> Any:
 
 
 def _all_texts(paths: list[Path], templates: list[str]) -> list[str]:
-    from mmconnect.integrations.data import get_template
+    from mmconnect.integrations.training.data import get_template
 
     texts = []
     for path in paths:

@@ -3,15 +3,15 @@
 The CPU-scale analogue of the Dense Connector paper's Tables 1 and 3 (the presets and the
 efficient Dense Connector of docs/concepts.md; the paper's figures in docs/lab.md). One run:
 
-1. writes the synthetic VQA data set (:mod:`mmconnect.integrations.synthetic`) and its word
+1. writes the synthetic VQA data set (:mod:`mmconnect.integrations.applications.synthetic`) and its word
    tokenizer, once;
 2. pretrains a CLIP-style tower of CLIP-L's depth (24 blocks, small width) on a task whose last
    layers lose colour while shallow layers keep it, measures that with linear probes per layer
-   and freezes it (:mod:`mmconnect.integrations.lab_encoder`);
+   and freezes it (:mod:`mmconnect.integrations.applications.lab_encoder`);
 3. for every seed and every connector (``baseline``, ``sti``, ``sci``, ``dci``,
    ``dci-efficient``: the ``*-clip-l-336`` presets at the tower's width, the efficient grid
    halved per side as 24x24 -> 12x12 is) trains both LLaVA stages with the demo's code
-   (:func:`mmconnect.integrations.demo.train_connector`) and identical budgets: the same data,
+   (:func:`mmconnect.integrations.applications.demo.train_connector`) and identical budgets: the same data,
    steps, batch, learning-rate schedule, data order and initial LLM for a seed;
 4. scores exact answers on held-out scenes per question type and reports the mean and the
    sample standard deviation over seeds: ``results.json``, ``results.md``, ``accuracy.png`` and
@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from mmconnect import ConnectorConfig
-from mmconnect.integrations.lab_encoder import (
+from mmconnect.integrations.applications.lab_encoder import (
     EncoderPretraining,
     ProbeData,
     pretrain_encoder,
@@ -81,7 +81,7 @@ class LabConfig:
         show_progress: progress bars.
         overwrite: write into a non-empty ``output_dir`` that no lab created (only the files
             the lab writes are replaced; nothing else is deleted). Without it such a folder is
-            refused (:mod:`mmconnect.integrations.output_folders`).
+            refused (:mod:`mmconnect.integrations.applications.output_folders`).
     """
 
     output_dir: str = "mmconnect-lab"
@@ -151,9 +151,9 @@ class LabConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
 
     def demo_config(self, seed: int, encoder_dir: str | Path) -> Any:
-        """The :class:`~mmconnect.integrations.demo.DemoConfig` of every run of ``seed``: the
+        """The :class:`~mmconnect.integrations.applications.demo.DemoConfig` of every run of ``seed``: the
         same for all connectors (they differ only in the connector itself)."""
-        from mmconnect.integrations.demo import DemoConfig
+        from mmconnect.integrations.applications.demo import DemoConfig
 
         return DemoConfig(
             output_dir=str(Path(self.output_dir) / "runs" / f"seed-{seed}"),
@@ -228,7 +228,7 @@ def connector_input_probes(
     and the efficient DCI's resampled grid are not per patch: ``None``.
 
     Args:
-        data: :func:`~mmconnect.integrations.lab_encoder.probe_data` of the lab's tower.
+        data: :func:`~mmconnect.integrations.applications.lab_encoder.probe_data` of the lab's tower.
         connectors: ``{name: config}``.
 
     Returns:
@@ -520,13 +520,13 @@ def run_lab(config: LabConfig) -> dict[str, Any]:
 
 
 def _run_lab(config: LabConfig) -> dict[str, Any]:
-    from mmconnect.integrations.demo import (
+    from mmconnect.integrations.applications.demo import (
         _all_texts,
         build_word_tokenizer,
         train_connector,
         write_demo_data,
     )
-    from mmconnect.integrations.output_folders import claim_output_folder
+    from mmconnect.integrations.applications.output_folders import claim_output_folder
 
     started = time.monotonic()
     started_cpu = time.process_time()

@@ -3,10 +3,10 @@
 The Dense Connector's claim is that an encoder's final layers keep high-level semantics but lose
 low-level detail that its shallow layers still hold, and that a connector reading many layers
 gives it back to the LLM. A tower with random weights loses nothing, so the lab
-(:mod:`mmconnect.integrations.lab`) first pretrains one, in the same run, on a task with that
+(:mod:`mmconnect.integrations.applications.lab`) first pretrains one, in the same run, on a task with that
 property:
 
-* images are synthetic scenes (:func:`mmconnect.integrations.synthetic.sample_scene`) whose every
+* images are synthetic scenes (:func:`mmconnect.integrations.applications.synthetic.sample_scene`) whose every
   object gets a random colour (random hue, saturation and value), drawn afresh for each view;
 * every patch token of the last layer ``H[L]`` is classified as background or the shape of the
   object covering it (:func:`patch_labels`), so the last layers must keep shape and position;
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from mmconnect.integrations.synthetic import (
+from mmconnect.integrations.applications.synthetic import (
     BACKGROUND,
     COLOURS,
     Scene,

@@ -1,12 +1,12 @@
 """Moving-shape videos: does an image model trained by ``mmconnect demo`` answer about video?
 
-Each clip shows one shape of the synthetic VQA world (:mod:`mmconnect.integrations.synthetic`)
+Each clip shows one shape of the synthetic VQA world (:mod:`mmconnect.integrations.applications.synthetic`)
 moving in a straight line from one cell of the 3 x 3 grid to another, its shape, colour and size
-fixed; every frame is drawn with :func:`~mmconnect.integrations.synthetic.render_scene`. The
+fixed; every frame is drawn with :func:`~mmconnect.integrations.applications.synthetic.render_scene`. The
 question is the demo's colour question, "What colour is the {shape}? Answer with one word.",
 which the model saw only about still images. :func:`evaluate_moving_shapes` encodes every clip as
-an mp4, reads it back (:mod:`mmconnect.integrations.video_io`), asks the model through
-:func:`~mmconnect.integrations.video_chat.answer_video` with each temporal pooling, and scores the
+an mp4, reads it back (:mod:`mmconnect.integrations.chat.video_io`), asks the model through
+:func:`~mmconnect.integrations.chat.answering.answer_video` with each temporal pooling, and scores the
 exact one-word answers; the first frame asked as a still image gives the image model's own
 accuracy on the same content for comparison. Chance is one in the number of colours.
 
@@ -27,7 +27,7 @@ from typing import Any
 
 from PIL import Image
 
-from mmconnect.integrations.synthetic import (
+from mmconnect.integrations.applications.synthetic import (
     ANSWER_INSTRUCTION,
     COLOURS,
     POSITIONS,
@@ -37,8 +37,8 @@ from mmconnect.integrations.synthetic import (
     SceneObject,
     render_scene,
 )
-from mmconnect.integrations.video_chat import DEFAULT_TEMPLATE, answer_image, answer_video
-from mmconnect.integrations.video_io import write_video
+from mmconnect.integrations.chat.answering import DEFAULT_TEMPLATE, answer_image, answer_video
+from mmconnect.integrations.chat.video_io import write_video
 from mmconnect.video import POOLINGS
 
 _GRID = 3
@@ -49,7 +49,7 @@ _MARGIN = 0.05  # free space kept between the shape and its cell border, in cell
 class MovingShape:
     """One clip: a shape moving from the centre of ``start_cell`` to that of ``end_cell``.
 
-    Cells are numbered ``3 * row + column`` (:data:`~mmconnect.integrations.synthetic.POSITIONS`).
+    Cells are numbered ``3 * row + column`` (:data:`~mmconnect.integrations.applications.synthetic.POSITIONS`).
     """
 
     shape: str
@@ -129,7 +129,7 @@ def moving_shape_scenes(clip: MovingShape, num_frames: int) -> list[Scene]:
 
 
 def render_moving_shape(clip: MovingShape, num_frames: int, image_size: int) -> list[Image.Image]:
-    """The clip's frames drawn with :func:`~mmconnect.integrations.synthetic.render_scene`."""
+    """The clip's frames drawn with :func:`~mmconnect.integrations.applications.synthetic.render_scene`."""
     return [render_scene(scene, image_size) for scene in moving_shape_scenes(clip, num_frames)]
 
 
@@ -216,14 +216,14 @@ def accuracy_table(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m mmconnect.integrations.moving_shapes MODEL_DIR``: print the accuracy table."""
+    """``python -m mmconnect.integrations.applications.moving_shapes MODEL_DIR``: print the accuracy table."""
     import argparse
     import json
 
-    from mmconnect.integrations.video_chat import load_chat_model
+    from mmconnect.integrations.chat.answering import load_chat_model
 
     parser = argparse.ArgumentParser(
-        prog="python -m mmconnect.integrations.moving_shapes",
+        prog="python -m mmconnect.integrations.applications.moving_shapes",
         description="colour accuracy of a saved Dense LLaVA on moving-shape videos",
     )
     parser.add_argument("model", help="a saved model directory with its processor")

@@ -9,7 +9,7 @@ A video is answered by the image model as it is, without video training:
    resized to the tower's size, no AnyRes tiles and no newline tokens, as LLaVA-NeXT-Video);
 3. pool the frames' tokens over time (:func:`mmconnect.video.pool_frames`);
 4. render the question with the chat template the model was trained with (the data pipeline's
-   :class:`~mmconnect.integrations.data.ConversationEncoder`, segment by segment, exactly as in
+   :class:`~mmconnect.integrations.training.data.ConversationEncoder`, segment by segment, exactly as in
    training) around ONE ``<image>`` placeholder, and put all video tokens where it stands in
    ``inputs_embeds`` (:func:`prompt_embeddings`); the model's forward is unchanged;
 5. greedy ``generate()`` (:func:`generate_answer`).
@@ -37,7 +37,11 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from mmconnect.integrations.data import (
+from mmconnect.integrations.chat.video_io import VideoFrames, VideoSource, open_video
+from mmconnect.integrations.families.base import checked_grid, native_grid
+from mmconnect.integrations.families.llava import DenseLlavaModel
+from mmconnect.integrations.families.llava_next import DenseLlavaNextModel
+from mmconnect.integrations.training.data import (
     IMAGE_PLACEHOLDER,
     ChatTemplate,
     ConversationEncoder,
@@ -45,10 +49,6 @@ from mmconnect.integrations.data import (
     get_template,
     load_image,
 )
-from mmconnect.integrations.hf_dense import checked_grid, native_grid
-from mmconnect.integrations.llava import DenseLlavaModel
-from mmconnect.integrations.llava_next import DenseLlavaNextModel
-from mmconnect.integrations.video_io import VideoFrames, VideoSource, open_video
 from mmconnect.video import (
     PLAN_POOLINGS,
     POOLINGS,
@@ -387,7 +387,7 @@ def answer_video(
         model: a Dense LLaVA or Dense LLaVA-NeXT (``...ForConditionalGeneration``).
         processor: its processor (``image_processor`` and ``tokenizer`` are used).
         video: a video file or frame folder, or one opened with
-            :func:`~mmconnect.integrations.video_io.open_video` (frames sampled here), or decoded frames
+            :func:`~mmconnect.integrations.chat.video_io.open_video` (frames sampled here), or decoded frames
             (:class:`VideoFrames`, PIL images, ``[T, H, W, 3]`` uint8), used as they are unless
             there are more than the plan's frame count, then sampled by the same rule.
         question: the user's question; ``"<image>\\n"`` is put first unless it holds the
@@ -402,7 +402,7 @@ def answer_video(
 
     Raises:
         FileNotFoundError: a video path that does not exist.
-        ValueError: an unreadable video (:class:`~mmconnect.integrations.video_io.VideoReadError`),
+        ValueError: an unreadable video (:class:`~mmconnect.integrations.chat.video_io.VideoReadError`),
             zero frames requested, a budget too small for one frame, a bad argument.
     """
     if pooling is not None and pooling not in POOLINGS:

@@ -39,7 +39,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from mmconnect.integrations.data import load_image
+from mmconnect.integrations.training.data import load_image
 from mmconnect.video import sample_frame_indices
 
 if TYPE_CHECKING:

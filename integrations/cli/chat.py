@@ -1,6 +1,6 @@
 """``mmconnect chat --model DIR --video FILE "question"`` (or ``--image FILE``): ask a saved Dense
 LLaVA / LLaVA-NeXT about a video without video training, or about an image
-(:mod:`mmconnect.integrations.video_chat`). Needs the ``hf`` extra; video files also the
+(:mod:`mmconnect.integrations.chat.answering`). Needs the ``hf`` extra; video files also the
 ``video`` extra (PyAV), which ``--image`` and frame folders do not need."""
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ def add_arguments(subparsers: argparse._SubParsersAction) -> None:
 def run(arguments: argparse.Namespace) -> int:
     """Answer the question and print the answer; exit status 2 with the reason on bad input."""
     # video_io imports PyAV only when a video file is opened, so --image works without it.
-    from mmconnect.integrations.data import get_template, load_image
-    from mmconnect.integrations.video_chat import answer_image, answer_video, load_chat_model
-    from mmconnect.integrations.video_io import open_video
+    from mmconnect.integrations.chat.answering import answer_image, answer_video, load_chat_model
+    from mmconnect.integrations.chat.video_io import open_video
+    from mmconnect.integrations.training.data import get_template, load_image
     from mmconnect.video import POOLINGS, sample_frame_indices
 
     video_options = {

@@ -1,5 +1,5 @@
 """``mmconnect demo``: train the baseline and a Dense Connector LLaVA on synthetic VQA in minutes
-on a CPU and compare their held-out accuracy (:mod:`mmconnect.integrations.demo`).
+on a CPU and compare their held-out accuracy (:mod:`mmconnect.integrations.applications.demo`).
 Needs the ``hf`` extra."""
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def add_arguments(subparsers: argparse._SubParsersAction) -> None:
 
 def run(arguments: argparse.Namespace) -> int:
     """Run the demo and print its accuracy table; exit status 2 with the reason on bad input."""
-    from mmconnect.integrations.demo import DemoConfig, results_table, run_demo
+    from mmconnect.integrations.applications.demo import DemoConfig, results_table, run_demo
 
     options: dict = {
         "output_dir": arguments.output,

@@ -24,7 +24,11 @@ def add_arguments(subparsers: argparse._SubParsersAction) -> None:
 
 def run(arguments: argparse.Namespace) -> int:
     """Describe the encoder; exit status 2 with the reason on bad input."""
-    from mmconnect.integrations.encoders import check_image_size, describe_encoder, load_encoder
+    from mmconnect.integrations.applications.encoders import (
+        check_image_size,
+        describe_encoder,
+        load_encoder,
+    )
 
     try:
         encoder, native_size = load_encoder(arguments.encoder)

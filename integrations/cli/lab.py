@@ -1,6 +1,6 @@
 """``mmconnect lab``: train the baseline, STI, SCI, DCI and efficient-DCI connectors over seeds on
 a pretrained tower whose last layers lose colour and report accuracy per question type as mean
-+- std (:mod:`mmconnect.integrations.lab`). Needs the ``hf`` extra."""
++- std (:mod:`mmconnect.integrations.applications.lab`). Needs the ``hf`` extra."""
 
 from __future__ import annotations
 
@@ -33,7 +33,12 @@ def add_arguments(subparsers: argparse._SubParsersAction) -> None:
 
 def run(arguments: argparse.Namespace) -> int:
     """Run the lab and print its accuracy table; exit status 2 with the reason on bad input."""
-    from mmconnect.integrations.lab import LabConfig, accuracy_table, quick_config, run_lab
+    from mmconnect.integrations.applications.lab import (
+        LabConfig,
+        accuracy_table,
+        quick_config,
+        run_lab,
+    )
 
     options: dict = {"output_dir": arguments.output, "overwrite": arguments.overwrite}
     try:

@@ -1,5 +1,5 @@
 """``mmconnect train --config FILE.yaml``: run both training stages from one file
-(:mod:`mmconnect.integrations.train_run`). Needs the ``hf`` extra."""
+(:mod:`mmconnect.integrations.training.run_file`). Needs the ``hf`` extra."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ def add_arguments(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``train`` command."""
     train = subparsers.add_parser("train", help="run both training stages from one YAML file")
     train.add_argument(
-        "--config", required=True, help="the run's YAML file (see mmconnect.integrations.train_run)"
+        "--config", required=True, help="the run's YAML file (see mmconnect.integrations.training.run_file)"
     )
     train.add_argument(
         "--overwrite",
@@ -23,7 +23,7 @@ def add_arguments(subparsers: argparse._SubParsersAction) -> None:
 
 def run(arguments: argparse.Namespace) -> int:
     """Run both stages and print each final loss; exit status 2 with the reason on bad input."""
-    from mmconnect.integrations.train_run import load_train_run, run_training
+    from mmconnect.integrations.training.run_file import load_train_run, run_training
 
     try:
         # The whole run file (types, paths, output folders) is checked before any work.

@@ -9,7 +9,7 @@ LLaVA and its forks encode images as::
 
 Replace that pair and leave ``encode_images`` untouched::
 
-    from mmconnect.integrations.llava_codebase import swap_connector
+    from mmconnect.integrations.codebases.llava import swap_connector
     swap_connector(model.get_model(), connector)
 
 After the swap ``vision_tower(images)`` returns the tapped layers (:class:`mmconnect.LayerFeatures`)

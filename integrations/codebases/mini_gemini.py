@@ -16,7 +16,7 @@ modules and ``unified_resampler`` itself — and replaces the connector: ``mm_pr
 layers, mines the final one (``placement="after"``, default) or the fused features
 (``"before"``, with mining projections rebuilt at the fused width) and fuses per view::
 
-    from mmconnect.integrations.mgm_codebase import swap_connector
+    from mmconnect.integrations.codebases.mini_gemini import swap_connector
     swap_connector(model, connector)             # model: MGM's MGMLlamaForCausalLM (or alike)
     features = model.encode_images(images, images_aux)   # as before, now Dense
 """
@@ -33,7 +33,11 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from mmconnect import DenseConnector, LayerFeatures
-from mmconnect.integrations.mgm import check_placement, mine_and_connect, mining_width
+from mmconnect.integrations.families.mini_gemini_vision import (
+    check_placement,
+    mine_and_connect,
+    mining_width,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ supports). Loss, ``generate()``, PEFT and the Trainer work as for HF LLaVA; the 
 ``model_type`` (``"dense_llava"``), registered with ``AutoConfig``, ``AutoModel`` and
 ``AutoModelForImageTextToText`` when this module is imported, so::
 
-    import mmconnect.integrations.llava  # registers "dense_llava"
+    import mmconnect.integrations.families.llava  # registers "dense_llava"
     model = AutoModelForImageTextToText.from_pretrained(directory)
 
 round-trips through ``save_pretrained``. :func:`from_llava` converts an existing HF LLaVA.
@@ -38,7 +38,7 @@ from transformers.utils.generic import can_return_tuple
 
 from mmconnect import ConnectorConfig, DenseConnector
 from mmconnect.connector import count_output_tokens
-from mmconnect.integrations.hf_dense import (
+from mmconnect.integrations.families.base import (
     CheckedLoadingMixin,
     ConnectorConfigMixin,
     DenseGenerationMixin,
@@ -134,7 +134,7 @@ class DenseLlavaModel(DenseInitMixin, FixedImageTokensMixin, CheckedLoadingMixin
         used (the tap drops prefix tokens by structure).
 
         Raises:
-            ValueError: bad ``pixel_values`` (see :func:`~mmconnect.integrations.hf_dense.check_pixel_values`),
+            ValueError: bad ``pixel_values`` (see :func:`~mmconnect.integrations.families.base.check_pixel_values`),
                 another ``vision_feature_layer``, ``image_sizes`` or ``interpolate_pos_encoding``.
         """
         reject_feature_layer(self.config, vision_feature_layer)

@@ -2,10 +2,10 @@
 
 ``DenseLlavaNextForConditionalGeneration`` is an HF ``LlavaNextForConditionalGeneration`` whose
 projector is a :class:`mmconnect.DenseConnector`: base image and tiles each go through tower ->
-connector, then :func:`mmconnect.integrations.anyres.pack_anyres` stitches the tiles, crops the
+connector, then :func:`mmconnect.integrations.families.anyres.pack_anyres` stitches the tiles, crops the
 padding and appends the learned ``image_newline`` per row. SCI / DCI give exactly HF's token
 counts; STI's pooled tokens are appended per crop after packing, and the efficient Dense
-Connector packs its resampled 12x12 grids (see :mod:`mmconnect.integrations.anyres`).
+Connector packs its resampled 12x12 grids (see :mod:`mmconnect.integrations.families.anyres`).
 ``model_type="dense_llava_next"`` is registered with the Auto classes on import;
 :func:`from_llava_next` converts an existing model.
 """
@@ -30,7 +30,7 @@ from transformers.models.llava_next.modeling_llava_next import LlavaNextPreTrain
 from transformers.utils.generic import can_return_tuple
 
 from mmconnect import ConnectorConfig, DenseConnector
-from mmconnect.integrations.anyres import (
+from mmconnect.integrations.families.anyres import (
     anyres_token_count,
     check_image_sizes,
     check_pinpoints,
@@ -38,7 +38,7 @@ from mmconnect.integrations.anyres import (
     pack_anyres,
     tile_grid,
 )
-from mmconnect.integrations.hf_dense import (
+from mmconnect.integrations.families.base import (
     CheckedLoadingMixin,
     ConnectorConfigMixin,
     DenseGenerationMixin,
@@ -252,7 +252,7 @@ def from_llava_next(
 ) -> DenseLlavaNextForConditionalGeneration:
     """A Dense LLaVA-NeXT around an existing HF LLaVA-NeXT (tower, LLM, head and
     ``image_newline`` shared; projector weights reused when their shapes fit), as
-    :func:`mmconnect.integrations.llava.from_llava`."""
+    :func:`mmconnect.integrations.families.llava.from_llava`."""
     return convert_model(
         model, connector, DenseLlavaNextForConditionalGeneration, LlavaNextForConditionalGeneration
     )

@@ -1,7 +1,7 @@
 """A complete Mini-Gemini MLLM on Hugging Face LLaVA, with a (Dense) connector.
 
-``DenseMGMForConditionalGeneration`` is the Dense LLaVA model (:mod:`mmconnect.integrations.llava`)
-with Mini-Gemini's vision path (:mod:`mmconnect.integrations.mgm`): ``pixel_values`` is the
+``DenseMGMForConditionalGeneration`` is the Dense LLaVA model (:mod:`mmconnect.integrations.families.llava`)
+with Mini-Gemini's vision path (:mod:`mmconnect.integrations.families.mini_gemini_vision`): ``pixel_values`` is the
 high-resolution image (``image_size_aux`` pixels, 768; 1536 in HD mode), the CLIP tower sees its
 bilinear downsample, the ConvNeXt ``vision_tower_aux`` the image itself, ``mining`` (patch info
 mining) refines the CLIP tokens with the HR map, and ``multi_modal_projector`` is the
@@ -10,7 +10,7 @@ Loss, ``generate()`` and ``save_pretrained`` / ``from_pretrained`` work as for H
 ``model_type="dense_mgm"`` is registered with the Auto classes on import.
 
 The connector is chosen in the config (``connector=``, ``mining_placement=``) or swapped on a
-built model with :func:`swap_connector`. Stage 1 of :func:`mmconnect.integrations.training.train_stage`
+built model with :func:`swap_connector`. Stage 1 of :func:`mmconnect.integrations.training.stages.train_stage`
 trains the connector and the mining projections, stage 2 adds the LLM.
 
 Examples:
@@ -38,7 +38,7 @@ from transformers.utils.generic import can_return_tuple
 from mmconnect import ConnectorConfig, DenseConnector
 from mmconnect.checkpoint import open_safetensors
 from mmconnect.connector import count_output_tokens
-from mmconnect.integrations.hf_dense import (
+from mmconnect.integrations.families.base import (
     CheckedLoadingMixin,
     ConnectorConfigMixin,
     DenseGenerationMixin,
@@ -55,8 +55,8 @@ from mmconnect.integrations.hf_dense import (
     safetensors_files,
     tower_features,
 )
-from mmconnect.integrations.llava import DenseLlavaProcessor
-from mmconnect.integrations.mgm import (
+from mmconnect.integrations.families.llava import DenseLlavaProcessor
+from mmconnect.integrations.families.mini_gemini_vision import (
     PatchInfoMining,
     check_normalization,
     check_placement,
@@ -192,7 +192,7 @@ class DenseMGMModel(DenseInitMixin, FixedImageTokensMixin, CheckedLoadingMixin, 
     """HF ``LlavaModel`` with Mini-Gemini's dual-encoder vision path and a Dense Connector.
 
     Modules: ``vision_tower`` (CLIP, LR), ``vision_tower_aux`` (ConvNeXt, HR), ``mining``
-    (:class:`~mmconnect.integrations.mgm.PatchInfoMining`), ``multi_modal_projector`` (the
+    (:class:`~mmconnect.integrations.families.mini_gemini_vision.PatchInfoMining`), ``multi_modal_projector`` (the
     :class:`mmconnect.DenseConnector`), ``language_model``.
     """
 
@@ -393,7 +393,7 @@ def swap_connector(
         raise TypeError(
             f"model must be a DenseMGMForConditionalGeneration or DenseMGMModel, got "
             f"{type(model).__name__}; for the original MGM codebase use "
-            "mmconnect.integrations.mgm_codebase.swap_connector"
+            "mmconnect.integrations.codebases.mini_gemini.swap_connector"
         )
     config: DenseMGMConfig = inner.config
     if isinstance(connector, str):

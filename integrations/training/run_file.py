@@ -31,7 +31,7 @@ out-of-range values (a negative LoRA rank, a learning rate of 0) are refused.
 Each stage trains into ``output_dir/stage1`` / ``output_dir/stage2``. A non-empty stage folder
 that mmconnect training did not create (it has no ``.mmconnect-train`` file) is refused unless
 ``overwrite: true`` is set in the file (or ``--overwrite`` on the command line); then only the
-files training writes are replaced (:mod:`mmconnect.integrations.output_folders`).
+files training writes are replaced (:mod:`mmconnect.integrations.applications.output_folders`).
 
 Every record is validated before training; problems (missing or unreadable images, ``<image>``
 counts, truncation) are listed, never silently dropped.
@@ -47,8 +47,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from mmconnect.integrations.output_folders import check_output_folder, claim_output_folder
-from mmconnect.integrations.training import LoraSettings, StageConfig, train_stage
+from mmconnect.integrations.applications.output_folders import (
+    check_output_folder,
+    claim_output_folder,
+)
+from mmconnect.integrations.training.stages import LoraSettings, StageConfig, train_stage
 
 #: The stage sections of a run file and their stages.
 SECTIONS = {"stage1": "align", "stage2": "instruct"}
@@ -295,7 +298,8 @@ def _check_model(model: str, problems: _Problems) -> None:
     """The starting model must be a saved Dense LLaVA / MGM folder with its processor."""
     from transformers import AutoConfig
 
-    from mmconnect.integrations import llava, mgm_model
+    from mmconnect.integrations.families import llava
+    from mmconnect.integrations.families import mini_gemini as mgm_model
 
     supported = (llava.MODEL_TYPE, mgm_model.MODEL_TYPE)
     directory = Path(model)
@@ -328,7 +332,7 @@ def _check_model(model: str, problems: _Problems) -> None:
 
 
 def _check_data(data: dict[str, Any], problems: _Problems) -> None:
-    from mmconnect.integrations.data import list_templates
+    from mmconnect.integrations.training.data import list_templates
 
     folder = data.get("image_folder")
     if isinstance(folder, str) and not Path(folder).is_dir():
@@ -458,7 +462,7 @@ def run_training(run: TrainRun) -> dict[str, Any]:
     # Importing mmconnect.integrations registered the Dense model types with these Auto classes.
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from mmconnect.integrations.data import (
+    from mmconnect.integrations.training.data import (
         DataCollator,
         LlavaDataset,
         load_llava_json,

@@ -51,7 +51,7 @@ from mmconnect.checkpoint import (
     read_json,
     write_json,
 )
-from mmconnect.integrations.hf_dense import check_checkpoint_connector
+from mmconnect.integrations.families.base import check_checkpoint_connector
 
 logger = logging.getLogger(__name__)
 

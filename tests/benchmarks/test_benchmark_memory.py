@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import torch
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "memory.py"
+from tests.support.paths import REPO_ROOT
+
+_PATH = REPO_ROOT / "benchmarks" / "memory.py"
 _SPEC = importlib.util.spec_from_file_location("mmconnect_benchmarks_memory", _PATH)
 _MEMORY = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(_MEMORY)

@@ -14,13 +14,13 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from mmconnect.presets import list_presets, preset_fields
+from tests.support.paths import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 

@@ -23,8 +23,9 @@ import torch
 from mmconnect import ConnectorConfig, DenseConnector
 from mmconnect import checkpoint as ckpt
 from mmconnect.checkpoint import atomic_save_directory
+from tests.support.paths import REPO_ROOT
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = REPO_ROOT
 
 
 def tree_hashes(root: Path) -> dict[str, str]:
@@ -275,7 +276,7 @@ def test_connector_save_that_fails_midway_keeps_the_old_checkpoint(tmp_path):
 
 def dense_llava(seed: int = 0):
     pytest.importorskip("transformers")
-    from training_toys import build_model
+    from tests.support.training_toys import build_model
 
     return build_model(seed=seed)
 
@@ -298,7 +299,7 @@ def test_dense_llava_save_keeps_user_files_and_drops_stale_shards(tmp_path):
 
 @pytest.mark.slow  # a fresh process imports transformers
 def test_dense_llava_save_that_fails_midway_keeps_the_old_checkpoint(tmp_path):
-    from mmconnect.integrations.llava import DenseLlavaForConditionalGeneration
+    from mmconnect.integrations.families.llava import DenseLlavaForConditionalGeneration
 
     target = tmp_path / "llava"
     old = dense_llava(seed=0)
@@ -308,7 +309,7 @@ def test_dense_llava_save_that_fails_midway_keeps_the_old_checkpoint(tmp_path):
     script = f"""
         import sys
         sys.path.insert(0, {str(REPO / "tests")!r})
-        from training_toys import build_model
+        from tests.support.training_toys import build_model
         try:
             build_model(seed=1).save_pretrained({str(target)!r})
         except Exception as error:  # safetensors' own error type, with our note
@@ -330,7 +331,7 @@ def test_dense_llava_save_that_fails_midway_keeps_the_old_checkpoint(tmp_path):
 
 
 def test_dense_llava_from_pretrained_names_a_corrupt_file(tmp_path):
-    from mmconnect.integrations.llava import DenseLlavaForConditionalGeneration
+    from mmconnect.integrations.families.llava import DenseLlavaForConditionalGeneration
 
     target = tmp_path / "llava"
     dense_llava().save_pretrained(target)
@@ -358,8 +359,8 @@ def test_dense_llava_from_pretrained_names_a_corrupt_file(tmp_path):
 @pytest.mark.slow  # a 24-block tower and a ConvNeXt aux encoder
 def test_dense_mgm_save_is_atomic_and_a_corrupt_file_is_named(tmp_path):
     pytest.importorskip("timm")
-    from mmconnect.integrations.mgm_model import DenseMGMForConditionalGeneration
-    from tests.test_mgm_model import build
+    from mmconnect.integrations.families.mini_gemini import DenseMGMForConditionalGeneration
+    from tests.integrations.families.test_mini_gemini import build
 
     target = tmp_path / "mgm"
     target.mkdir()
@@ -381,10 +382,9 @@ def test_dense_mgm_save_is_atomic_and_a_corrupt_file_is_named(tmp_path):
 @pytest.mark.slow  # a fresh process imports transformers
 def test_stage_rerun_that_fails_while_saving_keeps_the_stage_folder(tmp_path):
     pytest.importorskip("transformers")
-    from training_toys import ToyDataset, build_model, collate
-
-    from mmconnect.integrations.llava import DenseLlavaForConditionalGeneration
-    from mmconnect.integrations.training import StageConfig, train_stage
+    from mmconnect.integrations.families.llava import DenseLlavaForConditionalGeneration
+    from mmconnect.integrations.training.stages import StageConfig, train_stage
+    from tests.support.training_toys import ToyDataset, build_model, collate
 
     config = StageConfig(
         stage="align",
@@ -404,8 +404,8 @@ def test_stage_rerun_that_fails_while_saving_keeps_the_stage_folder(tmp_path):
     script = f"""
         import sys
         sys.path.insert(0, {str(REPO / "tests")!r})
-        from training_toys import ToyDataset, build_model, collate
-        from mmconnect.integrations.training import StageConfig, train_stage
+        from tests.support.training_toys import ToyDataset, build_model, collate
+        from mmconnect.integrations.training.stages import StageConfig, train_stage
         config = StageConfig(stage="align", output_dir={str(stage_folder)!r},
             per_device_train_batch_size=4, max_steps=1, disable_tqdm=True, seed=1)
         try:
@@ -430,10 +430,10 @@ def test_stage_rerun_that_fails_while_saving_keeps_the_stage_folder(tmp_path):
 
 def test_stage_rerun_keeps_trainer_checkpoints_and_user_files(tmp_path):
     pytest.importorskip("transformers")
-    from training_toys import ToyDataset, build_model, collate
     from transformers import CLIPImageProcessor
 
-    from mmconnect.integrations.training import StageConfig, train_stage
+    from mmconnect.integrations.training.stages import StageConfig, train_stage
+    from tests.support.training_toys import ToyDataset, build_model, collate
 
     stage_folder = tmp_path / "stage1"
     (stage_folder / "checkpoint-7").mkdir(parents=True)
@@ -564,12 +564,16 @@ def test_llava_codebase_save_is_atomic_and_a_corrupt_file_is_named(tmp_path):
     pytest.importorskip("transformers")
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    from mmconnect.integrations.llava_codebase import (
+    from mmconnect.integrations.codebases.llava import (
         restore_connector,
         save_pretrained,
         swap_connector,
     )
-    from tests.test_llava_codebase import LlavaLlamaForCausalLM, connector, llava_config
+    from tests.integrations.codebases.test_llava import (
+        LlavaLlamaForCausalLM,
+        connector,
+        llava_config,
+    )
 
     torch.manual_seed(0)
     tower = CLIPVisionConfig(

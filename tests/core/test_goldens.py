@@ -13,17 +13,17 @@ from __future__ import annotations
 import copy
 import json
 from functools import cache
-from pathlib import Path
 
 import pytest
 import torch
 
 from mmconnect import ConnectorConfig, DenseConnector, LayerFeatures
+from tests.support.paths import FIXTURES
 
 transformers = pytest.importorskip("transformers")
 from safetensors import safe_open  # noqa: E402
 
-GOLDENS = Path(__file__).parent / "fixtures" / "goldens" / "dense_connector_official.safetensors"
+GOLDENS = FIXTURES / "goldens" / "dense_connector_official.safetensors"
 PRESETS = {"clip": "clip-l-336", "siglip": "siglip-so400m"}
 PREFIX = {"clip": 1, "siglip": 0}  # CLIP's CLS token; SigLIP has none
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

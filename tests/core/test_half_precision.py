@@ -49,37 +49,34 @@ from transformers import (  # noqa: E402
 )
 
 from mmconnect import ConnectorConfig, DenseConnector, LayerFeatures  # noqa: E402
-from mmconnect.integrations.data import Turn, get_template  # noqa: E402
-from mmconnect.integrations.demo import build_word_tokenizer  # noqa: E402
-from mmconnect.integrations.llava import DenseLlavaProcessor, from_llava  # noqa: E402
-from mmconnect.integrations.llava_next import (  # noqa: E402
-    DenseLlavaNextConfig,
-    DenseLlavaNextForConditionalGeneration,
-    DenseLlavaNextProcessor,
-    from_llava_next,
-)
-from mmconnect.integrations.mgm_codebase import swap_connector as swap_mgm  # noqa: E402
-from mmconnect.integrations.training import (  # noqa: E402
-    LoraSettings,
-    StageConfig,
-    prepare_stage,
-    train_stage,
-)
-from mmconnect.integrations.video_chat import (  # noqa: E402
+from mmconnect.integrations.applications.demo import build_word_tokenizer  # noqa: E402
+from mmconnect.integrations.chat.answering import (  # noqa: E402
     answer_image,
     answer_video,
     encode_image,
     prompt_embeddings,
 )
-from mmconnect.video import POOLINGS, count_video_tokens, sample_frame_indices  # noqa: E402
-from tests import (  # noqa: E402
-    test_llava,
-    test_llava_next,
-    test_mgm_codebase,
-    test_mgm_model,
-    test_video_chat,
-    training_toys,
+from mmconnect.integrations.codebases.mini_gemini import swap_connector as swap_mgm  # noqa: E402
+from mmconnect.integrations.families.llava import DenseLlavaProcessor, from_llava  # noqa: E402
+from mmconnect.integrations.families.llava_next import (  # noqa: E402
+    DenseLlavaNextConfig,
+    DenseLlavaNextForConditionalGeneration,
+    DenseLlavaNextProcessor,
+    from_llava_next,
 )
+from mmconnect.integrations.training.data import Turn, get_template  # noqa: E402
+from mmconnect.integrations.training.stages import (  # noqa: E402
+    LoraSettings,
+    StageConfig,
+    prepare_stage,
+    train_stage,
+)
+from mmconnect.video import POOLINGS, count_video_tokens, sample_frame_indices  # noqa: E402
+from tests.integrations.chat import test_answering as test_video_chat  # noqa: E402
+from tests.integrations.codebases import test_mini_gemini as test_mgm_codebase  # noqa: E402
+from tests.integrations.families import test_llava, test_llava_next  # noqa: E402
+from tests.integrations.families import test_mini_gemini as test_mgm_model  # noqa: E402
+from tests.support import training_toys  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16]
 #: Parametrize a test over fp32 and bf16.

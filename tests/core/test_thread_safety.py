@@ -22,7 +22,7 @@ from mmconnect import ConnectorConfig, DenseConnector, MultiLayerFeatureTap
 
 transformers = pytest.importorskip("transformers")
 
-from mmconnect.integrations.llava import (  # noqa: E402
+from mmconnect.integrations.families.llava import (  # noqa: E402
     DenseLlavaConfig,
     DenseLlavaForConditionalGeneration,
 )

@@ -10,9 +10,8 @@ from __future__ import annotations
 import os
 import sys
 
-from training_toys import ToyDataset, build_model, collate
-
-from mmconnect.integrations.training import StageConfig, train_stage
+from mmconnect.integrations.training.stages import StageConfig, train_stage
+from tests.support.training_toys import ToyDataset, build_model, collate
 
 
 def main(output_dir: str, per_device_batch: int) -> None:

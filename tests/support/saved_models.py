@@ -18,9 +18,13 @@ def save_tiny_dense_llava(directory: Path, *, seed: int = 0) -> Path:
     """
     from transformers import CLIPImageProcessor
 
-    from mmconnect.integrations.demo import DemoConfig, build_demo_model, build_word_tokenizer
-    from mmconnect.integrations.llava import DenseLlavaProcessor
-    from mmconnect.integrations.synthetic import text_vocabulary
+    from mmconnect.integrations.applications.demo import (
+        DemoConfig,
+        build_demo_model,
+        build_word_tokenizer,
+    )
+    from mmconnect.integrations.applications.synthetic import text_vocabulary
+    from mmconnect.integrations.families.llava import DenseLlavaProcessor
 
     texts = [
         " ".join(text_vocabulary()),

@@ -6,7 +6,10 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig
 
 from mmconnect import ConnectorConfig
-from mmconnect.integrations.llava import DenseLlavaConfig, DenseLlavaForConditionalGeneration
+from mmconnect.integrations.families.llava import (
+    DenseLlavaConfig,
+    DenseLlavaForConditionalGeneration,
+)
 
 IMAGE_TOKEN = 99
 TOKENS_PER_IMAGE = 16  # 56 px / patch 14 -> 4x4

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from saved_models import save_tiny_dense_llava
 
+from mmconnect.integrations.applications.demo import DemoConfig, run_demo
 from mmconnect.integrations.cli import main
-from mmconnect.integrations.demo import DemoConfig, run_demo
-from mmconnect.integrations.train_run import RunFileError, load_train_run
+from mmconnect.integrations.training.run_file import RunFileError, load_train_run
+from tests.support.saved_models import save_tiny_dense_llava
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +107,8 @@ def test_demo_takes_the_tower_and_llm_from_local_checkpoints(tmp_path):
     from safetensors.torch import load_file
     from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
-    from mmconnect.integrations.demo import build_word_tokenizer
-    from mmconnect.integrations.synthetic import text_vocabulary
+    from mmconnect.integrations.applications.demo import build_word_tokenizer
+    from mmconnect.integrations.applications.synthetic import text_vocabulary
 
     torch.manual_seed(5)
     vision = CLIPVisionModel(

@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from mmconnect import ConnectorConfig, DenseConnector
-from mmconnect.integrations.cli import main
-from mmconnect.integrations.lab import (
+from mmconnect.integrations.applications.lab import (
     LAB_PRESETS,
     LabConfig,
     lab_connector,
@@ -22,7 +21,7 @@ from mmconnect.integrations.lab import (
     summarize,
     text_prior_accuracy,
 )
-from mmconnect.integrations.lab_encoder import (
+from mmconnect.integrations.applications.lab_encoder import (
     MIN_PATCH_COVERAGE,
     EncoderPretraining,
     image_processor,
@@ -32,7 +31,8 @@ from mmconnect.integrations.lab_encoder import (
     probe_layers,
     recoloured_batch,
 )
-from mmconnect.integrations.synthetic import SceneSpec, sample_scene
+from mmconnect.integrations.applications.synthetic import SceneSpec, sample_scene
+from mmconnect.integrations.cli import main
 
 QUESTION_TYPES = {"colour", "count", "position", "shape", "all"}
 
@@ -169,7 +169,11 @@ def test_lab_connector_refuses_an_unknown_name():
 
 
 def test_every_connector_of_a_seed_starts_from_the_same_llm(tmp_path):
-    from mmconnect.integrations.demo import DemoConfig, build_demo_model, build_word_tokenizer
+    from mmconnect.integrations.applications.demo import (
+        DemoConfig,
+        build_demo_model,
+        build_word_tokenizer,
+    )
 
     tokenizer = build_word_tokenizer(["What colour is the circle ? red blue"])
     demo = DemoConfig(
@@ -395,7 +399,7 @@ def test_pretraining_makes_the_last_layers_lose_colour_that_shallow_layers_keep(
     colour from H[0] far better than from hidden_states[-2]; a random tower shows no such drop."""
     from transformers import CLIPVisionModel
 
-    from mmconnect.integrations.lab_encoder import pretrain_encoder
+    from mmconnect.integrations.applications.lab_encoder import pretrain_encoder
 
     config = EncoderPretraining(
         width=16, heads=2, blocks=6, steps=100, batch_size=16, probe_images=100

@@ -1,4 +1,4 @@
-"""Moving-shape videos (:mod:`mmconnect.integrations.moving_shapes`) and the issue's end-to-end
+"""Moving-shape videos (:mod:`mmconnect.integrations.applications.moving_shapes`) and the issue's end-to-end
 check: a model trained by ``mmconnect demo`` on still images answers colour questions about a
 video of one moving shape, with no video training."""
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from mmconnect.integrations.demo import DemoConfig, run_demo
-from mmconnect.integrations.moving_shapes import (
+from mmconnect.integrations.applications.demo import DemoConfig, run_demo
+from mmconnect.integrations.applications.moving_shapes import (
     MovingShape,
     accuracy_table,
     evaluate_moving_shapes,
@@ -21,9 +21,9 @@ from mmconnect.integrations.moving_shapes import (
     render_moving_shape,
     sample_moving_shape,
 )
-from mmconnect.integrations.synthetic import COLOURS
-from mmconnect.integrations.video_chat import load_chat_model
-from mmconnect.integrations.video_io import read_video
+from mmconnect.integrations.applications.synthetic import COLOURS
+from mmconnect.integrations.chat.answering import load_chat_model
+from mmconnect.integrations.chat.video_io import read_video
 
 
 def test_the_shape_moves_from_cell_centre_to_cell_centre():

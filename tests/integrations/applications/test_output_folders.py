@@ -7,7 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from mmconnect.integrations.output_folders import check_output_folder, claim_output_folder
+from mmconnect.integrations.applications.output_folders import (
+    check_output_folder,
+    claim_output_folder,
+)
 
 
 def _write(names: list[str], content: bytes) -> object:

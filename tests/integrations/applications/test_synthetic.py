@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmconnect.integrations import synthetic
-from mmconnect.integrations.synthetic import (
+from mmconnect.integrations.applications import synthetic
+from mmconnect.integrations.applications.synthetic import (
     COLOURS,
     POSITIONS,
     QUESTION_TYPES,

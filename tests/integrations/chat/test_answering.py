@@ -1,4 +1,4 @@
-"""Video and image chat with Dense LLaVA / LLaVA-NeXT (:mod:`mmconnect.integrations.video_chat`)
+"""Video and image chat with Dense LLaVA / LLaVA-NeXT (:mod:`mmconnect.integrations.chat.answering`)
 and ``mmconnect chat``.
 
 Tiny models from configs: a CLIP tower (width 16, 4 blocks, 56 px images of 14 px patches, so a
@@ -26,20 +26,8 @@ from transformers import (
 )
 
 from mmconnect import ConnectorConfig
-from mmconnect.integrations.cli import main
-from mmconnect.integrations.data import ConversationEncoder, Turn, get_template
-from mmconnect.integrations.demo import build_word_tokenizer
-from mmconnect.integrations.llava import (
-    DenseLlavaConfig,
-    DenseLlavaForConditionalGeneration,
-    DenseLlavaProcessor,
-)
-from mmconnect.integrations.llava_next import (
-    DenseLlavaNextConfig,
-    DenseLlavaNextForConditionalGeneration,
-    DenseLlavaNextProcessor,
-)
-from mmconnect.integrations.video_chat import (
+from mmconnect.integrations.applications.demo import build_word_tokenizer
+from mmconnect.integrations.chat.answering import (
     answer_image,
     answer_video,
     encode_image,
@@ -50,7 +38,19 @@ from mmconnect.integrations.video_chat import (
     load_chat_model,
     prompt_embeddings,
 )
-from mmconnect.integrations.video_io import VideoReadError
+from mmconnect.integrations.chat.video_io import VideoReadError
+from mmconnect.integrations.cli import main
+from mmconnect.integrations.families.llava import (
+    DenseLlavaConfig,
+    DenseLlavaForConditionalGeneration,
+    DenseLlavaProcessor,
+)
+from mmconnect.integrations.families.llava_next import (
+    DenseLlavaNextConfig,
+    DenseLlavaNextForConditionalGeneration,
+    DenseLlavaNextProcessor,
+)
+from mmconnect.integrations.training.data import ConversationEncoder, Turn, get_template
 from mmconnect.video import POOLINGS, count_video_tokens, sample_frame_indices
 
 SIZE, PATCH, VISION, LLM, BLOCKS = 56, 14, 16, 32, 4

@@ -1,4 +1,4 @@
-"""Reading video frames (:mod:`mmconnect.integrations.video_io`): PyAV files and frame folders.
+"""Reading video frames (:mod:`mmconnect.integrations.chat.video_io`): PyAV files and frame folders.
 
 Every video is written here with PyAV: frames of distinct solid colours, so each decoded frame
 can be told apart despite codec loss and the frame order is checked exactly.
@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mmconnect.integrations.video_io import (
+from mmconnect.integrations.chat.video_io import (
     FrameFolder,
     VideoFile,
     VideoFrames,

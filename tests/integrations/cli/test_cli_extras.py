@@ -16,8 +16,9 @@ import pytest
 from PIL import Image
 
 from mmconnect.integrations.cli.common import EXTRAS, missing_extra
+from tests.support.paths import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT
 
 
 def run_blocked(blocked: list[str], argv: list[str], *, cwd: Path) -> subprocess.CompletedProcess:

@@ -16,9 +16,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from saved_models import save_tiny_dense_llava
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support.paths import REPO_ROOT
+from tests.support.saved_models import save_tiny_dense_llava
+
+ROOT = REPO_ROOT
 
 
 def mmconnect(*arguments: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -81,7 +83,7 @@ import json
 import mmconnect.integrations as integrations
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 integrations.register_dense_models()  # idempotent: a second registration changes nothing
-from mmconnect.integrations import llava
+from mmconnect.integrations.families import llava
 llava.register()
 path = {str(dense_dir)!r}
 print(json.dumps({{
@@ -118,7 +120,7 @@ class NoTransformers(importlib.abc.MetaPathFinder):
         return None
 sys.meta_path.insert(0, NoTransformers())
 import mmconnect.integrations as integrations
-import mmconnect.integrations.llava_codebase
+import mmconnect.integrations.codebases.llava
 print(integrations.REGISTRATION_ERROR)
 """
     result = python(code, cwd=tmp_path)

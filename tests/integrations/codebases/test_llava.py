@@ -42,7 +42,7 @@ from transformers import (  # noqa: E402
 )
 
 from mmconnect import ConnectorConfig, DenseConnector, LayerFeatures  # noqa: E402
-from mmconnect.integrations.llava_codebase import (  # noqa: E402
+from mmconnect.integrations.codebases.llava import (  # noqa: E402
     CONFIG_KEY,
     DENSE_PROJECTOR_TYPE,
     DenseVisionTower,

@@ -18,8 +18,8 @@ from torch.testing import assert_close
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from mmconnect import ConnectorConfig, DenseConnector
-from mmconnect.integrations.mgm import MGMVisionPath, PatchInfoMining
-from mmconnect.integrations.mgm_codebase import swap_connector
+from mmconnect.integrations.codebases.mini_gemini import swap_connector
+from mmconnect.integrations.families.mini_gemini_vision import MGMVisionPath, PatchInfoMining
 
 WIDTH, LLM = 16, 24
 

@@ -1,4 +1,4 @@
-"""LLaVA-NeXT AnyRes bookkeeping (:mod:`mmconnect.integrations.anyres`): tile grids, token counts
+"""LLaVA-NeXT AnyRes bookkeeping (:mod:`mmconnect.integrations.families.anyres`): tile grids, token counts
 against the published ones (docs/llava-next.md, Token bookkeeping) and HF's own processor, packing layout, pinpoint validation.
 
 Connectors are the CLIP-L/336 presets at their real widths and 24 x 24 grid, built on the meta
@@ -23,7 +23,7 @@ from transformers import (
 )
 
 from mmconnect import ConnectorConfig, DenseConnector
-from mmconnect.integrations.anyres import (
+from mmconnect.integrations.families.anyres import (
     anyres_token_count,
     check_image_size,
     check_image_sizes,

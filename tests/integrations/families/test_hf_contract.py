@@ -46,7 +46,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from tests.hf_upstream import UpstreamUnavailable, load_upstream_tests
+from tests.support.hf_upstream import UpstreamUnavailable, load_upstream_tests
 
 try:
     load_upstream_tests()
@@ -68,26 +68,26 @@ from transformers.models.auto.modeling_auto import (
 
 from mmconnect import ConnectorConfig
 from mmconnect.connector import count_output_tokens
-from mmconnect.integrations.anyres import anyres_token_count
-from mmconnect.integrations.llava import (
+from mmconnect.integrations.families.anyres import anyres_token_count
+from mmconnect.integrations.families.llava import (
     DenseLlavaConfig,
     DenseLlavaForConditionalGeneration,
     DenseLlavaModel,
     DenseLlavaProcessor,
 )
-from mmconnect.integrations.llava_next import (
+from mmconnect.integrations.families.llava_next import (
     DenseLlavaNextConfig,
     DenseLlavaNextForConditionalGeneration,
     DenseLlavaNextModel,
     DenseLlavaNextProcessor,
 )
-from mmconnect.integrations.mgm_model import (
+from mmconnect.integrations.families.mini_gemini import (
     DenseMGMConfig,
     DenseMGMForConditionalGeneration,
     DenseMGMModel,
     DenseMGMProcessor,
 )
-from tests.test_llava import build_tokenizer
+from tests.integrations.families.test_llava import build_tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -323,7 +323,7 @@ class DenseMGMContractTest(_ContractTests, unittest.TestCase):
 def test_unreachable_registry_is_a_clear_skip_reason(tmp_path, monkeypatch):
     """Without a registry the download fails with a message that says so (the module then
     skips with it) and leaves no half-extracted sources in the cache."""
-    from tests import hf_upstream
+    from tests.support import hf_upstream
 
     monkeypatch.setenv("MMCONNECT_CACHE", str(tmp_path))
     monkeypatch.setenv("PIP_NO_INDEX", "1")

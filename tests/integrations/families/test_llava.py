@@ -42,7 +42,7 @@ from transformers import (  # noqa: E402
 )
 
 from mmconnect import ConnectorConfig, list_presets  # noqa: E402
-from mmconnect.integrations.llava import (  # noqa: E402
+from mmconnect.integrations.families.llava import (  # noqa: E402
     DenseLlavaConfig,
     DenseLlavaForConditionalGeneration,
     DenseLlavaProcessor,
@@ -308,7 +308,7 @@ def test_from_llava_shares_tower_llm_and_head_and_copies_projector(llava_single)
 def test_from_llava_starts_fresh_when_projector_does_not_fit(source, reason, llava_single, caplog):
     llava = llava_single if source == "single" else build_llava(-2, act="relu")
     preset = "dc-sci-clip-l-336" if source == "single" else "baseline-clip-l-336"
-    with caplog.at_level(logging.WARNING, logger="mmconnect.integrations.llava"):
+    with caplog.at_level(logging.WARNING, logger="mmconnect.integrations.families.llava"):
         dense = from_llava(llava, connector_config(preset))
     assert "not reusing the projector weights" in caplog.text
     assert reason in caplog.text
@@ -951,7 +951,7 @@ def test_forward_keeps_the_stock_signature():
 
     from transformers import LlavaModel
 
-    from mmconnect.integrations.llava import DenseLlavaModel
+    from mmconnect.integrations.families.llava import DenseLlavaModel
 
     assert inspect.signature(DenseLlavaModel.forward) == inspect.signature(LlavaModel.forward)
     model = tiny_dense()

@@ -1,4 +1,4 @@
-"""HF LLaVA-NeXT (AnyRes) with a Dense Connector (:mod:`mmconnect.integrations.llava_next`).
+"""HF LLaVA-NeXT (AnyRes) with a Dense Connector (:mod:`mmconnect.integrations.families.llava_next`).
 
 Tiny models built from configs: a CLIP tower (width 16, 8 blocks, 56 px images of 14 px patches:
 a 4 x 4 grid per crop), a 2-layer Llama (width 32, vocabulary 120) and pinpoints that are
@@ -31,8 +31,8 @@ from transformers import (
 )
 
 from mmconnect import ConnectorConfig
-from mmconnect.integrations.anyres import tile_grid
-from mmconnect.integrations.llava_next import (
+from mmconnect.integrations.families.anyres import tile_grid
+from mmconnect.integrations.families.llava_next import (
     DenseLlavaNextConfig,
     DenseLlavaNextForConditionalGeneration,
     DenseLlavaNextProcessor,
@@ -543,7 +543,7 @@ def test_forward_keeps_the_stock_signature(dense):
 
     from transformers import LlavaNextModel
 
-    from mmconnect.integrations.llava_next import DenseLlavaNextModel
+    from mmconnect.integrations.families.llava_next import DenseLlavaNextModel
 
     assert inspect.signature(DenseLlavaNextModel.forward) == inspect.signature(
         LlavaNextModel.forward

@@ -27,19 +27,19 @@ from transformers import (
 )
 
 from mmconnect import ConnectorConfig, DenseConnector
-from mmconnect.integrations.mgm_model import (
+from mmconnect.integrations.families.mini_gemini import (
     DenseMGMConfig,
     DenseMGMForConditionalGeneration,
     DenseMGMProcessor,
     swap_connector,
 )
-from mmconnect.integrations.training import (
+from mmconnect.integrations.training.stages import (
     StageConfig,
     parameter_groups,
     prepare_stage,
     train_stage,
 )
-from tests.test_llava import build_tokenizer
+from tests.integrations.families.test_llava import build_tokenizer
 
 VISION, LLM = 16, 32
 IMAGE = 3  # "<image>" in build_tokenizer's vocabulary
@@ -472,7 +472,7 @@ def test_forward_and_get_image_features_follow_the_stock_contract():
 
     from transformers import LlavaModel
 
-    from mmconnect.integrations.mgm_model import DenseMGMModel
+    from mmconnect.integrations.families.mini_gemini import DenseMGMModel
 
     assert inspect.signature(DenseMGMModel.forward) == inspect.signature(LlavaModel.forward)
     model = build()

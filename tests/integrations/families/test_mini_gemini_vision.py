@@ -8,7 +8,11 @@ import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from mmconnect import ConnectorConfig, DenseConnector
-from mmconnect.integrations.mgm import MGMVisionPath, PatchInfoMining, convnext_hr_features
+from mmconnect.integrations.families.mini_gemini_vision import (
+    MGMVisionPath,
+    PatchInfoMining,
+    convnext_hr_features,
+)
 
 WIDTH, LLM = 16, 24
 
@@ -176,7 +180,7 @@ def test_open_clip_convnext_trunk_and_derived_width():
     ``trunk``; the HR width comes from the stages (ConvNeXt-L: 2880, not 3072)."""
     from open_clip.timm_model import TimmModel
 
-    from mmconnect.integrations.mgm import hr_map_width, stage_widths
+    from mmconnect.integrations.families.mini_gemini_vision import hr_map_width, stage_widths
 
     torch.manual_seed(0)
     wrapped = TimmModel("convnext_atto", embed_dim=16, image_size=64, pool="", proj="mlp").eval()

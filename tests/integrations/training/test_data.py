@@ -23,7 +23,7 @@ from PIL import Image
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import CLIPImageProcessor, PreTrainedTokenizerFast
 
-from mmconnect.integrations.data import (
+from mmconnect.integrations.training.data import (
     IGNORE_INDEX,
     ChatTemplate,
     ConversationEncoder,
@@ -824,7 +824,7 @@ def test_batch_trains_a_dense_llava(tmp_path, tokenizer, image_id):
     the model, loss only on the answers."""
     from transformers import CLIPVisionConfig, LlamaConfig
 
-    from mmconnect.integrations.llava import (
+    from mmconnect.integrations.families.llava import (
         DenseLlavaConfig,
         DenseLlavaForConditionalGeneration,
     )

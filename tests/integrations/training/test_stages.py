@@ -10,14 +10,12 @@ import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from training_toys import ToyDataset, build_model, collate
 from transformers import TrainerCallback
 
-from mmconnect.integrations.training import (
+from mmconnect.integrations.training.stages import (
     BASE_FINGERPRINT_NAME,
     LoraSettings,
     StageConfig,
@@ -27,6 +25,8 @@ from mmconnect.integrations.training import (
     prepare_stage,
     train_stage,
 )
+from tests.support.paths import REPO_ROOT
+from tests.support.training_toys import ToyDataset, build_model, collate
 
 
 def stage(tmp_path, name: str = "align", **overrides) -> StageConfig:
@@ -57,7 +57,7 @@ def test_stage_one_trains_only_the_connector(tmp_path, caplog):
     model = build_model()
     tower, llm = snapshot(model.model.vision_tower), snapshot(model.model.language_model)
     connector = snapshot(model.connector)
-    with caplog.at_level(logging.INFO, logger="mmconnect.integrations.training"):
+    with caplog.at_level(logging.INFO, logger="mmconnect.integrations.training.stages"):
         result = train_stage(model, ToyDataset(), collate, stage(tmp_path))
     assert changed(tower, model.model.vision_tower) == set()
     assert changed(llm, model.model.language_model) == set()
@@ -81,7 +81,7 @@ def test_parameter_groups_and_learning_rates_of_stage_two(tmp_path):
 
 
 def test_connector_gets_its_own_learning_rate(tmp_path):
-    from mmconnect.integrations.training import DenseConnectorTrainer
+    from mmconnect.integrations.training.stages import DenseConnectorTrainer
 
     model = build_model()
     config = stage(tmp_path, "instruct", learning_rate=1e-4, connector_learning_rate=5e-3)
@@ -203,7 +203,7 @@ def test_resuming_onto_another_base_is_refused(interrupted_run):
 
 def test_resuming_onto_another_base_with_the_override(interrupted_run, caplog):
     # a full checkpoint holds every weight: with the override the run continues exactly
-    with caplog.at_level(logging.WARNING, logger="mmconnect.integrations.training"):
+    with caplog.at_level(logging.WARNING, logger="mmconnect.integrations.training.stages"):
         resumed = resume(interrupted_run, build_model(seed=1), allow_different_base=True)
     assert "allow_different_base=True" in caplog.text
     expected = interrupted_run["expected"]
@@ -243,7 +243,7 @@ def test_resume_checkpoint_with_a_truncated_or_missing_file(interrupted_run, tmp
         "or corrupt (File is not a zip file)"
     )
     optimizer.unlink()
-    with caplog.at_level(logging.WARNING, logger="mmconnect.integrations.training"):
+    with caplog.at_level(logging.WARNING, logger="mmconnect.integrations.training.stages"):
         check_resume_checkpoint(checkpoint, model)
     assert "holds no optimizer state (optimizer.pt): the optimizer starts afresh" in caplog.text
     shutil.copy(interrupted_run["checkpoint"] / "optimizer.pt", optimizer)
@@ -390,8 +390,8 @@ class _StopAt(TrainerCallback):
 @pytest.mark.slow
 def test_two_process_data_parallel_equals_single_process(tmp_path):
     """torchrun with 2 CPU processes (gloo), batch 2 each == one process with batch 4."""
-    worker = Path(__file__).with_name("ddp_worker.py")
-    environment = {**os.environ, "PYTHONPATH": str(worker.parent), "OMP_NUM_THREADS": "1"}
+    worker = REPO_ROOT / "tests" / "support" / "ddp_worker.py"
+    environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
     single = subprocess.run(
         [sys.executable, str(worker), str(tmp_path / "single"), "4"],
         env=environment,
