@@ -198,5 +198,5 @@ def test_griffe_extension_documents_integrations_under_their_installed_names():
     # reST roles become scoped cross-references; `#:` comments document constants.
     docstring = package["layers.normalize_layers"].docstring.value
     assert "[`normalize_layer`][normalize_layer]" in docstring and ":func:" not in docstring
-    colours = package["integrations.synthetic.COLOURS"].docstring.value
+    colours = package["integrations.applications.synthetic.COLOURS"].docstring.value
     assert colours.startswith("RGB fill of each colour name")
