@@ -13,7 +13,12 @@ from mmconnect.connector import DenseConnector
 from mmconnect.encoder_blocks import EncoderBlocks, find_encoder_blocks
 from mmconnect.features import LayerFeatures
 from mmconnect.fusion import (
+    DCISpec,
     Fusion,
+    FusionSpec,
+    SCISpec,
+    SingleLayerSpec,
+    STISpec,
     concat,
     grouped_average,
     list_fusions,
@@ -25,12 +30,15 @@ from mmconnect.layers import normalize_layer, paper_layer
 from mmconnect.presets import EncoderGeometry, list_presets, preset_geometry, register_preset
 from mmconnect.projectors import (
     GridProjector,
+    MLPSpec,
+    ProjectorSpec,
     build_projector,
     list_projectors,
     load_projector_weights,
     register_projector,
 )
 from mmconnect.resample import (
+    ResampleSpec,
     TokenResampler,
     list_resamplers,
     register_resampler,
@@ -42,13 +50,21 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConnectorConfig",
+    "DCISpec",
     "DenseConnector",
     "EncoderBlocks",
     "EncoderGeometry",
     "Fusion",
+    "FusionSpec",
     "GridProjector",
     "LayerFeatures",
+    "MLPSpec",
     "MultiLayerFeatureTap",
+    "ProjectorSpec",
+    "ResampleSpec",
+    "SCISpec",
+    "STISpec",
+    "SingleLayerSpec",
     "TokenResampler",
     "build_projector",
     "concat",

@@ -1,57 +1,64 @@
-"""``ConnectorConfig``: everything that defines a Dense Connector, as a frozen dataclass.
+"""``ConnectorConfig``: everything that defines a Dense Connector, one spec per component.
+
+A config holds the encoder and LLM widths, the encoder depth and three specs, each with only its
+own parameters: the fusion (:class:`~mmconnect.fusion.FusionSpec`: ``SingleLayerSpec``,
+``STISpec``, ``SCISpec``, ``DCISpec`` or a user's), the projector
+(:class:`~mmconnect.projectors.ProjectorSpec`, e.g. ``MLPSpec(depth=2)``, LLaVA's
+``"mlp2x_gelu"``) and the optional resampling (:class:`~mmconnect.resample.ResampleSpec`).
 
 Layer indices follow the HF ``hidden_states`` convention (see :mod:`mmconnect.layers`) and may be
 negative; they are validated against ``num_layers``, the number of blocks of the encoder.
+
+On disk (format 2)::
+
+    {"format_version": 2, "vision_dim": 1024, "llm_dim": 4096, "num_layers": 24,
+     "fusion": {"kind": "dci", "final_layer": 23, "groups": [[0, ...], [12, ...]],
+                "accumulate_dtype": null},
+     "projector": {"kind": "mlp", "depth": 2, "activation": "gelu"},
+     "resample": null}
+
+Files of format 1 (one flat dict: ``fusion`` a name, ``layers``, ``groups``, ``sti_window``,
+``sti_pool``, ``resample_grid``, ``resample_mode``, ``resample_placement``, ``projector`` a
+name, ``accumulate_dtype``) are upgraded when read (:func:`upgrade_format1`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
-
-import torch
+from typing import Any
 
 from mmconnect.checkpoint import read_json, write_json
-from mmconnect.fusion import check_fusion_config, list_fusions
-from mmconnect.layers import normalize_groups, normalize_layer, normalize_layers
-from mmconnect.projectors import list_projectors
-from mmconnect.resample import check_resample_mode, check_target_grid
+from mmconnect.fusion import FusionSpec, fusion_spec_class, list_fusions, parse_fusion
+from mmconnect.projectors import MLPSpec, ProjectorSpec, parse_projector
+from mmconnect.resample import ResampleSpec
+from mmconnect.validation import check_positive_int
 
-#: The on-disk config format this version writes and the newest it reads.
-FORMAT_VERSION = 1
+#: The on-disk config format this version writes and the newest it reads (it reads 1 and 2).
+FORMAT_VERSION = 2
 
-#: A registered fusion name: ``"none"``, ``"sti"``, ``"sci"``, ``"dci"`` or one added with
-#: :func:`mmconnect.register_fusion`.
-FusionKind = str
-PLACEMENTS: tuple[str, ...] = ("before_projector", "after_projector")
-STI_POOL_MODES: tuple[str, ...] = ("raster", "grid")
-
-
-def _positive_int(value: Any, argument: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{argument} must be a positive int, got {value!r}")
-    return value
-
-
-def _choice(value: Any, argument: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"{argument} must be one of {choices}, got {value!r}")
-    return value
-
-
-def parse_dtype(name: str | None, *, argument: str = "accumulate_dtype") -> torch.dtype | None:
-    """Parse a floating dtype name such as ``"float32"``; ``None`` stays ``None``."""
-    if name is None:
-        return None
-    dtype = getattr(torch, name, None) if isinstance(name, str) else None
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(
-            f"{argument} must be None or a floating dtype name such as 'float32', got {name!r}"
-        )
-    return dtype
+#: Format 1's flat fusion fields: format-1 name -> (the spec parameter it became, its format-1
+#: default). The upgrade reads it one way, the weights fingerprint the other.
+FORMAT1_FUSION_FIELDS: dict[str, tuple[str, Any]] = {
+    "layers": ("extra_layers", ()),
+    "groups": ("groups", ()),
+    "sti_window": ("window", 8),
+    "sti_pool": ("pool", "raster"),
+    "accumulate_dtype": ("accumulate_dtype", None),
+}
+#: Format 1's resampling fields: format-1 name -> (the ResampleSpec field, its default).
+FORMAT1_RESAMPLE_FIELDS: dict[str, tuple[str, Any]] = {
+    "resample_grid": ("grid", None),
+    "resample_mode": ("mode", "bilinear"),
+    "resample_placement": ("placement", "before_projector"),
+}
+_FORMAT1_TOP = ("vision_dim", "llm_dim", "num_layers", "fusion", "final_layer", "projector")
+#: Format-1 fusion fields that configs could set on any fusion, ignored by the built-in
+#: fusions that do not read them; the upgrade drops them there.
+_FORMAT1_TUNING = ("sti_window", "sti_pool", "accumulate_dtype")
+_BUILTIN_FUSIONS = ("none", "sti", "sci", "dci")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,140 +66,143 @@ class ConnectorConfig:
     """The full definition of a :class:`mmconnect.DenseConnector`.
 
     Attributes:
-        fusion: ``"none"`` (only ``final_layer``: the LLaVA baseline), ``"sti"`` (stack pooled
-            ``layers`` as extra tokens), ``"sci"`` (concatenate ``layers`` along channels),
-            ``"dci"`` (concatenate the means of ``groups`` along channels), or any name added
-            with :func:`mmconnect.register_fusion` (see :func:`mmconnect.list_fusions`).
         vision_dim: channel width ``C`` of the encoder's hidden states.
         llm_dim: the LLM's embedding width, the projector's output.
         num_layers: the encoder's block count ``L`` (indices ``-(L + 1) .. L`` are valid).
-        final_layer: the layer whose tokens come first (LLaVA's ``select_layer``, default -2).
-        layers: extra layers for STI / SCI, in output order.
-        groups: layer groups for DCI, each a tuple of layer indices, in output order.
-        sti_window: STI pooling window and stride (8 in the official code).
-        sti_pool: ``"raster"`` (1-D over the flattened sequence, official) or ``"grid"`` (2-D).
-        resample_grid: ``(height, width)`` to resize the fused token grid to (efficient DC), or
-            ``None``.
-        resample_mode: ``"bilinear"`` (paper), ``"avg"``, ``"max"`` or a mode added with
-            :func:`mmconnect.register_resampler`.
-        resample_placement: ``"before_projector"`` (cheaper, default) or ``"after_projector"``.
-        projector: a registered projector name (see :func:`mmconnect.list_projectors`).
-        accumulate_dtype: how DCI group means round. ``None`` (default): as the official code's
-            ``torch.sum(torch.stack(group), 0) / n`` in the features' dtype, bit for bit on the
-            CPU. A dtype name such as ``"float32"``: summed and divided in that dtype, rounded
-            once to the features' dtype (overflow-safe in fp16).
-        format_version: the config format; newer versions than this library knows are refused.
+        fusion: the fusion spec: :class:`~mmconnect.fusion.SingleLayerSpec` (the LLaVA baseline),
+            :class:`~mmconnect.fusion.STISpec`, :class:`~mmconnect.fusion.SCISpec`,
+            :class:`~mmconnect.fusion.DCISpec` or a user's (see :func:`mmconnect.register_fusion`);
+            the name of a kind without required parameters (``"none"``) is accepted too.
+        projector: the projector spec (default ``MLPSpec(depth=2)``, LLaVA's ``mlp2x_gelu``); a
+            name such as ``"mlp2x_gelu"`` or ``"linear"`` is accepted and parsed.
+        resample: how the fused token grid is resized (the efficient Dense Connector), or
+            ``None``. Fusions whose tokens do not all form the grid (STI) refuse it.
+
+    Examples:
+        >>> config = ConnectorConfig(vision_dim=1024, llm_dim=4096, num_layers=24,
+        ...                          fusion=DCISpec(groups=[range(0, 12), range(12, 24)]))
+        >>> config.projector.name, config.to_dict()["fusion"]["kind"]
+        ('mlp2x_gelu', 'dci')
     """
 
-    fusion: FusionKind
     vision_dim: int
     llm_dim: int
     num_layers: int
-    final_layer: int = -2
-    layers: tuple[int, ...] = ()
-    groups: tuple[tuple[int, ...], ...] = ()
-    sti_window: int = 8
-    sti_pool: Literal["raster", "grid"] = "raster"
-    resample_grid: tuple[int, int] | None = None
-    resample_mode: str = "bilinear"
-    resample_placement: Literal["before_projector", "after_projector"] = "before_projector"
-    projector: str = "mlp2x_gelu"
-    accumulate_dtype: str | None = None
-    format_version: int = field(default=FORMAT_VERSION)
+    fusion: FusionSpec
+    projector: ProjectorSpec = field(default_factory=MLPSpec)
+    resample: ResampleSpec | None = None
 
     def __post_init__(self) -> None:
-        if self.fusion not in list_fusions():
-            # A config saved with a user's fusion loads only once that fusion is registered again.
-            raise ValueError(
-                f"fusion must be one of {tuple(list_fusions())}, got {self.fusion!r}; a new fusion "
-                "is registered with mmconnect.register_fusion before a config names it"
+        for argument in ("vision_dim", "llm_dim", "num_layers"):
+            check_positive_int(getattr(self, argument), argument)
+        if isinstance(self.fusion, Mapping):
+            raise TypeError(
+                "fusion must be a FusionSpec or a fusion name, got a mapping; "
+                "ConnectorConfig.from_dict reads dicts"
             )
-        for argument in ("vision_dim", "llm_dim", "num_layers", "sti_window"):
-            _positive_int(getattr(self, argument), argument)
-        if self.format_version != FORMAT_VERSION:
-            raise ValueError(
-                f"format_version={self.format_version!r} is not supported: this mmconnect reads "
-                f"format_version {FORMAT_VERSION}"
+        # The dataclass is frozen: parse names into specs once, here.
+        object.__setattr__(self, "fusion", parse_fusion(self.fusion))
+        if isinstance(self.projector, Mapping):
+            raise TypeError(
+                "projector must be a ProjectorSpec or a projector name, got a mapping; "
+                "ConnectorConfig.from_dict reads dicts"
             )
-        _check_iterable(self.layers, "layers")
-        _check_iterable(self.groups, "groups")
-        # The dataclass is frozen: normalise containers (lists, ranges) to tuples once, here.
-        object.__setattr__(self, "layers", tuple(self.layers))
-        groups = tuple(
-            tuple(_check_iterable(group, f"groups[{i}]")) for i, group in enumerate(self.groups)
-        )
-        object.__setattr__(self, "groups", groups)
-        final = normalize_layer(self.final_layer, self.num_layers, argument="final_layer")
-        extra = normalize_layers(self.layers, self.num_layers, argument="layers")
-        normalize_groups(self.groups, self.num_layers, argument="groups")
-        if final in extra:
-            raise ValueError(
-                f"layers contains the final layer {final} (final_layer={self.final_layer}); list only the extra layers"
-            )
-        _choice(self.sti_pool, "sti_pool", STI_POOL_MODES)
-        try:
-            check_resample_mode(self.resample_mode, argument="resample_mode")
-        except ValueError as error:
-            raise ValueError(
-                f"{error}; a new mode is registered with mmconnect.register_resampler first"
-            ) from None
-        _choice(self.resample_placement, "resample_placement", PLACEMENTS)
-        if self.resample_grid is not None:
-            grid = check_target_grid(self.resample_grid, argument="resample_grid")
-            object.__setattr__(self, "resample_grid", grid)
-        if self.projector not in list_projectors():
-            raise ValueError(
-                f"unknown projector {self.projector!r}; known projectors: "
-                f"{', '.join(list_projectors())} (register one with mmconnect.register_projector)"
-            )
-        parse_dtype(self.accumulate_dtype)
-        # The fusion's own rules (which of layers= / groups= it reads, whether its tokens can be
-        # resampled) live with the fusion in its registry entry.
-        check_fusion_config(self)
+        object.__setattr__(self, "projector", parse_projector(self.projector))
+        # Range checks need the encoder depth, which only the config knows.
+        self.fusion.normalized(self.num_layers)
+        if self.resample is not None:
+            if not isinstance(self.resample, ResampleSpec):
+                raise TypeError(
+                    "resample must be a ResampleSpec or None, got "
+                    f"{self.resample!r} ({type(self.resample).__name__})"
+                )
+            if not type(self.fusion).resamplable:
+                raise ValueError(
+                    f"resample cannot be used with fusion {self.fusion.kind!r}: its tokens do not "
+                    "all form the encoder's grid (STI appends pooled tokens); resample with "
+                    "'none', 'sci' or 'dci'"
+                )
 
     # ------------------------------------------------------------------ derived
-    @property
-    def accumulate_torch_dtype(self) -> torch.dtype | None:
-        """``accumulate_dtype`` as a ``torch.dtype``."""
-        return parse_dtype(self.accumulate_dtype)
-
     def replace(self, **changes: Any) -> ConnectorConfig:
-        """A copy with ``changes`` applied (validated like a new config)."""
+        """A copy with ``changes`` applied (validated like a new config).
+
+        Examples:
+            >>> efficient = ConnectorConfig.from_preset("dc-dci-clip-l-336").replace(
+            ...     resample=ResampleSpec(grid=(12, 12)))
+            >>> efficient.resample.grid
+            (12, 12)
+        """
         return dataclasses.replace(self, **changes)
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (tuples become lists)."""
-        data = dataclasses.asdict(self)
-        data["layers"] = list(self.layers)
-        data["groups"] = [list(group) for group in self.groups]
-        data["resample_grid"] = list(self.resample_grid) if self.resample_grid is not None else None
-        return data
+        """A JSON-ready dict of format :data:`FORMAT_VERSION` (tuples become lists)."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "vision_dim": self.vision_dim,
+            "llm_dim": self.llm_dim,
+            "num_layers": self.num_layers,
+            "fusion": self.fusion.to_dict(),
+            "projector": self.projector.to_dict(),
+            "resample": None if self.resample is None else self.resample.to_dict(),
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ConnectorConfig:
-        """Build a config from :meth:`to_dict` output.
+        """Build a config from :meth:`to_dict` output, or from a format-1 dict (upgraded).
 
         Raises:
-            ValueError: unknown keys, or a ``format_version`` newer than this library reads.
+            ValueError: unknown keys (at the top or in a spec; the message lists the known
+                ones), a ``format_version`` newer than this library reads, or invalid values.
+            TypeError: ``data`` or a spec is not a mapping, or a value has the wrong type.
         """
         if not isinstance(data, Mapping):
             raise TypeError(f"a connector config must be a mapping, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        version = data.get("format_version", 1 if isinstance(data.get("fusion"), str) else None)
+        if version is None:
+            raise ValueError(f"a connector config needs a format_version, got keys {sorted(data)}")
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise ValueError(f"format_version must be a positive int, got {version!r}")
+        if version > FORMAT_VERSION:
+            raise ValueError(
+                f"this connector config has format_version {version}, newer than the "
+                f"{FORMAT_VERSION} this mmconnect reads; upgrade mmconnect"
+            )
+        if version == 1:
+            data = upgrade_format1(data)
+        known = (
+            "format_version",
+            "vision_dim",
+            "llm_dim",
+            "num_layers",
+            "fusion",
+            "projector",
+            "resample",
+        )
+        unknown = sorted(set(data) - set(known))
         if unknown:
-            raise ValueError(
-                f"unknown connector config keys {unknown}; known keys: {sorted(known)}"
-            )
-        version = data.get("format_version", FORMAT_VERSION)
-        if isinstance(version, int) and version > FORMAT_VERSION:
-            raise ValueError(
-                f"this connector config has format_version {version}, newer than the {FORMAT_VERSION} "
-                "this mmconnect reads; upgrade mmconnect"
-            )
-        values = dict(data)
-        if values.get("resample_grid") is not None:
-            values["resample_grid"] = tuple(values["resample_grid"])
+            raise ValueError(f"unknown connector config keys {unknown}; known keys: {list(known)}")
+        missing = [
+            key for key in ("vision_dim", "llm_dim", "num_layers", "fusion") if key not in data
+        ]
+        if missing:
+            raise ValueError(f"the connector config misses the keys {missing}")
+        for key in ("fusion", "projector"):
+            if key in data and not isinstance(data[key], Mapping | str):
+                raise TypeError(
+                    f"connector config key {key!r} must be a mapping, got {data[key]!r}"
+                )
+        resample = data.get("resample")
+        values: dict[str, Any] = {
+            "vision_dim": data["vision_dim"],
+            "llm_dim": data["llm_dim"],
+            "num_layers": data["num_layers"],
+            "fusion": parse_fusion(data["fusion"]),
+            "resample": None if resample is None else ResampleSpec.from_dict(resample),
+        }
+        if "projector" in data:
+            values["projector"] = parse_projector(data["projector"])
         return cls(**values)
 
     def save(self, path: str | Path) -> None:
@@ -201,15 +211,18 @@ class ConnectorConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> ConnectorConfig:
-        """Read a config written by :meth:`save`."""
+        """Read a config written by :meth:`save` (format 1 files are upgraded)."""
         return cls.from_dict(read_json(path))
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> ConnectorConfig:
         """A published configuration by name, with fields overridden (see :mod:`mmconnect.presets`).
 
+        Overrides replace whole fields: ``vision_dim=``, ``llm_dim=``, ``num_layers=``, or a
+        spec (``resample=ResampleSpec(grid=(12, 12))``, ``projector="linear"``).
+
         Examples:
-            >>> ConnectorConfig.from_preset("dc-dci-clip-l-336", vision_dim=32, llm_dim=64).groups[1][:3]
+            >>> ConnectorConfig.from_preset("dc-dci-clip-l-336", vision_dim=32, llm_dim=64).fusion.groups[1][:3]
             (12, 13, 14)
         """
         from mmconnect.presets import preset_fields
@@ -217,7 +230,109 @@ class ConnectorConfig:
         return cls(**{**preset_fields(name), **overrides})
 
 
-def _check_iterable(value: Any, argument: str) -> Iterable:
-    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
-        raise TypeError(f"{argument} must be a sequence of layer indices, got {value!r}")
-    return value
+def upgrade_format1(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A format-1 connector config dict (flat fields) as the format-2 dict it means.
+
+    ``fusion``, ``final_layer`` and the fusion fields (``layers`` -> ``extra_layers``,
+    ``groups``, ``sti_window`` -> ``window``, ``sti_pool`` -> ``pool``, ``accumulate_dtype``) go
+    into the fusion spec, as far as its kind has them; ``projector`` (a LLaVA name) into the
+    projector spec; ``resample_grid``, ``resample_mode``, ``resample_placement`` into the
+    resample spec (``None`` without a grid). Format 1 let every fusion carry ``sti_window``,
+    ``sti_pool`` and ``accumulate_dtype``; the built-in fusions that did not read them drop them.
+
+    Examples:
+        >>> upgrade_format1({"format_version": 1, "fusion": "sci", "vision_dim": 8, "llm_dim": 16,
+        ...                  "num_layers": 4, "layers": [1, 2]})["fusion"]
+        {'kind': 'sci', 'final_layer': -2, 'extra_layers': [1, 2]}
+
+    Raises:
+        ValueError: unknown keys, an unknown fusion kind, or a field the fusion's spec has no
+            place for (layers for DCI, groups for SCI ...).
+    """
+    known = (*_FORMAT1_TOP, *FORMAT1_FUSION_FIELDS, *FORMAT1_RESAMPLE_FIELDS, "format_version")
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(
+            f"unknown format-1 connector config keys {unknown}; known keys: {sorted(known)}"
+        )
+    kind = data.get("fusion")
+    if kind not in list_fusions():
+        raise ValueError(
+            f"fusion must be one of {tuple(list_fusions())}, got {kind!r}; a new fusion is "
+            "registered with mmconnect.register_fusion before a config names it"
+        )
+    parameters = fusion_spec_class(kind).parameter_names()
+    fusion: dict[str, Any] = {"kind": kind, "final_layer": data.get("final_layer", -2)}
+    for old, (new, default) in FORMAT1_FUSION_FIELDS.items():
+        value = data.get(old, default)
+        if new in parameters:
+            fusion[new] = value
+        elif _changed(value, default) and not (kind in _BUILTIN_FUSIONS and old in _FORMAT1_TUNING):
+            raise ValueError(
+                f"format-1 field {old}={value!r} has no place in fusion {kind!r}, whose "
+                f"parameters are {list(parameters)}"
+            )
+    grid = data.get("resample_grid")
+    resample = None
+    if grid is not None:
+        resample = {
+            new: data.get(old, default) for old, (new, default) in FORMAT1_RESAMPLE_FIELDS.items()
+        }
+    upgraded = {key: data[key] for key in ("vision_dim", "llm_dim", "num_layers") if key in data}
+    return {
+        "format_version": FORMAT_VERSION,
+        **upgraded,
+        "fusion": fusion,
+        "projector": data.get("projector", "mlp2x_gelu"),
+        "resample": resample,
+    }
+
+
+def _changed(value: Any, default: Any) -> bool:
+    if isinstance(default, tuple):
+        return bool(value)
+    return value != default
+
+
+def format1_fields(config: ConnectorConfig) -> dict[str, Any]:
+    """``config`` in format 1's flat layout, layer indices non-negative (for the fingerprint).
+
+    Every built-in fusion and projector maps exactly onto format 1, so a config and its format-1
+    original give the same dict. Parameters format 1 had no field for (a user fusion's own, a
+    user projector's beyond its name) are added under ``fusion.<name>`` / ``projector_spec``.
+    """
+    fusion = config.fusion.normalized(config.num_layers)
+    fields: dict[str, Any] = {
+        "vision_dim": config.vision_dim,
+        "llm_dim": config.llm_dim,
+        "num_layers": config.num_layers,
+        "fusion": fusion.kind,
+        "final_layer": fusion.final_layer,
+    }
+    spec = fusion.to_dict()
+    mapped = set()
+    for old, (new, default) in FORMAT1_FUSION_FIELDS.items():
+        fields[old] = spec[new] if new in spec else _json(default)
+        mapped.add(new)
+    for name in fusion.parameter_names():
+        if name not in mapped and name != "final_layer":
+            fields[f"fusion.{name}"] = spec[name]
+    resample = config.resample
+    for old, (new, default) in FORMAT1_RESAMPLE_FIELDS.items():
+        fields[old] = _json(default) if resample is None else resample.to_dict()[new]
+    fields["projector"] = config.projector.name
+    if _parse_projector_or_none(config.projector.name) != config.projector:
+        fields["projector_spec"] = config.projector.to_dict()
+    return fields
+
+
+def _parse_projector_or_none(name: str) -> ProjectorSpec | None:
+    """The projector spec ``name`` parses to, or ``None`` when it names none on its own."""
+    try:
+        return parse_projector(name)
+    except (TypeError, ValueError):
+        return None
+
+
+def _json(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value

@@ -28,11 +28,10 @@ from mmconnect.checkpoint import (
     read_state_dict,
     write_state_dict,
 )
-from mmconnect.config import ConnectorConfig
+from mmconnect.config import ConnectorConfig, format1_fields
 from mmconnect.encoder_blocks import find_encoder_blocks
 from mmconnect.features import LayerFeatures, check_grid, infer_square_grid
 from mmconnect.fusion import build_fusion, require_layer
-from mmconnect.layers import normalize_groups, normalize_layer, normalize_layers
 from mmconnect.projectors import GridProjector, build_projector, load_projector_weights
 from mmconnect.resample import TokenResampler
 from mmconnect.tap import MultiLayerFeatureTap
@@ -44,17 +43,15 @@ FINGERPRINT_KEY = "config_fingerprint"
 def config_fingerprint(config: ConnectorConfig) -> int:
     """A 64-bit digest of everything in ``config`` that changes what the weights mean.
 
-    ``accumulate_dtype`` (numerics only) and ``format_version`` are left out. Saved with the
-    weights, it lets a load notice a config edited after saving even when every shape still fits
-    (e.g. SCI <-> DCI with two groups, or other layers).
+    Saved with the weights, it lets a load notice a config edited after saving even when every
+    shape still fits (e.g. SCI <-> DCI with two groups, or other layers). It hashes the config in
+    the flat layout of config format 1 (:func:`mmconnect.config.format1_fields`), so weights
+    saved under a format-1 config match the same config read today; layer indices are
+    normalised (-2 and 23 in a 24-block encoder give one fingerprint) and the DCI
+    ``accumulate_dtype`` (numerics only) is left out.
     """
-    fields = config.to_dict()
-    for name in ("accumulate_dtype", "format_version"):
-        fields.pop(name)
-    # Equivalent spellings of a layer (-2 and 23 in a 24-block encoder) give one fingerprint.
-    fields["final_layer"] = normalize_layer(config.final_layer, config.num_layers)
-    fields["layers"] = list(normalize_layers(config.layers, config.num_layers))
-    fields["groups"] = [list(group) for group in normalize_groups(config.groups, config.num_layers)]
+    fields = format1_fields(config)
+    fields.pop("accumulate_dtype")
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).digest()
     return int.from_bytes(digest[:8], "little", signed=True)
 
@@ -112,7 +109,7 @@ class DenseConnector(nn.Module):
     each declare ``num_tokens(grid)`` / ``output_grid(grid)`` for the grid they receive;
     :meth:`num_tokens` and :meth:`token_grid` compose them in the order ``forward`` runs them
     (fusion -> resampler -> projector, or fusion -> projector -> resampler with
-    ``resample_placement="after_projector"``). Token-wise projectors keep the count.
+    ``ResampleSpec(placement="after_projector")``). Token-wise projectors keep the count.
 
     Attributes:
         config: the :class:`ConnectorConfig`.
@@ -126,12 +123,9 @@ class DenseConnector(nn.Module):
         if not isinstance(config, ConnectorConfig):
             raise TypeError(f"config must be a ConnectorConfig, got {type(config).__name__}")
         self.config = config
-        self.fusion = build_fusion(config)
-        self.resampler = (
-            TokenResampler(config.resample_grid, config.resample_mode)
-            if config.resample_grid
-            else None
-        )
+        self.fusion = build_fusion(config.fusion, config.num_layers)
+        resample = config.resample
+        self.resampler = None if resample is None else TokenResampler(resample.grid, resample.mode)
         # Saved with the weights: a load under another config fails clearly (see _load_from_state_dict).
         self.register_buffer(
             FINGERPRINT_KEY, torch.tensor(config_fingerprint(config), dtype=torch.int64)
@@ -142,15 +136,17 @@ class DenseConnector(nn.Module):
 
     # ------------------------------------------------------------------ what it reads
     @property
-    def layers(self) -> tuple[int, ...]:
-        """Every non-negative layer index the connector reads, sorted (group members included)."""
+    def captured_layers(self) -> tuple[int, ...]:
+        """Every hidden-state index a tap must capture for this connector when it keeps each
+        layer (``streaming=False``): non-negative, sorted, DCI group members included."""
         members = {layer for group in self.fusion.groups for layer in group}
-        return tuple(sorted(set(self.fusion.layers) | members))
+        return tuple(sorted(set(self.fusion.individual_layers) | members))
 
     @property
     def individual_layers(self) -> tuple[int, ...]:
-        """The layers read one by one, final layer first (a streaming tap captures only these)."""
-        return self.fusion.layers
+        """The layers read one by one, final layer first (a streaming tap captures only these,
+        plus the :attr:`groups` means)."""
+        return self.fusion.individual_layers
 
     @property
     def groups(self) -> tuple[tuple[int, ...], ...]:
@@ -164,7 +160,7 @@ class DenseConnector(nn.Module):
 
         Both forms give the same fused features, bit for bit: the streaming tap's group means
         round as the official ``torch.sum(torch.stack(group), 0) / n`` does (or, with
-        ``config.accumulate_dtype``, sum and divide in that dtype), as :meth:`fuse` does on the
+        the DCI spec's ``accumulate_dtype``, sum and divide in that dtype), as :meth:`fuse` does on the
         member layers. The tap may be called from several threads at once.
 
         Args:
@@ -186,11 +182,11 @@ class DenseConnector(nn.Module):
                 f"num_layers={self.config.num_layers}; build the config for this encoder"
             )
         if streaming:
-            tap_options.setdefault("accumulate_dtype", self.config.accumulate_torch_dtype)
+            tap_options.setdefault("accumulate_dtype", self.fusion.accumulate_dtype)
             return MultiLayerFeatureTap(
                 encoder, self.individual_layers, groups=self.groups, **tap_options
             )
-        return MultiLayerFeatureTap(encoder, self.layers, **tap_options)
+        return MultiLayerFeatureTap(encoder, self.captured_layers, **tap_options)
 
     # ------------------------------------------------------------------ token bookkeeping
     def num_tokens(self, grid: tuple[int, int]) -> int:
@@ -221,10 +217,10 @@ class DenseConnector(nn.Module):
         """The components after the fusion that work on the token grid, in forward order."""
         stages: list[tuple[str, nn.Module]] = []
         if isinstance(self.projector, GridProjector):
-            stages.append((f"projector {self.config.projector!r}", self.projector))
+            stages.append((f"projector {self.config.projector.name!r}", self.projector))
         if self.resampler is not None:
-            resampler = (f"resampler ({self.config.resample_mode!r})", self.resampler)
-            after = self.config.resample_placement == "after_projector"
+            resampler = (f"resampler ({self.config.resample.mode!r})", self.resampler)
+            after = self.config.resample.placement == "after_projector"
             stages.insert(len(stages) if after else 0, resampler)
         return stages
 
@@ -236,7 +232,7 @@ class DenseConnector(nn.Module):
             extra = count - lead[0] * lead[1]
             if extra:
                 raise ValueError(
-                    f"fusion {self.config.fusion!r} gives {extra} tokens after its "
+                    f"fusion {self.config.fusion.kind!r} gives {extra} tokens after its "
                     f"{lead[0]}x{lead[1]} grid that form no grid, but the {name} works on a "
                     "whole token grid; use a token-wise projector or another fusion"
                 )
@@ -264,7 +260,8 @@ class DenseConnector(nn.Module):
     def _check_widths(self, features: Mapping[int, Tensor]) -> None:
         expected = self.config.vision_dim
         tensors = [
-            (f"layer {layer}", require_layer(features, layer)) for layer in self.fusion.layers
+            (f"layer {layer}", require_layer(features, layer))
+            for layer in self.fusion.individual_layers
         ]
         streamed = features.group_means if isinstance(features, LayerFeatures) else {}
         tensors += [(f"group {group[0]}..{group[-1]}", mean) for group, mean in streamed.items()]
@@ -289,7 +286,7 @@ class DenseConnector(nn.Module):
             features: layer index -> ``[B, h*w, C]``.
             grid: ``(h, w)``; defaults to the grid the tap recorded, else a square grid.
 
-        With ``resample_placement="before_projector"`` the result is already resampled.
+        With ``ResampleSpec(placement="before_projector")`` the result is already resampled.
         """
         return self._fuse(features, grid)[0]
 
@@ -305,10 +302,10 @@ class DenseConnector(nn.Module):
             projected = self.projector(fused, lead)
             expected = self.projector.num_tokens(lead)
             lead = tuple(self.projector.output_grid(lead))
-            _check_count(projected, expected, f"projector {self.config.projector!r}")
+            _check_count(projected, expected, f"projector {self.config.projector.name!r}")
         else:
             projected = self.projector(fused)
-        if self.resampler is not None and self.config.resample_placement == "after_projector":
+        if self.resampler is not None and self.config.resample.placement == "after_projector":
             projected = self.resampler(projected, lead)
         return projected
 
@@ -325,9 +322,9 @@ class DenseConnector(nn.Module):
         self._check_widths(features)
         self._token_layout(grid)  # refuse a composition the grid cannot take before running it
         fused = self.fusion(features, grid)
-        _check_count(fused, self.fusion.num_tokens(grid), f"fusion {self.config.fusion!r}")
+        _check_count(fused, self.fusion.num_tokens(grid), f"fusion {self.config.fusion.kind!r}")
         lead = tuple(self.fusion.output_grid(grid))
-        if self.resampler is not None and self.config.resample_placement == "before_projector":
+        if self.resampler is not None and self.config.resample.placement == "before_projector":
             fused = self.resampler(fused, lead)
             lead = self.resampler.output_grid(lead)
         return fused, lead
@@ -360,6 +357,9 @@ class DenseConnector(nn.Module):
         cls, directory: str | Path, *, map_location: str | torch.device = "cpu"
     ) -> DenseConnector:
         """Load a connector written by :meth:`save_pretrained`.
+
+        A ``config.json`` of config format 1 is upgraded (:func:`mmconnect.config.upgrade_format1`);
+        its weights load, fingerprint included.
 
         Raises:
             FileNotFoundError: ``directory``, its ``config.json`` or its ``model.safetensors`` is
@@ -398,9 +398,8 @@ class DenseConnector(nn.Module):
         if saved is not None and not saved.is_meta and int(saved) != int(self.config_fingerprint):
             raise ValueError(
                 "these connector weights were saved with a different connector config than this "
-                f"one (fusion={self.config.fusion!r}, final_layer={self.config.final_layer}, "
-                f"layers={self.config.layers}, groups of sizes {[len(g) for g in self.config.groups]}, "
-                f"projector={self.config.projector!r}); load them with the config they were saved with"
+                f"one (fusion {self.config.fusion}, projector={self.config.projector.name!r}, "
+                f"resample={self.config.resample}); load them with the config they were saved with"
             )
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs

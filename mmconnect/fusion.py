@@ -17,15 +17,20 @@ The modules at the end (:class:`TokenStack`, :class:`ChannelConcat`, :class:`Gro
 wrap these compositions with the bookkeeping a connector needs: which layers they read, their
 output width and the token contract (:meth:`Fusion.num_tokens`, :meth:`Fusion.output_grid`).
 
-The fusion registry maps each ``ConnectorConfig.fusion`` name to a builder; the four published
-fusions (``none``, ``sti``, ``sci``, ``dci``) are registered through :func:`register_fusion` like
-any user fusion, and :class:`mmconnect.ConnectorConfig` accepts every registered name.
+What a fusion computes is described by a spec (:class:`FusionSpec`: its ``kind`` and only its own
+parameters; :class:`SingleLayerSpec`, :class:`STISpec`, :class:`SCISpec`, :class:`DCISpec` for
+the published fusions), held by :class:`mmconnect.ConnectorConfig` as ``fusion``. The fusion
+registry maps each kind to its spec class and a builder ``builder(spec) -> Fusion``; the four
+published fusions (``none``, ``sti``, ``sci``, ``dci``) are registered through
+:func:`register_fusion` like any user fusion.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Literal
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Self
 
 import torch
 import torch.nn.functional as F
@@ -35,9 +40,7 @@ from torch import Tensor, nn
 from mmconnect.features import LayerFeatures, check_grid
 from mmconnect.layers import normalize_groups, normalize_layer, normalize_layers
 from mmconnect.registry import Registry, describe_callable
-
-if TYPE_CHECKING:  # the config module imports this one: no import at run time
-    from mmconnect.config import ConnectorConfig
+from mmconnect.validation import check_choice, check_positive_int, is_int
 
 PoolMode = Literal["raster", "grid"]
 
@@ -151,7 +154,7 @@ def require_layer(features: Mapping[int, Tensor], layer: int) -> Tensor:
         )
         raise ValueError(
             f"features are missing layer {layer}, which the connector needs; they hold layers "
-            f"{available} (build the tap with connector.layers / connector.groups, or pass all "
+            f"{available} (build the tap with connector.make_tap, or capture connector.captured_layers, or pass all "
             "hidden states)"
         ) from None
 
@@ -219,9 +222,16 @@ class Fusion(nn.Module):
 
     Attributes:
         final_layer: the layer whose tokens lead the output (LLaVA's ``hidden_states[-2]``).
-        layers: every individual layer the module reads, final layer first.
+        extra_layers: the layers read one by one after the final layer (STI / SCI), in output
+            order.
+        individual_layers: every layer the module reads one by one: the final layer, then the
+            extra layers (a streaming tap captures these, plus the group means).
         groups: the layer groups it averages (empty unless DCI).
+        accumulate_dtype: the dtype group means are summed in (``None``: the features' dtype,
+            as the official code); read by the connector's streaming tap.
     """
+
+    accumulate_dtype: torch.dtype | None = None
 
     def __init__(
         self,
@@ -232,7 +242,7 @@ class Fusion(nn.Module):
         super().__init__()
         self.final_layer = final_layer
         self.extra_layers = tuple(extra_layers)
-        self.layers = (final_layer, *self.extra_layers)
+        self.individual_layers = (final_layer, *self.extra_layers)
         self.groups = tuple(tuple(group) for group in groups)
 
     def output_channels(self, vision_dim: int) -> int:
@@ -264,10 +274,10 @@ class ChannelConcat(Fusion):
     """
 
     def output_channels(self, vision_dim: int) -> int:
-        return vision_dim * len(self.layers)
+        return vision_dim * len(self.individual_layers)
 
     def forward(self, features: Mapping[int, Tensor], grid: tuple[int, int]) -> Tensor:
-        tensors = [require_layer(features, layer) for layer in self.layers]
+        tensors = [require_layer(features, layer) for layer in self.individual_layers]
         return tensors[0] if len(tensors) == 1 else concat(tensors)
 
 
@@ -304,7 +314,9 @@ class TokenStack(Fusion):
         return stack([final, *shallow])
 
     def extra_repr(self) -> str:
-        return f"layers={self.layers}, window={self.window}, mode={self.mode!r}"
+        return (
+            f"individual_layers={self.individual_layers}, window={self.window}, mode={self.mode!r}"
+        )
 
 
 class GroupedChannelConcat(Fusion):
@@ -337,127 +349,441 @@ class GroupedChannelConcat(Fusion):
         return f"final_layer={self.final_layer}, groups=[{spans}]"
 
 
+# ---------------------------------------------------------------------------- specs
+
+
+def parse_dtype(name: str | None, *, argument: str = "accumulate_dtype") -> torch.dtype | None:
+    """Parse a floating dtype name such as ``"float32"``; ``None`` stays ``None``.
+
+    Raises:
+        TypeError: ``name`` is neither a string nor ``None``.
+        ValueError: ``name`` names no floating torch dtype.
+    """
+    if name is None:
+        return None
+    if not isinstance(name, str):
+        raise TypeError(
+            f"{argument} must be None or a dtype name such as 'float32', got {name!r} "
+            f"({type(name).__name__})"
+        )
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(
+            f"{argument} must be None or a floating dtype name such as 'float32', got {name!r}"
+        )
+    return dtype
+
+
+def _index_tuple(value: Any, argument: str) -> tuple[int, ...]:
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        raise TypeError(
+            f"{argument} must be a sequence of layer indices, got {value!r} ({type(value).__name__})"
+        )
+    indices = tuple(value)
+    for position, index in enumerate(indices):
+        if not is_int(index):
+            raise TypeError(
+                f"{argument}[{position}] must be an int layer index, got {index!r} "
+                f"({type(index).__name__})"
+            )
+    return indices
+
+
+def _spec_value(value: Any) -> Any:
+    """A spec field as JSON: tuples (also nested) become lists."""
+    if isinstance(value, tuple):
+        return [_spec_value(item) for item in value]
+    return value
+
+
+@dataclass(frozen=True, kw_only=True)
+class FusionSpec:
+    """What a fusion computes: its kind and its own parameters (the fusion part of a
+    :class:`mmconnect.ConnectorConfig`).
+
+    Each built-in fusion has a subclass holding only its parameters (:class:`SingleLayerSpec`,
+    :class:`STISpec`, :class:`SCISpec`, :class:`DCISpec`). A user fusion registered with
+    :func:`register_fusion` either subclasses this (fixing ``kind`` with
+    ``field(default=name, init=False)``) or, with no parameters beyond ``final_layer``, is
+    named by this class itself: ``FusionSpec(kind="mine")``.
+
+    Layer indices follow the HF ``hidden_states`` convention and may be negative; each spec
+    checks types and values here, and :meth:`normalized` checks them against the encoder depth
+    (the config calls it, knowing ``num_layers``).
+
+    Attributes:
+        kind: the registered fusion name (``"none"``, ``"sti"``, ``"sci"``, ``"dci"`` or a user's).
+        final_layer: the layer whose tokens lead the output (LLaVA's ``select_layer``, default -2).
+        resamplable: (class attribute) whether every output token belongs to the encoder's token
+            grid, so a resampler or a grid projector can take the fused tokens; ``False`` for STI,
+            which appends pooled tokens that form no grid.
+    """
+
+    kind: str
+    final_layer: int = -2
+
+    resamplable: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.kind, str) or not self.kind:
+            raise ValueError(f"fusion kind must be a non-empty string, got {self.kind!r}")
+        if not is_int(self.final_layer):
+            raise TypeError(
+                f"final_layer must be an int layer index, got {self.final_layer!r} "
+                f"({type(self.final_layer).__name__})"
+            )
+
+    def normalized(self, num_layers: int) -> Self:
+        """A copy whose layer indices are the non-negative ones for a ``num_layers``-block encoder.
+
+        Raises:
+            ValueError: an index is out of range for ``num_layers`` blocks, or the indices
+                clash (a layer twice, the final layer among the extra layers, overlapping
+                groups).
+        """
+        final = normalize_layer(self.final_layer, num_layers, argument="final_layer")
+        return dataclasses.replace(
+            self, final_layer=final, **self._normalized_fields(num_layers, final)
+        )
+
+    def _normalized_fields(self, num_layers: int, final_layer: int) -> dict[str, Any]:
+        """The fields besides ``final_layer`` that hold layer indices, normalised (subclasses)."""
+        return {}
+
+    def replace(self, **changes: Any) -> Self:
+        """A copy with ``changes`` applied, validated like a new spec.
+
+        Examples:
+            >>> STISpec(extra_layers=(7, 15)).replace(window=4).window
+            4
+        """
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict: ``kind`` and every parameter (tuples become lists)."""
+        return {f.name: _spec_value(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def parameter_names(cls) -> tuple[str, ...]:
+        """The parameters a spec of this class takes (``kind`` excluded)."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.init and f.name != "kind")
+
+
+class _ExtraLayersSpec(FusionSpec):
+    """Shared validation of the fusions that read ``extra_layers`` one by one (STI, SCI)."""
+
+    extra_layers: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        extra = _index_tuple(self.extra_layers, "extra_layers")
+        if not extra:
+            raise ValueError(
+                f"fusion {self.kind!r} needs at least one index in extra_layers, got {self.extra_layers!r}"
+            )
+        object.__setattr__(self, "extra_layers", extra)
+
+    def _normalized_fields(self, num_layers: int, final_layer: int) -> dict[str, Any]:
+        extra = normalize_layers(self.extra_layers, num_layers, argument="extra_layers")
+        if final_layer in extra:
+            raise ValueError(
+                f"extra_layers contains the final layer {final_layer} "
+                f"(final_layer={self.final_layer}); list only the extra layers"
+            )
+        return {"extra_layers": extra}
+
+
+@dataclass(frozen=True, kw_only=True)
+class SingleLayerSpec(FusionSpec):
+    """``kind="none"``: the final layer alone (the LLaVA baseline, no fusion).
+
+    Examples:
+        >>> SingleLayerSpec(final_layer=-2).to_dict()
+        {'kind': 'none', 'final_layer': -2}
+    """
+
+    kind: str = field(default="none", init=False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class STISpec(_ExtraLayersSpec):
+    """``kind="sti"``: the final layer's tokens, then each extra layer's tokens average-pooled.
+
+    Attributes:
+        extra_layers: the layers pooled and appended after the final layer, in output order.
+        window: pooling window and stride (8 in the official code: 576 -> 72 tokens per layer).
+        pool: ``"raster"`` (1-D over the flattened sequence, as the official code) or ``"grid"``
+            (2-D ``window x window`` on the token grid).
+    """
+
+    kind: str = field(default="sti", init=False)
+    extra_layers: tuple[int, ...]
+    window: int = 8
+    pool: PoolMode = "raster"
+
+    resamplable: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive_int(self.window, "window")
+        check_choice(self.pool, "pool", STI_POOL_MODES)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SCISpec(_ExtraLayersSpec):
+    """``kind="sci"``: the final layer and the extra layers concatenated along channels.
+
+    Attributes:
+        extra_layers: the layers concatenated after the final layer, in output order.
+    """
+
+    kind: str = field(default="sci", init=False)
+    extra_layers: tuple[int, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class DCISpec(FusionSpec):
+    """``kind="dci"``: the final layer, then the mean of each layer group, along channels.
+
+    Attributes:
+        groups: the layer groups, each a tuple of layer indices, in output order; disjoint.
+        accumulate_dtype: how the group means round. ``None`` (default): as the official code's
+            ``torch.sum(torch.stack(group), 0) / n`` in the features' dtype, bit for bit on the
+            CPU. A dtype name such as ``"float32"``: summed and divided in that dtype, rounded
+            once to the features' dtype (overflow-safe in fp16).
+
+    Examples:
+        >>> DCISpec(groups=[range(0, 12), range(12, 24)]).groups[1][:3]
+        (12, 13, 14)
+    """
+
+    kind: str = field(default="dci", init=False)
+    groups: tuple[tuple[int, ...], ...]
+    accumulate_dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.groups, str | bytes) or not isinstance(self.groups, Iterable):
+            raise TypeError(
+                f"groups must be a sequence of layer groups, got {self.groups!r} "
+                f"({type(self.groups).__name__})"
+            )
+        groups = tuple(
+            _index_tuple(group, f"groups[{position}]") for position, group in enumerate(self.groups)
+        )
+        if not groups:
+            raise ValueError("fusion 'dci' needs at least one group in groups, got none")
+        for position, group in enumerate(groups):
+            if not group:
+                raise ValueError(
+                    f"groups[{position}] is empty: every group needs at least one layer"
+                )
+        object.__setattr__(self, "groups", groups)
+        parse_dtype(self.accumulate_dtype)
+
+    @property
+    def accumulate_torch_dtype(self) -> torch.dtype | None:
+        """``accumulate_dtype`` as a ``torch.dtype``."""
+        return parse_dtype(self.accumulate_dtype)
+
+    def _normalized_fields(self, num_layers: int, final_layer: int) -> dict[str, Any]:
+        return {"groups": normalize_groups(self.groups, num_layers, argument="groups")}
+
+
+STI_POOL_MODES: tuple[str, ...] = ("raster", "grid")
+
+
 # ---------------------------------------------------------------------------- registry
 
-#: ``builder(config) -> Fusion``: reads the fields of a :class:`mmconnect.ConnectorConfig` it needs.
-FusionBuilder = Callable[["ConnectorConfig"], Fusion]
-#: ``check(config)``: raises ``ValueError`` for field combinations the fusion cannot use.
-FusionCheck = Callable[["ConnectorConfig"], None]
+#: ``builder(spec) -> Fusion``: ``spec`` is the fusion's spec with non-negative layer indices
+#: (:meth:`FusionSpec.normalized`).
+FusionBuilder = Callable[[FusionSpec], Fusion]
+
+
+@dataclass(frozen=True)
+class _FusionEntry:
+    spec: type[FusionSpec]
+    builder: FusionBuilder
+
+
 # Insertion order is the listing order: the published fusions in the paper's order, then users'.
-_FUSIONS: Registry[tuple[FusionBuilder, FusionCheck | None]] = Registry(
-    "fusion", describe=lambda entry: f"builder {describe_callable(entry[0])}"
+_FUSIONS: Registry[_FusionEntry] = Registry(
+    "fusion",
+    describe=lambda entry: (
+        f"spec {entry.spec.__name__}, builder {describe_callable(entry.builder)}"
+    ),
 )
 
 
-def register_fusion(name: str, builder: FusionBuilder, *, check: FusionCheck | None = None) -> None:
-    """Register a fusion under ``ConnectorConfig.fusion == name``.
+def _fixed_kind(spec: type[FusionSpec]) -> str | None:
+    """The ``kind`` a spec class fixes (``field(default=..., init=False)``), or ``None``."""
+    kind = next(f for f in dataclasses.fields(spec) if f.name == "kind")
+    return None if kind.init else kind.default
+
+
+def register_fusion(
+    name: str, builder: FusionBuilder, *, spec: type[FusionSpec] = FusionSpec
+) -> None:
+    """Register a fusion: configs name it with a spec of kind ``name``.
 
     Args:
-        name: the exact name configs use.
-        builder: ``builder(config) -> Fusion``; called by :class:`mmconnect.DenseConnector` with
-            the validated config. Layer indices in the config may be negative: normalise them
-            with :func:`mmconnect.normalize_layer` against ``config.num_layers``.
-        check: optional ``check(config)`` run while the config validates itself, raising
-            ``ValueError`` for fields the fusion cannot use (e.g. ``groups`` for SCI), so a bad
-            config fails when it is made, not when a connector is built.
+        name: the fusion's kind, as specs and config files spell it.
+        builder: ``builder(spec) -> Fusion``, called by :class:`mmconnect.DenseConnector` with
+            the validated spec, its layer indices already non-negative.
+        spec: the spec class holding the fusion's parameters: a :class:`FusionSpec` subclass
+            whose ``kind`` is fixed to ``name`` (``kind: str = field(default=name, init=False)``),
+            validating itself in ``__post_init__`` and normalising its own layer indices in
+            ``_normalized_fields``. The default, :class:`FusionSpec` itself, is for fusions with
+            no parameter besides ``final_layer`` (then written ``FusionSpec(kind=name)``).
 
     Raises:
-        ValueError: ``name`` is empty or already registered (registries never silently replace).
-        TypeError: ``builder`` or ``check`` is not callable.
+        ValueError: ``name`` is empty or already registered (registries never silently
+            replace), or ``spec`` fixes another kind.
+        TypeError: ``builder`` is not callable or ``spec`` is no :class:`FusionSpec` subclass.
     """
     _FUSIONS.check_available(name)
     if not callable(builder):
         raise TypeError(f"fusion builder must be callable, got {type(builder).__name__}")
-    if check is not None and not callable(check):
-        raise TypeError(f"fusion check must be callable or None, got {type(check).__name__}")
-    _FUSIONS.register(name, (builder, check))
+    if not (isinstance(spec, type) and issubclass(spec, FusionSpec)):
+        raise TypeError(f"spec must be a FusionSpec subclass, got {spec!r}")
+    fixed = _fixed_kind(spec)
+    if fixed is not None and fixed != name:
+        raise ValueError(
+            f"spec {spec.__name__} fixes kind={fixed!r}, so it cannot be registered as {name!r}"
+        )
+    _FUSIONS.register(name, _FusionEntry(spec, builder))
 
 
 def list_fusions() -> list[str]:
-    """The registered fusion names: the published ``none``, ``sti``, ``sci``, ``dci``, then
+    """The registered fusion kinds: the published ``none``, ``sti``, ``sci``, ``dci``, then
     user registrations in the order they were made."""
     return _FUSIONS.names()
 
 
-def check_fusion_config(config: ConnectorConfig) -> None:
-    """Run the registered ``check`` of ``config.fusion`` (the config's own validation calls it).
+def _entry(kind: Any) -> _FusionEntry:
+    if kind not in _FUSIONS:
+        # A config saved with a user's fusion loads only once that fusion is registered again.
+        raise ValueError(
+            f"fusion kind must be one of {tuple(_FUSIONS.names())}, got {kind!r}; a new fusion "
+            "is registered with mmconnect.register_fusion before a config names it"
+        )
+    return _FUSIONS[kind]
+
+
+def fusion_spec_class(kind: str) -> type[FusionSpec]:
+    """The spec class registered for the fusion ``kind``.
 
     Raises:
-        ValueError: unknown fusion name (the message lists the known ones) or a field
-            combination the fusion refuses.
+        ValueError: unknown kind (the message lists the known ones).
     """
-    if config.fusion not in _FUSIONS:
-        raise ValueError(f"fusion must be one of {tuple(_FUSIONS.names())}, got {config.fusion!r}")
-    check = _FUSIONS[config.fusion][1]
-    if check is not None:
-        check(config)
+    return _entry(kind).spec
 
 
-def build_fusion(config: ConnectorConfig) -> Fusion:
-    """The fusion module that ``config.fusion`` names, built from ``config``.
+def check_fusion_spec(spec: Any) -> FusionSpec:
+    """``spec`` if it is a spec of a registered fusion, of the class registered for its kind.
 
     Raises:
-        ValueError: unknown fusion name.
+        TypeError: ``spec`` is no :class:`FusionSpec`, or of another class than its kind's.
+        ValueError: unknown kind.
+    """
+    if not isinstance(spec, FusionSpec):
+        raise TypeError(
+            "fusion must be a FusionSpec (e.g. DCISpec(groups=...)) or the name of a fusion "
+            f"without required parameters, got {spec!r} ({type(spec).__name__})"
+        )
+    expected = _entry(spec.kind).spec
+    if not isinstance(spec, expected):
+        raise TypeError(
+            f"fusion kind {spec.kind!r} takes a {expected.__name__}, got a {type(spec).__name__}"
+        )
+    return spec
+
+
+def parse_fusion(value: FusionSpec | str | Mapping[str, Any]) -> FusionSpec:
+    """A fusion spec from a spec, a kind name (kinds whose parameters all have defaults, e.g.
+    ``"none"``) or a :meth:`FusionSpec.to_dict` mapping.
+
+    Raises:
+        ValueError: unknown kind, unknown keys (the message lists the kind's parameters), a
+            name whose kind has required parameters, or a bad parameter value.
+        TypeError: a parameter of the wrong type, or a value of none of these types.
+    """
+    if isinstance(value, FusionSpec):
+        return check_fusion_spec(value)
+    if isinstance(value, str):
+        return _construct(_entry(value).spec, value, {})
+    if isinstance(value, Mapping):
+        data = dict(value)
+        if "kind" not in data:
+            raise ValueError(f"a fusion spec needs a 'kind' key, got keys {sorted(data)}")
+        kind = data.pop("kind")
+        spec = _entry(kind).spec
+        unknown = sorted(set(data) - set(spec.parameter_names()))
+        if unknown:
+            raise ValueError(
+                f"unknown keys {unknown} for fusion kind {kind!r}; its parameters are "
+                f"{list(spec.parameter_names())}"
+            )
+        return _construct(spec, kind, data)
+    return check_fusion_spec(value)
+
+
+def _construct(spec: type[FusionSpec], kind: str, parameters: dict[str, Any]) -> FusionSpec:
+    required = [
+        f.name
+        for f in dataclasses.fields(spec)
+        if f.init
+        and f.name != "kind"
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+        and f.name not in parameters
+    ]
+    if required:
+        raise ValueError(
+            f"fusion kind {kind!r} needs the parameters {required}; pass a {spec.__name__}"
+        )
+    if _fixed_kind(spec) is None:
+        parameters = {"kind": kind, **parameters}
+    return spec(**parameters)
+
+
+def build_fusion(spec: FusionSpec, num_layers: int) -> Fusion:
+    """The fusion module ``spec`` describes, for an encoder of ``num_layers`` blocks.
+
+    Raises:
+        ValueError: unknown kind, or layer indices out of range for ``num_layers``.
         TypeError: the registered builder did not return a :class:`Fusion`.
     """
-    if config.fusion not in _FUSIONS:
-        raise ValueError(f"fusion must be one of {tuple(_FUSIONS.names())}, got {config.fusion!r}")
-    fusion = _FUSIONS[config.fusion][0](config)
+    spec = check_fusion_spec(spec)
+    fusion = _entry(spec.kind).builder(spec.normalized(num_layers))
     if not isinstance(fusion, Fusion):
         # The connector relies on the Fusion bookkeeping (layers, widths, token contract).
         raise TypeError(
-            f"the builder of fusion {config.fusion!r} returned {type(fusion).__name__}, "
+            f"the builder of fusion {spec.kind!r} returned {type(fusion).__name__}, "
             "expected a mmconnect.fusion.Fusion"
         )
     return fusion
 
 
-def _final_and_layers(config: ConnectorConfig) -> tuple[int, tuple[int, ...]]:
-    final = normalize_layer(config.final_layer, config.num_layers, argument="final_layer")
-    return final, normalize_layers(config.layers, config.num_layers, argument="layers")
+def _build_single(spec: SingleLayerSpec) -> Fusion:
+    return ChannelConcat(spec.final_layer)
 
 
-def _build_single_or_channels(config: ConnectorConfig) -> Fusion:
-    return ChannelConcat(*_final_and_layers(config))  # "none" has no extra layers
+def _build_channels(spec: SCISpec) -> Fusion:
+    return ChannelConcat(spec.final_layer, spec.extra_layers)
 
 
-def _build_token_stack(config: ConnectorConfig) -> Fusion:
-    return TokenStack(*_final_and_layers(config), window=config.sti_window, mode=config.sti_pool)
+def _build_token_stack(spec: STISpec) -> Fusion:
+    return TokenStack(spec.final_layer, spec.extra_layers, window=spec.window, mode=spec.pool)
 
 
-def _build_grouped(config: ConnectorConfig) -> Fusion:
-    final = normalize_layer(config.final_layer, config.num_layers, argument="final_layer")
-    groups = normalize_groups(config.groups, config.num_layers, argument="groups")
-    return GroupedChannelConcat(final, groups, accumulate_dtype=config.accumulate_torch_dtype)
+def _build_grouped(spec: DCISpec) -> Fusion:
+    return GroupedChannelConcat(
+        spec.final_layer, spec.groups, accumulate_dtype=spec.accumulate_torch_dtype
+    )
 
 
-def _check_none(config: ConnectorConfig) -> None:
-    if config.layers or config.groups:
-        raise ValueError("fusion='none' uses only final_layer; pass neither layers= nor groups=")
-
-
-def _check_layers(config: ConnectorConfig) -> None:
-    if not config.layers or config.groups:
-        raise ValueError(
-            f"fusion={config.fusion!r} needs at least one index in layers= and no groups="
-        )
-
-
-def _check_sti(config: ConnectorConfig) -> None:
-    _check_layers(config)
-    if config.resample_grid is not None:
-        raise ValueError(
-            "resample_grid cannot be used with fusion='sti': STI appends pooled tokens that "
-            "form no grid; resample with 'none', 'sci' or 'dci'"
-        )
-
-
-def _check_dci(config: ConnectorConfig) -> None:
-    if not config.groups or config.layers:
-        raise ValueError("fusion='dci' needs at least one group in groups= and no layers=")
-
-
-register_fusion("none", _build_single_or_channels, check=_check_none)
-register_fusion("sti", _build_token_stack, check=_check_sti)
-register_fusion("sci", _build_single_or_channels, check=_check_layers)
-register_fusion("dci", _build_grouped, check=_check_dci)
+register_fusion("none", _build_single, spec=SingleLayerSpec)
+register_fusion("sti", _build_token_stack, spec=STISpec)
+register_fusion("sci", _build_channels, spec=SCISpec)
+register_fusion("dci", _build_grouped, spec=DCISpec)

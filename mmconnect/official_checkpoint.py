@@ -38,6 +38,7 @@ from typing import Any, Literal
 
 from mmconnect.checkpoint import CONFIG_NAME, read_json
 from mmconnect.config import ConnectorConfig
+from mmconnect.fusion import DCISpec, FusionSpec, SCISpec, SingleLayerSpec, STISpec
 from mmconnect.layers import normalize_layer
 
 TowerBranch = Literal["clip", "siglip"]
@@ -129,22 +130,24 @@ def connector_config_from_official(
         final = normalize_layer(select, tower.num_layers, argument="mm_vision_select_layer")
     else:  # the official SigLIP tower drops its last block and reads the last hidden state
         final = tower.num_layers - 1
-    fields: dict[str, Any] = {
-        "fusion": fusion,
-        "vision_dim": width,
-        "llm_dim": llm_dim,
-        "num_layers": tower.num_layers,
-        "final_layer": final,
-        "projector": config.get("mm_projector_type") or "linear",  # LLaVA's default
+    half = 12 if tower.branch == "clip" else 13
+    specs: dict[str, FusionSpec] = {
+        "none": SingleLayerSpec(final_layer=final),
+        "sti": STISpec(final_layer=final, extra_layers=_STI_SCI_LAYERS, window=8, pool="raster"),
+        "sci": SCISpec(final_layer=final, extra_layers=_STI_SCI_LAYERS),
+        "dci": DCISpec(
+            final_layer=final, groups=(tuple(range(0, half)), tuple(range(half, 2 * half)))
+        ),
     }
-    if fusion in ("sti", "sci"):
-        fields["layers"] = _STI_SCI_LAYERS
-    if fusion == "sti":
-        fields.update(sti_window=8, sti_pool="raster")
-    if fusion == "dci":
-        half = 12 if tower.branch == "clip" else 13
-        fields["groups"] = (tuple(range(0, half)), tuple(range(half, 2 * half)))
-    return ConnectorConfig(**fields)
+    return ConnectorConfig(
+        vision_dim=width,
+        llm_dim=llm_dim,
+        num_layers=tower.num_layers,
+        fusion=specs[fusion],
+        # LLaVA's names ("mlp2x_gelu", "linear") parse into projector specs; "linear" is
+        # LLaVA's default.
+        projector=config.get("mm_projector_type") or "linear",
+    )
 
 
 def _fusion(config: Mapping[str, Any]) -> str:

@@ -15,8 +15,9 @@ dc-sci-siglip-so400m           sci       [F, H[7], H[15]] (3456)                
 dc-dci-siglip-so400m           dci       [F, mean H[0..12], mean H[13..25]] (3456)        729
 =============================  ========  ==============================================  ======
 
-Every preset projects with ``mlp2x_gelu`` to ``llm_dim=4096`` (Vicuna-7B). Override
-``vision_dim``, ``llm_dim`` (and anything else) to run a preset on a tiny encoder of the same depth.
+Every preset projects with ``mlp2x_gelu`` (``MLPSpec(depth=2)``) to ``llm_dim=4096`` (Vicuna-7B).
+Override ``vision_dim``, ``llm_dim`` (and any spec, e.g. ``resample=ResampleSpec(grid=(8, 8))``)
+to run a preset on a tiny encoder of the same depth.
 
 Each preset is registered with the geometry of the encoder it was made for
 (:class:`EncoderGeometry`: image size, patch size, depth, prefix tokens, width), so tools read a
@@ -31,7 +32,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from mmconnect.config import ConnectorConfig
+from mmconnect.fusion import DCISpec, SCISpec, SingleLayerSpec, STISpec
 from mmconnect.registry import Registry
+from mmconnect.resample import ResampleSpec
 
 
 def _positive(value: Any, argument: str) -> int:
@@ -102,7 +105,7 @@ class EncoderGeometry:
 _PRESETS: Registry[tuple[dict[str, Any], EncoderGeometry]] = Registry(
     "preset",
     describe=lambda entry: (
-        f"fusion={entry[0].get('fusion')!r}, num_layers={entry[0].get('num_layers')}"
+        f"fusion {ConnectorConfig(**entry[0]).fusion.kind!r}, num_layers={entry[0].get('num_layers')}"
     ),
 )
 
@@ -112,7 +115,8 @@ def register_preset(name: str, fields: Mapping[str, Any], *, geometry: EncoderGe
 
     Args:
         name: the exact name :meth:`ConnectorConfig.from_preset` takes.
-        fields: every field of the config (validated now, as a config).
+        fields: the config's fields, as :class:`mmconnect.ConnectorConfig` takes them (specs
+            for ``fusion``, ``projector``, ``resample``); validated now, as a config.
         geometry: the encoder the preset is made for; its ``num_layers`` and ``width`` must
             equal the fields' ``num_layers`` and ``vision_dim``.
 
@@ -147,45 +151,46 @@ SIGLIP_SO400M_384 = EncoderGeometry(
     image_size=384, patch_size=14, num_layers=27, num_prefix_tokens=0, width=1152
 )
 
-_CLIP_L_336: dict[str, Any] = {
-    "vision_dim": 1024,
-    "llm_dim": 4096,
-    "num_layers": 24,
-    "final_layer": 23,
-}
+_CLIP_L_336: dict[str, Any] = {"vision_dim": 1024, "llm_dim": 4096, "num_layers": 24}
 # The official SigLIP tower drops block 27, so F = H[26] (= stock HF hidden_states[-2]).
-_SIGLIP_SO400M: dict[str, Any] = {
-    "vision_dim": 1152,
-    "llm_dim": 4096,
-    "num_layers": 27,
-    "final_layer": 26,
-}
-_STI = {"fusion": "sti", "layers": (7, 15), "sti_window": 8, "sti_pool": "raster"}
-_SCI = {"fusion": "sci", "layers": (7, 15)}
+_SIGLIP_SO400M: dict[str, Any] = {"vision_dim": 1152, "llm_dim": 4096, "num_layers": 27}
+_OFFICIAL_EXTRA = (7, 15)  # H[7], H[15]: the official STI / SCI layers
+_DCI_CLIP = DCISpec(final_layer=23, groups=(tuple(range(0, 12)), tuple(range(12, 24))))
 
-_DCI_CLIP_GROUPS = (tuple(range(0, 12)), tuple(range(12, 24)))
 for _name, _fields, _geometry in (
-    ("baseline-clip-l-336", {**_CLIP_L_336, "fusion": "none"}, CLIP_L_336),
-    ("dc-sti-clip-l-336", {**_CLIP_L_336, **_STI}, CLIP_L_336),
-    ("dc-sci-clip-l-336", {**_CLIP_L_336, **_SCI}, CLIP_L_336),
-    ("dc-dci-clip-l-336", {**_CLIP_L_336, "fusion": "dci", "groups": _DCI_CLIP_GROUPS}, CLIP_L_336),
+    ("baseline-clip-l-336", {**_CLIP_L_336, "fusion": SingleLayerSpec(final_layer=23)}, CLIP_L_336),
     (
-        "dc-dci-clip-l-336-efficient",
-        {
-            **_CLIP_L_336,
-            "fusion": "dci",
-            "groups": _DCI_CLIP_GROUPS,
-            "resample_grid": (12, 12),
-            "resample_mode": "bilinear",
-            "resample_placement": "before_projector",
-        },
+        "dc-sti-clip-l-336",
+        {**_CLIP_L_336, "fusion": STISpec(final_layer=23, extra_layers=_OFFICIAL_EXTRA)},
         CLIP_L_336,
     ),
-    ("dc-sti-siglip-so400m", {**_SIGLIP_SO400M, **_STI}, SIGLIP_SO400M_384),
-    ("dc-sci-siglip-so400m", {**_SIGLIP_SO400M, **_SCI}, SIGLIP_SO400M_384),
+    (
+        "dc-sci-clip-l-336",
+        {**_CLIP_L_336, "fusion": SCISpec(final_layer=23, extra_layers=_OFFICIAL_EXTRA)},
+        CLIP_L_336,
+    ),
+    ("dc-dci-clip-l-336", {**_CLIP_L_336, "fusion": _DCI_CLIP}, CLIP_L_336),
+    (
+        "dc-dci-clip-l-336-efficient",
+        {**_CLIP_L_336, "fusion": _DCI_CLIP, "resample": ResampleSpec(grid=(12, 12))},
+        CLIP_L_336,
+    ),
+    (
+        "dc-sti-siglip-so400m",
+        {**_SIGLIP_SO400M, "fusion": STISpec(final_layer=26, extra_layers=_OFFICIAL_EXTRA)},
+        SIGLIP_SO400M_384,
+    ),
+    (
+        "dc-sci-siglip-so400m",
+        {**_SIGLIP_SO400M, "fusion": SCISpec(final_layer=26, extra_layers=_OFFICIAL_EXTRA)},
+        SIGLIP_SO400M_384,
+    ),
     (
         "dc-dci-siglip-so400m",
-        {**_SIGLIP_SO400M, "fusion": "dci", "groups": (tuple(range(0, 13)), tuple(range(13, 26)))},
+        {
+            **_SIGLIP_SO400M,
+            "fusion": DCISpec(final_layer=26, groups=(tuple(range(0, 13)), tuple(range(13, 26)))),
+        },
         SIGLIP_SO400M_384,
     ),
 ):
@@ -217,7 +222,8 @@ def preset_geometry(name: str) -> EncoderGeometry:
 
 
 def preset_fields(name: str) -> dict[str, Any]:
-    """The :class:`mmconnect.ConnectorConfig` fields of the preset ``name``.
+    """The :class:`mmconnect.ConnectorConfig` fields of the preset ``name`` (keyword arguments
+    of the config: ``vision_dim``, ``llm_dim``, ``num_layers``, the ``fusion`` spec ...).
 
     Raises:
         ValueError: unknown name (the message lists the known ones).

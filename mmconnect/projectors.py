@@ -1,9 +1,14 @@
-"""Projectors from fused vision features to the LLM's embedding width, by exact registry name.
+"""Projectors from fused vision features to the LLM's embedding width, described by specs.
 
-Registered: ``identity``, ``linear`` and ``mlp2x_gelu`` .. ``mlp8x_gelu`` (``N`` Linears with an
-exact-erf GELU between them, LLaVA's naming). The module layouts equal LLaVA's ``mm_projector``
-(``linear`` is one ``nn.Linear``, ``mlpNx_gelu`` an ``nn.Sequential`` with Linears at indices
-0, 2, 4, ...), so official weights load by key. Register more with :func:`register_projector`.
+A projector is described by a :class:`ProjectorSpec`: its registered ``kind`` and only its own
+parameters. Registered: ``identity``, ``linear`` (both without parameters:
+``ProjectorSpec(kind="linear")``) and ``mlp`` (:class:`MLPSpec`: ``depth`` Linears with an
+activation between them, exact-erf GELU by default). LLaVA's names are accepted wherever a spec
+is: ``"mlp2x_gelu"`` is ``MLPSpec(depth=2)``, ``"linear"`` and ``"identity"`` the parameterless
+kinds, and :attr:`ProjectorSpec.name` gives the LLaVA name back (``MLPSpec(depth=3).name ==
+"mlp3x_gelu"``). The module layouts equal LLaVA's ``mm_projector`` (``linear`` is one
+``nn.Linear``, an MLP an ``nn.Sequential`` with Linears at indices 0, 2, 4, ...), so official
+weights load by key. Register more with :func:`register_projector`.
 
 Token contract: a plain module is applied token by token (``[B, N, in_dim] -> [B, N, out_dim]``,
 the grid unchanged, tokens after the grid passed through). A projector that changes the token
@@ -19,19 +24,111 @@ Examples:
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Mapping
-from functools import partial
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from torch import Tensor, nn
 
 from mmconnect.checkpoint import read_state_dict
 from mmconnect.registry import Registry, describe_callable
+from mmconnect.validation import check_choice, check_positive_int
 
-ProjectorBuilder = Callable[[int, int], nn.Module]
-_PROJECTORS: Registry[ProjectorBuilder] = Registry(
-    "projector", describe=lambda builder: f"builder {describe_callable(builder)}"
+#: ``builder(in_dim, out_dim, **parameters) -> nn.Module``; ``parameters`` are the spec's own.
+ProjectorBuilder = Callable[..., nn.Module]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProjectorSpec:
+    """What a projector is: its registered ``kind`` and only its own parameters.
+
+    A projector kind without parameters (``identity``, ``linear``, many user projectors) is
+    written with this class itself, ``ProjectorSpec(kind="linear")``; one with parameters has a
+    subclass that fixes ``kind`` (``kind: str = field(default=name, init=False)``) and validates
+    its parameters in ``__post_init__`` (:class:`MLPSpec`).
+
+    Attributes:
+        kind: the registered projector kind (see :func:`list_projectors`).
+    """
+
+    kind: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.kind, str) or not self.kind:
+            raise ValueError(f"projector kind must be a non-empty string, got {self.kind!r}")
+
+    @property
+    def name(self) -> str:
+        """The name LLaVA-style configs use (``mm_projector_type``): the kind itself, except
+        for :class:`MLPSpec` (``"mlp2x_gelu"``)."""
+        return self.kind
+
+    def parameters(self) -> dict[str, Any]:
+        """The spec's own parameters (every field but ``kind``), as the builder receives them."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "kind"}
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict: ``kind`` and the parameters."""
+        return {"kind": self.kind, **self.parameters()}
+
+    @classmethod
+    def parameter_names(cls) -> tuple[str, ...]:
+        """The parameters a spec of this class takes (``kind`` excluded)."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.init and f.name != "kind")
+
+
+#: The activations an :class:`MLPSpec` may put between its Linears (``gelu`` is exact-erf, as
+#: LLaVA's ``nn.GELU()``).
+MLP_ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
+_LLAVA_MLP_NAME = re.compile(r"^mlp(\d+)x_([a-z]+)$")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MLPSpec(ProjectorSpec):
+    """``kind="mlp"``: ``depth`` Linears with ``activation`` between them (LLaVA's ``mlpNx_gelu``).
+
+    ``nn.Sequential(Linear(in, out), GELU(), Linear(out, out), ...)``: Linears at indices
+    0, 2, 4, ..., as LLaVA's ``mm_projector``.
+
+    Attributes:
+        depth: the number of Linears (LLaVA-1.5: 2).
+        activation: one of :data:`MLP_ACTIVATIONS` (LLaVA: ``"gelu"``).
+
+    Examples:
+        >>> MLPSpec(depth=2).name
+        'mlp2x_gelu'
+        >>> parse_projector("mlp3x_gelu")
+        MLPSpec(kind='mlp', depth=3, activation='gelu')
+    """
+
+    kind: str = field(default="mlp", init=False)
+    depth: int = 2
+    activation: str = "gelu"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive_int(self.depth, "depth")
+        check_choice(self.activation, "activation", tuple(MLP_ACTIVATIONS))
+
+    @property
+    def name(self) -> str:
+        return f"mlp{self.depth}x_{self.activation}"
+
+
+@dataclass(frozen=True)
+class _ProjectorEntry:
+    spec: type[ProjectorSpec]
+    builder: ProjectorBuilder
+
+
+_PROJECTORS: Registry[_ProjectorEntry] = Registry(
+    "projector",
+    describe=lambda entry: (
+        f"spec {entry.spec.__name__}, builder {describe_callable(entry.builder)}"
+    ),
 )
 
 
@@ -58,43 +155,151 @@ class GridProjector(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} must implement forward(tokens, grid)")
 
 
-def register_projector(name: str, builder: ProjectorBuilder) -> None:
-    """Register ``builder(in_dim, out_dim) -> nn.Module`` under the exact ``name``.
+def _fixed_kind(spec: type[ProjectorSpec]) -> str | None:
+    kind = next(f for f in dataclasses.fields(spec) if f.name == "kind")
+    return None if kind.init else kind.default
+
+
+def register_projector(
+    name: str, builder: ProjectorBuilder, *, spec: type[ProjectorSpec] = ProjectorSpec
+) -> None:
+    """Register a projector kind: ``builder(in_dim, out_dim, **parameters) -> nn.Module``.
 
     The module is either applied token by token (``[B, N, in_dim] -> [B, N, out_dim]``) or is a
     :class:`GridProjector` that declares the token count and grid it produces.
 
+    Args:
+        name: the kind, as specs and config files spell it.
+        builder: called with the widths and the spec's :meth:`ProjectorSpec.parameters`.
+        spec: the spec class holding the projector's parameters, a :class:`ProjectorSpec`
+            subclass fixing ``kind`` to ``name``; the default, :class:`ProjectorSpec` itself, is
+            for projectors without parameters (``ProjectorSpec(kind=name)``, or just ``name``).
+
     Raises:
-        ValueError: ``name`` is already registered (registries never silently replace).
-        TypeError: ``builder`` is not callable.
+        ValueError: ``name`` is already registered (registries never silently replace), spells
+            a LLaVA MLP name (``mlp2x_gelu`` means ``MLPSpec(depth=2)``), or ``spec`` fixes
+            another kind.
+        TypeError: ``builder`` is not callable or ``spec`` no :class:`ProjectorSpec` subclass.
     """
     _PROJECTORS.check_available(name)
+    if _LLAVA_MLP_NAME.match(name):
+        raise ValueError(
+            f"projector name {name!r} spells an MLP (it parses as MLPSpec); pick another name"
+        )
     if not callable(builder):
         raise TypeError(f"projector builder must be callable, got {type(builder).__name__}")
-    _PROJECTORS.register(name, builder)
+    if not (isinstance(spec, type) and issubclass(spec, ProjectorSpec)):
+        raise TypeError(f"spec must be a ProjectorSpec subclass, got {spec!r}")
+    fixed = _fixed_kind(spec)
+    if fixed is not None and fixed != name:
+        raise ValueError(
+            f"spec {spec.__name__} fixes kind={fixed!r}, so it cannot be registered as {name!r}"
+        )
+    _PROJECTORS.register(name, _ProjectorEntry(spec, builder))
 
 
 def list_projectors() -> list[str]:
-    """The registered projector names, sorted."""
+    """The registered projector kinds, sorted (LLaVA's ``mlpNx_gelu`` names are the ``mlp``
+    kind)."""
     return sorted(_PROJECTORS)
 
 
-def build_projector(name: str, in_dim: int, out_dim: int) -> nn.Module:
-    """Build the projector registered as ``name``: ``[B, N, in_dim] -> [B, N', out_dim]``.
+def _entry(kind: Any) -> _ProjectorEntry:
+    if kind not in _PROJECTORS:
+        raise ValueError(
+            f"unknown projector {kind!r}; known projectors: {', '.join(list_projectors())} or a "
+            "LLaVA MLP name such as 'mlp2x_gelu' (register one with mmconnect.register_projector)"
+        )
+    return _PROJECTORS[kind]
+
+
+def check_projector_spec(spec: Any) -> ProjectorSpec:
+    """``spec`` if it is a spec of a registered projector, of the class registered for its kind.
+
+    Raises:
+        TypeError: ``spec`` is no :class:`ProjectorSpec` or of another class than its kind's.
+        ValueError: unknown kind.
+    """
+    if not isinstance(spec, ProjectorSpec):
+        raise TypeError(
+            "projector must be a ProjectorSpec or a projector name such as 'mlp2x_gelu', got "
+            f"{spec!r} ({type(spec).__name__})"
+        )
+    expected = _entry(spec.kind).spec
+    if not isinstance(spec, expected):
+        raise TypeError(
+            f"projector kind {spec.kind!r} takes a {expected.__name__}, got a {type(spec).__name__}"
+        )
+    return spec
+
+
+def parse_projector(value: ProjectorSpec | str | Mapping[str, Any]) -> ProjectorSpec:
+    """A projector spec from a spec, a name or a :meth:`ProjectorSpec.to_dict` mapping.
+
+    Names: LLaVA's ``"mlpNx_<activation>"`` (``"mlp2x_gelu"`` -> ``MLPSpec(depth=2)``) or a
+    registered kind whose parameters all have defaults (``"linear"``, ``"identity"``, ``"mlp"``).
+
+    Raises:
+        ValueError: unknown kind or keys (the message lists the kind's parameters), a name whose
+            kind has required parameters, or a bad parameter value.
+        TypeError: a parameter of the wrong type, or a value of none of these types.
+    """
+    if isinstance(value, ProjectorSpec):
+        return check_projector_spec(value)
+    if isinstance(value, str):
+        match = _LLAVA_MLP_NAME.match(value)
+        if match and "mlp" in _PROJECTORS:
+            return MLPSpec(depth=int(match.group(1)), activation=match.group(2))
+        return _construct(_entry(value).spec, value, {})
+    if isinstance(value, Mapping):
+        data = dict(value)
+        if "kind" not in data:
+            raise ValueError(f"a projector spec needs a 'kind' key, got keys {sorted(data)}")
+        kind = data.pop("kind")
+        spec = _entry(kind).spec
+        unknown = sorted(set(data) - set(spec.parameter_names()))
+        if unknown:
+            raise ValueError(
+                f"unknown keys {unknown} for projector kind {kind!r}; its parameters are "
+                f"{list(spec.parameter_names())}"
+            )
+        return _construct(spec, kind, data)
+    return check_projector_spec(value)
+
+
+def _construct(spec: type[ProjectorSpec], kind: str, parameters: dict[str, Any]) -> ProjectorSpec:
+    required = [
+        f.name
+        for f in dataclasses.fields(spec)
+        if f.init
+        and f.name != "kind"
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+        and f.name not in parameters
+    ]
+    if required:
+        raise ValueError(
+            f"projector kind {kind!r} needs the parameters {required}; pass a {spec.__name__}"
+        )
+    if _fixed_kind(spec) is None:
+        parameters = {"kind": kind, **parameters}
+    return spec(**parameters)
+
+
+def build_projector(
+    spec: ProjectorSpec | str | Mapping[str, Any], in_dim: int, out_dim: int
+) -> nn.Module:
+    """Build the projector ``spec`` describes: ``[B, N, in_dim] -> [B, N', out_dim]``.
 
     ``N' = N`` for token-wise projectors; a :class:`GridProjector` declares ``N'``.
 
     Raises:
-        ValueError: unknown name (the message lists the known ones) or bad widths.
+        ValueError: unknown kind (the message lists the known ones) or bad widths.
     """
-    if name not in _PROJECTORS:
-        raise ValueError(
-            f"unknown projector {name!r}; known projectors: {', '.join(list_projectors())}"
-        )
+    spec = parse_projector(spec)
     for argument, value in (("in_dim", in_dim), ("out_dim", out_dim)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{argument} must be a positive int, got {value!r}")
-    return _PROJECTORS[name](in_dim, out_dim)
+        check_positive_int(value, argument)
+    return _entry(spec.kind).builder(in_dim, out_dim, **spec.parameters())
 
 
 def _identity(in_dim: int, out_dim: int) -> nn.Module:
@@ -105,17 +310,16 @@ def _identity(in_dim: int, out_dim: int) -> nn.Module:
     return nn.Identity()
 
 
-def _mlp_gelu(in_dim: int, out_dim: int, *, depth: int) -> nn.Sequential:
+def _mlp(in_dim: int, out_dim: int, *, depth: int, activation: str) -> nn.Sequential:
     modules: list[nn.Module] = [nn.Linear(in_dim, out_dim)]
     for _ in range(depth - 1):
-        modules += [nn.GELU(), nn.Linear(out_dim, out_dim)]
+        modules += [MLP_ACTIVATIONS[activation](), nn.Linear(out_dim, out_dim)]
     return nn.Sequential(*modules)
 
 
 register_projector("identity", _identity)
 register_projector("linear", nn.Linear)
-for _depth in range(2, 9):
-    register_projector(f"mlp{_depth}x_gelu", partial(_mlp_gelu, depth=_depth))
+register_projector("mlp", _mlp, spec=MLPSpec)
 
 
 # ---------------------------------------------------------------------------- official weights

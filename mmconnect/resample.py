@@ -5,15 +5,17 @@ with 2-D bilinear interpolation (``align_corners=False``) and trains with it in 
 max pooling to the target grid are offered too; :class:`TokenResampler` is the module form used by
 :class:`mmconnect.DenseConnector`, before or after the projector.
 
-The modes form a registry (``ConnectorConfig.resample_mode`` accepts every registered name):
-:func:`register_resampler` adds one as a function on ``[B, C, h, w]`` maps.
+A connector's resampling is described by a :class:`ResampleSpec` (target grid, mode, placement),
+``ConnectorConfig.resample``. The modes form a registry (:class:`ResampleSpec` accepts every
+registered name): :func:`register_resampler` adds one as a function on ``[B, C, h, w]`` maps.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
+from typing import Any, Literal
 
 import torch.nn.functional as F
 from einops import rearrange
@@ -21,6 +23,7 @@ from torch import Tensor, nn
 
 from mmconnect.features import check_grid
 from mmconnect.registry import Registry
+from mmconnect.validation import check_choice
 
 #: A registered resample mode name (``"bilinear"``, ``"avg"``, ``"max"`` or a user's).
 ResampleMode = str
@@ -93,6 +96,63 @@ def check_target_grid(target: tuple[int, int], *, argument: str = "target") -> t
             f"{argument} must be a (height, width) pair of positive ints, got {target!r}"
         )
     return int(target[0]), int(target[1])
+
+
+#: Where the resampler runs: on the fused features (cheaper) or on the projected tokens.
+PLACEMENTS: tuple[str, ...] = ("before_projector", "after_projector")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResampleSpec:
+    """How a connector resizes its fused token grid (the efficient Dense Connector).
+
+    Attributes:
+        grid: ``(height, width)`` the fused token grid is resized to (``(12, 12)``: 576 -> 144).
+        mode: ``"bilinear"`` (the paper), ``"avg"``, ``"max"`` or a mode added with
+            :func:`register_resampler`.
+        placement: ``"before_projector"`` (on the fused features, cheaper; default) or
+            ``"after_projector"`` (on the projected tokens).
+
+    Examples:
+        >>> ResampleSpec(grid=[12, 12]).to_dict()
+        {'grid': [12, 12], 'mode': 'bilinear', 'placement': 'before_projector'}
+    """
+
+    grid: tuple[int, int]
+    mode: ResampleMode = "bilinear"
+    placement: Literal["before_projector", "after_projector"] = "before_projector"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "grid", check_target_grid(self.grid, argument="grid"))
+        try:
+            check_resample_mode(self.mode, argument="mode")
+        except ValueError as error:
+            raise ValueError(
+                f"{error}; a new mode is registered with mmconnect.register_resampler first"
+            ) from None
+        check_choice(self.placement, "placement", PLACEMENTS)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (the grid as a list)."""
+        return {"grid": list(self.grid), "mode": self.mode, "placement": self.placement}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ResampleSpec:
+        """A spec from :meth:`to_dict` output.
+
+        Raises:
+            ValueError: unknown keys (the message lists the known ones) or bad values.
+            TypeError: ``data`` is not a mapping.
+        """
+        if not isinstance(data, Mapping):
+            raise TypeError(f"a resample spec must be a mapping or null, got {type(data).__name__}")
+        known = ("grid", "mode", "placement")
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ValueError(f"unknown resample keys {unknown}; known keys: {list(known)}")
+        if "grid" not in data:
+            raise ValueError(f"a resample spec needs a 'grid' key, got keys {sorted(data)}")
+        return cls(**data)
 
 
 def resample_tokens(

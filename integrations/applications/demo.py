@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from mmconnect import ConnectorConfig
+from mmconnect import ConnectorConfig, DCISpec, ResampleSpec, SCISpec, SingleLayerSpec, STISpec
 from mmconnect.integrations.applications.output_folders import OutputFolder, claim_output_folder
 from mmconnect.integrations.applications.synthetic import (
     SceneSpec,
@@ -234,21 +234,21 @@ def demo_connector(
     """
     half = num_layers // 2
     groups = (tuple(range(0, half)), tuple(range(half, num_layers)))
+    extra = (max(half // 2, 1), half)
     kinds = {
-        "baseline": {"fusion": "none"},
-        "sti": {"fusion": "sti", "layers": (max(half // 2, 1), half), "sti_window": 4},
-        "sci": {"fusion": "sci", "layers": (max(half // 2, 1), half)},
-        "dci": {"fusion": "dci", "groups": groups},
+        "baseline": {"fusion": SingleLayerSpec()},
+        "sti": {"fusion": STISpec(extra_layers=extra, window=4)},
+        "sci": {"fusion": SCISpec(extra_layers=extra)},
+        "dci": {"fusion": DCISpec(groups=groups)},
         "dci-efficient": {
-            "fusion": "dci",
-            "groups": groups,
-            "resample_grid": (grid_side // 2, grid_side // 2),
+            "fusion": DCISpec(groups=groups),
+            "resample": ResampleSpec(grid=(grid_side // 2, grid_side // 2)),
         },
     }
     if kind not in kinds:
         raise ValueError(f"unknown demo connector {kind!r}; choose from {', '.join(CONNECTORS)}")
     return ConnectorConfig(
-        final_layer=-2, vision_dim=vision_dim, llm_dim=llm_dim, num_layers=num_layers, **kinds[kind]
+        vision_dim=vision_dim, llm_dim=llm_dim, num_layers=num_layers, **kinds[kind]
     )
 
 

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from mmconnect import ConnectorConfig
+from mmconnect import ConnectorConfig, ResampleSpec
 from mmconnect.integrations.applications.lab_encoder import (
     EncoderPretraining,
     ProbeData,
@@ -214,7 +214,7 @@ def lab_connector(kind: str, *, vision_dim: int, llm_dim: int, grid_side: int) -
         raise ValueError(f"unknown lab connector {kind!r}; choose from {', '.join(LAB_PRESETS)}")
     overrides: dict[str, Any] = {"vision_dim": vision_dim, "llm_dim": llm_dim}
     if kind == "dci-efficient":
-        overrides["resample_grid"] = (grid_side // 2, grid_side // 2)
+        overrides["resample"] = ResampleSpec(grid=(grid_side // 2, grid_side // 2))
     return ConnectorConfig.from_preset(LAB_PRESETS[kind], **overrides)
 
 
@@ -241,12 +241,14 @@ def connector_input_probes(
 
     results: dict[str, dict[str, float] | None] = {}
     for name, config in connectors.items():
-        if config.fusion == "sti" or config.resample_grid is not None:
+        fusion = config.fusion
+        if fusion.kind == "sti" or config.resample is not None:
             results[name] = None
             continue
-        parts = [layer(config.final_layer)]
-        parts += [layer(index) for index in config.layers]
-        parts += [torch.stack([layer(index) for index in group]).mean(0) for group in config.groups]
+        parts = [layer(fusion.final_layer)]
+        parts += [layer(index) for index in getattr(fusion, "extra_layers", ())]
+        groups = getattr(fusion, "groups", ())
+        parts += [torch.stack([layer(index) for index in group]).mean(0) for group in groups]
         features = torch.cat(parts, dim=-1)[None]  # [1, samples, channels]
         results[name] = {
             "colour": probe_accuracy(features, data.colour, data.train)[0],
@@ -378,8 +380,10 @@ def input_probe_table(results: dict[str, Any]) -> str:
         if entry is None:
             lines.append(f"| {kind} | not per patch | – | – |")
             continue
-        parts = [f"H[{config.final_layer}]", *(f"H[{index}]" for index in config.layers)]
-        parts += [f"mean H[{group[0]}..{group[-1]}]" for group in config.groups]
+        fusion = config.fusion
+        extra = getattr(fusion, "extra_layers", ())
+        parts = [f"H[{fusion.final_layer}]", *(f"H[{index}]" for index in extra)]
+        parts += [f"mean H[{group[0]}..{group[-1]}]" for group in getattr(fusion, "groups", ())]
         lines.append(
             f"| {kind} | {', '.join(parts)} | {100 * entry['colour']:.1f} | "
             f"{100 * entry['shape']:.1f} |"

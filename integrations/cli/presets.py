@@ -32,7 +32,7 @@ def presets_table() -> str:
         rows.append(
             (
                 name,
-                config.fusion,
+                config.fusion.kind,
                 _describe_layers(connector),
                 str(connector.num_tokens(grid)),
                 str(connector.fused_dim),

@@ -74,7 +74,7 @@ class DenseVisionTower(nn.Module):
         # Bound methods, not the module: the connector is registered as mm_projector already.
         self._connector_tokens = connector.num_tokens
         self._connector_grid = connector.token_grid
-        self._fusion = connector.config.fusion
+        self._fusion = connector.config.fusion.kind
         self._tap = connector.make_tap(self.encoder)
 
     def forward(self, images: Tensor | list[Tensor]) -> LayerFeatures | list[LayerFeatures]:
@@ -121,7 +121,7 @@ class DenseVisionTower(nn.Module):
                 f"the {self._fusion!r} connector gives {tokens} tokens per image on a "
                 f"{height}x{width} grid: they form no square grid, so LLaVA's spatial patch merge "
                 "cannot reshape them; use mm_patch_merge_type='flat' (STI appends pooled tokens "
-                "after the grid) or a square resample_grid"
+                "after the grid) or a square resample grid"
             )
         return height
 

@@ -32,7 +32,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
-from mmconnect import ConnectorConfig, DenseConnector, find_encoder_blocks
+from mmconnect import ConnectorConfig, DenseConnector, SingleLayerSpec, find_encoder_blocks
 from mmconnect.checkpoint import atomic_save_directory, open_safetensors, read_json
 from mmconnect.connector import FINGERPRINT_KEY, config_fingerprint, count_output_tokens
 
@@ -47,8 +47,7 @@ def baseline_connector(
 ) -> ConnectorConfig:
     """The LLaVA-1.5 connector for these towers: one layer, ``mlp2x_gelu``."""
     return ConnectorConfig(
-        fusion="none",
-        final_layer=feature_layer,
+        fusion=SingleLayerSpec(final_layer=feature_layer),
         vision_dim=vision_config.hidden_size,
         llm_dim=text_config.hidden_size,
         num_layers=vision_config.num_hidden_layers,
@@ -92,14 +91,15 @@ def attach_connector(config: Any) -> None:
         if not isinstance(config.vision_feature_layer, int):
             raise ValueError(
                 f"{type(config).__name__} needs connector= when vision_feature_layer is a list; "
-                "convert with from_llava(model, ConnectorConfig(fusion='sci', ...))"
+                "convert with from_llava(model, ConnectorConfig(fusion=SCISpec(...), ...))"
             )
         baseline = baseline_connector(
             config.vision_config, config.text_config, config.vision_feature_layer
         )
         config.connector = baseline.to_dict()
-    if isinstance(config.connector, ConnectorConfig):
-        config.connector = config.connector.to_dict()
+    if not isinstance(config.connector, ConnectorConfig):  # a dict, maybe of format 1: upgraded
+        config.connector = ConnectorConfig.from_dict(config.connector)
+    config.connector = config.connector.to_dict()
     config.image_seq_length = count_output_tokens(
         config.connector_config, native_grid(config.vision_config)
     )
@@ -471,8 +471,8 @@ def check_checkpoint_connector(directory: str | os.PathLike, connector: Connecto
     if problems:
         raise ValueError(
             f"the connector weights in {str(directory)!r} do not match the connector config in its "
-            f"config.json (fusion={connector.fusion!r}, vision_dim={connector.vision_dim}, "
-            f"llm_dim={connector.llm_dim}, projector={connector.projector!r}): "
+            f"config.json (fusion={connector.fusion.kind!r}, vision_dim={connector.vision_dim}, "
+            f"llm_dim={connector.llm_dim}, projector={connector.projector.name!r}): "
             + "; ".join(problems)
         )
 
@@ -512,11 +512,11 @@ def _dense_config_from(config: Any, connector: ConnectorConfig, model_class: typ
 
 def _reuse_projector_weights(source: nn.Module, connector: DenseConnector, act: str) -> bool:
     """Copy the source projector into the connector's when names, shapes and activation fit."""
-    if act != "gelu" or connector.config.projector != "mlp2x_gelu":
+    if act != "gelu" or connector.config.projector.name != "mlp2x_gelu":
         logger.warning(
             "not reusing the projector weights: the source uses %r activation, the connector %r",
             act,
-            connector.config.projector,
+            connector.config.projector.name,
         )
         return False
     try:

@@ -244,15 +244,15 @@ def check_placement(placement: str, connector: DenseConnector) -> None:
     """Raise a clear ``ValueError`` for an unknown placement or one the connector cannot take."""
     if placement not in ("after", "before"):
         raise ValueError(f"placement must be 'after' or 'before', got {placement!r}")
-    if placement == "before" and connector.config.fusion == "sti":
+    if placement == "before" and not type(connector.config.fusion).resamplable:
         raise ValueError(
             "placement='before' mines every fused token against its HR window, but STI appends "
             "pooled tokens that have none; use placement='after' with STI"
         )
-    if placement == "before" and connector.config.resample_grid is not None:
+    if placement == "before" and connector.config.resample is not None:
         raise ValueError(
             "placement='before' mines on the encoder grid, which a resampling connector has "
-            "already shrunk; use placement='after' with resample_grid"
+            "already shrunk; use placement='after' with resampling"
         )
 
 

@@ -8,12 +8,24 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch.testing import assert_close
 
-from mmconnect import ConnectorConfig, DenseConnector, LayerFeatures, list_presets
+from mmconnect import (
+    ConnectorConfig,
+    DCISpec,
+    DenseConnector,
+    LayerFeatures,
+    ResampleSpec,
+    SCISpec,
+    list_presets,
+)
+from mmconnect.connector import config_fingerprint
 
 EXACT = {"atol": 0.0, "rtol": 0.0}
 VISION, LLM = 4, 6
@@ -37,11 +49,13 @@ def _randn(seed: int, *shape: int, dtype=torch.float32) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
-def _connector(preset: str, seed: int = 0, **overrides) -> DenseConnector:
+def _connector(preset: str, seed: int = 0, *, fusion_changes=None, **overrides) -> DenseConnector:
     torch.manual_seed(seed)
     config = ConnectorConfig.from_preset(
         preset, **{"vision_dim": VISION, "llm_dim": LLM, **overrides}
     )
+    if fusion_changes:
+        config = config.replace(fusion=config.fusion.replace(**fusion_changes))
     return DenseConnector(config)
 
 
@@ -67,7 +81,7 @@ def test_expected_covers_every_preset():
 def test_layers_individual_layers_groups(preset):
     layers, individual, groups, _, _ = EXPECTED[preset]
     connector = _connector(preset)
-    assert connector.layers == layers
+    assert connector.captured_layers == layers
     assert connector.individual_layers == individual
     assert connector.groups == groups
 
@@ -94,11 +108,11 @@ NON_SQUARE = [
     ("dc-sci-clip-l-336", {}, (6, 10), 60),
     ("dc-dci-siglip-so400m", {}, (10, 6), 60),
     ("dc-sti-clip-l-336", {}, (6, 10), 60 + 2 * 7),
-    ("dc-sti-clip-l-336", {"sti_pool": "grid", "sti_window": 2}, (6, 10), 60 + 2 * 15),
-    ("dc-sti-siglip-so400m", {"sti_window": 3}, (5, 9), 45 + 2 * 15),
-    ("dc-sti-siglip-so400m", {"sti_pool": "grid", "sti_window": 3}, (5, 9), 45 + 2 * 3),
+    ("dc-sti-clip-l-336", {"fusion_changes": {"pool": "grid", "window": 2}}, (6, 10), 60 + 2 * 15),
+    ("dc-sti-siglip-so400m", {"fusion_changes": {"window": 3}}, (5, 9), 45 + 2 * 15),
+    ("dc-sti-siglip-so400m", {"fusion_changes": {"pool": "grid", "window": 3}}, (5, 9), 45 + 2 * 3),
     ("dc-dci-clip-l-336-efficient", {}, (6, 10), 144),
-    ("dc-dci-clip-l-336", {"resample_grid": (3, 5), "resample_mode": "avg"}, (6, 10), 15),
+    ("dc-dci-clip-l-336", {"resample": ResampleSpec(grid=(3, 5), mode="avg")}, (6, 10), 15),
 ]
 
 
@@ -162,7 +176,11 @@ def test_save_pretrained_round_trip(tmp_path, preset):
 
 def test_save_pretrained_identity_projector(tmp_path):
     config = ConnectorConfig(
-        fusion="sci", vision_dim=2, llm_dim=6, num_layers=4, layers=(0, 1), projector="identity"
+        fusion=SCISpec(extra_layers=(0, 1)),
+        vision_dim=2,
+        llm_dim=6,
+        num_layers=4,
+        projector="identity",
     )
     connector = DenseConnector(config)
     connector.save_pretrained(tmp_path)
@@ -346,7 +364,8 @@ def test_bad_config_type():
 
 def test_resample_before_vs_after_projector():
     before = _connector("dc-dci-clip-l-336-efficient")
-    after = DenseConnector(before.config.replace(resample_placement="after_projector"))
+    after_projector = ResampleSpec(grid=(12, 12), placement="after_projector")
+    after = DenseConnector(before.config.replace(resample=after_projector))
     after.projector.load_state_dict(before.projector.state_dict())
     features = _features(24, 576, batch=1)
     out_before, out_after = before(features), after(features)
@@ -356,9 +375,8 @@ def test_resample_before_vs_after_projector():
     assert before.fuse(features).shape == (1, 144, 3 * VISION)  # resampled inside fuse
     assert after.fuse(features).shape == (1, 576, 3 * VISION)
     # linear maps commute with the (linear) bilinear resize: both placements agree without GELU
-    linear = {"projector": "linear", "resample_placement": "before_projector"}
-    first = _connector("dc-dci-clip-l-336-efficient", **linear)
-    second = DenseConnector(first.config.replace(resample_placement="after_projector"))
+    first = _connector("dc-dci-clip-l-336-efficient", projector="linear")
+    second = DenseConnector(first.config.replace(resample=after_projector))
     second.projector.load_state_dict(first.projector.state_dict())
     assert_close(first(features), second(features), atol=1e-5, rtol=1e-5)
 
@@ -377,7 +395,9 @@ def test_bf16_features_into_fp32_connector():
 
 @pytest.mark.parametrize("accumulate_dtype", [None, "float32"])
 def test_bf16_dci_into_fp32_connector(accumulate_dtype):
-    connector = _connector("dc-dci-clip-l-336", accumulate_dtype=accumulate_dtype)
+    connector = _connector(
+        "dc-dci-clip-l-336", fusion_changes={"accumulate_dtype": accumulate_dtype}
+    )
     features = _features(24, 16, dtype=torch.bfloat16)
     fused = connector.fuse(features)
     assert fused.dtype == torch.bfloat16  # fusion stays in the features' dtype (official)
@@ -402,18 +422,12 @@ def test_gradients_reach_projector_and_features():
 
 @pytest.fixture(scope="module")
 def tiny_clip():
-    from transformers import CLIPVisionConfig, CLIPVisionModel
+    """HF CLIP tower: 3 blocks, width 8, 56 px / patch 14 (a 4 x 4 grid, 1 CLS)."""
+    from mmconnect.integrations.applications.tiny_models import tiny_vision_tower
 
-    torch.manual_seed(0)
-    config = CLIPVisionConfig(
-        hidden_size=VISION * 2,
-        intermediate_size=16,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        image_size=56,
-        patch_size=14,
+    return tiny_vision_tower(
+        "clip", blocks=3, width=VISION * 2, intermediate_size=16, image_size=56
     )
-    return CLIPVisionModel(config).eval()
 
 
 @pytest.mark.parametrize("streaming", [True, False])
@@ -435,7 +449,7 @@ def test_make_tap_on_encoder_of_other_depth(tiny_clip, preset, depth, streaming)
 
 def test_make_tap_on_deeper_encoder(tiny_clip):
     config = ConnectorConfig(
-        fusion="sci", vision_dim=VISION * 2, llm_dim=LLM, num_layers=2, layers=(0,)
+        fusion=SCISpec(extra_layers=(0,)), vision_dim=VISION * 2, llm_dim=LLM, num_layers=2
     )
     with pytest.raises(
         ValueError, match="the encoder has 3 blocks but the connector config says num_layers=2"
@@ -446,7 +460,7 @@ def test_make_tap_on_deeper_encoder(tiny_clip):
 @pytest.mark.parametrize("streaming", [True, False])
 def test_make_tap_on_matching_encoder(tiny_clip, streaming):
     config = ConnectorConfig(
-        fusion="dci", vision_dim=VISION * 2, llm_dim=LLM, num_layers=3, groups=((0, 1), (2, 3))
+        fusion=DCISpec(groups=((0, 1), (2, 3))), vision_dim=VISION * 2, llm_dim=LLM, num_layers=3
     )
     connector = DenseConnector(config)
     pixels = _randn(0, 1, 3, 56, 56)
@@ -464,8 +478,8 @@ def test_make_tap_on_matching_encoder(tiny_clip, streaming):
 @pytest.mark.parametrize(
     "changes",
     [
-        {"layers": [6, 15]},
-        {"fusion": "dci", "layers": [], "groups": [[0, 1], [2, 3]]},
+        {"extra_layers": [6, 15]},
+        {"kind": "dci", "groups": [[0, 1], [2, 3]]},
         {"final_layer": -1},
     ],
     ids=["other-layers", "sci-to-dci", "final-layer"],
@@ -475,7 +489,9 @@ def test_weights_saved_under_another_config_with_the_same_shapes_are_refused(tmp
     original = _connector("dc-sci-clip-l-336")
     original.save_pretrained(tmp_path)
     data = json.loads((tmp_path / "config.json").read_text())
-    data.update(changes)
+    data["fusion"] = {"final_layer": 23, **changes}
+    if data["fusion"].get("kind") != "dci":
+        data["fusion"] = {"kind": "sci", "extra_layers": [7, 15], **data["fusion"]}
     (tmp_path / "config.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match="saved with a different connector config"):
         DenseConnector.from_pretrained(tmp_path)
@@ -485,14 +501,72 @@ def test_weights_saved_under_another_config_with_the_same_shapes_are_refused(tmp
 
 
 def test_equivalent_layer_spellings_share_a_fingerprint():
-    negative = _connector("dc-sci-clip-l-336", final_layer=-2, layers=(-18, 15))
-    positive = DenseConnector(negative.config.replace(final_layer=23, layers=(7, 15)))
+    negative = _connector(
+        "dc-sci-clip-l-336", fusion=SCISpec(final_layer=-2, extra_layers=(-18, 15))
+    )
+    positive = DenseConnector(
+        negative.config.replace(fusion=SCISpec(final_layer=23, extra_layers=(7, 15)))
+    )
     positive.load_state_dict(negative.state_dict())
     assert torch.equal(positive.config_fingerprint, negative.config_fingerprint)
 
 
 def test_accumulate_dtype_does_not_change_the_fingerprint():
     plain = _connector("dc-dci-clip-l-336")
-    upcast = DenseConnector(plain.config.replace(accumulate_dtype="float32"))
+    upcast = DenseConnector(
+        plain.config.replace(fusion=plain.config.fusion.replace(accumulate_dtype="float32"))
+    )
     upcast.load_state_dict(plain.state_dict())
     assert torch.equal(upcast.config_fingerprint, plain.config_fingerprint)
+
+
+# ---------------------------------------------------------------------------- format-1 checkpoints
+
+V1 = Path(__file__).parents[1] / "fixtures" / "config_v1"
+
+
+def test_format1_fingerprints_are_unchanged():
+    """Each format-1 fixture hashes, upgraded, to the fingerprint format 1 computed for it."""
+    expected = json.loads((V1 / "fingerprints.json").read_text())
+    for name, fingerprint in expected.items():
+        assert config_fingerprint(ConnectorConfig.load(V1 / f"{name}.json")) == fingerprint, name
+
+
+def test_format1_connector_loads_with_its_weights_and_outputs():
+    connector = DenseConnector.from_pretrained(V1 / "connector_dci_resample")
+    assert connector.config.to_dict()["format_version"] == 2
+    assert connector.config.resample == ResampleSpec(
+        grid=(2, 3), mode="avg", placement="after_projector"
+    )
+    saved = load_file(V1 / "connector_dci_resample" / "model.safetensors")
+    state = connector.state_dict()
+    assert sorted(state) == sorted(saved)
+    for key, value in saved.items():
+        assert torch.equal(state[key], value), key
+    recorded = load_file(V1 / "connector_dci_resample_io.safetensors")
+    features = {int(key.split(".")[1]): value for key, value in recorded.items() if key != "output"}
+    with torch.no_grad():
+        assert torch.equal(connector(features, (4, 4)), recorded["output"])
+
+
+def test_format1_connector_saved_again_is_format2_and_loads(tmp_path):
+    connector = DenseConnector.from_pretrained(V1 / "connector_dci_resample")
+    connector.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["format_version"] == 2
+    again = DenseConnector.from_pretrained(tmp_path)
+    assert torch.equal(again.projector[0].weight, connector.projector[0].weight)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"groups": [[0, 2], [1, 3]]}, {"resample_placement": "before_projector"}, {"final_layer": -1}],
+    ids=["other-groups", "other-placement", "other-final-layer"],
+)
+def test_format1_connector_under_an_edited_config_is_refused(tmp_path, changes):
+    """Every shape still fits, so only the fingerprint (format 1's) can tell."""
+    directory = tmp_path / "connector"
+    shutil.copytree(V1 / "connector_dci_resample", directory)
+    data = {**json.loads((directory / "config.json").read_text()), **changes}
+    (directory / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="saved with a different connector config"):
+        DenseConnector.from_pretrained(directory)

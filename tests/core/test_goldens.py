@@ -175,9 +175,8 @@ def test_upcast_accumulation_is_an_explicit_departure_from_the_goldens():
     the official rounding (that is its purpose), and it stays within one bf16 step of it."""
     model = tower("clip", "dci", torch.bfloat16)
     pixels = golden("input.pixel_values").to(torch.bfloat16)
-    config = ConnectorConfig.from_preset(
-        "dc-dci-clip-l-336", vision_dim=WIDTH, llm_dim=LLM_DIM, accumulate_dtype="float32"
-    )
+    config = ConnectorConfig.from_preset("dc-dci-clip-l-336", vision_dim=WIDTH, llm_dim=LLM_DIM)
+    config = config.replace(fusion=config.fusion.replace(accumulate_dtype="float32"))
     dense = DenseConnector(config)
     expected = golden("clip.dci.bfloat16.fused")
     with torch.no_grad():

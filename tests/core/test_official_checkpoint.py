@@ -95,30 +95,30 @@ def test_plain_llava_15_is_the_baseline():
     )
     for value in (None, "none"):
         assert (
-            connector_config_from_official({**llava, "mm_dense_connector_type": value}).fusion
+            connector_config_from_official({**llava, "mm_dense_connector_type": value}).fusion.kind
             == "none"
         )
 
 
 def test_siglip_branch_ignores_the_select_layer_as_the_official_tower_does():
     config = official_config(**SIGLIP, mm_hidden_size=3456, mm_vision_select_layer=-1)
-    assert connector_config_from_official(config).final_layer == 26
+    assert connector_config_from_official(config).fusion.final_layer == 26
 
 
 def test_clip_select_layer_is_followed():
     config = connector_config_from_official(official_config(mm_vision_select_layer=-1))
-    assert config.final_layer == 24  # hidden_states[-1] of 24 blocks
-    assert config.groups == (tuple(range(12)), tuple(range(12, 24)))
+    assert config.fusion.final_layer == 24  # hidden_states[-1] of 24 blocks
+    assert config.fusion.groups == (tuple(range(12)), tuple(range(12, 24)))
 
 
 def test_linear_projector_and_llava_default():
     assert (
-        connector_config_from_official(official_config(mm_projector_type="linear")).projector
+        connector_config_from_official(official_config(mm_projector_type="linear")).projector.name
         == "linear"
     )
     config = official_config()
     del config["mm_projector_type"]
-    assert connector_config_from_official(config).projector == "linear"  # LLaVA's default
+    assert connector_config_from_official(config).projector.name == "linear"  # LLaVA's default
 
 
 def test_reads_a_file_and_a_directory(tmp_path):

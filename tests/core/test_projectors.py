@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -18,7 +19,16 @@ from torch import nn
 from torch.testing import assert_close
 
 import mmconnect
-from mmconnect import ConnectorConfig, DenseConnector, build_projector, list_projectors
+from mmconnect import (
+    ConnectorConfig,
+    DenseConnector,
+    MLPSpec,
+    ProjectorSpec,
+    SCISpec,
+    SingleLayerSpec,
+    build_projector,
+    list_projectors,
+)
 from mmconnect import projectors as projectors_module
 
 EXACT = {"atol": 0.0, "rtol": 0.0}
@@ -39,16 +49,14 @@ def isolated_registry(monkeypatch):
 
 
 def test_list_projectors_exact():
-    assert list_projectors() == [
-        "identity",
-        "linear",
-        *(f"mlp{depth}x_gelu" for depth in range(2, 9)),
-    ]
+    assert list_projectors() == ["identity", "linear", "mlp"]
     assert mmconnect.list_projectors is list_projectors
 
 
 def test_register_projector_refuses_duplicates(isolated_registry):
-    with pytest.raises(ValueError, match="a projector named 'mlp2x_gelu' is already registered"):
+    with pytest.raises(ValueError, match="a projector named 'mlp' is already registered"):
+        mmconnect.register_projector("mlp", nn.Linear)
+    with pytest.raises(ValueError, match="projector name 'mlp2x_gelu' spells an MLP"):
         mmconnect.register_projector("mlp2x_gelu", nn.Linear)
     mmconnect.register_projector("my_linear", lambda i, o: nn.Linear(i, o, bias=False))
     assert "my_linear" in list_projectors()
@@ -67,7 +75,7 @@ def test_register_projector_refuses_bad_names(isolated_registry, name):
         mmconnect.register_projector(name, nn.Linear)
 
 
-@pytest.mark.parametrize("name", ["mlp2x_relu", "MLP2x_gelu", "mlp9x_gelu", "mlp2x_gelu "])
+@pytest.mark.parametrize("name", ["mlp2x_tanh_", "MLP2x_gelu", "mlpx_gelu", "mlp2x_gelu "])
 def test_unknown_projector_lists_known_ones(name):
     known = ", ".join(list_projectors())
     with pytest.raises(
@@ -77,12 +85,73 @@ def test_unknown_projector_lists_known_ones(name):
 
 
 @pytest.mark.parametrize(
-    ("argument", "dims"),
-    [("in_dim", (0, 4)), ("out_dim", (4, -1)), ("in_dim", (True, 4)), ("out_dim", (4, 2.0))],
+    ("argument", "dims", "error"),
+    [
+        ("in_dim", (0, 4), ValueError),
+        ("out_dim", (4, -1), ValueError),
+        ("in_dim", (True, 4), TypeError),
+        ("out_dim", (4, 2.0), TypeError),
+    ],
 )
-def test_bad_widths(argument, dims):
-    with pytest.raises(ValueError, match=f"{argument} must be a positive int"):
+def test_bad_widths(argument, dims, error):
+    with pytest.raises(error, match=f"{argument} must be a positive int"):
         build_projector("linear", *dims)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 9])
+def test_llava_mlp_names_build_mlps_of_their_depth(depth):
+    projector = build_projector(f"mlp{depth}x_gelu", 4, 6)
+    assert [type(module).__name__ for module in projector] == ["Linear"] + ["GELU", "Linear"] * (
+        depth - 1
+    )
+    assert (
+        build_projector(MLPSpec(depth=depth), 4, 6).state_dict().keys()
+        == projector.state_dict().keys()
+    )
+
+
+def test_mlp_activation_is_a_parameter():
+    projector = build_projector(MLPSpec(depth=2, activation="silu"), 4, 6)
+    assert isinstance(projector[1], nn.SiLU)
+    assert MLPSpec(depth=2, activation="silu").name == "mlp2x_silu"
+
+
+@dataclass(frozen=True, kw_only=True)
+class BottleneckSpec(ProjectorSpec):
+    """A user projector with its own parameter."""
+
+    kind: str = field(default="bottleneck", init=False)
+    hidden: int = 2
+
+
+def _bottleneck(in_dim: int, out_dim: int, *, hidden: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.Linear(hidden, out_dim))
+
+
+def test_user_projector_with_its_own_parameters(isolated_registry):
+    mmconnect.register_projector("bottleneck", _bottleneck, spec=BottleneckSpec)
+    config = ConnectorConfig(
+        vision_dim=4, llm_dim=6, num_layers=2, fusion="none", projector=BottleneckSpec(hidden=3)
+    )
+    assert DenseConnector(config).projector[0].weight.shape == (3, 4)
+    data = config.to_dict()
+    assert data["projector"] == {"kind": "bottleneck", "hidden": 3}
+    assert ConnectorConfig.from_dict(data) == config
+    assert config.projector.name == "bottleneck"
+    assert (
+        ConnectorConfig(**{**BASE_SMALL, "projector": "bottleneck"}).projector == BottleneckSpec()
+    )
+    with pytest.raises(
+        ValueError, match=r"unknown keys \['width'\] for projector kind 'bottleneck'"
+    ):
+        ConnectorConfig.from_dict({**data, "projector": {"kind": "bottleneck", "width": 3}})
+    with pytest.raises(ValueError, match="spec BottleneckSpec fixes kind='bottleneck'"):
+        mmconnect.register_projector("other", _bottleneck, spec=BottleneckSpec)
+    with pytest.raises(TypeError, match="spec must be a ProjectorSpec subclass"):
+        mmconnect.register_projector("other", _bottleneck, spec=dict)
+
+
+BASE_SMALL = {"vision_dim": 4, "llm_dim": 6, "num_layers": 2, "fusion": "none"}
 
 
 # ---------------------------------------------------------------------------- shapes
@@ -350,7 +419,7 @@ def _llava_config(feature_layer):
 @pytest.mark.parametrize("prefix", ["", "model.multi_modal_projector.", "multi_modal_projector."])
 @pytest.mark.parametrize(
     ("feature_layer", "fusion"),
-    [(-2, {"fusion": "none"}), ([-2, 0, 1], {"fusion": "sci", "layers": (0, 1)})],
+    [(-2, SingleLayerSpec()), ([-2, 0, 1], SCISpec(extra_layers=(0, 1)))],
 )
 def test_hf_llava_projector_weights(prefix, feature_layer, fusion):
     from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
@@ -359,7 +428,7 @@ def test_hf_llava_projector_weights(prefix, feature_layer, fusion):
     hf = LlavaMultiModalProjector(_llava_config(feature_layer)).eval()
     torch.manual_seed(1)  # a differently initialised connector, so equality proves the load
     connector = DenseConnector(
-        ConnectorConfig(vision_dim=VISION, llm_dim=LLM, num_layers=4, final_layer=-2, **fusion)
+        ConnectorConfig(vision_dim=VISION, llm_dim=LLM, num_layers=4, fusion=fusion)
     )
     connector.load_projector_weights(
         {prefix + key: value for key, value in hf.state_dict().items()}

@@ -14,29 +14,19 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
 from mmconnect import ConnectorConfig, DenseConnector, LayerFeatures
+from mmconnect.integrations.applications.tiny_models import PUBLISHED_GEOMETRY, tiny_vision_tower
 
 WIDTH = 16
 LLM_DIM = 24
 
 
 def _tiny(family: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    common = {
-        "hidden_size": WIDTH,
-        "intermediate_size": 32,
-        "num_attention_heads": 2,
-        "patch_size": 14,
-    }
-    if family == "clip":
-        model = CLIPVisionModel(CLIPVisionConfig(num_hidden_layers=24, image_size=336, **common))
-    else:
-        model = SiglipVisionModel(
-            SiglipVisionConfig(num_hidden_layers=27, image_size=384, **common)
-        )
-    return model.eval()
+    """The narrow tower of ``family`` at its published depth and grid (seed 0, eval mode)."""
+    return tiny_vision_tower(
+        family, width=WIDTH, intermediate_size=32, **PUBLISHED_GEOMETRY[family]
+    )
 
 
 @functools.cache
@@ -159,11 +149,11 @@ def test_paper_layer_numbering_maps_to_official_indices():
     # The paper's layers 8 and 16 and groups (1-12), (13-24) are H[7], H[15], H[0..11], H[12..23].
     assert [paper_layer(8), paper_layer(16)] == [7, 15]
     config = ConnectorConfig.from_preset("dc-dci-clip-l-336", vision_dim=WIDTH, llm_dim=LLM_DIM)
-    assert config.groups == (
+    assert config.fusion.groups == (
         tuple(paper_layer(i) for i in range(1, 13)),
         tuple(paper_layer(i) for i in range(13, 25)),
     )
-    assert ConnectorConfig.from_preset("dc-sci-clip-l-336").layers == (
+    assert ConnectorConfig.from_preset("dc-sci-clip-l-336").fusion.extra_layers == (
         paper_layer(8),
         paper_layer(16),
     )

@@ -7,6 +7,7 @@ Each registry refuses duplicates naming the existing entry, lists its names publ
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -20,6 +21,9 @@ from mmconnect import (
     DenseConnector,
     EncoderGeometry,
     Fusion,
+    FusionSpec,
+    ResampleSpec,
+    STISpec,
     list_fusions,
     list_resamplers,
     preset_geometry,
@@ -35,7 +39,7 @@ from mmconnect.fusion import require_layer
 from mmconnect.integrations.cli import main
 
 EXACT = {"atol": 0.0, "rtol": 0.0}
-BASE = {"vision_dim": 4, "llm_dim": 6, "num_layers": 6, "final_layer": -2}
+BASE = {"vision_dim": 4, "llm_dim": 6, "num_layers": 6}
 
 
 def _randn(seed: int, *shape: int) -> Tensor:
@@ -62,14 +66,29 @@ class LayerDifference(Fusion):
         )
 
 
-def _build_difference(config: ConnectorConfig) -> Fusion:
-    final = mmconnect.normalize_layer(config.final_layer, config.num_layers)
-    return LayerDifference(final, [mmconnect.normalize_layer(config.layers[0], config.num_layers)])
+@dataclass(frozen=True, kw_only=True)
+class DifferenceSpec(FusionSpec):
+    """The toy fusion's own parameter: the one layer subtracted from the final layer."""
+
+    kind: str = field(default="difference", init=False)
+    subtracted: int
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.subtracted, int) or isinstance(self.subtracted, bool):
+            raise TypeError(f"subtracted must be an int layer index, got {self.subtracted!r}")
+
+    def _normalized_fields(self, num_layers: int, final_layer: int) -> dict:
+        subtracted = mmconnect.normalize_layer(self.subtracted, num_layers, argument="subtracted")
+        if subtracted == final_layer:
+            raise ValueError(
+                f"fusion 'difference' subtracts the final layer {final_layer} from itself"
+            )
+        return {"subtracted": subtracted}
 
 
-def _check_difference(config: ConnectorConfig) -> None:
-    if len(config.layers) != 1 or config.groups:
-        raise ValueError(f"fusion='difference' reads exactly one extra layer, got {config.layers}")
+def _build_difference(spec: DifferenceSpec) -> Fusion:
+    return LayerDifference(spec.final_layer, [spec.subtracted])
 
 
 # ---------------------------------------------------------------------------- fusions
@@ -82,47 +101,61 @@ def test_list_fusions_exact():
 
 @pytest.mark.parametrize("name", ["none", "sti", "sci", "dci"])
 def test_register_fusion_refuses_builtin_duplicates(name):
-    builder = fusion_module._FUSIONS[name][0].__qualname__
+    entry = fusion_module._FUSIONS[name]
     with pytest.raises(
         ValueError,
-        match=rf"a fusion named '{name}' is already registered \(builder "
-        rf"mmconnect\.fusion\.{builder}\); pick another name",
+        match=rf"a fusion named '{name}' is already registered \(spec {entry.spec.__name__}, "
+        rf"builder mmconnect\.fusion\.{entry.builder.__qualname__}\); pick another name",
     ):
         register_fusion(name, _build_difference)
     assert list_fusions() == ["none", "sti", "sci", "dci"]
 
 
 def test_register_fusion_refuses_user_duplicates_and_bad_arguments(isolated_fusions):
-    register_fusion("difference", _build_difference, check=_check_difference)
+    register_fusion("difference", _build_difference, spec=DifferenceSpec)
     assert list_fusions() == ["none", "sti", "sci", "dci", "difference"]
     with pytest.raises(
-        ValueError, match=r"'difference' is already registered \(builder .*_build_difference\)"
+        ValueError,
+        match=r"'difference' is already registered \(spec DifferenceSpec, builder .*_build_difference\)",
     ):
         register_fusion("difference", _build_difference)
     with pytest.raises(ValueError, match="fusion name must be a non-empty string, got ''"):
         register_fusion("", _build_difference)
     with pytest.raises(TypeError, match="fusion builder must be callable, got str"):
         register_fusion("other", "LayerDifference")
-    with pytest.raises(TypeError, match="fusion check must be callable or None, got int"):
-        register_fusion("other", _build_difference, check=3)
+    with pytest.raises(TypeError, match="spec must be a FusionSpec subclass, got 3"):
+        register_fusion("other", _build_difference, spec=3)
+    with pytest.raises(ValueError, match="spec DifferenceSpec fixes kind='difference'"):
+        register_fusion("other", _build_difference, spec=DifferenceSpec)
     assert "other" not in list_fusions()
 
 
 def test_user_fusion_is_accepted_by_the_config_and_runs(isolated_fusions):
     unregistered = (
-        r"fusion must be one of \('none', 'sti', 'sci', 'dci'\), got 'difference'; a new fusion "
-        r"is registered with mmconnect.register_fusion before a config names it"
+        r"fusion kind must be one of \('none', 'sti', 'sci', 'dci'\), got 'difference'; a new "
+        r"fusion is registered with mmconnect.register_fusion before a config names it"
     )
     with pytest.raises(ValueError, match=unregistered):
-        ConnectorConfig(fusion="difference", layers=(1,), **BASE)
+        ConnectorConfig(fusion=DifferenceSpec(subtracted=1), **BASE)
     unregistered_registry = fusion_module._FUSIONS.copy()  # what a fresh process has
-    register_fusion("difference", _build_difference, check=_check_difference)
-    config = ConnectorConfig(fusion="difference", layers=(1,), **BASE)
-    # The fusion's own check runs while the config validates itself.
-    with pytest.raises(ValueError, match=r"fusion='difference' reads exactly one extra layer"):
-        ConnectorConfig(fusion="difference", layers=(1, 2), **BASE)
-    # Saved and read back like a built-in (the JSON format is unchanged) ...
+    register_fusion("difference", _build_difference, spec=DifferenceSpec)
+    config = ConnectorConfig(fusion=DifferenceSpec(subtracted=1), **BASE)
+    # The spec's own checks run while the config validates itself, with the encoder depth.
+    with pytest.raises(TypeError, match="subtracted must be an int layer index"):
+        DifferenceSpec(subtracted="1")
+    with pytest.raises(ValueError, match=r"fusion 'difference' subtracts the final layer 5"):
+        ConnectorConfig(fusion=DifferenceSpec(subtracted=-2), **BASE)
+    with pytest.raises(
+        ValueError, match=r"fusion kind 'difference' needs the parameters \['subtracted'\]"
+    ):
+        ConnectorConfig(fusion="difference", **BASE)
+    # Saved and read back like a built-in, its parameters in its own spec ...
+    assert config.to_dict()["fusion"] == {"kind": "difference", "final_layer": -2, "subtracted": 1}
     assert ConnectorConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match=r"unknown keys \['groups'\] for fusion kind 'difference'"):
+        ConnectorConfig.from_dict(
+            {**config.to_dict(), "fusion": {**config.fusion.to_dict(), "groups": []}}
+        )
     # ... and read in a process that has not registered it: the error says what to do.
     registered = fusion_module._FUSIONS
     fusion_module._FUSIONS = unregistered_registry
@@ -135,7 +168,7 @@ def test_user_fusion_is_accepted_by_the_config_and_runs(isolated_fusions):
     torch.manual_seed(0)
     connector = DenseConnector(config)
     assert isinstance(connector.fusion, LayerDifference)
-    assert connector.layers == (1, 5)
+    assert connector.captured_layers == (1, 5)
     features = {layer: _randn(layer, 2, 6, 4) for layer in (1, 5)}
     expected = connector.projector(features[5] - features[1])
     assert_close(connector(features, (2, 3)), expected, **EXACT)
@@ -143,8 +176,9 @@ def test_user_fusion_is_accepted_by_the_config_and_runs(isolated_fusions):
 
 
 def test_fusion_builder_must_return_a_fusion(isolated_fusions):
-    register_fusion("broken", lambda config: torch.nn.Identity())
-    config = ConnectorConfig(fusion="broken", **BASE)
+    register_fusion("broken", lambda spec: torch.nn.Identity())
+    config = ConnectorConfig(fusion=FusionSpec(kind="broken"), **BASE)
+    assert ConnectorConfig(fusion="broken", **BASE) == config  # no parameters: the name is enough
     with pytest.raises(
         TypeError,
         match=r"the builder of fusion 'broken' returned Identity, expected a mmconnect.fusion.Fusion",
@@ -178,16 +212,15 @@ def _nearest(maps: Tensor, size: tuple[int, int]) -> Tensor:
 def test_user_resampler_is_accepted_by_the_config_and_runs(isolated_resamplers):
     with pytest.raises(
         ValueError,
-        match=r"resample_mode must be one of \('bilinear', 'avg', 'max'\), got 'nearest'; "
+        match=r"mode must be one of \('bilinear', 'avg', 'max'\), got 'nearest'; "
         r"a new mode is registered with mmconnect.register_resampler first",
     ):
-        ConnectorConfig(fusion="none", resample_grid=(2, 2), resample_mode="nearest", **BASE)
+        ResampleSpec(grid=(2, 2), mode="nearest")
     register_resampler("nearest", _nearest, enlarges=True)
     assert list_resamplers() == ["bilinear", "avg", "max", "nearest"]
     config = ConnectorConfig(
         fusion="none",
-        resample_grid=(2, 2),
-        resample_mode="nearest",
+        resample=ResampleSpec(grid=(2, 2), mode="nearest"),
         projector="identity",
         **{**BASE, "llm_dim": 4},
     )
@@ -230,13 +263,10 @@ VIT_B = EncoderGeometry(
     image_size=(224, 320), patch_size=16, num_layers=12, num_prefix_tokens=1, width=768
 )
 VIT_B_FIELDS = {
-    "fusion": "sti",
-    "layers": (3, 7),
+    "fusion": STISpec(extra_layers=(3, 7), window=4),
     "vision_dim": 768,
     "llm_dim": 2048,
     "num_layers": 12,
-    "final_layer": -2,
-    "sti_window": 4,
 }
 
 
@@ -264,7 +294,7 @@ def test_encoder_geometry_grid_and_validation():
 def test_register_preset_refuses_duplicates_and_mismatches(isolated_presets):
     with pytest.raises(
         ValueError,
-        match=r"a preset named 'dc-sti-clip-l-336' is already registered \(fusion='sti', "
+        match=r"a preset named 'dc-sti-clip-l-336' is already registered \(fusion 'sti', "
         r"num_layers=24\); pick another name",
     ):
         register_preset("dc-sti-clip-l-336", VIT_B_FIELDS, geometry=VIT_B)
@@ -276,8 +306,10 @@ def test_register_preset_refuses_duplicates_and_mismatches(isolated_presets):
         ValueError, match=r"preset 'vit': vision_dim=768 but its geometry says width=1152"
     ):
         register_preset("vit", {**VIT_B_FIELDS, "num_layers": 27}, geometry=SIGLIP)
-    with pytest.raises(ValueError, match=r"preset 'vit': fusion='sti' needs at least one index"):
-        register_preset("vit", {**VIT_B_FIELDS, "layers": ()}, geometry=VIT_B)
+    with pytest.raises(ValueError, match=r"preset 'vit': extra_layers\[1\]=13 is out of range"):
+        register_preset(
+            "vit", {**VIT_B_FIELDS, "fusion": STISpec(extra_layers=(3, 13))}, geometry=VIT_B
+        )
     with pytest.raises(TypeError, match="geometry must be an EncoderGeometry, got tuple"):
         register_preset("vit", VIT_B_FIELDS, geometry=(224, 16))
     assert "vit" not in mmconnect.list_presets()

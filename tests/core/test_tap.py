@@ -1079,10 +1079,10 @@ def test_compiled_encoder_gives_the_plain_features(request, encoder_name, size):
 def test_compiled_tower_with_the_eager_backend_through_a_connector(tiny_clip_vision):
     """``DenseConnector.make_tap`` checks the depth of a compiled tower and taps it; with
     ``backend="eager"`` the fused output equals the uncompiled one, with grad too."""
-    from mmconnect import ConnectorConfig, DenseConnector
+    from mmconnect import ConnectorConfig, DCISpec, DenseConnector
 
     config = ConnectorConfig(
-        fusion="dci", vision_dim=32, llm_dim=16, num_layers=HF_LAYERS, groups=[[0, 1], [2, 3]]
+        fusion=DCISpec(groups=[[0, 1], [2, 3]]), vision_dim=32, llm_dim=16, num_layers=HF_LAYERS
     )
     connector = DenseConnector(config)
     compiled = torch.compile(tiny_clip_vision, backend="eager")
@@ -1092,7 +1092,7 @@ def test_compiled_tower_with_the_eager_backend_through_a_connector(tiny_clip_vis
     assert_same(actual, expected)
     assert actual.requires_grad
     with pytest.raises(ValueError, match=r"the encoder has 4 blocks but the connector config says"):
-        DenseConnector(config.replace(num_layers=5, groups=((0, 1), (2, 3)))).make_tap(compiled)
+        DenseConnector(config.replace(num_layers=5)).make_tap(compiled)
     assert_no_hooks(tiny_clip_vision)
 
 
@@ -1111,10 +1111,10 @@ def test_compiled_wrappers_are_unwrapped_for_discovery(tiny_clip_vision):
 def test_gradient_checkpointing_reaches_tower_and_connector(tiny_clip_vision):
     """HF ``gradient_checkpointing_enable()`` in training mode: a streaming DCI connector on the
     tap gets the same gradients, and so does the tower, as without checkpointing."""
-    from mmconnect import ConnectorConfig, DenseConnector
+    from mmconnect import ConnectorConfig, DCISpec, DenseConnector
 
     config = ConnectorConfig(
-        fusion="dci", vision_dim=32, llm_dim=16, num_layers=HF_LAYERS, groups=[[0, 1], [2, 3]]
+        fusion=DCISpec(groups=[[0, 1], [2, 3]]), vision_dim=32, llm_dim=16, num_layers=HF_LAYERS
     )
     torch.manual_seed(1)
     connector = DenseConnector(config)

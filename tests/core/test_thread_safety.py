@@ -18,21 +18,26 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from mmconnect import ConnectorConfig, DenseConnector, MultiLayerFeatureTap
+from mmconnect import ConnectorConfig, DCISpec, DenseConnector, MultiLayerFeatureTap
 
 transformers = pytest.importorskip("transformers")
 
-from mmconnect.integrations.families.llava import (  # noqa: E402
-    DenseLlavaConfig,
-    DenseLlavaForConditionalGeneration,
+from mmconnect.integrations.applications.tiny_models import (  # noqa: E402
+    tiny_dense_llava,
+    tiny_text_config,
+    tiny_vision_config,
+    tiny_vision_tower,
 )
+from mmconnect.integrations.families.llava import DenseLlavaForConditionalGeneration  # noqa: E402
 
 THREADS, CALLS = 4, 10
 VISION, LLM, BLOCKS, IMAGE_SIZE, PATCH = 16, 32, 4, 56, 14  # a 4 x 4 token grid
 IMAGE_TOKEN = 3
+#: The CLIP tower: 4 blocks, width 16, 56 px / patch 14 (a 4 x 4 grid, 1 CLS).
+TOWER = {"blocks": BLOCKS, "width": VISION, "image_size": IMAGE_SIZE, "patch_size": PATCH}
 #: DCI on the 4-block tower: F = H[3], means of H[0..1] and H[2..3].
 CONNECTOR = ConnectorConfig(
-    fusion="dci", vision_dim=VISION, llm_dim=LLM, num_layers=BLOCKS, groups=((0, 1), (2, 3))
+    fusion=DCISpec(groups=((0, 1), (2, 3))), vision_dim=VISION, llm_dim=LLM, num_layers=BLOCKS
 )
 
 
@@ -45,38 +50,23 @@ def _one_torch_thread():
     torch.set_num_threads(threads)
 
 
-def clip_config() -> transformers.CLIPVisionConfig:
-    return transformers.CLIPVisionConfig(
-        hidden_size=VISION,
-        intermediate_size=2 * VISION,
-        num_hidden_layers=BLOCKS,
-        num_attention_heads=2,
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH,
-    )
-
-
 def build_dense_llava() -> DenseLlavaForConditionalGeneration:
-    torch.manual_seed(0)
-    text = transformers.LlamaConfig(
-        hidden_size=LLM,
-        intermediate_size=2 * LLM,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
+    """Dense LLaVA (DCI) of the :data:`TOWER` CLIP and a 1-block Llama 32 wide (seed 0, eval)."""
+    text = tiny_text_config(
+        width=LLM,
+        blocks=1,
         vocab_size=64,
         max_position_embeddings=128,
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
     )
-    config = DenseLlavaConfig(
-        vision_config=clip_config().to_dict(),
-        text_config=text.to_dict(),
+    return tiny_dense_llava(
+        connector=CONNECTOR,
+        vision_config=tiny_vision_config("clip", **TOWER),
+        text_config=text,
         image_token_id=IMAGE_TOKEN,
-        connector=CONNECTOR.to_dict(),
     )
-    return DenseLlavaForConditionalGeneration(config).eval()
 
 
 def image(thread: int, call: int, batch: int = 1) -> Tensor:
@@ -193,8 +183,7 @@ def test_threads_asking_for_hidden_states_and_early_exits_mixed(dense_llava):
 # ----------------------------------------------------------------------------- bare CLIP tower
 @pytest.fixture(scope="module")
 def tower() -> nn.Module:
-    torch.manual_seed(0)
-    return transformers.CLIPVisionModel(clip_config()).eval()
+    return tiny_vision_tower("clip", **TOWER)
 
 
 @pytest.mark.parametrize("streaming", [True, False], ids=["streaming", "all-layers"])

@@ -22,8 +22,14 @@ from torch.testing import assert_close
 import mmconnect
 from mmconnect import (
     ConnectorConfig,
+    DCISpec,
     DenseConnector,
     Fusion,
+    FusionSpec,
+    ResampleSpec,
+    SCISpec,
+    SingleLayerSpec,
+    STISpec,
     list_fusions,
     list_projectors,
     list_resamplers,
@@ -76,18 +82,13 @@ class TransposedFinal(Fusion):
         return rearrange(final, "b (h w) c -> b (w h) c", h=grid[0], w=grid[1])
 
 
-def _build_transposed(config: ConnectorConfig) -> Fusion:
-    return TransposedFinal(mmconnect.normalize_layer(config.final_layer, config.num_layers))
-
-
-def _check_transposed(config: ConnectorConfig) -> None:
-    if config.layers or config.groups:
-        raise ValueError("fusion='transposed' reads only final_layer")
+def _build_transposed(spec: FusionSpec) -> Fusion:
+    return TransposedFinal(spec.final_layer)  # no parameters: FusionSpec(kind="transposed")
 
 
 def _register_toys() -> None:
     register_projector("space_to_depth", SpaceToDepth)
-    register_fusion("transposed", _build_transposed, check=_check_transposed)
+    register_fusion("transposed", _build_transposed)
 
 
 @pytest.fixture(scope="module")
@@ -100,19 +101,22 @@ def toys():
         yield
 
 
-# The layer fields each registered fusion needs on a 4-block encoder. A fusion registered without
-# an entry here fails test_every_registered_fusion_is_covered, so the property covers it.
-FUSION_FIELDS = {
-    "none": {},
-    "sti": {"layers": (1, 2)},
-    "sci": {"layers": (1, 2)},
-    "dci": {"groups": ((0, 1), (2, 3))},
-    "transposed": {},
+# The spec of each registered fusion on a 4-block encoder, final layer -1, given the STI window
+# and pooling. A fusion registered without an entry here fails
+# test_every_registered_fusion_is_covered, so the property covers it.
+FUSION_SPECS = {
+    "none": lambda window, pool: SingleLayerSpec(final_layer=-1),
+    "sti": lambda window, pool: STISpec(
+        final_layer=-1, extra_layers=(1, 2), window=window, pool=pool
+    ),
+    "sci": lambda window, pool: SCISpec(final_layer=-1, extra_layers=(1, 2)),
+    "dci": lambda window, pool: DCISpec(final_layer=-1, groups=((0, 1), (2, 3))),
+    "transposed": lambda window, pool: FusionSpec(kind="transposed", final_layer=-1),
 }
 
 
 def test_every_registered_fusion_is_covered(toys):
-    assert set(list_fusions()) == set(FUSION_FIELDS)
+    assert set(list_fusions()) == set(FUSION_SPECS)
 
 
 def _config(
@@ -122,15 +126,15 @@ def _config(
     resample: tuple[tuple[int, int], str, str] | None,
     sti: tuple[int, str],
 ) -> ConnectorConfig:
-    fields = dict(FUSION_FIELDS[fusion], fusion=fusion, sti_window=sti[0], sti_pool=sti[1])
+    spec = FUSION_SPECS[fusion](*sti)
     if resample is not None:
         target, mode, placement = resample
-        fields.update(resample_grid=target, resample_mode=mode, resample_placement=placement)
+        resample = ResampleSpec(grid=target, mode=mode, placement=placement)
     probe = ConnectorConfig(
-        vision_dim=vision_dim, llm_dim=3, num_layers=NUM_LAYERS, final_layer=-1, **fields
+        vision_dim=vision_dim, llm_dim=3, num_layers=NUM_LAYERS, fusion=spec, resample=resample
     )
     # The identity projector keeps the fused width: give it an LLM of that width.
-    fused = fusion_module.build_fusion(probe).output_channels(vision_dim)
+    fused = fusion_module.build_fusion(spec, NUM_LAYERS).output_channels(vision_dim)
     return probe.replace(projector=projector, llm_dim=fused if projector == "identity" else 3)
 
 
@@ -139,7 +143,8 @@ def _settings(draw):
     fusion = draw(st.sampled_from(list_fusions()))
     projector = draw(st.sampled_from(list_projectors()))
     resample = None
-    if fusion != "sti" and draw(st.booleans()):  # the config refuses to resample STI
+    resamplable = type(FUSION_SPECS[fusion](1, "raster")).resamplable
+    if resamplable and draw(st.booleans()):  # the config refuses to resample STI
         target = (draw(st.integers(1, 6)), draw(st.integers(1, 6)))
         mode = draw(st.sampled_from(list_resamplers()))
         placement = draw(st.sampled_from(["before_projector", "after_projector"]))
@@ -171,7 +176,7 @@ def _check_contract(config: ConnectorConfig, grid: tuple[int, int], seed: int) -
     lead = connector.token_grid(grid)
     extra = connector.extra_tokens(grid)
     assert lead[0] * lead[1] + extra == declared
-    assert extra == (declared - grid[0] * grid[1] if config.fusion == "sti" else 0)
+    assert extra == (declared - grid[0] * grid[1] if config.fusion.kind == "sti" else 0)
     # The config-only helpers processors use answer the same.
     assert count_output_tokens(config, grid) == declared
     assert output_token_grid(config, grid) == lead
@@ -227,12 +232,11 @@ def test_leading_tokens_form_the_declared_grid(grid, seed):
 
 def test_toy_fusion_and_token_reducing_projector_exact(toys):
     config = ConnectorConfig(
-        fusion="transposed",
+        fusion=FusionSpec(kind="transposed", final_layer=-1),
         projector="space_to_depth",
         vision_dim=2,
         llm_dim=3,
         num_layers=NUM_LAYERS,
-        final_layer=-1,
     )
     torch.manual_seed(0)
     connector = DenseConnector(config)
@@ -270,8 +274,7 @@ def test_token_reducing_projector_with_resampling_composes_in_forward_order(toys
                 vision_dim=2,
                 llm_dim=3,
                 num_layers=NUM_LAYERS,
-                resample_grid=(4, 4),
-                resample_placement=placement,
+                resample=ResampleSpec(grid=(4, 4), placement=placement),
             )
         )
 
@@ -289,9 +292,7 @@ def test_token_reducing_projector_with_resampling_composes_in_forward_order(toys
 
 def test_sti_extra_tokens_into_a_grid_projector_are_refused(toys):
     config = ConnectorConfig(
-        fusion="sti",
-        layers=(1,),
-        sti_window=2,
+        fusion=STISpec(extra_layers=(1,), window=2),
         projector="space_to_depth",
         vision_dim=2,
         llm_dim=3,

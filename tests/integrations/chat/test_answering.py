@@ -25,7 +25,7 @@ from transformers import (
     LlavaNextImageProcessor,
 )
 
-from mmconnect import ConnectorConfig
+from mmconnect import ConnectorConfig, DCISpec, STISpec
 from mmconnect.integrations.applications.demo import build_word_tokenizer
 from mmconnect.integrations.chat.answering import (
     answer_image,
@@ -57,10 +57,10 @@ SIZE, PATCH, VISION, LLM, BLOCKS = 56, 14, 16, 32, 4
 TOKENS = (SIZE // PATCH) ** 2  # 16 per frame
 PINPOINTS = [[56, 112], [112, 56], [112, 112]]
 QUESTION = "What colour is the circle? Answer with one word."
-_COMMON = {"vision_dim": VISION, "llm_dim": LLM, "num_layers": BLOCKS, "final_layer": -2}
-DCI = ConnectorConfig(fusion="dci", groups=((0, 1), (2, 3)), **_COMMON)
+_COMMON = {"vision_dim": VISION, "llm_dim": LLM, "num_layers": BLOCKS}
+DCI = ConnectorConfig(fusion=DCISpec(groups=((0, 1), (2, 3))), **_COMMON)
 # STI pools layers 1 and 2 by 8: 16 grid tokens + 2 + 2 that form no grid
-STI = ConnectorConfig(fusion="sti", layers=(1, 2), **_COMMON)
+STI = ConnectorConfig(fusion=STISpec(extra_layers=(1, 2)), **_COMMON)
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,7 @@ from transformers import (  # noqa: E402
     PreTrainedModel,
 )
 
-from mmconnect import ConnectorConfig, DenseConnector, LayerFeatures  # noqa: E402
+from mmconnect import ConnectorConfig, DenseConnector, LayerFeatures, ResampleSpec  # noqa: E402
 from mmconnect.integrations.codebases.llava import (  # noqa: E402
     CONFIG_KEY,
     DENSE_PROJECTOR_TYPE,
@@ -454,7 +454,7 @@ def test_sti_with_a_spatial_merge_is_refused(build_llava):
 
 def test_non_square_resample_grid_with_a_spatial_merge_is_refused(build_llava):
     llava = build_llava(mm_patch_merge_type="spatial")
-    wide = connector("dc-dci-clip-l-336-efficient", resample_grid=(6, 12))
+    wide = connector("dc-dci-clip-l-336-efficient", resample=ResampleSpec(grid=(6, 12)))
     with pytest.raises(ValueError, match=r"'dci' connector gives 72 tokens per image on a 6x12"):
         swap_connector(llava.get_model(), wide)
 

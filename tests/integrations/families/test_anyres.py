@@ -22,7 +22,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from mmconnect import ConnectorConfig, DenseConnector
+from mmconnect import ConnectorConfig, DenseConnector, ResampleSpec
 from mmconnect.integrations.families.anyres import (
     anyres_token_count,
     check_image_size,
@@ -196,8 +196,8 @@ def test_crop_layout(connectors):
 
 
 def test_sti_with_resampling_is_refused_clearly():
-    with pytest.raises(ValueError, match="resample_grid cannot be used with fusion='sti'"):
-        ConnectorConfig.from_preset("dc-sti-clip-l-336", resample_grid=(12, 12))
+    with pytest.raises(ValueError, match="resample cannot be used with fusion 'sti'"):
+        ConnectorConfig.from_preset("dc-sti-clip-l-336", resample=ResampleSpec(grid=(12, 12)))
 
 
 # ---------------------------------------------------------------------------- packing
@@ -278,7 +278,7 @@ def test_pack_anyres_real_connector_shapes():
     )
     size = (1080, 1920)
     rows, columns = tile_grid(size, PINPOINTS, TILE)
-    features = {k: torch.randn(1 + rows * columns, 576, 4) for k in connector.layers}
+    features = {k: torch.randn(1 + rows * columns, 576, 4) for k in connector.captured_layers}
     out = connector(features, GRID)
     grid, _ = crop_layout(connector, GRID)
     packed = pack_anyres(out, size, PINPOINTS, TILE, grid, torch.zeros(6))

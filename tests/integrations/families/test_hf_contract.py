@@ -66,8 +66,9 @@ from transformers.models.auto.modeling_auto import (
     MODEL_MAPPING_NAMES,
 )
 
-from mmconnect import ConnectorConfig
+from mmconnect import ConnectorConfig, DCISpec
 from mmconnect.connector import count_output_tokens
+from mmconnect.integrations.applications.tiny_models import tiny_llava_tokenizer
 from mmconnect.integrations.families.anyres import anyres_token_count
 from mmconnect.integrations.families.llava import (
     DenseLlavaConfig,
@@ -87,7 +88,6 @@ from mmconnect.integrations.families.mini_gemini import (
     DenseMGMModel,
     DenseMGMProcessor,
 )
-from tests.integrations.families.test_llava import build_tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -109,12 +109,10 @@ IMAGE_TOKEN = 3
 def dci_connector(vision_dim: int, llm_dim: int) -> ConnectorConfig:
     """DCI on a 2-block tower: final layer -2 (H[1]), groups {0} and {1, 2}."""
     return ConnectorConfig(
-        fusion="dci",
+        fusion=DCISpec(final_layer=-2, groups=((0,), (1, 2))),
         vision_dim=vision_dim,
         llm_dim=llm_dim,
         num_layers=VISION_LAYERS,
-        final_layer=-2,
-        groups=((0,), (1, 2)),
     )
 
 
@@ -366,7 +364,7 @@ class _ProcessorContractTests(ProcessorTesterMixin):
 
     @classmethod
     def _setup_tokenizer(cls):
-        return build_tokenizer()
+        return tiny_llava_tokenizer()
 
     @staticmethod
     def prepare_processor_dict() -> dict:

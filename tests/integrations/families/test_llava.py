@@ -41,7 +41,7 @@ from transformers import (  # noqa: E402
     SiglipVisionConfig,
 )
 
-from mmconnect import ConnectorConfig, list_presets  # noqa: E402
+from mmconnect import ConnectorConfig, SCISpec, STISpec, list_presets  # noqa: E402
 from mmconnect.integrations.families.llava import (  # noqa: E402
     DenseLlavaConfig,
     DenseLlavaForConditionalGeneration,
@@ -330,9 +330,7 @@ def test_siglip_llava_with_full_strategy_converts_exactly():
             vision_feature_select_strategy="full",
         )
     ).eval()
-    connector = ConnectorConfig(
-        fusion="none", vision_dim=VISION, llm_dim=LLM, num_layers=27, final_layer=-2
-    )
+    connector = ConnectorConfig(fusion="none", vision_dim=VISION, llm_dim=LLM, num_layers=27)
     dense = from_llava(llava, connector)
     assert dense.config.image_seq_length == 729
     ids, images = prompt_ids(729), pixels(1, size=384)
@@ -480,7 +478,10 @@ def test_batched_generate_with_left_padding(dense_models):
 
 def test_early_exit_runs_only_the_blocks_the_connector_needs():
     connector = ConnectorConfig(
-        fusion="sci", vision_dim=VISION, llm_dim=LLM, num_layers=24, final_layer=15, layers=(7,)
+        fusion=SCISpec(final_layer=15, extra_layers=(7,)),
+        vision_dim=VISION,
+        llm_dim=LLM,
+        num_layers=24,
     )
     config = DenseLlavaConfig(
         vision_config=clip_config().to_dict(),
@@ -545,12 +546,12 @@ def _edit_connector(source, target, **changes):
     ("changes", "message"),
     [
         (
-            {"fusion": "none", "groups": []},
+            {"fusion": {"kind": "none", "final_layer": 23}},
             "fusion='none', vision_dim=16, llm_dim=32, projector='mlp2x_gelu'): "
             "projector.0.weight: (32, 48) in the weights, (32, 16) expected by the config",
         ),
         (
-            {"fusion": "sti", "groups": [], "layers": [7, 15]},
+            {"fusion": {"kind": "sti", "final_layer": 23, "extra_layers": [7, 15]}},
             "fusion='sti'" + ".*" + "projector.0.weight: (32, 48) in the weights, (32, 16)",
         ),
         ({"projector": "mlp3x_gelu"}, "missing projector.4.weight; missing projector.4.bias"),
@@ -561,14 +562,29 @@ def _edit_connector(source, target, **changes):
         ({"llm_dim": 64}, "connector llm_dim=64 does not match the LLM's hidden_size (32)"),
         # Same shapes, other meaning: only the saved config fingerprint tells.
         (
-            {"fusion": "sci", "groups": [], "layers": [7, 15]},
+            {"fusion": {"kind": "sci", "final_layer": 23, "extra_layers": [7, 15]}},
             "fusion='sci'.*saved with a different connector config",
         ),
         (
-            {"groups": [list(range(0, 8)), list(range(8, 24))]},
+            {
+                "fusion": {
+                    "kind": "dci",
+                    "final_layer": 23,
+                    "groups": [list(range(0, 8)), list(range(8, 24))],
+                }
+            },
             "saved with a different connector config",
         ),
-        ({"final_layer": -1}, "saved with a different connector config"),
+        (
+            {
+                "fusion": {
+                    "kind": "dci",
+                    "final_layer": -1,
+                    "groups": [list(range(0, 12)), list(range(12, 24))],
+                }
+            },
+            "saved with a different connector config",
+        ),
     ],
     ids=[
         "fusion-none",
@@ -990,12 +1006,10 @@ def test_num_multimodal_tokens_is_what_the_processor_inserts(tokenizer, fusion, 
     """What serving engines read (``_get_num_multimodal_tokens``) equals the processor's
     expansion: 4 x 4 patches at 56 px, plus STI's 4 pooled tokens (before: 15, one less)."""
     config = ConnectorConfig(
-        fusion=fusion,
+        fusion=STISpec(extra_layers=(7, 15)) if fusion == "sti" else fusion,
         vision_dim=VISION,
         llm_dim=LLM,
         num_layers=24,
-        final_layer=-2,
-        **({"layers": (7, 15)} if fusion == "sti" else {}),
     )
     processor = DenseLlavaProcessor(
         image_processor=CLIPImageProcessor(

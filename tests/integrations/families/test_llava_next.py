@@ -30,7 +30,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from mmconnect import ConnectorConfig
+from mmconnect import ConnectorConfig, DCISpec, ResampleSpec, SCISpec, STISpec
 from mmconnect.integrations.families.anyres import tile_grid
 from mmconnect.integrations.families.llava_next import (
     DenseLlavaNextConfig,
@@ -46,15 +46,14 @@ PINPOINTS = [[56, 112], [112, 56], [112, 112], [168, 56], [56, 168]]
 SIZES = [(56, 56), (60, 150), (150, 60), (1080, 1920), (100, 100), (40, 400), (500, 30), (1, 300)]
 TIGHT = {"atol": 1e-6, "rtol": 1e-5}
 
-_COMMON = {"vision_dim": VISION, "llm_dim": LLM, "num_layers": BLOCKS, "final_layer": -2}
+_COMMON = {"vision_dim": VISION, "llm_dim": LLM, "num_layers": BLOCKS}
+_DCI = DCISpec(groups=((0, 1, 2, 3), (4, 5, 6, 7)))
 CONNECTORS = {
-    "sci": ConnectorConfig(fusion="sci", layers=(3, 5), **_COMMON),
-    "dci": ConnectorConfig(fusion="dci", groups=((0, 1, 2, 3), (4, 5, 6, 7)), **_COMMON),
+    "sci": ConnectorConfig(fusion=SCISpec(extra_layers=(3, 5)), **_COMMON),
+    "dci": ConnectorConfig(fusion=_DCI, **_COMMON),
     # 16 tokens pooled by 8: 2 per layer, 4 per crop after the 4 x 4 grid
-    "sti": ConnectorConfig(fusion="sti", layers=(3, 5), **_COMMON),
-    "efficient": ConnectorConfig(
-        fusion="dci", groups=((0, 1, 2, 3), (4, 5, 6, 7)), resample_grid=(2, 2), **_COMMON
-    ),
+    "sti": ConnectorConfig(fusion=STISpec(extra_layers=(3, 5)), **_COMMON),
+    "efficient": ConnectorConfig(fusion=_DCI, resample=ResampleSpec(grid=(2, 2)), **_COMMON),
 }
 
 
@@ -499,12 +498,18 @@ def test_checkpoint_with_other_vision_width(saved_sti, tmp_path):
     ("changes", "problem"),
     [
         # STI weights (projector input 16) under an SCI / DCI config (input 3 x 16)
-        ({"fusion": "sci"}, r"fusion='sci'.*projector.0.weight: \(32, 16\) .*\(32, 48\)"),
         (
-            {"fusion": "dci", "layers": [], "groups": [[0, 1, 2, 3], [4, 5, 6, 7]]},
+            {"fusion": {"kind": "sci", "extra_layers": [3, 5]}},
+            r"fusion='sci'.*projector.0.weight: \(32, 16\) .*\(32, 48\)",
+        ),
+        (
+            {"fusion": {"kind": "dci", "groups": [[0, 1, 2, 3], [4, 5, 6, 7]]}},
             r"fusion='dci'.*projector.0.weight: \(32, 16\) .*\(32, 48\)",
         ),
-        ({"projector": "mlp3x_gelu"}, r"projector='mlp3x_gelu'.*missing projector.4.weight"),
+        (
+            {"projector": {"kind": "mlp", "depth": 3}},
+            r"projector='mlp3x_gelu'.*missing projector.4.weight",
+        ),
     ],
 )
 def test_checkpoint_with_other_fusion(saved_sti, tmp_path, changes, problem):
