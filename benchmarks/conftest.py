@@ -53,20 +53,21 @@ def clip_size() -> TowerSize:
 
 @pytest.fixture(scope="session")
 def clip_tower(clip_size):
-    """A randomly initialised HF ``CLIPVisionModel`` of ``clip_size`` (eval mode, on the
-    benchmark device in the benchmark dtype)."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel
+    """A randomly initialised HF ``CLIPVisionModel`` of ``clip_size`` (seed 0, eval mode, on the
+    benchmark device in the benchmark dtype), built by
+    :func:`mmconnect.integrations.applications.tiny_models.tiny_vision_tower`."""
+    from mmconnect.integrations.applications.tiny_models import tiny_vision_tower
 
-    torch.manual_seed(0)
-    config = CLIPVisionConfig(
-        hidden_size=clip_size.width,
+    tower = tiny_vision_tower(
+        "clip",
+        blocks=clip_size.blocks,
+        width=clip_size.width,
         intermediate_size=clip_size.intermediate,
-        num_attention_heads=clip_size.heads,
-        num_hidden_layers=clip_size.blocks,
+        heads=clip_size.heads,
         image_size=clip_size.image,
         patch_size=clip_size.patch,
     )
-    return CLIPVisionModel(config).eval().to(DEVICE, DTYPE)
+    return tower.to(DEVICE, DTYPE)
 
 
 @pytest.fixture(scope="session")

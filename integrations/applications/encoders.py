@@ -2,14 +2,13 @@
 
 :func:`load_encoder` takes a local checkpoint directory (an HF vision model, or an HF LLaVA whose
 ``vision_tower`` is used) or the name of a tiny random test encoder (no download: built from
-configs). :func:`describe_encoder` runs the tap on one blank image and reports the layer count,
-width, prefix tokens, token grid and the token count of every preset; ``mmconnect inspect``
-prints it.
+configs by :mod:`mmconnect.integrations.applications.tiny_models`). :func:`describe_encoder`
+runs the tap on one blank image and reports the layer count, width, prefix tokens, token grid
+and the token count of every preset; ``mmconnect inspect`` prints it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,55 +16,7 @@ import torch
 from torch import nn
 
 from mmconnect import ConnectorConfig, DenseConnector, MultiLayerFeatureTap, list_presets
-
-
-def _tiny_hf(family: str, blocks: int, image_size: int) -> Callable[[], nn.Module]:
-    def build() -> nn.Module:
-        from transformers import (
-            CLIPVisionConfig,
-            CLIPVisionModel,
-            SiglipVisionConfig,
-            SiglipVisionModel,
-        )
-
-        common = {
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_attention_heads": 2,
-            "patch_size": 14,
-        }
-        if family == "clip":
-            return CLIPVisionModel(
-                CLIPVisionConfig(num_hidden_layers=blocks, image_size=image_size, **common)
-            )
-        return SiglipVisionModel(
-            SiglipVisionConfig(num_hidden_layers=blocks, image_size=image_size, **common)
-        )
-
-    return build
-
-
-def _tiny_timm(name: str, **kwargs: object) -> Callable[[], nn.Module]:
-    def build() -> nn.Module:
-        import timm
-
-        return timm.create_model(name, pretrained=False, **kwargs)
-
-    return build
-
-
-#: Tiny random encoders of the published depths and grids, for tests and demos.
-TINY_ENCODERS: dict[str, tuple[Callable[[], nn.Module], int]] = {
-    "tiny-clip-l-336": (_tiny_hf("clip", 24, 336), 336),
-    "tiny-siglip-so400m": (_tiny_hf("siglip", 27, 384), 384),
-    "tiny-timm-vit-reg4": (
-        _tiny_timm(
-            "vit_small_patch14_reg4_dinov2", img_size=56, depth=4, embed_dim=32, num_heads=2
-        ),
-        56,
-    ),
-    "tiny-timm-convnext": (_tiny_timm("convnext_atto", num_classes=0), 64),
-}
+from mmconnect.integrations.applications.tiny_models import TINY_ENCODERS, tiny_encoder
 
 
 def load_encoder(spec: str) -> tuple[nn.Module, int | None]:
@@ -73,16 +24,15 @@ def load_encoder(spec: str) -> tuple[nn.Module, int | None]:
 
     Args:
         spec: a local directory (HF vision model, or HF LLaVA: its ``vision_tower``) or one of
-            :data:`TINY_ENCODERS`.
+            :data:`~mmconnect.integrations.applications.tiny_models.TINY_ENCODERS` (seed 0,
+            eval mode).
 
     Raises:
         ValueError: ``spec`` is neither (the message lists the tiny names), or the folder holds
             no loadable model.
     """
     if spec in TINY_ENCODERS:
-        torch.manual_seed(0)
-        build, size = TINY_ENCODERS[spec]
-        return build().eval(), size
+        return tiny_encoder(spec)
     path = Path(spec)
     if not path.is_dir():
         raise ValueError(

@@ -16,15 +16,12 @@ def save_tiny_dense_llava(directory: Path, *, seed: int = 0) -> Path:
     The tokenizer covers the synthetic VQA vocabulary and the chat templates' words, so the
     folder trains on and answers about the demo's data.
     """
-    from transformers import CLIPImageProcessor
-
-    from mmconnect.integrations.applications.demo import (
-        DemoConfig,
-        build_demo_model,
-        build_word_tokenizer,
-    )
+    from mmconnect.integrations.applications.demo import DemoConfig, build_demo_model
     from mmconnect.integrations.applications.synthetic import text_vocabulary
-    from mmconnect.integrations.families.llava import DenseLlavaProcessor
+    from mmconnect.integrations.applications.tiny_models import (
+        build_word_tokenizer,
+        tiny_llava_processor,
+    )
 
     texts = [
         " ".join(text_vocabulary()),
@@ -43,11 +40,8 @@ def save_tiny_dense_llava(directory: Path, *, seed: int = 0) -> Path:
     )
     model = build_demo_model("dci", config, tokenizer)
     model.save_pretrained(directory)
-    processor = DenseLlavaProcessor(
-        CLIPImageProcessor(size={"shortest_edge": 48}, crop_size={"height": 48, "width": 48}),
-        tokenizer,
-        patch_size=12,
-        connector=model.connector.config,
+    processor = tiny_llava_processor(
+        tokenizer, model.connector.config, image_size=48, patch_size=12
     )
     processor.save_pretrained(directory)
     return directory

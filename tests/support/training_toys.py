@@ -3,46 +3,29 @@
 from __future__ import annotations
 
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig
 
-from mmconnect import ConnectorConfig
-from mmconnect.integrations.families.llava import (
-    DenseLlavaConfig,
-    DenseLlavaForConditionalGeneration,
+from mmconnect.integrations.applications.tiny_models import (
+    tiny_connector,
+    tiny_dense_llava,
+    tiny_text_config,
+    tiny_vision_config,
 )
+from mmconnect.integrations.families.llava import DenseLlavaForConditionalGeneration
 
 IMAGE_TOKEN = 99
 TOKENS_PER_IMAGE = 16  # 56 px / patch 14 -> 4x4
 
 
 def build_model(groups=((0, 1), (2, 3)), seed: int = 0) -> DenseLlavaForConditionalGeneration:
-    torch.manual_seed(seed)
-    vision = CLIPVisionConfig(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        image_size=56,
-        patch_size=14,
-    )
-    text = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        vocab_size=100,
-    )
-    connector = ConnectorConfig(
-        fusion="dci", final_layer=-2, groups=groups, vision_dim=16, llm_dim=32, num_layers=4
-    )
-    config = DenseLlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=IMAGE_TOKEN,
-        connector=connector.to_dict(),
-    )
-    return DenseLlavaForConditionalGeneration(config)
+    """A Dense LLaVA in training mode: CLIP tower of 4 blocks, width 16, 56 px / patch 14 (a 4x4
+    grid); DCI over ``groups``; a 2-block Llama 32 wide with vocabulary 100; ``<image>`` id 99."""
+    return tiny_dense_llava(
+        seed=seed,
+        connector=tiny_connector(groups=groups),
+        vision_config=tiny_vision_config("clip", width=16, image_size=56),
+        text_config=tiny_text_config(vocab_size=100),
+        image_token_id=IMAGE_TOKEN,
+    ).train()
 
 
 class ToyDataset(torch.utils.data.Dataset):
