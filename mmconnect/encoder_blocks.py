@@ -28,6 +28,10 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from mmconnect.validation import check_optional_int
+
+_PREFIX_HINT = "tokens before the patch tokens: 1 for CLIP's CLS token, 0 for SigLIP"
+
 #: (block list path, owner path) pairs tried in order; the owner holds the embeddings.
 #: A vision tower nested in a multimodal model is tried before the top-level layouts, because such
 #: a model may keep its *text* tower at the top level (open_clip's ``CLIP`` holds its text
@@ -148,18 +152,13 @@ def find_encoder_blocks(
         num_prefix_tokens: overrides the prefix-token count read from the structure.
 
     Raises:
-        TypeError: ``encoder`` is not an ``nn.Module``.
+        TypeError: ``encoder`` is not an ``nn.Module``, or ``num_prefix_tokens`` not an int.
         ValueError: no block list is found (the message says how to pass ``blocks=``), or
             ``blocks`` does not name a non-empty block list.
     """
     if not isinstance(encoder, nn.Module):
         raise TypeError(f"encoder must be a torch.nn.Module, got {type(encoder).__name__}")
-    if num_prefix_tokens is not None and (
-        isinstance(num_prefix_tokens, bool)
-        or not isinstance(num_prefix_tokens, int)
-        or num_prefix_tokens < 0
-    ):
-        raise ValueError(f"num_prefix_tokens must be a non-negative int, got {num_prefix_tokens!r}")
+    check_optional_int(num_prefix_tokens, "num_prefix_tokens", minimum=0, hint=_PREFIX_HINT)
     encoder = unwrap_compiled(encoder)
 
     if blocks is not None:

@@ -7,6 +7,8 @@ from collections.abc import Iterator, Mapping, Sequence
 
 from torch import Tensor
 
+from mmconnect.validation import check_int, check_int_pair
+
 
 class LayerFeatures(Mapping[int, Tensor]):
     """Captured encoder layers: a mapping ``layer index -> [B, tokens, C]`` plus metadata.
@@ -54,8 +56,9 @@ class LayerFeatures(Mapping[int, Tensor]):
             grid: the ``(height, width)`` token grid, when it is not square.
 
         Raises:
-            TypeError: ``hidden_states`` is not a sequence of tensors.
-            ValueError: ``num_prefix_tokens`` is not a non-negative int, a state is not
+            TypeError: ``hidden_states`` is not a sequence of tensors, ``num_prefix_tokens`` not
+                an int, or ``grid`` not a pair of ints.
+            ValueError: ``num_prefix_tokens`` is negative, ``grid`` has a side below 1, a state is not
                 ``[B, N, C]``, or the tokens left after the prefix do not form a square grid
                 (or ``grid``); the message names the prefix count that would.
         """
@@ -64,23 +67,14 @@ class LayerFeatures(Mapping[int, Tensor]):
                 "hidden_states must be a sequence of [B, tokens, C] tensors (HF's hidden_states "
                 f"tuple), got {type(hidden_states).__name__}"
             )
-        if (
-            isinstance(num_prefix_tokens, bool)
-            or not isinstance(num_prefix_tokens, int)
-            or num_prefix_tokens < 0
-        ):
-            raise ValueError(
-                "num_prefix_tokens must be a non-negative int (1 for CLIP's CLS token, 0 for "
-                f"SigLIP), got {num_prefix_tokens!r}"
-            )
+        check_int(
+            num_prefix_tokens,
+            "num_prefix_tokens",
+            minimum=0,
+            hint="1 for CLIP's CLS token, 0 for SigLIP",
+        )
         if grid is not None:
-            if (
-                not isinstance(grid, tuple | list)
-                or len(grid) != 2
-                or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in grid)
-            ):
-                raise ValueError(f"grid must be (height, width) with positive ints, got {grid!r}")
-            grid = (grid[0], grid[1])
+            grid = check_int_pair(grid, "grid")
         for index, state in enumerate(hidden_states):
             if not isinstance(state, Tensor) or state.dim() != 3:
                 shape = tuple(state.shape) if isinstance(state, Tensor) else type(state).__name__

@@ -22,6 +22,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+from mmconnect.validation import check_int, check_positive_int
+
+_INDEX_HINT = "a layer index in the hidden_states convention (0 is the embedding output)"
+
 
 def normalize_layer(index: int, num_layers: int, *, argument: str = "layer") -> int:
     """Map one layer index to its non-negative ``hidden_states`` position.
@@ -35,19 +39,15 @@ def normalize_layer(index: int, num_layers: int, *, argument: str = "layer") -> 
         An index in ``0 .. num_layers``.
 
     Raises:
-        TypeError: ``index`` is not an ``int``.
-        ValueError: ``index`` is outside ``-(L + 1) .. L``.
+        TypeError: ``index`` or ``num_layers`` is not an ``int``.
+        ValueError: ``index`` is outside ``-(L + 1) .. L``, or ``num_layers`` is below 1.
 
     Examples:
         >>> normalize_layer(-2, 24)
         23
     """
-    if isinstance(index, bool) or not isinstance(index, int):
-        raise TypeError(
-            f"{argument} must be an int layer index, got {index!r} ({type(index).__name__})"
-        )
-    if not isinstance(num_layers, int) or num_layers < 1:
-        raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
+    check_int(index, argument, hint=_INDEX_HINT)
+    check_positive_int(num_layers, "num_layers", hint="the encoder's number of blocks")
     if not -(num_layers + 1) <= index <= num_layers:
         raise ValueError(
             f"{argument}={index} is out of range for an encoder with {num_layers} blocks: "
@@ -128,6 +128,4 @@ def paper_layer(layer: int) -> int:
         >>> [paper_layer(i) for i in (8, 16)]
         [7, 15]
     """
-    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 1:
-        raise ValueError(f"layer must be a 1-based paper layer number (int >= 1), got {layer!r}")
-    return layer - 1
+    return check_positive_int(layer, "layer", hint="a 1-based paper layer number") - 1

@@ -34,6 +34,7 @@ from torch.utils.hooks import RemovableHandle
 from mmconnect.encoder_blocks import EncoderBlocks, find_encoder_blocks, unwrap_compiled
 from mmconnect.features import LayerFeatures
 from mmconnect.layers import normalize_groups, normalize_layers
+from mmconnect.validation import check_bool
 
 
 class _StopEncoder(Exception):
@@ -418,11 +419,12 @@ class MultiLayerFeatureTap:
         if accumulate_dtype is not None and not (
             isinstance(accumulate_dtype, torch.dtype) and accumulate_dtype.is_floating_point
         ):
-            raise ValueError(
+            wrong_type = not isinstance(accumulate_dtype, torch.dtype)
+            raise (TypeError if wrong_type else ValueError)(
                 f"accumulate_dtype must be None or a floating torch.dtype, got {accumulate_dtype!r}"
             )
-        self.keep_prefix = keep_prefix
-        self.early_exit = early_exit
+        self.keep_prefix = check_bool(keep_prefix, "keep_prefix")
+        self.early_exit = check_bool(early_exit, "early_exit")
         self.accumulate_dtype = accumulate_dtype
 
         self._group_of = {

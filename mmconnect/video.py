@@ -53,6 +53,7 @@ from einops import rearrange
 from torch import Tensor
 
 from mmconnect.resample import resample_tokens
+from mmconnect.validation import check_choice, check_int_pair, check_positive_int
 
 Pooling = Literal["concat", "maxpool1d", "mean", "avgpool2d", "bilinear"]
 #: Every temporal pooling :func:`pool_frames` knows.
@@ -68,30 +69,14 @@ PLAN_POOLINGS: tuple[str, ...] = ("concat", "maxpool1d", "bilinear", "avgpool2d"
 # ---------------------------------------------------------------------------- checks
 
 
-def _positive_int(value: object, argument: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{argument} must be an int, got {value!r}")
-    if value < 1:
-        raise ValueError(f"{argument} must be at least 1, got {value}")
-    return value
-
-
 def _check_pooling(pooling: object) -> str:
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-    return str(pooling)
+    return check_choice(pooling, "pooling", POOLINGS)
 
 
 def _check_frame_grid(grid: object, tokens_per_frame: int) -> tuple[int, int] | None:
     if grid is None:
         return None
-    if (
-        not isinstance(grid, tuple | list)
-        or len(grid) != 2
-        or any(isinstance(side, bool) or not isinstance(side, int) or side < 1 for side in grid)
-    ):
-        raise ValueError(f"grid must be a (height, width) pair of positive ints, got {grid!r}")
-    height, width = int(grid[0]), int(grid[1])
+    height, width = check_int_pair(grid, "grid", hint="or None when the frame tokens form no grid")
     if height * width != tokens_per_frame:
         raise ValueError(
             f"grid {height}x{width} holds {height * width} tokens but each frame has "
@@ -140,13 +125,8 @@ def sample_frame_indices(total_frames: int, num_frames: int) -> list[int]:
             requested).
         TypeError: either is not an int.
     """
-    if isinstance(total_frames, bool) or not isinstance(total_frames, int):
-        raise TypeError(f"total_frames must be an int, got {total_frames!r}")
-    if total_frames < 1:
-        raise ValueError(
-            f"total_frames must be at least 1 (the video has no frames), got {total_frames}"
-        )
-    num_frames = _positive_int(num_frames, "num_frames")
+    total_frames = check_positive_int(total_frames, "total_frames", hint="frames in the video")
+    num_frames = check_positive_int(num_frames, "num_frames")
     count = min(total_frames, num_frames)
     segment = float(total_frames - 1) / count
     return [(round(segment * i) + round(segment * (i + 1))) // 2 for i in range(count)]
@@ -169,9 +149,10 @@ def pooled_frame_tokens(
     Raises:
         ValueError: unknown pooling, a grid that does not hold ``tokens_per_frame`` tokens, or a
             pooling that cannot apply (a grid pooling without a grid, ``maxpool1d`` on one token).
+        TypeError: ``tokens_per_frame`` is not an int, or ``grid`` is not a pair of ints.
     """
     pooling = _check_pooling(pooling)
-    tokens_per_frame = _positive_int(tokens_per_frame, "tokens_per_frame")
+    tokens_per_frame = check_positive_int(tokens_per_frame, "tokens_per_frame")
     grid = _check_frame_grid(grid, tokens_per_frame)
     reason = _inapplicable(pooling, tokens_per_frame, grid)
     if reason is not None:
@@ -200,8 +181,9 @@ def count_video_tokens(
 
     Raises:
         ValueError: as :func:`pooled_frame_tokens`, or ``num_frames`` below 1.
+        TypeError: as :func:`pooled_frame_tokens`, or ``num_frames`` is not an int.
     """
-    num_frames = _positive_int(num_frames, "num_frames")
+    num_frames = check_positive_int(num_frames, "num_frames")
     per_frame = pooled_frame_tokens(pooling, tokens_per_frame, grid)
     return per_frame if pooling == "mean" else num_frames * per_frame
 
@@ -307,13 +289,14 @@ def plan_video_tokens(
         ValueError: even one frame does not fit ``max_tokens`` with any allowed pooling (the
             message gives the smallest count possible), no allowed pooling applies, or a bad
             argument (named).
+        TypeError: a count that is not an int, or a grid that is not a pair of ints.
     """
-    max_tokens = _positive_int(max_tokens, "max_tokens")
-    tokens_per_frame = _positive_int(tokens_per_frame, "tokens_per_frame")
+    max_tokens = check_positive_int(max_tokens, "max_tokens")
+    tokens_per_frame = check_positive_int(tokens_per_frame, "tokens_per_frame")
     grid = _check_frame_grid(grid, tokens_per_frame)
-    frames = _positive_int(max_frames, "max_frames")
+    frames = check_positive_int(max_frames, "max_frames")
     if total_frames is not None:
-        frames = min(frames, _positive_int(total_frames, "total_frames"))
+        frames = min(frames, check_positive_int(total_frames, "total_frames"))
     if isinstance(poolings, str):
         poolings = (poolings,)
     poolings = tuple(_check_pooling(pooling) for pooling in poolings)

@@ -1005,8 +1005,8 @@ def test_reentrant_checkpointing_that_cuts_the_graph_is_reported():
         ({"layers": [0, -6]}, ValueError, r"layers\[1\]=-6 is out of range .* -5\.\.4"),
         ({"layers": [1, -4]}, ValueError, r"layers names layer 1 twice \(as -4\)"),
         ({"layers": [2, 2]}, ValueError, r"layers names layer 2 twice"),
-        ({"layers": [1.0]}, TypeError, r"layers\[0\] must be an int layer index, got 1\.0"),
-        ({"layers": [True]}, TypeError, r"layers\[0\] must be an int layer index"),
+        ({"layers": [1.0]}, TypeError, r"layers\[0\] must be an int, got 1\.0 \(float\); a layer"),
+        ({"layers": [True]}, TypeError, r"layers\[0\] must be an int, got True \(bool\)"),
         ({"layers": -2}, TypeError, r"layers must be a collection of int layer indices, got -2"),
         ({"groups": [[0, 1], [1, 2]]}, ValueError, r"groups\[1\] overlaps groups\[0\].*layer 1"),
         ({"groups": [[0, 1], [-4]]}, ValueError, r"groups\[1\] overlaps groups\[0\].*layer 1"),
@@ -1020,7 +1020,11 @@ def test_reentrant_checkpointing_that_cuts_the_graph_is_reported():
         ({}, ValueError, r"nothing to capture"),
         ({"layers": [], "groups": []}, ValueError, r"nothing to capture"),
         ({"layers": [1], "accumulate_dtype": torch.int32}, ValueError, r"accumulate_dtype"),
+        ({"layers": [1], "accumulate_dtype": "float32"}, TypeError, r"accumulate_dtype"),
         ({"layers": [1], "num_prefix_tokens": -1}, ValueError, r"num_prefix_tokens must be"),
+        ({"layers": [1], "num_prefix_tokens": 1.0}, TypeError, r"num_prefix_tokens must be"),
+        ({"layers": [1], "keep_prefix": 1}, TypeError, r"keep_prefix must be a bool"),
+        ({"layers": [1], "early_exit": None}, TypeError, r"early_exit must be a bool"),
     ],
 )
 def test_bad_arguments_give_clear_errors(tiny_clip_vision, kwargs, error, match):
@@ -1230,15 +1234,32 @@ def test_fp16_upcast_accumulation_avoids_the_official_overflow():
         (14, 0, None, r"expected num_prefix_tokens=5 \(14 = 5 \+ 3x3\)"),
         (577, 0, (24, 24), r"not the 24x24 grid=\(24, 24\).*num_prefix_tokens=1 would leave"),
         (4, 0, (3, 3), r"grid=\(3, 3\) needs 9 tokens, more than the state has"),
-        (577, -1, None, r"num_prefix_tokens must be a non-negative int .* got -1"),
-        (577, 1.0, None, r"num_prefix_tokens must be a non-negative int .* got 1\.0"),
-        (577, True, None, r"num_prefix_tokens must be a non-negative int .* got True"),
-        (577, 1, (24, 0), r"grid must be \(height, width\) with positive ints, got \(24, 0\)"),
+        (577, -1, None, r"num_prefix_tokens must be a non-negative int, got -1; 1 for CLIP"),
+        (577, 1, (24, 0), r"grid must be a \(height, width\) pair of positive ints, got \(24, 0\)"),
     ],
 )
 def test_from_hidden_states_refuses_a_wrong_prefix_count(tokens, prefix, grid, match):
     states = tuple(torch.zeros(1, tokens, 4) for _ in range(3))
     with pytest.raises(ValueError, match=match):
+        LayerFeatures.from_hidden_states(states, num_prefix_tokens=prefix, grid=grid)
+
+
+@pytest.mark.parametrize(
+    ("prefix", "grid", "match"),
+    [
+        (1.0, None, r"num_prefix_tokens must be a non-negative int, got 1\.0 \(float\)"),
+        (True, None, r"num_prefix_tokens must be a non-negative int, got True \(bool\)"),
+        (
+            1,
+            (24.0, 24),
+            r"grid must be a \(height, width\) pair of positive ints, got \(24\.0, 24\)",
+        ),
+        (1, 576, r"grid must be a \(height, width\) pair of positive ints, got 576 \(int\)"),
+    ],
+)
+def test_from_hidden_states_refuses_wrong_types(prefix, grid, match):
+    states = tuple(torch.zeros(1, 577, 4) for _ in range(3))
+    with pytest.raises(TypeError, match=match):
         LayerFeatures.from_hidden_states(states, num_prefix_tokens=prefix, grid=grid)
 
 

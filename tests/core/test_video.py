@@ -89,12 +89,13 @@ def test_more_frames_than_the_video_has_are_clamped():
 @pytest.mark.parametrize(
     ("total", "num", "error", "message"),
     [
-        (10, 0, ValueError, "num_frames must be at least 1, got 0"),
-        (10, -3, ValueError, "num_frames must be at least 1, got -3"),
-        (0, 8, ValueError, r"total_frames must be at least 1 \(the video has no frames\), got 0"),
-        (10, 2.0, TypeError, "num_frames must be an int, got 2.0"),
-        (10, True, TypeError, "num_frames must be an int, got True"),
-        (10.0, 2, TypeError, "total_frames must be an int, got 10.0"),
+        (10, 0, ValueError, "num_frames must be a positive int, got 0"),
+        (10, -3, ValueError, "num_frames must be a positive int, got -3"),
+        (0, 8, ValueError, "total_frames must be a positive int, got 0; frames in the video"),
+        (10, 2.0, TypeError, r"num_frames must be a positive int, got 2.0 \(float\)"),
+        (10, "8", TypeError, r"num_frames must be a positive int, got '8' \(str\)"),
+        (10, True, TypeError, r"num_frames must be a positive int, got True \(bool\)"),
+        (10.0, 2, TypeError, r"total_frames must be a positive int, got 10.0 \(float\)"),
     ],
 )
 def test_bad_sampling_arguments(total, num, error, message):
@@ -276,13 +277,15 @@ def test_budget_too_small_for_one_frame():
 @pytest.mark.parametrize(
     ("budget", "options", "error", "message"),
     [
-        (0, {}, ValueError, "max_tokens must be at least 1, got 0"),
-        (100, {"max_frames": 0}, ValueError, "max_frames must be at least 1, got 0"),
-        (100, {"total_frames": 0}, ValueError, "total_frames must be at least 1, got 0"),
+        (0, {}, ValueError, "max_tokens must be a positive int, got 0"),
+        (100, {"max_frames": 0}, ValueError, "max_frames must be a positive int, got 0"),
+        (100, {"total_frames": 0}, ValueError, "total_frames must be a positive int, got 0"),
         (100, {"poolings": ()}, ValueError, "poolings must name at least one"),
         (100, {"poolings": ("avg",)}, ValueError, "pooling must be one of"),
         (100, {"grid": None, "poolings": ("bilinear",)}, ValueError, "no allowed pooling applies"),
-        (100.0, {}, TypeError, "max_tokens must be an int"),
+        (100.0, {}, TypeError, "max_tokens must be a positive int"),
+        (100, {"grid": (24.0, 24)}, TypeError, "grid must be a \\(height, width\\) pair"),
+        (100, {"grid": (0, 24)}, ValueError, "grid must be a \\(height, width\\) pair"),
     ],
 )
 def test_bad_plan_arguments(budget, options, error, message):
