@@ -42,6 +42,14 @@ from mmconnect.integrations.applications.lab_encoder import (
     probe_accuracy,
     probe_data,
 )
+from mmconnect.validation import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_positive_float,
+    check_positive_int,
+    check_sequence,
+)
 
 FORMAT_VERSION = 1
 #: The lab's connector names (those of ``mmconnect demo``) and the preset each one runs.
@@ -103,27 +111,21 @@ class LabConfig:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("seeds", "connectors"):
-            value = getattr(self, name)
-            if isinstance(value, str) or not isinstance(value, tuple | list):
-                raise TypeError(f"{name} must be a tuple, got {value!r}")
+        for name, items in (("seeds", "ints"), ("connectors", "lab connector names")):
+            value = check_sequence(getattr(self, name), name, of=items)
             object.__setattr__(self, name, tuple(value))
         if not self.seeds:
             raise ValueError("seeds must hold at least one seed, got none")
-        for seed in self.seeds:
-            if isinstance(seed, bool) or not isinstance(seed, int):
-                raise TypeError(f"seeds must be ints, got {seed!r} in {self.seeds}")
+        for index, seed in enumerate(self.seeds):
+            check_int(seed, f"seeds[{index}]")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds must be distinct, got {self.seeds}")
         if not self.connectors:
             raise ValueError(
                 f"connectors must name at least one connector; choose from {', '.join(LAB_PRESETS)}"
             )
-        for name in self.connectors:
-            if name not in LAB_PRESETS:
-                raise ValueError(
-                    f"unknown lab connector {name!r}; choose from {', '.join(LAB_PRESETS)}"
-                )
+        for index, name in enumerate(self.connectors):
+            check_choice(name, f"connectors[{index}]", tuple(LAB_PRESETS))
         if len(set(self.connectors)) != len(self.connectors):
             raise ValueError(f"connectors must be distinct, got {self.connectors}")
         if not isinstance(self.encoder, EncoderPretraining):
@@ -143,12 +145,12 @@ class LabConfig:
             "batch_size",
             "num_threads",
         ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+            check_positive_int(getattr(self, name), name)
+        check_int(self.data_seed, "data_seed")
         for name in ("stage1_learning_rate", "stage2_learning_rate"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+            check_positive_float(getattr(self, name), name)
+        for name in ("show_progress", "overwrite"):
+            check_bool(getattr(self, name), name)
 
     def demo_config(self, seed: int, encoder_dir: str | Path) -> Any:
         """The :class:`~mmconnect.integrations.applications.demo.DemoConfig` of every run of ``seed``: the
@@ -210,8 +212,7 @@ def lab_connector(kind: str, *, vision_dim: int, llm_dim: int, grid_side: int) -
     Raises:
         ValueError: unknown ``kind``.
     """
-    if kind not in LAB_PRESETS:
-        raise ValueError(f"unknown lab connector {kind!r}; choose from {', '.join(LAB_PRESETS)}")
+    check_choice(kind, "kind", tuple(LAB_PRESETS), hint="a lab connector")
     overrides: dict[str, Any] = {"vision_dim": vision_dim, "llm_dim": llm_dim}
     if kind == "dci-efficient":
         overrides["resample"] = ResampleSpec(grid=(grid_side // 2, grid_side // 2))

@@ -48,6 +48,7 @@ from mmconnect.integrations.applications.synthetic import (
     render_scene,
     sample_scene,
 )
+from mmconnect.validation import check_float, check_int, check_positive_float, check_positive_int
 
 #: A patch is labelled with the object covering most of its pixels if that object covers at least
 #: this share of them; otherwise it is background.
@@ -89,9 +90,13 @@ class EncoderPretraining:
 
     def __post_init__(self) -> None:
         for name in ("image_size", "patch_size", "width", "blocks", "heads", "steps"):
-            _check_positive_int(name, getattr(self, name))
-        _check_positive_int("batch_size", self.batch_size)
-        _check_positive_int("probe_images", self.probe_images, minimum=8)
+            check_positive_int(getattr(self, name), name)
+        check_positive_int(self.batch_size, "batch_size")
+        check_int(
+            self.probe_images, "probe_images", minimum=8, hint="a quarter of them test the probe"
+        )
+        check_int(self.invariance_layer, "invariance_layer", hint="a hidden_states index")
+        check_int(self.seed, "seed")
         if self.image_size % self.patch_size:
             raise ValueError(
                 f"image_size={self.image_size} must be a multiple of patch_size={self.patch_size}"
@@ -103,18 +108,10 @@ class EncoderPretraining:
                 f"invariance_layer={self.invariance_layer} must index hidden_states of a "
                 f"{self.blocks}-block tower (-{self.blocks + 1}..{self.blocks})"
             )
-        for name in ("learning_rate",):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        check_positive_float(self.learning_rate, "learning_rate")
         for name in ("weight_decay", "invariance_weight"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        if (
-            isinstance(self.warmup_steps, bool)
-            or not isinstance(self.warmup_steps, int)
-            or (self.warmup_steps < 0)
-        ):
-            raise ValueError(f"warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
+            check_float(getattr(self, name), name, minimum=0)
+        check_int(self.warmup_steps, "warmup_steps", minimum=0)
 
     @property
     def grid_side(self) -> int:
@@ -484,8 +481,3 @@ def linear_probe(
     with torch.no_grad():
         accuracy = ((torch.bmm(test_x, weight) + bias).argmax(-1) == test_y).float().mean(1)
     return accuracy[0] if single else accuracy
-
-
-def _check_positive_int(name: str, value: Any, *, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")

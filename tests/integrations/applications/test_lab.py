@@ -53,15 +53,27 @@ def one_thread():
 @pytest.mark.parametrize(
     ("changes", "error", "message"),
     [
-        ({"connectors": ("baseline", "mlp")}, ValueError, "unknown lab connector 'mlp'; choose"),
+        (
+            {"connectors": ("baseline", "mlp")},
+            ValueError,
+            r"connectors\[1\] must be one of \('baseline', 'sti', .*\), got 'mlp'",
+        ),
+        ({"connectors": "dci"}, TypeError, "connectors must be a sequence of lab connector names"),
         ({"connectors": ()}, ValueError, "connectors must name at least one connector"),
         ({"connectors": ("dci", "dci")}, ValueError, "connectors must be distinct"),
         ({"seeds": ()}, ValueError, "seeds must hold at least one seed"),
         ({"seeds": (0, 0)}, ValueError, r"seeds must be distinct, got \(0, 0\)"),
-        ({"seeds": (0, "1")}, TypeError, "seeds must be ints, got '1'"),
-        ({"seeds": 3}, TypeError, "seeds must be a tuple, got 3"),
-        ({"stage2_steps": 0}, ValueError, "stage2_steps must be an int >= 1, got 0"),
-        ({"stage1_learning_rate": 0.0}, ValueError, "stage1_learning_rate must be positive"),
+        ({"seeds": (0, "1")}, TypeError, r"seeds\[1\] must be an int, got '1' \(str\)"),
+        ({"seeds": 3}, TypeError, r"seeds must be a sequence of ints, got 3 \(int\)"),
+        ({"stage2_steps": 0}, ValueError, "stage2_steps must be a positive int, got 0"),
+        ({"stage2_steps": 2.5}, TypeError, "stage2_steps must be a positive int, got 2.5"),
+        (
+            {"stage1_learning_rate": 0.0},
+            ValueError,
+            "stage1_learning_rate must be a positive number",
+        ),
+        ({"stage1_learning_rate": "1e-3"}, TypeError, "stage1_learning_rate must be a positive"),
+        ({"overwrite": "yes"}, TypeError, "overwrite must be a bool"),
         (
             {"encoder": EncoderPretraining(blocks=12)},
             ValueError,
@@ -79,14 +91,28 @@ def test_lab_config_refuses_bad_input(changes, error, message):
     [
         ({"image_size": 60}, "image_size=60 must be a multiple of patch_size=8"),
         ({"width": 30}, "width=30 must be a multiple of heads=4"),
-        ({"steps": 0}, "steps must be an int >= 1, got 0"),
+        ({"steps": 0}, "steps must be a positive int, got 0"),
         ({"probe_images": 4}, "probe_images must be an int >= 8, got 4"),
         ({"invariance_layer": 25}, r"invariance_layer=25 must index hidden_states .*\(-25..24\)"),
-        ({"invariance_weight": -1.0}, "invariance_weight must be >= 0"),
+        ({"invariance_weight": -1.0}, "invariance_weight must be a non-negative number, got -1.0"),
     ],
 )
 def test_encoder_pretraining_refuses_bad_input(changes, message):
     with pytest.raises(ValueError, match=message):
+        EncoderPretraining(**changes)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"steps": 10.0}, r"steps must be a positive int, got 10.0 \(float\)"),
+        ({"warmup_steps": "5"}, r"warmup_steps must be a non-negative int, got '5' \(str\)"),
+        ({"learning_rate": None}, "learning_rate must be a positive number, got None"),
+        ({"invariance_layer": 1.5}, "invariance_layer must be an int, got 1.5"),
+    ],
+)
+def test_encoder_pretraining_refuses_wrong_types(changes, message):
+    with pytest.raises(TypeError, match=message):
         EncoderPretraining(**changes)
 
 
@@ -102,14 +128,14 @@ def test_demo_config_of_a_seed_is_the_same_for_every_connector(tmp_path):
 def test_quick_config_takes_overrides_and_checks_them():
     config = quick_config(seeds=(4,), connectors=("dci",))
     assert (config.seeds, config.connectors, config.encoder.blocks) == ((4,), ("dci",), 24)
-    with pytest.raises(ValueError, match="unknown lab connector 'mlp'"):
+    with pytest.raises(ValueError, match=r"connectors\[0\] must be one of .*, got 'mlp'"):
         quick_config(connectors=("mlp",))
 
 
 def test_cli_lab_refuses_bad_input_before_any_work(tmp_path, capsys):
     run = ["lab", "--quick", "--output", str(tmp_path / "out")]
     assert main([*run, "--connectors", "baseline,mlp"]) == 2
-    assert "mmconnect lab: unknown lab connector 'mlp'" in capsys.readouterr().err
+    assert "mmconnect lab: connectors[1] must be one of" in capsys.readouterr().err
     assert main([*run, "--seeds", ""]) == 2
     assert "seeds must hold at least one seed" in capsys.readouterr().err
     assert main([*run, "--seeds", "0,x"]) == 2
@@ -165,7 +191,7 @@ def test_lab_connectors_are_the_clip_l_presets_at_the_lab_width(kind, tokens, fu
 
 def test_lab_connector_refuses_an_unknown_name():
     with pytest.raises(
-        ValueError, match="unknown lab connector 'mlp2x'; choose from baseline, sti"
+        ValueError, match=r"kind must be one of \('baseline', 'sti', .*\), got 'mlp2x'"
     ):
         lab_connector("mlp2x", vision_dim=48, llm_dim=96, grid_side=8)
 
