@@ -139,7 +139,7 @@ def _assemble(preset: str, parts: SharedParts, clip_size: TowerSize) -> nn.Modul
 
 def _batch(model: nn.Module, parts: SharedParts, size: TowerSize, text_tokens: int) -> dict:
     """Input ids (text, image tokens, answer), labels on the answer only, pixels; on the device."""
-    image_tokens = model.model.image_tokens_per_image()
+    image_tokens = model.model.image_token_count()
     before = text_tokens // 2
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(parts.image_token, (BATCH, text_tokens + image_tokens), generator=generator)
@@ -215,7 +215,7 @@ def test_training_step(
         measurements,
         f"{GROUP}:{stage}",
         connector,
-        visual_tokens=model.model.image_tokens_per_image(),
+        visual_tokens=model.model.image_token_count(),
         batch=BATCH,
         trainable_parameters=sum(count for count, _ in groups.values()),
         connector_parameters=groups["connector"][1],

@@ -32,23 +32,30 @@ REGISTRATION_ERROR: str | None = None
 
 
 def register_dense_models() -> None:
-    """Register ``dense_llava``, ``dense_llava_next`` and ``dense_mgm`` with the HF Auto classes.
+    """Register every Dense model family with the HF Auto classes.
 
-    Done once on import; calling it again is harmless (registration is idempotent).
+    Imports each module of :mod:`mmconnect.integrations.families`; a family module registers
+    itself (:func:`~mmconnect.integrations.families.protocol.register_family`) when imported, so
+    a new family needs no edit here. Done once on import; calling it again is harmless
+    (registration is idempotent).
 
     Raises:
         ImportError: transformers (or another package a Dense model needs) is not installed;
             the message names the extra to install.
     """
+    import importlib
+    import pkgutil
+
+    from mmconnect.integrations import families
+
     try:
-        from mmconnect.integrations.families import llava, llava_next, mini_gemini
+        for module in pkgutil.iter_modules(families.__path__):
+            importlib.import_module(f"{families.__name__}.{module.name}")
     except ImportError as error:
         raise ImportError(
             f"the Dense model types cannot be registered: {error}. Install the Hugging Face "
             'extra: pip install "mmconnect[hf]"'
         ) from error
-    for module in (llava, llava_next, mini_gemini):
-        module.register()
 
 
 def _register_on_import() -> None:

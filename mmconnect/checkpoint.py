@@ -33,7 +33,7 @@ import shutil
 import stat
 import sys
 import zipfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +153,61 @@ def open_safetensors(path: str | Path) -> Iterator[Any]:
         ) from None
     with handle:
         yield handle
+
+
+def saved_shapes(
+    files: Iterable[str | Path], prefixes: Sequence[str]
+) -> dict[str, tuple[int, ...]]:
+    """``name -> shape`` of every tensor under one of ``prefixes`` in safetensors ``files``,
+    the prefix removed; reads only the headers.
+
+    Args:
+        files: safetensors files (one checkpoint's shards).
+        prefixes: key prefixes to look under, first match wins (e.g. ``("model.mining.",
+            "mining.")``); ``("",)`` reads every tensor.
+
+    Raises:
+        FileNotFoundError, ValueError: a file is missing or not a readable safetensors file
+            (named, see :func:`open_safetensors`).
+    """
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        with open_safetensors(file) as handle:
+            for key in handle.keys():  # noqa: SIM118 (safe_open handles are not iterable)
+                prefix = next((p for p in prefixes if key.startswith(p)), None)
+                if prefix is not None:
+                    shapes[key[len(prefix) :]] = tuple(handle.get_slice(key).get_shape())
+    return shapes
+
+
+def shape_problems(
+    saved: Mapping[str, Sequence[int]],
+    expected: Mapping[str, Sequence[int]],
+    *,
+    optional: Iterable[str] = (),
+    where: str = "in the weights",
+) -> list[str]:
+    """Every difference between saved and expected tensor names and shapes, one line each.
+
+    Args:
+        saved: ``name -> shape`` found (a checkpoint's header, a state dict's tensors).
+        expected: ``name -> shape`` the config builds.
+        optional: expected names that may be absent (e.g. a buffer the loader fills in).
+        where: how the saved side is named in the message (``"in the file"``).
+
+    Returns:
+        ``["missing k", "unexpected k", "k: (a, b) in the weights, (c, d) expected by the
+        config", ...]``; empty when everything fits.
+    """
+    optional = set(optional)
+    problems = [f"missing {key}" for key in expected if key not in saved and key not in optional]
+    problems += [f"unexpected {key}" for key in saved if key not in expected]
+    problems += [
+        f"{key}: {tuple(saved[key])} {where}, {tuple(shape)} expected by the config"
+        for key, shape in expected.items()
+        if key in saved and tuple(saved[key]) != tuple(shape)
+    ]
+    return problems
 
 
 def write_state_dict(state: Mapping[str, Tensor], path: str | Path) -> None:

@@ -2,7 +2,9 @@
 
 1. write the synthetic VQA data set (:mod:`mmconnect.integrations.applications.synthetic`);
 2. build a small LLaVA from configs (a CLIP-style tower, a Llama-style LLM, a word-level
-   tokenizer over the data's vocabulary) or take the tower / LLM from local checkpoints;
+   tokenizer over the data's vocabulary: the builders of
+   :mod:`mmconnect.integrations.applications.tiny_models`) or take the tower / LLM from local
+   checkpoints;
 3. for each connector (the LLaVA-1.5 baseline and the Dense Connector's DCI), train stage 1
    (align: connector only, captions, ``plain`` template) and stage 2 (instruct: connector + LLM,
    questions, ``vicuna_v1`` template) with identical budgets and seeds;
@@ -39,11 +41,17 @@ from mmconnect.integrations.applications.synthetic import (
     SyntheticVQAFiles,
     write_synthetic_vqa,
 )
+from mmconnect.integrations.applications.tiny_models import (
+    build_word_tokenizer,
+    tiny_text_config,
+    tiny_vision_config,
+)
 from mmconnect.integrations.families.llava import (
     DenseLlavaConfig,
     DenseLlavaForConditionalGeneration,
     DenseLlavaProcessor,
 )
+from mmconnect.integrations.families.protocol import family_model
 from mmconnect.integrations.training.data import (
     IGNORE_INDEX,
     DataCollator,
@@ -53,8 +61,6 @@ from mmconnect.integrations.training.data import (
 from mmconnect.integrations.training.stages import StageConfig, train_stage
 
 logger = logging.getLogger(__name__)
-
-SPECIAL_TOKENS = ("<unk>", "<pad>", "<s>", "</s>", "<image>")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -179,32 +185,6 @@ class DemoConfig:
 
 
 # ---------------------------------------------------------------------------- tokenizer
-
-
-def build_word_tokenizer(texts: list[str]) -> Any:
-    """A word-level ``PreTrainedTokenizerFast`` covering ``texts`` (words, punctuation, newlines)."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    splitter = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex("\n"), behavior="isolated"),
-            pre_tokenizers.Split(Regex("[ \t]+"), behavior="removed"),
-            pre_tokenizers.Punctuation(),
-        ]
-    )
-    words = sorted({piece for text in texts for piece, _ in splitter.pre_tokenize_str(text)})
-    vocabulary = {token: index for index, token in enumerate([*SPECIAL_TOKENS, *words])}
-    backend = Tokenizer(models.WordLevel(vocabulary, unk_token="<unk>"))
-    backend.pre_tokenizer = splitter
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        unk_token="<unk>",
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-        additional_special_tokens=["<image>"],
-    )
 
 
 def _all_texts(paths: list[Path], templates: list[str]) -> list[str]:
@@ -367,7 +347,7 @@ def build_demo_model(
     own under ``config.seed``, so its initial weights are the same whatever the connector.
     A checkpoint path may also be a multimodal (Dense) LLaVA folder: its tower or its LLM is used.
     """
-    from transformers import AutoModel, CLIPVisionConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModel, LlamaForCausalLM
 
     torch.manual_seed(config.seed)
     if config.vision_path:
@@ -375,11 +355,11 @@ def build_demo_model(
             _checkpoint_config(config.vision_path, "vision_path (--vision)"), config.vision_path
         )
     else:
-        vision_config = CLIPVisionConfig(
-            hidden_size=config.vision_width,
-            intermediate_size=2 * config.vision_width,
-            num_hidden_layers=config.vision_blocks,
-            num_attention_heads=4,
+        vision_config = tiny_vision_config(
+            "clip",
+            blocks=config.vision_blocks,
+            width=config.vision_width,
+            heads=4,
             image_size=config.image_size,
             patch_size=config.patch_size,
         )
@@ -387,16 +367,12 @@ def build_demo_model(
         llm_checkpoint = _checkpoint_config(config.llm_path, "llm_path (--llm)")
         text_config = _text_part(llm_checkpoint, config.llm_path)
     else:
-        text_config = LlamaConfig(
-            hidden_size=config.llm_width,
-            intermediate_size=2 * config.llm_width,
-            num_hidden_layers=config.llm_blocks,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            vocab_size=len(tokenizer),
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
+        text_config = tiny_text_config(
+            "llama",
+            tokenizer=tokenizer,  # its vocabulary size and pad / bos / eos ids
+            width=config.llm_width,
+            blocks=config.llm_blocks,
+            heads=4,
         )
     if connector is None:
         connector = demo_connector(
@@ -653,7 +629,7 @@ def train_connector(
     output = Path(config.output_dir)
     eval_records = json.loads(Path(files.eval).read_text())
     model = build_demo_model(kind, config, tokenizer, connector=connector)
-    tokens = model.model.image_tokens_per_image()
+    tokens = family_model(model).image_token_count()
     side = model.config.vision_config.image_size  # a local tower may expect another size
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": side}, crop_size={"height": side, "width": side}

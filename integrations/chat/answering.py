@@ -1,4 +1,4 @@
-"""Ask a Dense LLaVA or Dense LLaVA-NeXT about a video (training-free, FreeVA) or an image.
+"""Ask a Dense model of any family about a video (training-free, FreeVA) or an image.
 
 A video is answered by the image model as it is, without video training:
 
@@ -38,9 +38,11 @@ from PIL import Image
 from torch import Tensor
 
 from mmconnect.integrations.chat.video_io import VideoFrames, VideoSource, open_video
-from mmconnect.integrations.families.base import checked_grid, native_grid
-from mmconnect.integrations.families.llava import DenseLlavaModel
-from mmconnect.integrations.families.llava_next import DenseLlavaNextModel
+from mmconnect.integrations.families.protocol import (
+    family_model,
+    generation_model,
+    list_families,
+)
 from mmconnect.integrations.training.data import (
     IMAGE_PLACEHOLDER,
     ChatTemplate,
@@ -89,28 +91,14 @@ class ChatAnswer:
 # ---------------------------------------------------------------------------- the model
 
 
-def _dense_base(model: Any) -> DenseLlavaModel | DenseLlavaNextModel:
-    base = getattr(model, "model", None)
-    if not isinstance(base, DenseLlavaModel | DenseLlavaNextModel):
-        raise TypeError(
-            "model must be a DenseLlavaForConditionalGeneration or "
-            f"DenseLlavaNextForConditionalGeneration, got {type(model).__name__}"
-        )
-    return base
-
-
 def frame_layout(model: Any) -> tuple[int, tuple[int, int] | None]:
     """``(tokens per frame, their grid)`` of ``model``'s connector at the tower's native size.
 
     The grid is ``None`` when the tokens form no grid (STI appends pooled tokens after it), so
-    the grid poolings do not apply.
+    the grid poolings do not apply. Any Dense family model (family protocol).
     """
-    base = _dense_base(model)
-    encoder_grid = native_grid(base.config.vision_config)
-    connector = base.connector
-    # The connector's declared layout (its token contract), not a guess from the count.
-    grid = None if connector.extra_tokens(encoder_grid) else connector.token_grid(encoder_grid)
-    return connector.num_tokens(encoder_grid), grid
+    family = family_model(model)
+    return family.connector.num_tokens(family.connector_input_grid()), family.frame_grid()
 
 
 def _as_images(frames: Frames, argument: str = "frames") -> list[Image.Image]:
@@ -138,58 +126,40 @@ def _as_images(frames: Frames, argument: str = "frames") -> list[Image.Image]:
 
 
 def frame_pixel_values(model: Any, image_processor: Any, frames: Frames) -> Tensor:
-    """Each frame preprocessed as one image of the tower's size: ``[T, 3, S, S]``.
+    """Each frame preprocessed as one image of the model's input size: ``[T, 3, H, W]``.
 
-    Dense LLaVA: the image processor's output. Dense LLaVA-NeXT: the base crop of each frame (the
-    AnyRes processor's first crop, the whole frame resized), its tiles are not used.
+    The family decides what a frame is (family protocol): Dense LLaVA and Mini-Gemini use the
+    image processor's output; Dense LLaVA-NeXT uses each frame's base crop (the whole frame
+    resized to the tile size), not its AnyRes tiles.
 
     Raises:
-        ValueError: no frames, or the processor gives another shape.
+        ValueError: no frames, or the processor gives another number of frames.
     """
-    base = _dense_base(model)
+    family = family_model(model)
     images = _as_images(frames)
     if not images:
         raise ValueError("frames is empty: a video needs at least one frame")
-    size = base.config.vision_config.image_size
-    if isinstance(base, DenseLlavaNextModel):
-        # One pinpoint of the tile size: the processor builds the base crop and a single tile.
-        pixels = image_processor(
-            images=images, image_grid_pinpoints=[[size, size]], return_tensors="pt"
-        )["pixel_values"]
-        pixels = torch.as_tensor(pixels)[:, 0]
-    else:
-        pixels = torch.as_tensor(
-            image_processor(images=images, return_tensors="pt")["pixel_values"]
-        )
-    if tuple(pixels.shape) != (len(images), 3, size, size):
+    pixels = family.frame_pixel_values(image_processor, images)
+    if pixels.dim() != 4 or pixels.shape[0] != len(images):
         raise ValueError(
             f"the image processor gave pixel_values of shape {tuple(pixels.shape)}; expected "
-            f"[{len(images)}, 3, {size}, {size}] for this model's tower"
+            f"[{len(images)}, 3, height, width], one image per frame"
         )
     return pixels
 
 
 @torch.no_grad()
 def frame_features(model: Any, pixel_values: Tensor) -> Tensor:
-    """Every frame through tower -> tap -> Dense Connector: ``[T, 3, S, S] -> [T, N, llm_dim]``.
-
-    Dense LLaVA runs its own image path (``get_image_features``); Dense LLaVA-NeXT runs the same
-    tower and connector on each base crop without AnyRes packing.
-    """
-    base = _dense_base(model)
-    grid = checked_grid(pixel_values, base.config.vision_config)
-    pixel_values = pixel_values.to(base.vision_tower.device)
-    if isinstance(base, DenseLlavaNextModel):
-        tap = base.connector.make_tap(base.vision_tower)
-        return base.connector(tap(pixel_values.to(base.vision_tower.dtype)), grid)
-    return torch.stack(list(base.get_image_features(pixel_values).pooler_output))
+    """Every frame through tower -> tap -> Dense Connector: ``[T, 3, H, W] -> [T, N, llm_dim]``
+    (the family's per-frame path; no AnyRes packing)."""
+    return family_model(model).frame_features(pixel_values)
 
 
 def encode_video(model: Any, pixel_values: Tensor, pooling: str = DEFAULT_POOLING) -> Tensor:
     """A video's visual tokens: ``[T, 3, S, S] -> [1, count_video_tokens(...), llm_dim]``.
 
     Args:
-        model: a Dense LLaVA or Dense LLaVA-NeXT.
+        model: a Dense model of any registered family.
         pixel_values: the frames in time order (:func:`frame_pixel_values`).
         pooling: one of :data:`mmconnect.video.POOLINGS`.
     """
@@ -206,15 +176,7 @@ def encode_video(model: Any, pixel_values: Tensor, pooling: str = DEFAULT_POOLIN
 def encode_image(model: Any, image_processor: Any, image: Image.Image) -> Tensor:
     """One image's visual tokens through the model's full image path: ``[1, N, llm_dim]``
     (Dense LLaVA-NeXT: AnyRes crops, packing and newline tokens included)."""
-    base = _dense_base(model)
-    inputs = image_processor(images=[image], return_tensors="pt")
-    pixels = torch.as_tensor(inputs["pixel_values"]).to(base.vision_tower.device)
-    if isinstance(base, DenseLlavaNextModel):
-        sizes = torch.as_tensor(inputs["image_sizes"])
-        output = base.get_image_features(pixels, image_sizes=sizes)
-    else:
-        output = base.get_image_features(pixels)
-    return output.pooler_output[0][None]
+    return family_model(model).image_features(image_processor, image)
 
 
 # ---------------------------------------------------------------------------- the prompt
@@ -255,7 +217,7 @@ def prompt_embeddings(
         ValueError: a bad question, ``visual_tokens`` of another width, or a prompt longer than
             the LLM's ``max_position_embeddings`` (the message suggests pooling or a budget).
     """
-    base = _dense_base(model)
+    base = family_model(model)
     llm_dim = base.config.text_config.hidden_size
     if visual_tokens.dim() != 3 or visual_tokens.shape[0] != 1 or visual_tokens.shape[2] != llm_dim:
         raise ValueError(
@@ -384,7 +346,7 @@ def answer_video(
     """Answer ``question`` about ``video`` with an image model, without video training.
 
     Args:
-        model: a Dense LLaVA or Dense LLaVA-NeXT (``...ForConditionalGeneration``).
+        model: a Dense model of any registered family (``...ForConditionalGeneration``).
         processor: its processor (``image_processor`` and ``tokenizer`` are used).
         video: a video file or frame folder, or one opened with
             :func:`~mmconnect.integrations.chat.video_io.open_video` (frames sampled here), or decoded frames
@@ -405,6 +367,7 @@ def answer_video(
         ValueError: an unreadable video (:class:`~mmconnect.integrations.chat.video_io.VideoReadError`),
             zero frames requested, a budget too small for one frame, a bad argument.
     """
+    generation_model(model)  # a Dense family's generation model, or a TypeError naming it
     if pooling is not None and pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS} or None, got {pooling!r}")
     opened = isinstance(video, str | Path | VideoSource)
@@ -464,7 +427,7 @@ def answer_image(
     Raises:
         ValueError: the image file is missing or unreadable, or a bad question.
     """
-    _dense_base(model)
+    generation_model(model)  # a Dense family's generation model, or a TypeError naming it
     if isinstance(image, str | Path):
         image = load_image(image)
     if not isinstance(image, Image.Image):
@@ -478,15 +441,15 @@ def answer_image(
 
 
 def load_chat_model(directory: str | Path) -> tuple[Any, Any]:
-    """A saved Dense LLaVA / LLaVA-NeXT and its processor from ``directory``, in eval mode.
+    """A saved Dense model of any registered family and its processor from ``directory``, in
+    eval mode.
 
     Raises:
         FileNotFoundError: ``directory`` does not exist.
-        ValueError: it holds no Dense model (``dense_llava`` / ``dense_llava_next``) or no
+        ValueError: it holds no Dense model (its ``model_type`` is no registered family's) or no
             processor.
     """
-    # dense_llava and dense_llava_next are registered with the Auto classes: this module imports
-    # their modules.
+    # Importing this module imported mmconnect.integrations, which registered every family.
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     directory = Path(directory)
@@ -496,10 +459,11 @@ def load_chat_model(directory: str | Path) -> tuple[Any, Any]:
     model_type = (
         json.loads(config_file.read_text()).get("model_type") if config_file.is_file() else None
     )
-    if model_type not in ("dense_llava", "dense_llava_next"):
+    if model_type not in list_families():
         raise ValueError(
-            f"{str(directory)!r} holds no Dense LLaVA model (config.json model_type is "
-            f"{model_type!r}; expected 'dense_llava' or 'dense_llava_next')"
+            f"{str(directory)!r} holds no Dense model (config.json model_type is "
+            f"{model_type!r}; expected one of the registered families: "
+            f"{', '.join(list_families())})"
         )
     if not (directory / "processor_config.json").is_file():
         raise ValueError(

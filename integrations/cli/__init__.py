@@ -16,7 +16,7 @@ One module per command, each with ``add_arguments(subparsers)`` and ``run(argume
 * ``mmconnect train --config FILE.yaml`` (:mod:`~mmconnect.integrations.cli.train`) runs both
   training stages from one file;
 * ``mmconnect chat --model DIR --video FILE "question"`` (or ``--image FILE``)
-  (:mod:`~mmconnect.integrations.cli.chat`) asks a saved Dense LLaVA / LLaVA-NeXT about a video
+  (:mod:`~mmconnect.integrations.cli.chat`) asks a saved Dense model (any registered family) about a video
   without video training, or about an image.
 
 The core (``mmconnect``) never imports this package. Each command imports its heavy packages

@@ -1,5 +1,5 @@
 """``mmconnect chat --model DIR --video FILE "question"`` (or ``--image FILE``): ask a saved Dense
-LLaVA / LLaVA-NeXT about a video without video training, or about an image
+model (LLaVA, LLaVA-NeXT, Mini-Gemini: any registered family) about a video without video training, or about an image
 (:mod:`mmconnect.integrations.chat.answering`). Needs the ``hf`` extra; video files also the
 ``video`` extra (PyAV), which ``--image`` and frame folders do not need."""
 
@@ -12,7 +12,7 @@ import sys
 def add_arguments(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``chat`` command."""
     chat = subparsers.add_parser(
-        "chat", help="ask a saved Dense LLaVA / LLaVA-NeXT about a video or an image"
+        "chat", help="ask a saved Dense model about a video or an image"
     )
     chat.add_argument("question", help="the question (an <image> placeholder is put first)")
     chat.add_argument("--model", required=True, help="a saved model directory with its processor")

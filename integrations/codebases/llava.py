@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from mmconnect import ConnectorConfig, DenseConnector, LayerFeatures
 from mmconnect.checkpoint import atomic_save_directory, open_safetensors, read_state_dict
 from mmconnect.connector import FINGERPRINT_KEY
+from mmconnect.validation import check_size_pair
 
 #: Model-config attribute holding the swapped connector's config (``ConnectorConfig.to_dict()``).
 CONFIG_KEY = "mm_dense_connector"
@@ -90,13 +91,16 @@ class DenseVisionTower(nn.Module):
     def _encoder_grid(self, attribute: str) -> tuple[int, int]:
         size = getattr(getattr(self.encoder, "config", None), "image_size", None)
         patch = getattr(getattr(self.encoder, "config", None), "patch_size", None)
-        if not isinstance(size, int) or not isinstance(patch, int):
+        try:
+            height, width = check_size_pair(size, "config.image_size")
+            patch_height, patch_width = check_size_pair(patch, "config.patch_size")
+        except (TypeError, ValueError) as error:
             # Not AttributeError: __getattr__ would answer with the wrapped tower's one-layer value.
             raise ValueError(
-                f"{attribute} needs the tower's config.image_size and config.patch_size (ints), got "
-                f"image_size={size!r}, patch_size={patch!r}"
-            )
-        return size // patch, size // patch
+                f"{attribute} needs the tower's config.image_size and config.patch_size (ints or "
+                f"(height, width) pairs), got image_size={size!r}, patch_size={patch!r}: {error}"
+            ) from None
+        return height // patch_height, width // patch_width
 
     @property
     def num_patches(self) -> int:

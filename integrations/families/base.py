@@ -10,8 +10,10 @@
   (:func:`check_pixel_values`);
 * the stock HF contract: initialisation as for HF's own classes (:class:`DenseInitMixin`) and
   ``get_image_features`` outputs (:func:`tower_features`);
-* conversion of an existing HF model around its own modules (:func:`convert_model`) and
-  registration with the Auto classes (:func:`register_dense_model`).
+* conversion of an existing HF model around its own modules (:func:`convert_model`).
+
+What the rest of the library may ask a Dense model is the family protocol
+(:mod:`mmconnect.integrations.families.protocol`); registration goes through it too.
 """
 
 from __future__ import annotations
@@ -26,15 +28,21 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from mmconnect import ConnectorConfig, DenseConnector, SingleLayerSpec, find_encoder_blocks
-from mmconnect.checkpoint import atomic_save_directory, open_safetensors, read_json
+from mmconnect.checkpoint import (
+    atomic_save_directory,
+    open_safetensors,
+    read_json,
+    saved_shapes,
+    shape_problems,
+)
 from mmconnect.connector import FINGERPRINT_KEY, config_fingerprint, count_output_tokens
+from mmconnect.validation import check_size_pair
 
 logger = logging.getLogger(__name__)
 
@@ -115,9 +123,14 @@ def reject_feature_layer(config: Any, vision_feature_layer: Any) -> None:
 
 
 def native_grid(vision_config: Any) -> tuple[int, int]:
-    """The patch grid of the vision tower at its configured image size."""
-    side = vision_config.image_size // vision_config.patch_size
-    return side, side
+    """The ``(rows, columns)`` patch grid of the vision tower at its configured image size.
+
+    ``image_size`` and ``patch_size`` may be ints or ``(height, width)`` pairs (each side is
+    divided by its own patch side, so a non-square tower gets its real grid).
+    """
+    height, width = check_size_pair(vision_config.image_size, "vision_config.image_size")
+    patch_height, patch_width = check_size_pair(vision_config.patch_size, "vision_config.patch_size")
+    return height // patch_height, width // patch_width
 
 
 def check_pixel_values(
@@ -321,7 +334,7 @@ class CheckedLoadingMixin:
 
 class FixedImageTokensMixin:
     """For Dense base models whose every image fills the same number of ``<image>`` tokens
-    (``image_tokens_per_image()``): the prompt's count is checked before any tensor work.
+    (``image_token_count()``): the prompt's count is checked before any tensor work.
     ``processor_name`` names the processor that builds matching prompts."""
 
     processor_name: str
@@ -340,7 +353,7 @@ class FixedImageTokensMixin:
         self.check_pixel_values(pixel_values)
         found = int((input_ids == self.config.image_token_id).sum())
         images = pixel_values.shape[0]
-        per_image = self.image_tokens_per_image()
+        per_image = self.image_token_count()
         if found != images * per_image:
             raise ValueError(
                 f"the prompt holds {found} image tokens but {images} image(s) fill "
@@ -424,6 +437,17 @@ def safetensors_files(directory: str | os.PathLike) -> list[Path]:
     return []
 
 
+def _saved_fingerprint(files: list[Path]) -> int | None:
+    """The connector's config fingerprint saved in a checkpoint's safetensors files."""
+    for file in files:
+        with open_safetensors(file) as handle:
+            keys = set(handle.keys())
+            for prefix in _CONNECTOR_PREFIXES:
+                if prefix + FINGERPRINT_KEY in keys:
+                    return int(handle.get_tensor(prefix + FINGERPRINT_KEY))
+    return None
+
+
 def check_checkpoint_connector(directory: str | os.PathLike, connector: ConnectorConfig) -> None:
     """Check the connector weights saved in ``directory`` against ``connector`` before loading.
 
@@ -438,17 +462,8 @@ def check_checkpoint_connector(directory: str | os.PathLike, connector: Connecto
     files = safetensors_files(directory)
     if not files:
         return
-    saved: dict[str, tuple[int, ...]] = {}
-    fingerprint: int | None = None
-    for file in files:
-        with open_safetensors(file) as handle:
-            for key in handle.keys():  # noqa: SIM118 (safe_open handles are not iterable)
-                prefix = next((p for p in _CONNECTOR_PREFIXES if key.startswith(p)), None)
-                if prefix is not None:
-                    name = key[len(prefix) :]
-                    saved[name] = tuple(handle.get_slice(key).get_shape())
-                    if name == FINGERPRINT_KEY:
-                        fingerprint = int(handle.get_tensor(key))
+    saved = saved_shapes(files, _CONNECTOR_PREFIXES)
+    fingerprint = _saved_fingerprint(files) if FINGERPRINT_KEY in saved else None
     with torch.device("meta"):
         expected = {
             key: tuple(tensor.shape)
@@ -456,13 +471,7 @@ def check_checkpoint_connector(directory: str | os.PathLike, connector: Connecto
         }
     # A checkpoint without the fingerprint (parameters only, or saved before it existed) loads:
     # DenseInitMixin sets the buffer from the config.
-    problems = [f"missing {key}" for key in expected if key not in saved and key != FINGERPRINT_KEY]
-    problems += [f"unexpected {key}" for key in saved if key not in expected]
-    problems += [
-        f"{key}: {saved[key]} in the weights, {shape} expected by the config"
-        for key, shape in expected.items()
-        if key in saved and saved[key] != shape
-    ]
+    problems = shape_problems(saved, expected, optional=(FINGERPRINT_KEY,))
     if fingerprint is not None and not problems and fingerprint != config_fingerprint(connector):
         problems.append(
             "the weights were saved with a different connector config (fusion, layers, groups, "
@@ -588,23 +597,3 @@ def convert_model(
         raise RuntimeError(f"conversion left tensors unset: {meta[:5]}")
     dense.generation_config = model.generation_config
     return dense.train(model.training)
-
-
-# ---------------------------------------------------------------------------- registration
-
-
-def register_dense_model(
-    model_type: str,
-    config_class: type,
-    model_class: type,
-    generation_class: type,
-    processor_class: type,
-) -> None:
-    """Register a Dense model family with the HF Auto classes (idempotent)."""
-    try:
-        AutoConfig.register(model_type, config_class)
-    except ValueError:
-        return  # already registered
-    AutoModel.register(config_class, model_class)
-    AutoModelForImageTextToText.register(config_class, generation_class)
-    AutoProcessor.register(config_class, processor_class)

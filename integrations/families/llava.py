@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 from huggingface_hub.dataclasses import strict
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import (
     AutoModel,
     LlavaConfig,
@@ -51,10 +51,16 @@ from mmconnect.integrations.families.base import (
     convert_model,
     native_grid,
     processor_connector,
-    register_dense_model,
     reject_feature_layer,
     reject_interpolation,
     tower_features,
+)
+from mmconnect.integrations.families.protocol import (
+    DenseFamilyModel,
+    Family,
+    TowerGeometry,
+    register_family,
+    vision_config_geometry,
 )
 
 MODEL_TYPE = "dense_llava"
@@ -82,7 +88,9 @@ class DenseLlavaConfig(ConnectorConfigMixin, LlavaConfig):
 # ---------------------------------------------------------------------------- model
 
 
-class DenseLlavaModel(DenseInitMixin, FixedImageTokensMixin, CheckedLoadingMixin, LlavaModel):
+class DenseLlavaModel(
+    DenseInitMixin, FixedImageTokensMixin, CheckedLoadingMixin, DenseFamilyModel, LlavaModel
+):
     """HF ``LlavaModel`` whose ``multi_modal_projector`` is a :class:`mmconnect.DenseConnector`.
 
     ``forward`` has the stock signature and checks the prompt's image tokens before the tower
@@ -91,6 +99,7 @@ class DenseLlavaModel(DenseInitMixin, FixedImageTokensMixin, CheckedLoadingMixin
 
     config_class = DenseLlavaConfig
     processor_name = "DenseLlavaProcessor"
+    model_type = MODEL_TYPE
 
     def __init__(self, config: DenseLlavaConfig) -> None:
         LlavaPreTrainedModel.__init__(
@@ -108,8 +117,21 @@ class DenseLlavaModel(DenseInitMixin, FixedImageTokensMixin, CheckedLoadingMixin
         """The Dense Connector (stored as ``multi_modal_projector`` for HF compatibility)."""
         return self.multi_modal_projector
 
-    def image_tokens_per_image(self) -> int:
-        """How many ``<image>`` placeholder tokens one image fills."""
+    def vision_towers(self) -> dict[str, nn.Module]:
+        """The one vision tower (family protocol)."""
+        return {"vision_tower": self.vision_tower}
+
+    def connector_modules(self) -> dict[str, nn.Module]:
+        """The connector alone trains with the connector (family protocol)."""
+        return {"multi_modal_projector": self.multi_modal_projector}
+
+    def tower_geometry(self) -> TowerGeometry:
+        """The vision tower's width, depth and native grid (family protocol)."""
+        return vision_config_geometry(self.config.vision_config, self.vision_tower)
+
+    def image_token_count(self, image_size: Any = None) -> int:
+        """How many ``<image>`` tokens one image fills: the connector's count at the tower's
+        native grid (every image is resized to the tower's size, so ``image_size`` is unused)."""
         return self.connector.num_tokens(native_grid(self.config.vision_config))
 
     forward = checked_forward(LlavaModel.forward)
@@ -274,15 +296,17 @@ def _processed_size(image_processor: Any, images_kwargs: dict) -> tuple[int, int
     return int(size["shortest_edge"]), int(size["shortest_edge"])
 
 
-def register() -> None:
-    """Register ``dense_llava`` with the HF Auto classes, processor included (done on import)."""
-    register_dense_model(
-        MODEL_TYPE,
-        DenseLlavaConfig,
-        DenseLlavaModel,
-        DenseLlavaForConditionalGeneration,
-        DenseLlavaProcessor,
-    )
+#: The LLaVA family (family protocol).
+FAMILY = Family(
+    model_type=MODEL_TYPE,
+    config_class=DenseLlavaConfig,
+    model_class=DenseLlavaModel,
+    generation_class=DenseLlavaForConditionalGeneration,
+    processor_class=DenseLlavaProcessor,
+    source_class=LlavaForConditionalGeneration,
+    convert=from_llava,
+    description="LLaVA-1.5 (HF LlavaForConditionalGeneration) with a Dense Connector",
+)
 
 
-register()
+register_family(FAMILY)  # on import: the family and its HF Auto classes

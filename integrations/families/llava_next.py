@@ -51,10 +51,16 @@ from mmconnect.integrations.families.base import (
     convert_model,
     native_grid,
     processor_connector,
-    register_dense_model,
     reject_feature_layer,
     reject_interpolation,
     tower_features,
+)
+from mmconnect.integrations.families.protocol import (
+    DenseFamilyModel,
+    Family,
+    TowerGeometry,
+    register_family,
+    vision_config_geometry,
 )
 
 MODEL_TYPE = "dense_llava_next"
@@ -77,7 +83,7 @@ class DenseLlavaNextConfig(ConnectorConfigMixin, LlavaNextConfig):
         check_pinpoints(self.image_grid_pinpoints, self.vision_config.image_size)
 
 
-class DenseLlavaNextModel(DenseInitMixin, CheckedLoadingMixin, LlavaNextModel):
+class DenseLlavaNextModel(DenseInitMixin, CheckedLoadingMixin, DenseFamilyModel, LlavaNextModel):
     """HF ``LlavaNextModel`` with a Dense Connector per AnyRes crop.
 
     ``forward`` has the stock signature and checks the prompt's image tokens before the tower
@@ -85,6 +91,7 @@ class DenseLlavaNextModel(DenseInitMixin, CheckedLoadingMixin, LlavaNextModel):
     """
 
     config_class = DenseLlavaNextConfig
+    model_type = MODEL_TYPE
 
     def __init__(self, config: DenseLlavaNextConfig) -> None:
         LlavaNextPreTrainedModel.__init__(
@@ -107,8 +114,31 @@ class DenseLlavaNextModel(DenseInitMixin, CheckedLoadingMixin, LlavaNextModel):
         """The Dense Connector (stored as ``multi_modal_projector`` for HF compatibility)."""
         return self.multi_modal_projector
 
-    def image_token_count(self, image_size: Any) -> int:
-        """Visual tokens of one image of original ``(height, width)`` pixels."""
+    def vision_towers(self) -> dict[str, nn.Module]:
+        """The one vision tower, run on every AnyRes crop (family protocol)."""
+        return {"vision_tower": self.vision_tower}
+
+    def connector_modules(self) -> dict[str, nn.Module]:
+        """The connector alone trains with the connector (family protocol); the learned
+        ``image_newline`` belongs to the LLM side, as in HF LLaVA-NeXT."""
+        return {"multi_modal_projector": self.multi_modal_projector}
+
+    def tower_geometry(self) -> TowerGeometry:
+        """The vision tower's width, depth and native grid per crop (family protocol)."""
+        return vision_config_geometry(self.config.vision_config, self.vision_tower)
+
+    def image_token_count(self, image_size: Any = None) -> int:
+        """Visual tokens of one image of original ``(height, width)`` pixels (AnyRes: the count
+        depends on the size, so ``image_size`` is required).
+
+        Raises:
+            ValueError: ``image_size`` is missing.
+        """
+        if image_size is None:
+            raise ValueError(
+                "image_size is required: a LLaVA-NeXT image's token count depends on its "
+                "(height, width) through the AnyRes tiling"
+            )
         vision = self.config.vision_config
         return anyres_token_count(
             self.connector,
@@ -220,6 +250,32 @@ class DenseLlavaNextModel(DenseInitMixin, CheckedLoadingMixin, LlavaNextModel):
         outputs.pooler_output = packed
         return outputs
 
+    # ------------------------------------------------------------------ video frames
+    def frame_pixel_values(self, image_processor: Any, images: list) -> Tensor:
+        """Each frame's base crop (the whole frame resized to the tile size): ``[T, 3, S, S]``;
+        AnyRes tiles are not used for video frames."""
+        size = self.config.vision_config.image_size
+        # One pinpoint of the tile size: the processor builds the base crop and a single tile.
+        pixels = image_processor(
+            images=images, image_grid_pinpoints=[[size, size]], return_tensors="pt"
+        )["pixel_values"]
+        return torch.as_tensor(pixels)[:, 0]
+
+    def frame_features(self, pixel_values: Tensor) -> Tensor:
+        """Every frame's base crop through tower -> tap -> connector, without AnyRes packing:
+        ``[T, 3, S, S] -> [T, N, llm_dim]``."""
+        grid = checked_grid(pixel_values, self.config.vision_config)
+        tap = self.connector.make_tap(self.vision_tower)
+        pixels = pixel_values.to(device=self.vision_tower.device, dtype=self.vision_tower.dtype)
+        return self.connector(tap(pixels), grid)
+
+    def image_features(self, image_processor: Any, image: Any) -> Tensor:
+        """One image through AnyRes crops, packing and newline tokens: ``[1, N, llm_dim]``."""
+        inputs = image_processor(images=[image], return_tensors="pt")
+        pixels = torch.as_tensor(inputs["pixel_values"]).to(self.vision_tower.device)
+        sizes = torch.as_tensor(inputs["image_sizes"])
+        return self.get_image_features(pixels, image_sizes=sizes).pooler_output[0][None]
+
     def check_image_tokens(
         self, input_ids: Tensor | None, pixel_values: Tensor | None, image_sizes: Any
     ) -> None:
@@ -316,15 +372,18 @@ def _pair(size: Any) -> tuple[int, int]:
     return int(values[0]), int(values[1])
 
 
-def register() -> None:
-    """Register ``dense_llava_next`` with the HF Auto classes, processor included (on import)."""
-    register_dense_model(
-        MODEL_TYPE,
-        DenseLlavaNextConfig,
-        DenseLlavaNextModel,
-        DenseLlavaNextForConditionalGeneration,
-        DenseLlavaNextProcessor,
-    )
+#: The LLaVA-NeXT family (family protocol).
+FAMILY = Family(
+    model_type=MODEL_TYPE,
+    config_class=DenseLlavaNextConfig,
+    model_class=DenseLlavaNextModel,
+    generation_class=DenseLlavaNextForConditionalGeneration,
+    processor_class=DenseLlavaNextProcessor,
+    source_class=LlavaNextForConditionalGeneration,
+    convert=from_llava_next,
+    fixed_image_tokens=False,
+    description="LLaVA-NeXT / AnyRes (HF LlavaNextForConditionalGeneration) with a Dense Connector",
+)
 
 
-register()
+register_family(FAMILY)  # on import: the family and its HF Auto classes

@@ -10,7 +10,7 @@ Loss, ``generate()`` and ``save_pretrained`` / ``from_pretrained`` work as for H
 ``model_type="dense_mgm"`` is registered with the Auto classes on import.
 
 The connector is chosen in the config (``connector=``, ``mining_placement=``) or swapped on a
-built model with :func:`swap_connector`. Stage 1 of :func:`mmconnect.integrations.training.stages.train_stage`
+built model with :func:`replace_connector`. Stage 1 of :func:`mmconnect.integrations.training.stages.train_stage`
 trains the connector and the mining projections, stage 2 adds the LLM.
 
 Examples:
@@ -36,7 +36,7 @@ from transformers.models.llava.modeling_llava import LlavaPreTrainedModel
 from transformers.utils.generic import can_return_tuple
 
 from mmconnect import ConnectorConfig, DenseConnector
-from mmconnect.checkpoint import open_safetensors
+from mmconnect.checkpoint import saved_shapes, shape_problems
 from mmconnect.connector import count_output_tokens
 from mmconnect.integrations.families.base import (
     CheckedLoadingMixin,
@@ -49,7 +49,6 @@ from mmconnect.integrations.families.base import (
     check_pixel_values,
     checked_forward,
     native_grid,
-    register_dense_model,
     reject_feature_layer,
     reject_interpolation,
     safetensors_files,
@@ -67,6 +66,13 @@ from mmconnect.integrations.families.mini_gemini_vision import (
     lr_views,
     mine_and_connect,
     mining_width,
+)
+from mmconnect.integrations.families.protocol import (
+    DenseFamilyModel,
+    Family,
+    TowerGeometry,
+    register_family,
+    vision_config_geometry,
 )
 
 MODEL_TYPE = "dense_mgm"
@@ -188,7 +194,9 @@ def build_aux_encoder(spec: dict) -> nn.Module:
 # ---------------------------------------------------------------------------- model
 
 
-class DenseMGMModel(DenseInitMixin, FixedImageTokensMixin, CheckedLoadingMixin, LlavaModel):
+class DenseMGMModel(
+    DenseInitMixin, FixedImageTokensMixin, CheckedLoadingMixin, DenseFamilyModel, LlavaModel
+):
     """HF ``LlavaModel`` with Mini-Gemini's dual-encoder vision path and a Dense Connector.
 
     Modules: ``vision_tower`` (CLIP, LR), ``vision_tower_aux`` (ConvNeXt, HR), ``mining``
@@ -198,8 +206,7 @@ class DenseMGMModel(DenseInitMixin, FixedImageTokensMixin, CheckedLoadingMixin, 
 
     config_class = DenseMGMConfig
     processor_name = "DenseMGMProcessor"
-    #: Modules the two-stage training treats as part of the connector (stage 1 trains them).
-    modules_trained_with_connector = ("mining",)
+    model_type = MODEL_TYPE
 
     def __init__(self, config: DenseMGMConfig) -> None:
         LlavaPreTrainedModel.__init__(
@@ -223,8 +230,22 @@ class DenseMGMModel(DenseInitMixin, FixedImageTokensMixin, CheckedLoadingMixin, 
         """The Dense Connector (stored as ``multi_modal_projector`` for HF compatibility)."""
         return self.multi_modal_projector
 
-    def image_tokens_per_image(self) -> int:
-        """How many ``<image>`` placeholder tokens one image fills (all its views)."""
+    def vision_towers(self) -> dict[str, nn.Module]:
+        """CLIP (LR, tapped) and the ConvNeXt (HR) tower (family protocol)."""
+        return {"vision_tower": self.vision_tower, "vision_tower_aux": self.vision_tower_aux}
+
+    def connector_modules(self) -> dict[str, nn.Module]:
+        """The connector and patch info mining, which stage 1 trains with it (family protocol)."""
+        return {"multi_modal_projector": self.multi_modal_projector, "mining": self.mining}
+
+    def tower_geometry(self) -> TowerGeometry:
+        """The CLIP tower's width, depth and native grid (family protocol); the HR image is
+        ``config.image_size_aux`` pixels."""
+        return vision_config_geometry(self.config.vision_config, self.vision_tower)
+
+    def image_token_count(self, image_size: Any = None) -> int:
+        """How many ``<image>`` tokens one image fills (all its views; every image is resized to
+        ``image_size_aux``, so ``image_size`` is unused)."""
         return self.config.num_views * self.connector.num_tokens(
             native_grid(self.config.vision_config)
         )
@@ -327,13 +348,7 @@ def check_checkpoint_mining(directory: Path, config: DenseMGMConfig) -> None:
     files = safetensors_files(directory)
     if not files:
         return
-    saved: dict[str, tuple[int, ...]] = {}
-    for file in files:
-        with open_safetensors(file) as handle:  # a corrupt file is named
-            for key in handle.keys():  # noqa: SIM118 (safe_open handles are not iterable)
-                for prefix in ("model.mining.", "mining."):
-                    if key.startswith(prefix):
-                        saved[key[len(prefix) :]] = tuple(handle.get_slice(key).get_shape())
+    saved = saved_shapes(files, ("model.mining.", "mining."))  # a corrupt file is named
     with torch.device("meta"):
         connector = DenseConnector(config.connector_config)
         aux = build_aux_encoder(config.aux_encoder)
@@ -345,12 +360,7 @@ def check_checkpoint_mining(directory: Path, config: DenseMGMConfig) -> None:
             .state_dict()
             .items()
         }
-    problems = [f"missing {key}" for key in expected if key not in saved]
-    problems += [
-        f"{key}: {saved[key]} in the weights, {shape} expected by the config"
-        for key, shape in expected.items()
-        if key in saved and saved[key] != shape
-    ]
+    problems = shape_problems(saved, expected)
     if problems:
         raise ValueError(
             f"the patch info mining weights in {str(directory)!r} do not match its config "
@@ -362,7 +372,7 @@ def check_checkpoint_mining(directory: Path, config: DenseMGMConfig) -> None:
 # ---------------------------------------------------------------------------- swapping
 
 
-def swap_connector(
+def replace_connector(
     model: DenseMGMForConditionalGeneration | DenseMGMModel,
     connector: DenseConnector | ConnectorConfig | str,
     *,
@@ -507,15 +517,15 @@ class DenseMGMProcessor(DenseLlavaProcessor):
         return self.image_token * self.num_image_tokens(height, width)
 
 
-def register() -> None:
-    """Register ``dense_mgm`` with the HF Auto classes, processor included (done on import)."""
-    register_dense_model(
-        MODEL_TYPE,
-        DenseMGMConfig,
-        DenseMGMModel,
-        DenseMGMForConditionalGeneration,
-        DenseMGMProcessor,
-    )
+#: The Mini-Gemini family (family protocol); no stock HF class to convert from.
+FAMILY = Family(
+    model_type=MODEL_TYPE,
+    config_class=DenseMGMConfig,
+    model_class=DenseMGMModel,
+    generation_class=DenseMGMForConditionalGeneration,
+    processor_class=DenseMGMProcessor,
+    description="Mini-Gemini (dual encoder, patch info mining) on HF LLaVA with a Dense Connector",
+)
 
 
-register()
+register_family(FAMILY)  # on import: the family and its HF Auto classes

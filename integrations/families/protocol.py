@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from mmconnect import DenseConnector, find_encoder_blocks
 from mmconnect.registry import Registry
+from mmconnect.validation import check_size_pair
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,13 +70,6 @@ class TowerGeometry:
     prefix_tokens: int
 
 
-def _pair(size: Any) -> tuple[int, int]:
-    if isinstance(size, int):
-        return size, size
-    height, width = size
-    return int(height), int(width)
-
-
 def vision_config_geometry(vision_config: Any, tower: nn.Module) -> TowerGeometry:
     """:class:`TowerGeometry` of an HF ViT-style tower from its config (CLIP, SigLIP, ...).
 
@@ -83,8 +77,8 @@ def vision_config_geometry(vision_config: Any, tower: nn.Module) -> TowerGeometr
     computed per side, so non-square towers get their real grid. The prefix-token count comes
     from the tower's structure (:func:`mmconnect.find_encoder_blocks`), not from its name.
     """
-    image_size = _pair(vision_config.image_size)
-    patch = _pair(vision_config.patch_size)
+    image_size = check_size_pair(vision_config.image_size, "vision_config.image_size")
+    patch = check_size_pair(vision_config.patch_size, "vision_config.patch_size")
     if patch[0] != patch[1]:
         raise ValueError(f"non-square patches {patch} are not supported")
     return TowerGeometry(
@@ -175,8 +169,10 @@ class Family:
         config_class, model_class, generation_class, processor_class: the Dense HF classes,
             registered with ``AutoConfig`` / ``AutoModel`` / ``AutoModelForImageTextToText`` /
             ``AutoProcessor``.
-        convert: ``convert(stock_model, connector) -> Dense model`` (``from_llava`` ...), or
-            ``None`` when the family has no stock HF counterpart to convert.
+        source_class: the stock HF class the family converts from
+            (``LlavaForConditionalGeneration``), or ``None`` when it has no stock counterpart.
+        convert: ``convert(stock_model, connector) -> Dense model`` (``from_llava`` ...), given
+            with ``source_class``.
         fixed_image_tokens: every image fills the same number of tokens (``False`` for AnyRes,
             whose count depends on the image size); the YAML training path needs ``True``.
         description: one line for listings and error messages.
@@ -187,6 +183,7 @@ class Family:
     model_class: type
     generation_class: type
     processor_class: type
+    source_class: type | None = None
     convert: Callable[..., nn.Module] | None = None
     fixed_image_tokens: bool = True
     description: str = ""
@@ -207,6 +204,11 @@ def register_family(family: Family) -> None:
     """
     from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
+    if (family.source_class is None) != (family.convert is None):
+        raise ValueError(
+            f"family {family.model_type!r}: source_class and convert go together (the stock class "
+            "and the function converting it), got only one"
+        )
     if not issubclass(family.model_class, DenseFamilyModel):
         raise ValueError(
             f"{family.model_class.__name__} must implement DenseFamilyModel to be registered as "
@@ -243,6 +245,40 @@ def get_family(model_type: str) -> Family:
             f"{', '.join(list_families())}"
         )
     return _FAMILIES[model_type]
+
+
+def convert_to_dense(model: nn.Module, connector: Any) -> nn.Module:
+    """A Dense model around a stock HF model, by the family whose ``source_class`` it is.
+
+    The tower, LLM and head are ``model``'s own modules (shared, not copied); see each family's
+    converter (``from_llava``, ``from_llava_next``) for what is reused.
+
+    Args:
+        model: a stock HF model of a registered family's ``source_class`` (the most specific
+            class wins when several match).
+        connector: a :class:`mmconnect.ConnectorConfig` or a preset name.
+
+    Raises:
+        TypeError: no registered family converts ``type(model)``.
+    """
+    lineage = type(model).__mro__
+    candidates = [
+        family
+        for family in map(get_family, list_families())
+        if family.source_class is not None and family.source_class in lineage
+    ]
+    if not candidates:
+        convertible = [
+            get_family(name).source_class.__name__
+            for name in list_families()
+            if get_family(name).source_class is not None
+        ]
+        raise TypeError(
+            f"no registered family converts a {type(model).__name__}; convertible: "
+            f"{', '.join(convertible)}"
+        )
+    family = min(candidates, key=lambda family: lineage.index(family.source_class))
+    return family.convert(model, connector)
 
 
 def family_model(model: Any) -> DenseFamilyModel:

@@ -51,6 +51,7 @@ from mmconnect.integrations.applications.output_folders import (
     check_output_folder,
     claim_output_folder,
 )
+from mmconnect.integrations.families.protocol import family_model, get_family, list_families
 from mmconnect.integrations.training.stages import LoraSettings, StageConfig, train_stage
 
 #: The stage sections of a run file and their stages.
@@ -295,13 +296,11 @@ def _check_fields(
 
 
 def _check_model(model: str, problems: _Problems) -> None:
-    """The starting model must be a saved Dense LLaVA / MGM folder with its processor."""
+    """The starting model must be a saved Dense model folder with its processor, of a family
+    whose images all fill the same number of tokens (the data pipeline encodes one count)."""
     from transformers import AutoConfig
 
-    from mmconnect.integrations.families import llava
-    from mmconnect.integrations.families import mini_gemini as mgm_model
-
-    supported = (llava.MODEL_TYPE, mgm_model.MODEL_TYPE)
+    supported = [name for name in list_families() if get_family(name).fixed_image_tokens]
     directory = Path(model)
     if not directory.is_dir():
         problems.add(
@@ -319,9 +318,15 @@ def _check_model(model: str, problems: _Problems) -> None:
         problems.add("model", f"{model!r}: config.json cannot be read: {error}")
         return
     if config.model_type not in supported:
+        why = (
+            "its images fill a number of tokens that depends on their size, and run files encode "
+            "one count per image"
+            if config.model_type in list_families()
+            else "it is no registered Dense model family"
+        )
         problems.add(
             "model",
-            f"{model!r} holds a {config.model_type!r} model; expected one of {list(supported)}",
+            f"{model!r} holds a {config.model_type!r} model ({why}); expected one of {supported}",
         )
     if not (directory / "processor_config.json").is_file():
         problems.add(
@@ -481,7 +486,7 @@ def run_training(run: TrainRun) -> dict[str, Any]:
     model = AutoModelForImageTextToText.from_pretrained(run.model)
     processor = AutoProcessor.from_pretrained(run.model)
     tokenizer, image_processor = processor.tokenizer, processor.image_processor
-    image_tokens = model.model.image_tokens_per_image()
+    image_tokens = family_model(model).image_token_count()
     datasets = []
     for stage, path, template in stages:
         dataset = LlavaDataset(

@@ -52,6 +52,7 @@ from mmconnect.checkpoint import (
     write_json,
 )
 from mmconnect.integrations.families.base import check_checkpoint_connector
+from mmconnect.integrations.families.protocol import family_model
 
 logger = logging.getLogger(__name__)
 
@@ -194,27 +195,9 @@ def _accelerator_available() -> bool:
     return torch.cuda.is_available()
 
 
-def _dense_model(model: nn.Module) -> nn.Module:
-    """The Dense base model (``vision_tower``, ``multi_modal_projector``, ``language_model``)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    inner = getattr(base, "model", base)
-    for name in ("vision_tower", "multi_modal_projector", "language_model"):
-        if not hasattr(inner, name):
-            raise TypeError(
-                f"{type(model).__name__} is not a Dense LLaVA-family model: it has no {name}"
-            )
-    return inner
-
-
-def connector_module_names(inner: nn.Module) -> tuple[str, ...]:
-    """The connector (``multi_modal_projector``) and the modules trained with it, by attribute
-    name on the Dense base model (Mini-Gemini adds ``mining``: its ``modules_trained_with_connector``)."""
-    return ("multi_modal_projector", *getattr(inner, "modules_trained_with_connector", ()))
-
-
 def _connector_modules(model: nn.Module) -> list[nn.Module]:
-    inner = _dense_model(model)
-    return [getattr(inner, name) for name in connector_module_names(inner)]
+    """The connector and the modules trained with it (family protocol)."""
+    return list(family_model(model).connector_modules().values())
 
 
 def _connector_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -229,11 +212,7 @@ def _connector_parameters(model: nn.Module) -> list[nn.Parameter]:
 def parameter_groups(model: nn.Module) -> dict[str, tuple[int, int]]:
     """``group -> (trainable parameters, all parameters)`` for the vision tower(s), the connector
     (with the modules trained with it), the LLM (with its LM head) and LoRA adapters."""
-    inner = _dense_model(model)
-    towers = [
-        inner.vision_tower,
-        *([inner.vision_tower_aux] if hasattr(inner, "vision_tower_aux") else []),
-    ]
+    towers = family_model(model).vision_towers().values()
     tower = {id(p) for module in towers for p in module.parameters()}
     connector = {id(p) for module in _connector_modules(model) for p in module.parameters()}
     counts: dict[str, list[int]] = {
@@ -254,8 +233,7 @@ def parameter_groups(model: nn.Module) -> dict[str, tuple[int, int]]:
 
 
 def _llm_linear_names(model: nn.Module, suffixes: Iterable[str]) -> list[str]:
-    inner = _dense_model(model)
-    llm_modules = {id(module) for module in inner.language_model.modules()}
+    llm_modules = {id(module) for module in family_model(model).language_model.modules()}
     wanted = tuple(suffixes)
     names = [
         name
@@ -278,12 +256,12 @@ def prepare_stage(model: nn.Module, stage: StageConfig) -> nn.Module:
     stays frozen.
     The trainable parameter groups are logged.
     """
-    inner = _dense_model(model)
+    inner = family_model(model)
     model.requires_grad_(False)
     for module in _connector_modules(model):
         module.requires_grad_(True)
     if stage.train_vision_tower:
-        inner.vision_tower.requires_grad_(True)
+        inner.tapped_tower().requires_grad_(True)
     if stage.stage == "instruct":
         if stage.lora is None:
             inner.language_model.requires_grad_(True)
@@ -298,7 +276,7 @@ def prepare_stage(model: nn.Module, stage: StageConfig) -> nn.Module:
                 lora_dropout=lora.dropout,
                 target_modules=_llm_linear_names(model, lora.target_modules),
                 # saved and resumed with the adapters
-                modules_to_save=list(connector_module_names(inner)),
+                modules_to_save=list(inner.connector_modules()),
             )
             model = get_peft_model(model, config)
     for group, (trainable, total) in parameter_groups(model).items():
@@ -378,15 +356,13 @@ _TRAINER_STATE_NAME = "trainer_state.json"
 def _base_parts(model: nn.Module) -> dict[str, list[tuple[str, torch.Tensor]]]:
     """The parameters of the vision tower(s) and the LLM (with its LM head) by part, named as
     on a plain Dense model: a PEFT-wrapped model gives the same names (LoRA weights left out)."""
-    inner = _dense_model(model)
+    inner = family_model(model)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     modules = {
-        "vision_tower": inner.vision_tower,
+        **inner.vision_towers(),
         "language_model": inner.language_model,
         "lm_head": base.get_output_embeddings(),
     }
-    if hasattr(inner, "vision_tower_aux"):
-        modules["vision_tower_aux"] = inner.vision_tower_aux
     parts: dict[str, list[tuple[str, torch.Tensor]]] = {}
     for part, module in modules.items():
         if module is None:
@@ -494,7 +470,7 @@ def check_resume_checkpoint(
     if not checkpoint.is_dir():
         raise FileNotFoundError(f"resume checkpoint {str(checkpoint)!r} does not exist")
     _check_checkpoint_files(checkpoint)
-    connector: DenseConnector = _dense_model(model).multi_modal_projector
+    connector: DenseConnector = family_model(model).connector
     check_checkpoint_connector(checkpoint, connector.config)
     record = checkpoint / BASE_FINGERPRINT_NAME
     if not record.is_file():

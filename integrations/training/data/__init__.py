@@ -28,7 +28,7 @@ Examples:
     ...     template="vicuna_v1",
     ...     tokenizer=processor.tokenizer,
     ...     image_processor=processor.image_processor,
-    ...     image_tokens=model.model.image_tokens_per_image(),
+    ...     image_tokens=model.model.image_token_count(),
     ...     image_token_id=model.config.image_token_id,
     ...     max_length=2048,
     ... )  # doctest: +SKIP

@@ -44,7 +44,7 @@ class LlavaDataset(Dataset):
         tokenizer: an HF tokenizer.
         image_processor: an HF image processor giving one ``[3, S, S]`` image per input; may be
             ``None`` when no record has an image.
-        image_tokens: positions one image fills (``model.model.image_tokens_per_image()``).
+        image_tokens: positions one image fills (``model.model.image_token_count()``).
         image_token_id: the id of those positions (``model.config.image_token_id``).
         max_length: truncate samples to this many tokens (``None``: never).
         pad_to_square: pad images to a square with the processor's mean colour first

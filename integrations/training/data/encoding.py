@@ -110,7 +110,7 @@ class ConversationEncoder:
         template: a :class:`ChatTemplate` or a registered name; its end marker is resolved with
             :meth:`ChatTemplate.for_tokenizer`.
         tokenizer: an HF tokenizer.
-        image_tokens: positions one image fills (``model.model.image_tokens_per_image()``).
+        image_tokens: positions one image fills (``model.model.image_token_count()``).
         image_token_id: the id of those positions (``model.config.image_token_id``).
         max_length: truncate to this many tokens (``None``: never).
     """

@@ -414,6 +414,24 @@ def test_a_model_folder_without_a_processor_is_refused(run_inputs, tmp_path):
     ]
 
 
+def test_a_model_of_a_family_with_per_size_token_counts_is_refused(run_inputs, tmp_path):
+    """Run files encode one image-token count per image; the family registry says which
+    families have one (LLaVA-NeXT's AnyRes count depends on the image size)."""
+    from mmconnect.integrations.families.llava_next import DenseLlavaNextConfig
+    from tests.support.llava_next_toys import CONNECTORS, llava_next_config
+
+    model = tmp_path / "model"
+    stock = llava_next_config().to_dict() | {"connector": CONNECTORS["dci"].to_dict()}
+    DenseLlavaNextConfig(**stock).save_pretrained(model)
+    for name in ("processor_config.json",):
+        (model / name).write_text((run_inputs / "model" / name).read_text())
+    assert _problems(_run_file(run_inputs, tmp_path, model=str(model))) == [
+        f"model: {str(model)!r} holds a 'dense_llava_next' model (its images fill a number of "
+        "tokens that depends on their size, and run files encode one count per image); expected "
+        "one of ['dense_llava', 'dense_mgm']"
+    ]
+
+
 def test_run_file_refuses_stage_folders_training_did_not_create(run_inputs, tmp_path):
     stage1 = tmp_path / "out" / "stage1"
     stage1.mkdir(parents=True)

@@ -19,14 +19,17 @@ import torch
 from PIL import Image
 from torch.testing import assert_close
 from transformers import (
-    CLIPImageProcessor,
-    CLIPVisionConfig,
-    LlamaConfig,
     LlavaNextImageProcessor,
 )
 
 from mmconnect import ConnectorConfig, DCISpec, STISpec
-from mmconnect.integrations.applications.demo import build_word_tokenizer
+from mmconnect.integrations.applications.tiny_models import (
+    build_word_tokenizer,
+    tiny_dense_llava,
+    tiny_llava_processor,
+    tiny_text_config,
+    tiny_vision_config,
+)
 from mmconnect.integrations.chat.answering import (
     answer_image,
     answer_video,
@@ -41,7 +44,6 @@ from mmconnect.integrations.chat.answering import (
 from mmconnect.integrations.chat.video_io import VideoReadError
 from mmconnect.integrations.cli import main
 from mmconnect.integrations.families.llava import (
-    DenseLlavaConfig,
     DenseLlavaForConditionalGeneration,
     DenseLlavaProcessor,
 )
@@ -70,47 +72,33 @@ def tokenizer():
 
 
 def _configs(tokenizer) -> dict:
-    vision = CLIPVisionConfig(
-        hidden_size=VISION,
-        intermediate_size=32,
-        num_hidden_layers=BLOCKS,
-        num_attention_heads=2,
-        image_size=SIZE,
-        patch_size=PATCH,
-    )
-    text = LlamaConfig(
-        hidden_size=LLM,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        max_position_embeddings=512,
-    )
+    """The CLIP tower (4 blocks, width 16, a 4 x 4 grid at 56 px) and the 2-block Llama (width
+    32) over ``tokenizer``'s vocabulary, as config fields of a Dense LLaVA(-NeXT)."""
     return {
-        "vision_config": vision,
-        "text_config": text,
+        "vision_config": tiny_vision_config(
+            "clip", blocks=BLOCKS, width=VISION, image_size=SIZE, patch_size=PATCH
+        ),
+        "text_config": tiny_text_config(
+            tokenizer=tokenizer, width=LLM, max_position_embeddings=512
+        ),
         "image_token_index": tokenizer.convert_tokens_to_ids("<image>"),
     }
 
 
 def _llava(tokenizer, connector: ConnectorConfig) -> DenseLlavaForConditionalGeneration:
-    torch.manual_seed(0)
-    config = DenseLlavaConfig(**_configs(tokenizer), connector=connector.to_dict())
-    return DenseLlavaForConditionalGeneration(config).eval()
+    configs = _configs(tokenizer)
+    return tiny_dense_llava(
+        connector=connector,
+        vision_config=configs["vision_config"],
+        text_config=configs["text_config"],
+        image_token_id=configs["image_token_index"],
+    )
 
 
 @pytest.fixture(scope="module")
 def llava(tokenizer):
     model = _llava(tokenizer, DCI)
-    images = CLIPImageProcessor(
-        size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE}
-    )
-    processor = DenseLlavaProcessor(images, tokenizer, patch_size=PATCH, connector=DCI)
-    return model, processor
+    return model, tiny_llava_processor(tokenizer, DCI, image_size=SIZE, patch_size=PATCH)
 
 
 @pytest.fixture(scope="module")
@@ -361,7 +349,7 @@ def test_load_chat_model(saved, llava, tmp_path):
     with pytest.raises(FileNotFoundError, match="model directory not found"):
         load_chat_model(tmp_path / "nothing")
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(ValueError, match=r"holds no Dense LLaVA model .*'llama'"):
+    with pytest.raises(ValueError, match=r"holds no Dense model .*'llama'.*dense_llava, dense_llava_next, dense_mgm"):
         load_chat_model(tmp_path)
 
 
@@ -452,3 +440,40 @@ def test_cli_chat_needs_exactly_one_of_video_and_image(saved, capsys):
         main(["chat", "--model", str(saved), "--video", "a.mp4", "--image", "b.png", "hi"])
     assert exit_info.value.code == 2
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- any family
+
+
+def test_mini_gemini_answers_through_the_family_protocol():
+    """Chat reaches a family only through the protocol: a Dense Mini-Gemini (HR image in, CLIP
+    view + patch info mining inside) answers about images and videos with no chat code of its
+    own; each frame goes through its full image path."""
+    from transformers import CLIPImageProcessor
+
+    from mmconnect.integrations.applications.tiny_models import tiny_llava_tokenizer
+    from mmconnect.integrations.families.mini_gemini import DenseMGMProcessor
+    from tests.support.mini_gemini_toys import build
+
+    model = build("dc-dci-clip-l-336-efficient")  # 144 tokens per image: two frames fit 512
+    processor = DenseMGMProcessor(
+        image_processor=CLIPImageProcessor(
+            size={"shortest_edge": 768}, crop_size={"height": 768, "width": 768}
+        ),
+        tokenizer=tiny_llava_tokenizer(),
+        patch_size=14,
+        connector=model.connector.config,
+        image_size=336,
+        image_size_aux=768,
+    )
+    assert frame_layout(model) == (144, (12, 12))
+    pixels = frame_pixel_values(model, processor.image_processor, frames(2))
+    assert pixels.shape == (2, 3, 768, 768)
+    features = frame_features(model, pixels)
+    with torch.no_grad():
+        one_by_one = [model.model.get_image_features(p[None]).pooler_output[0] for p in pixels]
+    assert torch.equal(features, torch.stack(one_by_one))
+    video = answer_video(model, processor, frames(2), QUESTION, max_new_tokens=2)
+    assert video.num_visual_tokens == 2 * 144 and isinstance(video.text, str)
+    image = answer_image(model, processor, frames(1)[0], QUESTION, max_new_tokens=2)
+    assert image.num_visual_tokens == model.model.image_token_count() == 144

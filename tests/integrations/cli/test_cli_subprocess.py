@@ -84,7 +84,8 @@ import mmconnect.integrations as integrations
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 integrations.register_dense_models()  # idempotent: a second registration changes nothing
 from mmconnect.integrations.families import llava
-llava.register()
+from mmconnect.integrations.families.protocol import register_family
+register_family(llava.FAMILY)  # the same family again: nothing changes
 path = {str(dense_dir)!r}
 print(json.dumps({{
     "config": AutoConfig.from_pretrained(path).model_type,

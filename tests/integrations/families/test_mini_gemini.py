@@ -1,9 +1,10 @@
 """The complete Mini-Gemini MLLM: ``DenseMGMForConditionalGeneration``, its processor,
-``swap_connector``, HD mode, save / load and two-stage training.
+``replace_connector``, HD mode, save / load and two-stage training.
 
-Tiny models from configs (nothing downloaded): a CLIP tower with CLIP-L/336's depth and grid
-(24 blocks, 336 px / patch 14 -> 24x24) but 16 wide, a 4-stage ConvNeXt 8/16/32/64 wide (timm
-``convnext_atto`` resized: 120 HR channels), a 2-layer Llama 32 wide.
+Tiny models from configs (nothing downloaded; tests/support/mini_gemini_toys.py): a CLIP tower
+with CLIP-L/336's depth and grid (24 blocks, 336 px / patch 14 -> 24x24) but 16 wide, a 4-stage
+ConvNeXt 8/16/32/64 wide (timm ``convnext_atto`` resized: 120 HR channels), a 2-layer Llama 32
+wide.
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ from transformers import (
 )
 
 from mmconnect import ConnectorConfig, DenseConnector
+from mmconnect.integrations.applications.tiny_models import tiny_llava_tokenizer
 from mmconnect.integrations.families.mini_gemini import (
     DenseMGMConfig,
     DenseMGMForConditionalGeneration,
     DenseMGMProcessor,
-    swap_connector,
+    replace_connector,
 )
 from mmconnect.integrations.training.stages import (
     StageConfig,
@@ -39,51 +41,18 @@ from mmconnect.integrations.training.stages import (
     prepare_stage,
     train_stage,
 )
-from tests.integrations.families.test_llava import build_tokenizer
+from tests.support.mini_gemini_toys import (
+    AUX,
+    IMAGE,
+    LLM,
+    VISION,
+    build,
+    connector,
+    hr_pixels,
+    prompt,
+)
 
-VISION, LLM = 16, 32
-IMAGE = 3  # "<image>" in build_tokenizer's vocabulary
-AUX = {"name": "convnext_atto", "dims": [8, 16, 32, 64], "depths": [1, 1, 1, 1]}
 OPENAI_CLIP = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
-
-
-def connector(preset: str) -> ConnectorConfig:
-    return ConnectorConfig.from_preset(preset, vision_dim=VISION, llm_dim=LLM)
-
-
-def build(preset: str = "baseline-clip-l-336", *, hd: bool = False, seed: int = 0, **fields):
-    torch.manual_seed(seed)
-    config = DenseMGMConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=VISION,
-            intermediate_size=32,
-            num_hidden_layers=24,
-            num_attention_heads=2,
-            image_size=336,
-            patch_size=14,
-        ),
-        text_config=LlamaConfig(
-            hidden_size=LLM,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            vocab_size=40,
-        ),
-        image_token_index=IMAGE,
-        connector=connector(preset).to_dict(),
-        aux_encoder=AUX,
-        **({"image_size_aux": 1536, "image_grid": 2, "image_global": True} if hd else {}) | fields,
-    )
-    return DenseMGMForConditionalGeneration(config).eval()
-
-
-def hr_pixels(size: int = 768, count: int = 1, seed: int = 1) -> torch.Tensor:
-    return torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-def prompt(image_tokens: int, count: int = 1) -> torch.Tensor:
-    return torch.tensor([[1, 8] + [IMAGE] * image_tokens + [9, 10]] * count)
 
 
 def mined(model, lr_view: torch.Tensor, hr_map: torch.Tensor) -> torch.Tensor:
@@ -129,7 +98,7 @@ def hr_map(model, pixels: torch.Tensor) -> torch.Tensor:
 def test_token_counts_and_loss_at_336_768(preset, placement, tokens):
     model = build(preset, mining_placement=placement)
     assert model.config.image_seq_length == tokens
-    assert model.model.image_tokens_per_image() == tokens
+    assert model.model.image_token_count() == tokens
     assert model.model.mining.lr_dim == (3 * VISION if placement == "before" else VISION)
     ids = prompt(tokens)
     output = model(input_ids=ids, pixel_values=hr_pixels(), labels=ids)
@@ -288,17 +257,17 @@ def test_save_pretrained_then_auto_from_pretrained(tmp_path):
     assert torch.equal(actual, expected)
 
 
-def test_swap_connector_switches_the_config_and_round_trips(tmp_path, caplog):
+def test_replace_connector_switches_the_config_and_round_trips(tmp_path, caplog):
     model = build("baseline-clip-l-336")
     mining = model.model.mining
-    swap_connector(model, "dc-dci-clip-l-336")
+    replace_connector(model, "dc-dci-clip-l-336")
     assert model.model.mining is mining  # after mining: CLIP's width, trained mining kept
     assert model.config.connector == connector("dc-dci-clip-l-336").to_dict()
-    swap_connector(model, DenseConnector(connector("dc-sti-clip-l-336")))
+    replace_connector(model, DenseConnector(connector("dc-sti-clip-l-336")))
     assert model.model.mining is mining
     assert (model.config.mining_placement, model.config.image_seq_length) == ("after", 720)
     assert "untrained mining" not in caplog.text
-    swap_connector(model, connector("dc-sci-clip-l-336"), placement="before")
+    replace_connector(model, connector("dc-sci-clip-l-336"), placement="before")
     assert model.model.mining.lr_dim == 3 * VISION
     assert "mining queries change width 16 -> 48: new, untrained mining projections" in caplog.text
     model.save_pretrained(tmp_path)
@@ -312,7 +281,7 @@ def test_swap_connector_switches_the_config_and_round_trips(tmp_path, caplog):
 
 
 def test_generate_with_the_processor(tmp_path):
-    tokenizer = build_tokenizer()
+    tokenizer = tiny_llava_tokenizer()
     model = build("dc-dci-clip-l-336", hd=True)
     processor = DenseMGMProcessor(
         image_processor=CLIPImageProcessor(
@@ -400,15 +369,15 @@ def test_connector_that_does_not_fit_the_tower():
         )
     model = build()
     with pytest.raises(ValueError, match=r"connector vision_dim=24 does not match"):
-        swap_connector(
+        replace_connector(
             model, ConnectorConfig.from_preset("dc-dci-clip-l-336", vision_dim=24, llm_dim=LLM)
         )
     with pytest.raises(TypeError, match="must be a DenseMGMForConditionalGeneration"):
-        swap_connector(torch.nn.Linear(2, 2), "dc-dci-clip-l-336")
+        replace_connector(torch.nn.Linear(2, 2), "dc-dci-clip-l-336")
 
 
 def test_processor_normalisation_and_size_checks():
-    tokenizer = build_tokenizer()
+    tokenizer = tiny_llava_tokenizer()
     imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     options = {
         "tokenizer": tokenizer,
@@ -494,7 +463,7 @@ def test_processor_keeps_its_chat_template_and_counts_tokens(tmp_path):
         image_processor=CLIPImageProcessor(
             size={"shortest_edge": 1536}, crop_size={"height": 1536, "width": 1536}
         ),
-        tokenizer=build_tokenizer(),
+        tokenizer=tiny_llava_tokenizer(),
         patch_size=14,
         connector=connector("dc-dci-clip-l-336"),
         image_size=336,

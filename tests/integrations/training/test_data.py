@@ -858,7 +858,7 @@ def test_batch_trains_a_dense_llava(tmp_path, tokenizer, image_id):
         tmp_path,
         tokenizer,
         image_id,
-        image_tokens=model.model.image_tokens_per_image(),
+        image_tokens=model.model.image_token_count(),
         image_token_id=model.config.image_token_id,
     )
     batch = DataCollator.from_tokenizer(tokenizer)([data[i] for i in range(3)])
