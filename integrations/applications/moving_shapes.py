@@ -39,6 +39,7 @@ from mmconnect.integrations.applications.synthetic import (
 )
 from mmconnect.integrations.chat.answering import DEFAULT_TEMPLATE, answer_image, answer_video
 from mmconnect.integrations.chat.video_io import write_video
+from mmconnect.validation import check_choice, check_int, check_positive_int
 from mmconnect.video import POOLINGS
 
 _GRID = 3
@@ -59,17 +60,17 @@ class MovingShape:
     end_cell: int
 
     def __post_init__(self) -> None:
-        for name, value, allowed in (
-            ("shape", self.shape, SHAPES),
-            ("colour", self.colour, tuple(COLOURS)),
-            ("size", self.size, tuple(SIZES)),
-        ):
-            if value not in allowed:
-                raise ValueError(f"{name}={value!r} is not one of {list(allowed)}")
+        check_choice(self.shape, "shape", SHAPES)
+        check_choice(self.colour, "colour", tuple(COLOURS))
+        check_choice(self.size, "size", tuple(SIZES))
         for name in ("start_cell", "end_cell"):
-            cell = getattr(self, name)
-            if isinstance(cell, bool) or not isinstance(cell, int) or not 0 <= cell < 9:
-                raise ValueError(f"{name} must be a cell 0..8, got {cell!r}")
+            check_int(
+                getattr(self, name),
+                name,
+                minimum=0,
+                maximum=len(POSITIONS) - 1,
+                hint="a grid cell, 3 * row + column",
+            )
         if self.start_cell == self.end_cell:
             raise ValueError(f"start_cell and end_cell must differ (got {self.start_cell} twice)")
 
@@ -102,8 +103,7 @@ def moving_shape_scenes(clip: MovingShape, num_frames: int) -> list[Scene]:
     into the cell it is in, keeping the whole shape inside that cell (as every synthetic scene),
     so the motion pauses briefly at cell borders.
     """
-    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 2:
-        raise ValueError(f"num_frames must be an int of at least 2, got {num_frames!r}")
+    check_int(num_frames, "num_frames", minimum=2, hint="a moving clip needs two frames")
     half = SIZES[clip.size]
     (row0, column0), (row1, column1) = divmod(clip.start_cell, 3), divmod(clip.end_cell, 3)
     scenes = []
@@ -161,6 +161,12 @@ def evaluate_moving_shapes(
         "visual_tokens": {pooling or "image": tokens}, "answers": [per clip: clip fields,
         answer per pooling]}``.
     """
+    check_positive_int(num_videos, "num_videos")
+    check_int(frames_per_video, "frames_per_video", minimum=2)
+    check_positive_int(num_frames, "num_frames")
+    for index, pooling in enumerate(poolings):
+        check_choice(pooling, f"poolings[{index}]", POOLINGS)
+    check_int(seed, "seed")
     rng = random.Random(f"mmconnect.moving_shapes/{seed}")
     size = model.config.vision_config.image_size
     size += size % 2  # yuv420p video needs even sides; the processor resizes anyway

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from mmconnect.validation import check_bool
+
 T = TypeVar("T")
 
 #: Format of the marker file's JSON.
@@ -61,9 +63,11 @@ def check_output_folder(folder: str | Path, *, tool: str, overwrite: bool, optio
 
     Raises:
         ValueError: ``folder`` exists and is not a folder.
+        TypeError: ``overwrite`` is not a bool.
         FileExistsError: ``folder`` is not empty, has no marker of ``tool`` and ``overwrite`` is
             false.
     """
+    check_bool(overwrite, "overwrite")
     path = Path(folder)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{option} {str(path)!r} exists and is not a folder; choose a folder")

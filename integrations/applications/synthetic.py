@@ -42,13 +42,22 @@ import tempfile
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from numbers import Integral, Real
+from numbers import Integral
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, NamedTuple, TypeAlias
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from mmconnect.validation import (
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    check_positive_int,
+    check_sequence,
+)
 
 #: RGB fill of each colour name; all far apart from each other and from the background.
 COLOURS: Mapping[str, tuple[int, int, int]] = MappingProxyType(
@@ -168,14 +177,12 @@ class SceneObject:
     radius: float
 
     def __post_init__(self) -> None:
-        _check_choice("shape", self.shape, SHAPES)
-        _check_choice("colour", self.colour, tuple(COLOURS))
-        _check_choice("size", self.size, tuple(SIZES))
-        _check_int("cell", self.cell, 0, len(POSITIONS) - 1)
+        check_choice(self.shape, "shape", SHAPES)
+        check_choice(self.colour, "colour", tuple(COLOURS))
+        check_choice(self.size, "size", tuple(SIZES))
+        check_int(self.cell, "cell", minimum=0, maximum=len(POSITIONS) - 1, hint="3 * row + column")
         for name in ("x", "y", "radius"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
-                raise TypeError(f"{name} must be a finite real number, got {value!r}")
+            check_float(getattr(self, name), name)
         row, column = divmod(self.cell, _GRID)
         tolerance = 1e-6
         if not (
@@ -279,8 +286,8 @@ class SceneSpec:
     sizes: tuple[str, ...] = tuple(SIZES)
 
     def __post_init__(self) -> None:
-        _check_int("min_objects", self.min_objects, 1, len(POSITIONS))
-        _check_int("max_objects", self.max_objects, 1, len(POSITIONS))
+        for name in ("min_objects", "max_objects"):
+            check_int(getattr(self, name), name, minimum=1, maximum=len(POSITIONS))
         if self.max_objects < self.min_objects:
             raise ValueError(
                 f"max_objects={self.max_objects} must be >= min_objects={self.min_objects}"
@@ -296,8 +303,8 @@ class SceneSpec:
             value = tuple(value)
             if not value or len(set(value)) != len(value):
                 raise ValueError(f"{name} must be a non-empty list of distinct names, got {value}")
-            for item in value:
-                _check_choice(name, item, allowed)
+            for index, item in enumerate(value):
+                check_choice(item, f"{name}[{index}]", allowed)
             object.__setattr__(self, name, value)
 
     @property
@@ -405,18 +412,14 @@ def render_scene(
     """
     if not isinstance(scene, Scene):
         raise TypeError(f"scene must be a Scene, got {scene!r}")
-    _check_int("image_size", image_size, 1, None)
-    if (
-        not isinstance(background, Sequence)
-        or len(background) != 3
-        or any(
-            isinstance(v, bool) or not isinstance(v, Integral) or not 0 <= v <= 255
-            for v in background
-        )
-    ):
+    check_positive_int(image_size, "image_size")
+    check_sequence(background, "background", of="three 0..255 ints (r, g, b)")
+    if len(background) != 3:
         raise ValueError(
             f"background must be an (r, g, b) triple of 0..255 ints, got {background!r}"
         )
+    for index, value in enumerate(background):
+        check_int(value, f"background[{index}]", minimum=0, maximum=255)
     smallest = min(obj.radius for obj in scene.objects)
     if smallest * image_size < MIN_OBJECT_RADIUS_PX - 1e-9:
         needed = math.ceil(MIN_OBJECT_RADIUS_PX / smallest - 1e-9)
@@ -541,7 +544,7 @@ def questions(scene: Scene, rng: RandomSource, *, num_questions: int = 4) -> lis
         num_questions: how many to ask, at least 1.
     """
     draw = _Draw(rng)
-    _check_int("num_questions", num_questions, 1, None)
+    check_positive_int(num_questions, "num_questions")
     pools: dict[str, list[VQAQuestion]] = {kind: [] for kind in QUESTION_TYPES}
     for question in all_questions(scene):
         pools[question.question_type].append(question)
@@ -668,24 +671,20 @@ def write_synthetic_vqa(
         ValueError: a bad argument, or ``output_dir`` cannot be created or written.
         FileExistsError: ``output_dir`` already holds a data set and ``overwrite`` is false.
     """
-    _check_int("num_train", num_train, 1, None)
-    _check_int("num_eval", num_eval, 0, None)
-    _check_int("questions_per_image", questions_per_image, 1, None)
-    _check_int("seed", seed, None, None)
+    check_positive_int(num_train, "num_train")
+    check_int(num_eval, "num_eval", minimum=0)
+    check_positive_int(questions_per_image, "questions_per_image")
+    check_int(seed, "seed")
     spec = _check_spec(spec)
-    _check_int("image_size", image_size, 1, None)
+    check_positive_int(image_size, "image_size")
     if image_size < spec.min_image_size():
         raise ValueError(
             f"image_size={image_size} is too small for the shapes: the small ones would be "
             f"{spec.min_radius * image_size:.1f} px in half-extent (at least "
             f"{MIN_OBJECT_RADIUS_PX:g} needed); use image_size >= {spec.min_image_size()}"
         )
-    for name, value in (
-        ("multi_turn", multi_turn),
-        ("overwrite", overwrite),
-    ):
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be a bool, got {value!r}")
+    check_bool(multi_turn, "multi_turn")
+    check_bool(overwrite, "overwrite")
     for name, value in (
         ("caption_prompt", caption_prompt),
         ("answer_instruction", answer_instruction),
@@ -915,25 +914,6 @@ def _check_spec(spec: SceneSpec | None) -> SceneSpec:
     if not isinstance(spec, SceneSpec):
         raise TypeError(f"spec must be a SceneSpec or None, got {spec!r}")
     return spec
-
-
-def _check_int(name: str, value: Any, minimum: int | None, maximum: int | None) -> None:
-    if isinstance(value, bool) or not isinstance(value, Integral):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
-        bounds = (
-            f"between {minimum} and {maximum}"
-            if minimum is not None and maximum is not None
-            else f">= {minimum}"
-            if minimum is not None
-            else f"<= {maximum}"
-        )
-        raise ValueError(f"{name}={value!r} must be {bounds}")
-
-
-def _check_choice(name: str, value: Any, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not one of {list(allowed)}")
 
 
 def _check_keys(what: str, data: Any, extra: set[str], cls: type) -> Mapping[str, Any]:

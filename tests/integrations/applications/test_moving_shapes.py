@@ -65,24 +65,27 @@ def test_random_clips_are_valid_and_seeded():
 
 
 @pytest.mark.parametrize(
-    ("fields", "message"),
+    ("fields", "error", "message"),
     [
-        ({"shape": "star"}, "shape='star' is not one of"),
-        ({"colour": "pink"}, "colour='pink' is not one of"),
-        ({"end_cell": 9}, "end_cell must be a cell 0..8, got 9"),
-        ({"end_cell": 0}, "start_cell and end_cell must differ"),
+        ({"shape": "star"}, ValueError, r"shape must be one of \('circle', .*\), got 'star'"),
+        ({"colour": "pink"}, ValueError, "colour must be one of .*, got 'pink'"),
+        ({"end_cell": 9}, ValueError, r"end_cell must be an int in \[0, 8\], got 9; a grid cell"),
+        ({"end_cell": 1.0}, TypeError, r"end_cell must be an int in \[0, 8\], got 1.0 \(float\)"),
+        ({"end_cell": 0}, ValueError, "start_cell and end_cell must differ"),
     ],
 )
-def test_bad_clips(fields, message):
+def test_bad_clips(fields, error, message):
     clip = {"shape": "circle", "colour": "red", "size": "small", "start_cell": 0, "end_cell": 1}
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(error, match=message):
         MovingShape(**(clip | fields))
 
 
 def test_one_frame_is_not_a_moving_clip():
     clip = MovingShape(shape="circle", colour="red", size="small", start_cell=0, end_cell=1)
-    with pytest.raises(ValueError, match="num_frames must be an int of at least 2, got 1"):
+    with pytest.raises(ValueError, match="num_frames must be an int >= 2, got 1"):
         moving_shape_scenes(clip, 1)
+    with pytest.raises(TypeError, match=r"num_frames must be an int >= 2, got '8' \(str\)"):
+        moving_shape_scenes(clip, "8")
 
 
 @pytest.mark.slow

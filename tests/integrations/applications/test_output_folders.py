@@ -61,6 +61,11 @@ def test_a_file_is_not_a_folder(tmp_path):
         check_output_folder(tmp_path / "file", tool="demo", overwrite=True, option="--output")
 
 
+def test_overwrite_must_be_a_bool(tmp_path):
+    with pytest.raises(TypeError, match=r"overwrite must be a bool \(True or False\), got 'no'"):
+        check_output_folder(tmp_path, tool="demo", overwrite="no", option="--output")
+
+
 def test_rewriting_replaces_its_own_files_and_deletes_only_those_it_wrote_before(tmp_path):
     folder = claim_output_folder(tmp_path, tool="demo", overwrite=False, option="--output")
     result, fresh = folder.write_subfolder(

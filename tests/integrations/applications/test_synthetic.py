@@ -384,15 +384,19 @@ def test_scenes_never_overlap_and_round_trip():
 
 def test_bad_arguments_give_clear_errors(tmp_path):
     out = tmp_path / "out"
-    with pytest.raises(ValueError, match="num_train=0"):
+    with pytest.raises(ValueError, match="num_train must be a positive int, got 0"):
         write_synthetic_vqa(out, num_train=0)
-    with pytest.raises(TypeError, match="num_train"):
+    with pytest.raises(TypeError, match=r"num_train must be a positive int, got True \(bool\)"):
         write_synthetic_vqa(out, num_train=True)
-    with pytest.raises(ValueError, match="num_eval=-1"):
+    with pytest.raises(TypeError, match=r"num_train must be a positive int, got 2.0 \(float\)"):
+        write_synthetic_vqa(out, num_train=2.0)
+    with pytest.raises(ValueError, match="num_eval must be a non-negative int, got -1"):
         write_synthetic_vqa(out, num_eval=-1)
+    with pytest.raises(TypeError, match=r"multi_turn must be a bool \(True or False\), got 1"):
+        write_synthetic_vqa(out, num_train=2, multi_turn=1)
     with pytest.raises(ValueError, match=r"image_size=16 is too small.*image_size >= 36"):
         write_synthetic_vqa(out, num_train=2, image_size=16)
-    with pytest.raises(ValueError, match="questions_per_image=0"):
+    with pytest.raises(ValueError, match="questions_per_image must be a positive int, got 0"):
         write_synthetic_vqa(out, num_train=2, questions_per_image=0)
     with pytest.raises(ValueError, match="caption_prompt"):
         write_synthetic_vqa(out, num_train=2, caption_prompt="<image> describe")
@@ -417,9 +421,11 @@ def test_bad_arguments_give_clear_errors(tmp_path):
 
     with pytest.raises(ValueError, match="max_objects=2 must be >= min_objects=3"):
         SceneSpec(min_objects=3, max_objects=2)
-    with pytest.raises(ValueError, match="max_objects=10"):
+    with pytest.raises(ValueError, match=r"max_objects must be an int in \[1, 9\], got 10"):
         SceneSpec(max_objects=10)
-    with pytest.raises(ValueError, match="colours='pink'"):
+    with pytest.raises(TypeError, match=r"max_objects must be an int in \[1, 9\], got '4' \(str\)"):
+        SceneSpec(max_objects="4")
+    with pytest.raises(ValueError, match=r"colours\[1\] must be one of .*, got 'pink'"):
         SceneSpec(colours=("red", "pink"))
     with pytest.raises(ValueError, match="unknown keys"):
         SceneSpec.from_dict({"max_objects": 2, "colors": ["red"]})
@@ -429,7 +435,7 @@ def test_bad_arguments_give_clear_errors(tmp_path):
         SceneObject(shape="circle", colour="red", size="large", cell=0, x=0.5, y=0.5, radius=0.1)
     with pytest.raises(ValueError, match=r"image_size=20 is too small"):
         render_scene(Scene(objects=[_obj("circle", "red", 0)]), 20)
-    with pytest.raises(ValueError, match="num_questions=0"):
+    with pytest.raises(ValueError, match="num_questions must be a positive int, got 0"):
         questions(Scene(objects=[_obj("circle", "red", 0)]), 0, num_questions=0)
     with pytest.raises(ValueError, match="too few distinct scene layouts"):
         tiny = SceneSpec(max_objects=1, colours=("red",), shapes=("square",), sizes=("large",))
