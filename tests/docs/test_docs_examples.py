@@ -16,14 +16,17 @@ PYTHON_BLOCK = re.compile(r"```python\n(.*?)```", re.DOTALL)
 
 @pytest.fixture
 def isolated_registries(monkeypatch):
-    """Pages register fusions, projectors and presets: keep them out of the other tests."""
+    """Pages register fusions, projectors, presets and families: keep them out of the other
+    tests (the HF Auto classes keep a registered model type; nothing else reads it)."""
     from mmconnect import fusion, presets, projectors, resample
+    from mmconnect.integrations.families import protocol
 
     for module, name in (
         (fusion, "_FUSIONS"),
         (projectors, "_PROJECTORS"),
         (resample, "_RESAMPLERS"),
         (presets, "_PRESETS"),
+        (protocol, "_FAMILIES"),
     ):
         monkeypatch.setattr(module, name, getattr(module, name).copy())
 
