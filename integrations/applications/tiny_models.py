@@ -321,11 +321,14 @@ def tiny_text_config(
         vocab_size: vocabulary size; ``None``: ``len(tokenizer)``, or 120 without a tokenizer.
         tokenizer: when given, the vocabulary size and the pad / bos / eos ids not passed
             explicitly are taken from it.
-        width: hidden size; ``heads``: attention and key-value heads.
+        width: hidden size.
         blocks: decoder layers.
+        heads: attention heads, and as many key-value heads.
         intermediate_size: MLP width; ``None``: ``2 * width``.
-        pad_token_id, bos_token_id, eos_token_id, max_position_embeddings: set when not
-            ``None``.
+        pad_token_id: the padding id; ``None``: the tokenizer's, else the config's default.
+        bos_token_id: the begin-of-sequence id; ``None`` as ``pad_token_id``.
+        eos_token_id: the end-of-sequence id; ``None`` as ``pad_token_id``.
+        max_position_embeddings: positions; ``None``: the config class's default.
 
     Raises:
         ValueError: an unknown family, or a size that is not a whole number >= 1.

@@ -360,7 +360,7 @@ def test_dense_llava_from_pretrained_names_a_corrupt_file(tmp_path):
 def test_dense_mgm_save_is_atomic_and_a_corrupt_file_is_named(tmp_path):
     pytest.importorskip("timm")
     from mmconnect.integrations.families.mini_gemini import DenseMGMForConditionalGeneration
-    from tests.integrations.families.test_mini_gemini import build
+    from tests.support.mini_gemini_toys import build
 
     target = tmp_path / "mgm"
     target.mkdir()

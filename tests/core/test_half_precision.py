@@ -7,7 +7,9 @@ Dense LLaVA-NeXT (AnyRes), Dense Mini-Gemini (HD mode too), the Mini-Gemini code
 and video chat, one optimizer step of each training stage (bf16 weights, and fp32 weights under
 the Trainer's bf16 autocast), a LoRA stage and Mini-Gemini's stage-1 backward. The exact
 image-feature checks of the DCI presets also run in fp16. The tiny models and inputs are those of
-each family's own test module, imported from it, so both suites test the same models.
+each family's own tests (tests/support/*_toys.py, built with
+:mod:`mmconnect.integrations.applications.tiny_models`), so both suites test the same models; the
+codebase swap and chat checks still borrow their stand-ins from those test modules.
 The LLaVA-codebase swap is checked in fp32 and bf16 in ``test_llava_codebase.py``, whose
 stand-ins load their tower the way LLaVA's builder does.
 
@@ -41,15 +43,12 @@ from transformers import (  # noqa: E402
     CLIPImageProcessor,
     CLIPVisionConfig,
     CLIPVisionModel,
-    LlamaConfig,
-    LlavaConfig,
-    LlavaNextConfig,
     LlavaNextForConditionalGeneration,
     LlavaNextImageProcessor,
 )
 
 from mmconnect import ConnectorConfig, DenseConnector, LayerFeatures  # noqa: E402
-from mmconnect.integrations.applications.demo import build_word_tokenizer  # noqa: E402
+from mmconnect.integrations.applications.tiny_models import build_word_tokenizer  # noqa: E402
 from mmconnect.integrations.chat.answering import (  # noqa: E402
     answer_image,
     answer_video,
@@ -74,9 +73,12 @@ from mmconnect.integrations.training.stages import (  # noqa: E402
 from mmconnect.video import POOLINGS, count_video_tokens, sample_frame_indices  # noqa: E402
 from tests.integrations.chat import test_answering as test_video_chat  # noqa: E402
 from tests.integrations.codebases import test_mini_gemini as test_mgm_codebase  # noqa: E402
-from tests.integrations.families import test_llava, test_llava_next  # noqa: E402
-from tests.integrations.families import test_mini_gemini as test_mgm_model  # noqa: E402
-from tests.support import training_toys  # noqa: E402
+from tests.support import (  # noqa: E402
+    llava_next_toys,
+    llava_toys,
+    mini_gemini_toys,
+    training_toys,
+)
 
 DTYPES = [torch.float32, torch.bfloat16]
 #: Parametrize a test over fp32 and bf16.
@@ -135,8 +137,8 @@ def dense_llava():
 
     def get(preset: str, dtype: torch.dtype):
         if (preset, dtype) not in cache:
-            stock = test_llava.build_llava(-2).to(dtype)
-            cache[preset, dtype] = from_llava(stock, test_llava.connector_config(preset))
+            stock = llava_toys.build_llava(-2).to(dtype)
+            cache[preset, dtype] = from_llava(stock, llava_toys.connector_config(preset))
         return cache[preset, dtype]
 
     return get
@@ -144,9 +146,9 @@ def dense_llava():
 
 def llava_inputs(preset: str, seed: int = 1) -> dict[str, torch.Tensor]:
     """One prompt with the preset's image tokens, fp32 pixels (as a processor gives them), labels."""
-    ids = test_llava.prompt_ids(test_llava.TOKENS[preset])
-    labels = ids.masked_fill(ids == test_llava.IMAGE, -100)
-    return {"input_ids": ids, "pixel_values": test_llava.pixels(1, seed=seed), "labels": labels}
+    ids = llava_toys.prompt_ids(llava_toys.TOKENS[preset])
+    labels = ids.masked_fill(ids == llava_toys.IMAGE, -100)
+    return {"input_ids": ids, "pixel_values": llava_toys.pixels(1, seed=seed), "labels": labels}
 
 
 @each_dtype
@@ -160,7 +162,7 @@ def test_llava_forward_with_labels_and_generate(dense_llava, preset, dtype):
     with torch.no_grad():
         output = model(**inputs)
     assert output.logits.dtype == dtype
-    assert output.logits.shape == (1, ids.shape[1], test_llava.VOCAB)
+    assert output.logits.shape == (1, ids.shape[1], llava_toys.VOCAB)
     assert torch.isfinite(output.loss) and torch.isfinite(output.logits).all()
     if dtype != torch.float32:  # the same weights in fp32 give nearly the same logits
         reference = logits_of(dense_llava(preset, torch.float32), **inputs)
@@ -205,7 +207,7 @@ def test_llava_image_features_are_the_connector_on_the_towers_layers(dense_llava
     layer stored, DCI groups averaged by the fusion), with the pixels cast to the tower's dtype."""
     model = dense_llava(preset, dtype)
     tower, connector = model.model.vision_tower, model.connector
-    pixels = test_llava.pixels(1, seed=2)  # fp32 pixels, as a processor gives them
+    pixels = llava_toys.pixels(1, seed=2)  # fp32 pixels, as a processor gives them
     with torch.no_grad():
         features = model.model.get_image_features(pixels).pooler_output
         tapped = connector.make_tap(tower, keep_prefix=False)(pixels.to(dtype))
@@ -213,25 +215,15 @@ def test_llava_image_features_are_the_connector_on_the_towers_layers(dense_llava
         states = tower(pixels.to(dtype), output_hidden_states=True).hidden_states
         by_states = connector(LayerFeatures.from_hidden_states(states, num_prefix_tokens=1))
     assert [f.dtype for f in features] == [dtype]
-    assert [tuple(f.shape) for f in features] == [(test_llava.TOKENS[preset], test_llava.LLM)]
+    assert [tuple(f.shape) for f in features] == [(llava_toys.TOKENS[preset], llava_toys.LLM)]
     assert torch.equal(features[0], by_tap[0]), "differs from the tap run by hand"
     assert torch.equal(features[0], by_states[0]), "differs from the hidden-states path"
 
 
-def llava_config() -> LlavaConfig:
-    """``test_llava.build_llava(-2)``'s stock LLaVA config (CLIP-L/336 geometry, Llama)."""
-    return LlavaConfig(
-        vision_config=test_llava.clip_config(),
-        text_config=test_llava.llm_config(),
-        image_token_id=test_llava.IMAGE,
-        vision_feature_layer=-2,
-    )
-
-
 @each_dtype
 def test_llava_save_and_reload_keep_dtype_and_logits(tmp_path, dtype):
-    stock = native_in(dtype, llava_config())
-    model = from_llava(stock, test_llava.connector_config("dc-dci-clip-l-336"))
+    stock = native_in(dtype, llava_toys.stock_llava_config(-2))
+    model = from_llava(stock, llava_toys.connector_config("dc-dci-clip-l-336"))
     model.save_pretrained(tmp_path)
     assert checkpoint_dtypes(tmp_path) == {"F32" if dtype == torch.float32 else "BF16"}
     loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
@@ -251,9 +243,9 @@ def test_llava_bf16_tower_under_an_fp32_llm():
     tower's dtype (bf16) and HF casts its tokens to the LLM's; a connector cast to fp32 takes
     the bf16 features and projects them in fp32 (``DenseConnector.forward`` casts the fused
     features to its projector's dtype)."""
-    stock = test_llava.build_llava(-2)
+    stock = llava_toys.build_llava(-2)
     stock.model.vision_tower.to(torch.bfloat16)
-    model = from_llava(stock, test_llava.connector_config("dc-dci-clip-l-336"))
+    model = from_llava(stock, llava_toys.connector_config("dc-dci-clip-l-336"))
     assert float_dtypes(model.connector) == {torch.bfloat16}
     inputs = llava_inputs("dc-dci-clip-l-336", seed=5)
     with torch.no_grad():
@@ -280,38 +272,6 @@ NEXT_CONNECTORS = ["dci", "sti", "efficient"]
 NEXT_SIZES = [(60, 150), (1080, 1920)]
 
 
-def llava_next_config() -> LlavaNextConfig:
-    """The stock HF LLaVA-NeXT config of ``test_llava_next``'s ``hf_model`` fixture."""
-    n = test_llava_next
-    vision = CLIPVisionConfig(
-        hidden_size=n.VISION,
-        intermediate_size=32,
-        num_hidden_layers=n.BLOCKS,
-        num_attention_heads=2,
-        image_size=n.TILE,
-        patch_size=n.PATCH,
-    )
-    text = LlamaConfig(
-        hidden_size=n.LLM,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        vocab_size=n.VOCAB,
-        pad_token_id=n.PAD,
-        bos_token_id=n.BOS,
-        eos_token_id=n.EOS,
-    )
-    return LlavaNextConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=n.IMAGE_TOKEN,
-        vision_feature_layer=[-2, 3, 5],
-        vision_feature_select_strategy="default",
-        image_grid_pinpoints=n.PINPOINTS,
-    )
-
-
 @pytest.fixture(scope="module")
 def dense_next():
     """``(connector name, dtype) -> Dense LLaVA-NeXT`` converted from the stock model in dtype."""
@@ -320,9 +280,13 @@ def dense_next():
     def get(name: str, dtype: torch.dtype) -> DenseLlavaNextForConditionalGeneration:
         if (name, dtype) not in cache:
             torch.manual_seed(0)
-            stock = LlavaNextForConditionalGeneration(llava_next_config()).eval().to(dtype)
+            stock = (
+                LlavaNextForConditionalGeneration(llava_next_toys.llava_next_config())
+                .eval()
+                .to(dtype)
+            )
             torch.manual_seed(1)
-            cache[name, dtype] = from_llava_next(stock, test_llava_next.CONNECTORS[name]).eval()
+            cache[name, dtype] = from_llava_next(stock, llava_next_toys.CONNECTORS[name]).eval()
         return cache[name, dtype]
 
     return get
@@ -330,7 +294,7 @@ def dense_next():
 
 def next_labels(inputs: dict) -> torch.Tensor:
     labels = inputs["input_ids"].clone()
-    labels[(labels == test_llava_next.IMAGE_TOKEN) | (inputs["attention_mask"] == 0)] = -100
+    labels[(labels == llava_next_toys.IMAGE_TOKEN) | (inputs["attention_mask"] == 0)] = -100
     return labels
 
 
@@ -340,19 +304,19 @@ def test_llava_next_forward_with_labels_and_generate(dense_next, name, dtype):
     model = dense_next(name, dtype)
     assert float_dtypes(model.connector) == {dtype}
     assert model.model.image_newline.dtype == dtype
-    inputs = test_llava_next._inputs(model, NEXT_SIZES)
+    inputs = llava_next_toys.inputs(model, NEXT_SIZES)
     with torch.no_grad():
         output = model(**inputs, labels=next_labels(inputs))
     assert output.logits.dtype == dtype
-    assert output.logits.shape == (*inputs["input_ids"].shape, test_llava_next.VOCAB)
+    assert output.logits.shape == (*inputs["input_ids"].shape, llava_next_toys.VOCAB)
     assert torch.isfinite(output.loss) and torch.isfinite(output.logits).all()
     if dtype != torch.float32:
         reference = logits_of(dense_next(name, torch.float32), **inputs)
         assert relative_error(output.logits, reference) < BF16_RELATIVE_ERROR
 
-    one = test_llava_next._inputs(model, [(150, 60)])
+    one = llava_next_toys.inputs(model, [(150, 60)])
     generated = model.generate(
-        **one, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=test_llava_next.PAD
+        **one, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=llava_next_toys.PAD
     )
     assert generated.shape == (1, one["input_ids"].shape[1] + 3)
     assert torch.equal(generated[:, : one["input_ids"].shape[1]], one["input_ids"])
@@ -364,29 +328,29 @@ def test_llava_next_base_crop_features_are_the_connector_by_hand(dense_next, nam
     """The packed image starts with the base crop's connector tokens (its grid, no newlines)."""
     model = dense_next(name, dtype)
     size = (60, 150)
-    pixels = test_llava_next._pixels([size])
-    crops = pixels[0, : test_llava_next._crops(size)]
+    pixels = llava_next_toys.pixels([size])
+    crops = pixels[0, : llava_next_toys.crops(size)]
     connector, tower = model.connector, model.model.vision_tower
     with torch.no_grad():
         packed = model.model.get_image_features(pixels, torch.tensor([size])).pooler_output[0]
         by_hand = connector(connector.make_tap(tower)(crops.to(dtype)), (4, 4))
     assert packed.dtype == dtype
-    assert packed.shape == (model.model.image_token_count(size), test_llava_next.LLM)
+    assert packed.shape == (model.model.image_token_count(size), llava_next_toys.LLM)
     rows, columns = connector.token_grid((4, 4))
     assert torch.equal(packed[: rows * columns], by_hand[0, : rows * columns])
 
 
 @each_dtype
 def test_llava_next_save_and_reload_keep_dtype_and_logits(tmp_path, dtype):
-    stock = native_in(dtype, llava_next_config())
+    stock = native_in(dtype, llava_next_toys.llava_next_config())
     torch.manual_seed(1)
-    model = from_llava_next(stock, test_llava_next.CONNECTORS["sti"]).eval()
+    model = from_llava_next(stock, llava_next_toys.CONNECTORS["sti"]).eval()
     model.save_pretrained(tmp_path)
     assert checkpoint_dtypes(tmp_path) == {"F32" if dtype == torch.float32 else "BF16"}
     loaded = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
     assert type(loaded) is DenseLlavaNextForConditionalGeneration
     assert parameter_dtypes(loaded) == {dtype}
-    inputs = test_llava_next._inputs(loaded, NEXT_SIZES)
+    inputs = llava_next_toys.inputs(loaded, NEXT_SIZES)
     with torch.no_grad():
         expected = model(**inputs).logits
         actual = loaded(**inputs).logits
@@ -401,12 +365,12 @@ MGM_PRESET = "dc-dci-clip-l-336"
 
 @pytest.fixture(scope="module")
 def dense_mgm():
-    """``dtype -> Dense MGM`` with a DCI connector (``test_mgm_model.build``, then cast)."""
+    """``dtype -> Dense MGM`` with a DCI connector (``mini_gemini_toys.build``, then cast)."""
     cache = {}
 
     def get(dtype: torch.dtype):
         if dtype not in cache:
-            cache[dtype] = test_mgm_model.build(MGM_PRESET).to(dtype)
+            cache[dtype] = mini_gemini_toys.build(MGM_PRESET).to(dtype)
         return cache[dtype]
 
     return get
@@ -414,9 +378,13 @@ def dense_mgm():
 
 def mgm_inputs(seed: int) -> dict[str, torch.Tensor]:
     """A 768 px HR image and a prompt with its 576 image tokens, labels on the text only."""
-    ids = test_mgm_model.prompt(576)
-    labels = ids.masked_fill(ids == test_mgm_model.IMAGE, -100)
-    return {"input_ids": ids, "pixel_values": test_mgm_model.hr_pixels(seed=seed), "labels": labels}
+    ids = mini_gemini_toys.prompt(576)
+    labels = ids.masked_fill(ids == mini_gemini_toys.IMAGE, -100)
+    return {
+        "input_ids": ids,
+        "pixel_values": mini_gemini_toys.hr_pixels(seed=seed),
+        "labels": labels,
+    }
 
 
 @each_dtype
@@ -431,7 +399,7 @@ def test_mgm_forward_with_labels_and_generate(dense_mgm, dtype):
         output = model(**inputs)
         features = inner.get_image_features(inputs["pixel_values"]).pooler_output[0]
     assert output.logits.dtype == features.dtype == dtype
-    assert features.shape == (576, test_mgm_model.LLM)
+    assert features.shape == (576, mini_gemini_toys.LLM)
     assert torch.isfinite(output.loss) and torch.isfinite(output.logits).all()
     if dtype != torch.float32:
         reference = logits_of(dense_mgm(torch.float32), **inputs)
@@ -452,7 +420,7 @@ def test_mgm_forward_with_labels_and_generate(dense_mgm, dtype):
 
 @each_dtype
 def test_mgm_save_and_reload_keep_dtype_and_logits(tmp_path, dtype):
-    config = test_mgm_model.build(MGM_PRESET, mining_placement="before").config
+    config = mini_gemini_toys.build(MGM_PRESET, mining_placement="before").config
     model = native_in(dtype, config)
     model.save_pretrained(tmp_path)
     assert checkpoint_dtypes(tmp_path) == {"F32" if dtype == torch.float32 else "BF16"}
@@ -472,12 +440,12 @@ def test_mgm_save_and_reload_keep_dtype_and_logits(tmp_path, dtype):
 @each_dtype
 def test_mgm_hd_mode_forward_with_labels(dtype):
     """HD: 1536 px HR image, 2 x 2 crops and the global view, 5 x 576 visual tokens."""
-    model = test_mgm_model.build("dc-dci-clip-l-336", hd=True).to(dtype)
-    ids = test_mgm_model.prompt(2880)
-    labels = ids.masked_fill(ids == test_mgm_model.IMAGE, -100)
+    model = mini_gemini_toys.build("dc-dci-clip-l-336", hd=True).to(dtype)
+    ids = mini_gemini_toys.prompt(2880)
+    labels = ids.masked_fill(ids == mini_gemini_toys.IMAGE, -100)
     with torch.no_grad():
         output = model(
-            input_ids=ids, pixel_values=test_mgm_model.hr_pixels(1536, seed=6), labels=labels
+            input_ids=ids, pixel_values=mini_gemini_toys.hr_pixels(1536, seed=6), labels=labels
         )
     assert output.logits.dtype == dtype
     assert output.logits.shape == (1, 2884, 40)
@@ -728,7 +696,7 @@ def test_lora_stage_saves_a_merged_model_that_reloads_in_its_dtype(tmp_path, mod
 def test_mgm_stage_one_backward_reaches_connector_and_mining_in_the_models_dtype(dtype):
     """Mini-Gemini's mining trains with the connector: both get gradients in the model's
     dtype, the two towers and the LLM none."""
-    model = test_mgm_model.build(MGM_PRESET).to(dtype).train()
+    model = mini_gemini_toys.build(MGM_PRESET).to(dtype).train()
     trainable = prepare_stage(model, StageConfig(stage="align", output_dir="unused"))
     inputs = mgm_inputs(seed=4)
     loss = trainable(**inputs).loss

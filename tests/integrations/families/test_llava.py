@@ -5,7 +5,8 @@ Tiny models built from configs (random weights, nothing downloaded): a CLIP towe
 and grid of CLIP-L/336 (24 blocks, 336 px / patch 14 -> 24x24) and a SigLIP tower with those of
 SO400M/384 (27 blocks, 384 px / patch 14 -> 27x27), both 16 wide, so every preset applies with
 ``vision_dim`` / ``llm_dim`` overrides and gives its published token count. The LLM is a 2-layer
-Llama (CLIP) or Qwen2 (SigLIP), 32 wide, vocabulary 120. Tokenizers are built here.
+Llama (CLIP) or Qwen2 (SigLIP), 32 wide, vocabulary 120 (tests/support/llava_toys.py, over
+:mod:`mmconnect.integrations.applications.tiny_models`, which also builds the tokenizer).
 """
 
 from __future__ import annotations
@@ -24,196 +25,58 @@ from torch.testing import assert_close
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from tokenizers import Tokenizer  # noqa: E402
-from tokenizers.models import WordLevel  # noqa: E402
-from tokenizers.pre_tokenizers import Whitespace  # noqa: E402
 from transformers import (  # noqa: E402
     AutoConfig,
     AutoModelForImageTextToText,
     CLIPImageProcessor,
-    CLIPVisionConfig,
-    LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-    SiglipImageProcessor,
-    SiglipVisionConfig,
 )
 
 from mmconnect import ConnectorConfig, SCISpec, STISpec, list_presets  # noqa: E402
+from mmconnect.integrations.applications.tiny_models import (  # noqa: E402
+    tiny_connector,
+    tiny_llava_tokenizer,
+)
 from mmconnect.integrations.families.llava import (  # noqa: E402
     DenseLlavaConfig,
     DenseLlavaForConditionalGeneration,
     DenseLlavaProcessor,
     from_llava,
 )
+from tests.support.llava_toys import (  # noqa: E402
+    IMAGE,
+    LLM,
+    TINY_SIZE,
+    TOKENS,
+    VISION,
+    VOCAB,
+    build_dense,
+    build_llava,
+    build_processor,
+    clip_config,
+    connector_config,
+    is_siglip,
+    llm_config,
+    pixels,
+    prompt_ids,
+    siglip_config,
+    tiny_config,
+    tiny_dense,
+)
 
-VISION, LLM, VOCAB = 16, 32, 120
-PAD, BOS, EOS, IMAGE = 0, 1, 2, 3
 EXACT = {"atol": 1e-6, "rtol": 0.0}
-
-#: preset -> visual tokens per image on the tower's native grid (CLIP 24x24, SigLIP 27x27).
-TOKENS = {
-    "baseline-clip-l-336": 576,
-    "dc-sti-clip-l-336": 720,
-    "dc-sci-clip-l-336": 576,
-    "dc-dci-clip-l-336": 576,
-    "dc-dci-clip-l-336-efficient": 144,
-    "dc-sti-siglip-so400m": 911,
-    "dc-sci-siglip-so400m": 729,
-    "dc-dci-siglip-so400m": 729,
-}
 
 
 def test_every_preset_is_covered():
     assert sorted(TOKENS) == list_presets()
 
 
-# ---------------------------------------------------------------------------- tiny parts
-
-
-def clip_config() -> CLIPVisionConfig:
-    return CLIPVisionConfig(
-        hidden_size=VISION,
-        intermediate_size=2 * VISION,
-        num_hidden_layers=24,
-        num_attention_heads=2,
-        image_size=336,
-        patch_size=14,
-    )
-
-
-def siglip_config() -> SiglipVisionConfig:
-    return SiglipVisionConfig(
-        hidden_size=VISION,
-        intermediate_size=2 * VISION,
-        num_hidden_layers=27,
-        num_attention_heads=2,
-        image_size=384,
-        patch_size=14,
-    )
-
-
-def llm_config(kind: str = "llama"):
-    fields = {
-        "hidden_size": LLM,
-        "intermediate_size": 2 * LLM,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "num_key_value_heads": 2,
-        "vocab_size": VOCAB,
-        "max_position_embeddings": 2048,
-        "pad_token_id": PAD,
-        "bos_token_id": BOS,
-        "eos_token_id": EOS,
-    }
-    return LlamaConfig(**fields) if kind == "llama" else Qwen2Config(**fields)
-
-
-def is_siglip(preset: str) -> bool:
-    return "siglip" in preset
-
-
-def connector_config(preset: str, **overrides) -> ConnectorConfig:
-    return ConnectorConfig.from_preset(
-        preset, **{"vision_dim": VISION, "llm_dim": LLM, **overrides}
-    )
-
-
-def dense_config(preset: str) -> DenseLlavaConfig:
-    """CLIP presets on a Llama LLM, SigLIP presets on a Qwen2 LLM."""
-    vision, text = (
-        (siglip_config(), llm_config("qwen2"))
-        if is_siglip(preset)
-        else (clip_config(), llm_config())
-    )
-    return DenseLlavaConfig(
-        vision_config=vision.to_dict(),
-        text_config=text.to_dict(),
-        image_token_id=IMAGE,
-        connector=connector_config(preset).to_dict(),
-    )
-
-
-def build_dense(preset: str, seed: int = 0) -> DenseLlavaForConditionalGeneration:
-    torch.manual_seed(seed)
-    return DenseLlavaForConditionalGeneration(dense_config(preset)).eval()
-
-
-def build_llava(vision_feature_layer, act: str = "gelu") -> LlavaForConditionalGeneration:
-    torch.manual_seed(0)
-    config = LlavaConfig(
-        vision_config=clip_config(),
-        text_config=llm_config(),
-        image_token_id=IMAGE,
-        vision_feature_layer=vision_feature_layer,
-        projector_hidden_act=act,
-    )
-    return LlavaForConditionalGeneration(config).eval()
-
-
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    words = [
-        "USER",
-        "ASSISTANT",
-        ":",
-        "what",
-        "is",
-        "in",
-        "the",
-        "image",
-        "a",
-        "cat",
-        "dog",
-        "on",
-        "mat",
-        "describe",
-        "this",
-        "photo",
-    ]
-    vocab = {
-        token: i for i, token in enumerate(["<pad>", "<s>", "</s>", "<image>", "<unk>", *words])
-    }
-    backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        extra_special_tokens={"image_token": "<image>"},
-    )
-
-
-def build_processor(preset: str, tokenizer) -> DenseLlavaProcessor:
-    if is_siglip(preset):
-        images = SiglipImageProcessor(size={"height": 384, "width": 384})
-    else:
-        images = CLIPImageProcessor(
-            size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}
-        )
-    return DenseLlavaProcessor(
-        image_processor=images,
-        tokenizer=tokenizer,
-        patch_size=14,
-        connector=connector_config(preset),
-    )
+# ---------------------------------------------------------------------------- inputs
 
 
 def image(seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (48, 64, 3), dtype=np.uint8)
-
-
-def pixels(count: int, size: int = 336, seed: int = 0) -> torch.Tensor:
-    return torch.randn(count, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-def prompt_ids(image_tokens: int, batch: int = 1) -> torch.Tensor:
-    """``<s> what <image>*n is in the image`` per row (one image per row)."""
-    row = [BOS, 7, *[IMAGE] * image_tokens, 8, 9, 10, 11]
-    return torch.tensor([row] * batch)
 
 
 def count_calls(module: torch.nn.Module, calls: list[int]):
@@ -225,7 +88,7 @@ def count_calls(module: torch.nn.Module, calls: list[int]):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return build_tokenizer()
+    return tiny_llava_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -423,7 +286,7 @@ def test_generate_every_preset(preset, dense_models, tokenizer):
         images=[image()], text=["USER : <image> what is this ASSISTANT :"], return_tensors="pt"
     )
     assert int((inputs["input_ids"] == IMAGE).sum()) == TOKENS[preset]
-    assert model.model.image_tokens_per_image() == TOKENS[preset]
+    assert model.model.image_token_count() == TOKENS[preset]
     assert model.config.image_seq_length == TOKENS[preset]
 
     blocks = model.model.vision_tower.encoder.layers
@@ -462,7 +325,7 @@ def test_batched_generate_with_left_padding(dense_models):
     """Two prompts of different lengths in one batch generate what each generates alone."""
     preset = "dc-dci-clip-l-336-efficient"
     model = dense_models(preset)
-    left_padding = build_tokenizer()  # not the shared fixture: padding_side is changed here
+    left_padding = tiny_llava_tokenizer()  # not the shared fixture: padding_side is changed here
     left_padding.padding_side = "left"
     processor = build_processor(preset, left_padding)
     texts = ["<image> what", "USER : <image> describe this photo ASSISTANT :"]
@@ -806,37 +669,6 @@ def test_vision_feature_layer_cannot_override_the_connector(dense_models):
 
 # ---------------------------------------------------------------------------- the HF model contract
 # (issue 12: the six defects transformers' own tests found; issue 11: inputs refused early)
-
-TINY_SIZE = 28  # 2 x 2 patches of 14 px on a 4-block tower
-
-
-def tiny_connector(fusion: str = "dci") -> ConnectorConfig:
-    common = {"vision_dim": VISION, "llm_dim": LLM, "num_layers": 4, "final_layer": -2}
-    if fusion == "dci":
-        return ConnectorConfig(fusion="dci", groups=((0, 1), (2, 3)), **common)
-    return ConnectorConfig(fusion=fusion, **common)
-
-
-def tiny_config(connector: ConnectorConfig | None = None) -> DenseLlavaConfig:
-    vision = CLIPVisionConfig(
-        hidden_size=VISION,
-        intermediate_size=2 * VISION,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        image_size=TINY_SIZE,
-        patch_size=14,
-    )
-    return DenseLlavaConfig(
-        vision_config=vision.to_dict(),
-        text_config=llm_config().to_dict(),
-        image_token_id=IMAGE,
-        connector=(connector or tiny_connector()).to_dict(),
-    )
-
-
-def tiny_dense(seed: int = 0, connector: ConnectorConfig | None = None):
-    torch.manual_seed(seed)
-    return DenseLlavaForConditionalGeneration(tiny_config(connector)).eval()
 
 
 def _rewrite_weights(directory, keep) -> None:

@@ -1,10 +1,10 @@
 """HF LLaVA-NeXT (AnyRes) with a Dense Connector (:mod:`mmconnect.integrations.families.llava_next`).
 
-Tiny models built from configs: a CLIP tower (width 16, 8 blocks, 56 px images of 14 px patches:
-a 4 x 4 grid per crop), a 2-layer Llama (width 32, vocabulary 120) and pinpoints that are
-multiples of 56. The SCI connector on the layers of HF's list-valued ``vision_feature_layer``
-reproduces HF's logits exactly; DCI, STI and the efficient connector keep the token bookkeeping
-of the prompt, the processor and the model in agreement.
+Tiny models built from configs (tests/support/llava_next_toys.py): a CLIP tower (width 16,
+8 blocks, 56 px images of 14 px patches: a 4 x 4 grid per crop), a 2-layer Llama (width 32,
+vocabulary 120) and pinpoints that are multiples of 56. The SCI connector on the layers of HF's
+list-valued ``vision_feature_layer`` reproduces HF's logits exactly; DCI, STI and the efficient
+connector keep the token bookkeeping of the prompt, the processor and the model in agreement.
 """
 
 from __future__ import annotations
@@ -17,44 +17,43 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tokenizers import Tokenizer, models, pre_tokenizers
 from torch.testing import assert_close
 from transformers import (
     AutoModelForImageTextToText,
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaNextConfig,
     LlavaNextForConditionalGeneration,
     LlavaNextImageProcessor,
     LlavaNextProcessor,
     PreTrainedTokenizerFast,
 )
 
-from mmconnect import ConnectorConfig, DCISpec, ResampleSpec, SCISpec, STISpec
-from mmconnect.integrations.families.anyres import tile_grid
+from mmconnect import ConnectorConfig
 from mmconnect.integrations.families.llava_next import (
     DenseLlavaNextConfig,
     DenseLlavaNextForConditionalGeneration,
     DenseLlavaNextProcessor,
     from_llava_next,
 )
+from tests.support import llava_next_toys
+from tests.support.llava_next_toys import (
+    BLOCKS,
+    CONNECTORS,
+    IMAGE_TOKEN,
+    LLM,
+    PAD,
+    PATCH,
+    PINPOINTS,
+    TILE,
+    VOCAB,
+    llava_next_config,
+)
+from tests.support.llava_next_toys import crops as _crops
+from tests.support.llava_next_toys import inputs as _inputs
+from tests.support.llava_next_toys import pixels as _pixels
+from tests.support.llava_next_toys import prompt as _prompt
 
-VOCAB, IMAGE_TOKEN, PAD, BOS, EOS = 120, 119, 1, 2, 3
-TILE, PATCH, VISION, LLM, BLOCKS = 56, 14, 16, 32, 8
-PINPOINTS = [[56, 112], [112, 56], [112, 112], [168, 56], [56, 168]]
 #: (height, width): square, wide, tall, 16:9, extreme both ways, one pixel high.
 SIZES = [(56, 56), (60, 150), (150, 60), (1080, 1920), (100, 100), (40, 400), (500, 30), (1, 300)]
 TIGHT = {"atol": 1e-6, "rtol": 1e-5}
-
-_COMMON = {"vision_dim": VISION, "llm_dim": LLM, "num_layers": BLOCKS}
-_DCI = DCISpec(groups=((0, 1, 2, 3), (4, 5, 6, 7)))
-CONNECTORS = {
-    "sci": ConnectorConfig(fusion=SCISpec(extra_layers=(3, 5)), **_COMMON),
-    "dci": ConnectorConfig(fusion=_DCI, **_COMMON),
-    # 16 tokens pooled by 8: 2 per layer, 4 per crop after the 4 x 4 grid
-    "sti": ConnectorConfig(fusion=STISpec(extra_layers=(3, 5)), **_COMMON),
-    "efficient": ConnectorConfig(fusion=_DCI, resample=ResampleSpec(grid=(2, 2)), **_COMMON),
-}
 
 
 # ---------------------------------------------------------------------------- fixtures
@@ -63,34 +62,7 @@ CONNECTORS = {
 @pytest.fixture(scope="module")
 def hf_model() -> LlavaNextForConditionalGeneration:
     torch.manual_seed(0)
-    vision = CLIPVisionConfig(
-        hidden_size=VISION,
-        intermediate_size=32,
-        num_hidden_layers=BLOCKS,
-        num_attention_heads=2,
-        image_size=TILE,
-        patch_size=PATCH,
-    )
-    text = LlamaConfig(
-        hidden_size=LLM,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        pad_token_id=PAD,
-        bos_token_id=BOS,
-        eos_token_id=EOS,
-    )
-    config = LlavaNextConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=IMAGE_TOKEN,
-        vision_feature_layer=[-2, 3, 5],
-        vision_feature_select_strategy="default",
-        image_grid_pinpoints=PINPOINTS,
-    )
-    return LlavaNextForConditionalGeneration(config).eval()
+    return LlavaNextForConditionalGeneration(llava_next_config()).eval()
 
 
 @pytest.fixture(scope="module")
@@ -102,18 +74,7 @@ def dense(hf_model) -> dict[str, DenseLlavaNextForConditionalGeneration]:
 
 @pytest.fixture(scope="module")
 def tokenizer() -> PreTrainedTokenizerFast:
-    words = ["<unk>", "<pad>", "<s>", "</s>"] + [f"w{i}" for i in range(VOCAB - 5)]
-    vocab = {word: index for index, word in enumerate(words)} | {"<image>": IMAGE_TOKEN}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        unk_token="<unk>",
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-        extra_special_tokens={"image_token": "<image>"},
-    )
+    return llava_next_toys.tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -131,44 +92,6 @@ def saved_sti(dense, tmp_path_factory):
     directory = tmp_path_factory.mktemp("dense_llava_next_sti")
     dense["sti"].save_pretrained(directory)
     return directory
-
-
-def _crops(size: tuple[int, int]) -> int:
-    rows, columns = tile_grid(size, PINPOINTS, TILE)
-    return 1 + rows * columns
-
-
-def _pixels(sizes, seed: int = 0) -> torch.Tensor:
-    """``[images, max crops, 3, 56, 56]``, zero-padded past each image's crops (as HF's processor)."""
-    generator = torch.Generator().manual_seed(seed)
-    counts = [_crops(size) for size in sizes]
-    pixels = torch.zeros(len(sizes), max(counts), 3, TILE, TILE)
-    for image, count in enumerate(counts):
-        pixels[image, :count] = torch.randn(count, 3, TILE, TILE, generator=generator)
-    return pixels
-
-
-def _prompt(count: int, before: int = 2, after: int = 3) -> list[int]:
-    return [BOS, *range(10, 10 + before), *[IMAGE_TOKEN] * count, *range(40, 40 + after)]
-
-
-def _inputs(model, sizes, seed: int = 0) -> dict:
-    """One prompt per image, right-padded, each with the model's own image-token count."""
-    prompts = [
-        _prompt(model.model.image_token_count(size), before=1 + i) for i, size in enumerate(sizes)
-    ]
-    length = max(map(len, prompts))
-    ids = torch.full((len(prompts), length), PAD)
-    mask = torch.zeros_like(ids)
-    for row, prompt in enumerate(prompts):
-        ids[row, : len(prompt)] = torch.tensor(prompt)
-        mask[row, : len(prompt)] = 1
-    return {
-        "input_ids": ids,
-        "attention_mask": mask,
-        "pixel_values": _pixels(sizes, seed),
-        "image_sizes": torch.tensor(sizes),
-    }
 
 
 def _pil(size: tuple[int, int], seed: int = 0) -> Image.Image:
