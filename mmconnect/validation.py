@@ -262,6 +262,30 @@ def check_bool(value: Any, argument: str, *, hint: str = "") -> bool:
     return value
 
 
+def check_str(value: Any, argument: str, *, empty: bool = False, hint: str = "") -> str:
+    """Return ``value`` if it is a ``str``; blank (empty or only spaces) only when ``empty``.
+
+    Raises:
+        TypeError: ``value`` is not a ``str`` (``bytes`` and ``None`` included).
+        ValueError: ``value`` is blank and ``empty`` is false.
+
+    Examples:
+        >>> check_str("  ", "question")
+        Traceback (most recent call last):
+        ...
+        ValueError: question must be a non-empty str, got '  '
+    """
+    expected = "a str" if empty else "a non-empty str"
+    suffix = f"; {hint}" if hint else ""
+    if not isinstance(value, str):
+        raise TypeError(
+            f"{argument} must be {expected}, got {value!r} ({type(value).__name__}){suffix}"
+        )
+    if not empty and not value.strip():
+        raise ValueError(f"{argument} must be {expected}, got {value!r}{suffix}")
+    return value
+
+
 def check_int_pair(
     value: Any,
     argument: str,

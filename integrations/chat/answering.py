@@ -51,6 +51,7 @@ from mmconnect.integrations.training.data import (
     get_template,
     load_image,
 )
+from mmconnect.validation import check_choice, check_optional_int, check_positive_int, check_str
 from mmconnect.video import (
     PLAN_POOLINGS,
     POOLINGS,
@@ -183,8 +184,7 @@ def encode_image(model: Any, image_processor: Any, image: Image.Image) -> Tensor
 
 
 def _question_turn(question: str) -> Turn:
-    if not isinstance(question, str) or not question.strip():
-        raise ValueError(f"question must be a non-empty string, got {question!r}")
+    check_str(question, "question")
     tags = question.count(IMAGE_PLACEHOLDER)
     if tags > 1:
         raise ValueError(
@@ -271,12 +271,7 @@ def generate_answer(
     Returns:
         The generated text without special tokens, stripped.
     """
-    if (
-        isinstance(max_new_tokens, bool)
-        or not isinstance(max_new_tokens, int)
-        or max_new_tokens < 1
-    ):
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    check_positive_int(max_new_tokens, "max_new_tokens")
     stops = _stop_ids(tokenizer, get_template(template))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops or [0])[0]
     output = model.generate(
@@ -366,10 +361,17 @@ def answer_video(
         FileNotFoundError: a video path that does not exist.
         ValueError: an unreadable video (:class:`~mmconnect.integrations.chat.video_io.VideoReadError`),
             zero frames requested, a budget too small for one frame, a bad argument.
+        TypeError: a model of no Dense family, or an argument of the wrong type (a float or
+            str count, a question that is not a str).
     """
     generation_model(model)  # a Dense family's generation model, or a TypeError naming it
-    if pooling is not None and pooling not in POOLINGS:
-        raise ValueError(f"pooling must be one of {POOLINGS} or None, got {pooling!r}")
+    # Bad arguments fail before a frame is decoded.
+    _question_turn(question)
+    check_positive_int(num_frames, "num_frames")
+    if pooling is not None:
+        check_choice(pooling, "pooling", POOLINGS, hint="or None to choose by the budget")
+    check_optional_int(max_visual_tokens, "max_visual_tokens", minimum=1)
+    check_positive_int(max_new_tokens, "max_new_tokens")
     opened = isinstance(video, str | Path | VideoSource)
     if opened:
         source = video if isinstance(video, VideoSource) else open_video(video)
@@ -428,6 +430,7 @@ def answer_image(
         ValueError: the image file is missing or unreadable, or a bad question.
     """
     generation_model(model)  # a Dense family's generation model, or a TypeError naming it
+    check_positive_int(max_new_tokens, "max_new_tokens")
     if isinstance(image, str | Path):
         image = load_image(image)
     if not isinstance(image, Image.Image):

@@ -40,6 +40,7 @@ from PIL import Image
 from torch import Tensor
 
 from mmconnect.integrations.training.data import load_image
+from mmconnect.validation import check_int, check_positive_int, check_sequence
 from mmconnect.video import sample_frame_indices
 
 if TYPE_CHECKING:
@@ -121,19 +122,22 @@ class VideoSource:
         return VideoFrames(self.read(indices), tuple(indices), self.total_frames, str(self.path))
 
     def _check_indices(self, indices: Sequence[int]) -> list[int]:
-        if isinstance(indices, str | bytes) or not isinstance(indices, Sequence):
-            raise TypeError(f"indices must be a sequence of ints, got {indices!r}")
+        check_sequence(indices, "indices", of="ints")
         if not indices:
             raise ValueError("indices is empty: ask for at least one frame")
-        for index in indices:
-            if isinstance(index, bool) or not isinstance(index, int | np.integer):
-                raise TypeError(f"indices must hold ints, got {index!r}")
+        checked = []
+        for position, index in enumerate(indices):
+            # numpy's integers (from an index array) are ints too
+            index = check_int(
+                int(index) if isinstance(index, np.integer) else index, f"indices[{position}]"
+            )
             if not 0 <= index < self.total_frames:
                 raise ValueError(
                     f"frame index {index} is out of range: {str(self.path)!r} has "
                     f"{self.total_frames} frames (0..{self.total_frames - 1})"
                 )
-        return [int(index) for index in indices]
+            checked.append(index)
+        return checked
 
 
 # ---------------------------------------------------------------------------- video files
@@ -397,7 +401,9 @@ def write_video(
 
     Raises:
         ValueError: no frames, an unknown suffix, odd or differing frame sizes.
+        TypeError: ``fps`` is not an int.
     """
+    check_positive_int(fps, "fps")
     av = _import_av()
     path = Path(path)
     if path.suffix.lower() not in VIDEO_CODECS:

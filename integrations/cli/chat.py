@@ -8,24 +8,26 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mmconnect.integrations.cli.common import positive_int
+
 
 def add_arguments(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``chat`` command."""
-    chat = subparsers.add_parser(
-        "chat", help="ask a saved Dense model about a video or an image"
-    )
+    chat = subparsers.add_parser("chat", help="ask a saved Dense model about a video or an image")
     chat.add_argument("question", help="the question (an <image> placeholder is put first)")
     chat.add_argument("--model", required=True, help="a saved model directory with its processor")
     source = chat.add_mutually_exclusive_group(required=True)
     source.add_argument("--video", help="a video file (mp4, webm, avi...) or a frame folder")
     source.add_argument("--image", help="an image file")
-    chat.add_argument("--frames", type=int, default=None, help="most frames to sample (8)")
+    chat.add_argument("--frames", type=positive_int, default=None, help="most frames to sample (8)")
     chat.add_argument(
         "--pooling", default=None, help="concat, maxpool1d, mean, avgpool2d, bilinear"
     )
-    chat.add_argument("--max-visual-tokens", type=int, default=None, help="visual-token budget")
+    chat.add_argument(
+        "--max-visual-tokens", type=positive_int, default=None, help="visual-token budget"
+    )
     chat.add_argument("--template", default="vicuna_v1", help="the model's chat template")
-    chat.add_argument("--max-new-tokens", type=int, default=32)
+    chat.add_argument("--max-new-tokens", type=positive_int, default=32)
 
 
 def run(arguments: argparse.Namespace) -> int:
@@ -34,6 +36,7 @@ def run(arguments: argparse.Namespace) -> int:
     from mmconnect.integrations.chat.answering import answer_image, answer_video, load_chat_model
     from mmconnect.integrations.chat.video_io import open_video
     from mmconnect.integrations.training.data import get_template, load_image
+    from mmconnect.validation import check_choice
     from mmconnect.video import POOLINGS, sample_frame_indices
 
     video_options = {
@@ -53,8 +56,8 @@ def run(arguments: argparse.Namespace) -> int:
         else:
             visual = open_video(arguments.video)
             sample_frame_indices(visual.total_frames, num_frames)
-            if arguments.pooling is not None and arguments.pooling not in POOLINGS:
-                raise ValueError(f"--pooling must be one of {POOLINGS}, got {arguments.pooling!r}")
+            if arguments.pooling is not None:
+                check_choice(arguments.pooling, "--pooling", POOLINGS)
         model, processor = load_chat_model(arguments.model)
         options = {"template": arguments.template, "max_new_tokens": arguments.max_new_tokens}
         if arguments.image is not None:

@@ -1,10 +1,11 @@
 """Video and image chat with Dense LLaVA / LLaVA-NeXT (:mod:`mmconnect.integrations.chat.answering`)
 and ``mmconnect chat``.
 
-Tiny models from configs: a CLIP tower (width 16, 4 blocks, 56 px images of 14 px patches, so a
-4 x 4 grid of 16 tokens per frame), a 2-layer Llama (width 32) and a word-level tokenizer over
-the vicuna_v1 prompt and a few question words. Weights are random: answers are whatever greedy
-decoding gives, checked against a hand-written greedy loop over the same embeddings.
+Tiny models from configs (tests/support/chat_toys.py): a CLIP tower (width 16, 4 blocks, 56 px
+images of 14 px patches, so a 4 x 4 grid of 16 tokens per frame), a 2-layer Llama (width 32) and
+a word-level tokenizer over the vicuna_v1 prompt and a few question words. Weights are random:
+answers are whatever greedy decoding gives, checked against a hand-written greedy loop over the
+same embeddings.
 """
 
 from __future__ import annotations
@@ -12,24 +13,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import av
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torch.testing import assert_close
-from transformers import (
-    LlavaNextImageProcessor,
-)
 
-from mmconnect import ConnectorConfig, DCISpec, STISpec
-from mmconnect.integrations.applications.tiny_models import (
-    build_word_tokenizer,
-    tiny_dense_llava,
-    tiny_llava_processor,
-    tiny_text_config,
-    tiny_vision_config,
-)
 from mmconnect.integrations.chat.answering import (
     answer_image,
     answer_video,
@@ -48,73 +35,38 @@ from mmconnect.integrations.families.llava import (
     DenseLlavaProcessor,
 )
 from mmconnect.integrations.families.llava_next import (
-    DenseLlavaNextConfig,
     DenseLlavaNextForConditionalGeneration,
     DenseLlavaNextProcessor,
 )
-from mmconnect.integrations.training.data import ConversationEncoder, Turn, get_template
+from mmconnect.integrations.training.data import ConversationEncoder, Turn
 from mmconnect.video import POOLINGS, count_video_tokens, sample_frame_indices
-
-SIZE, PATCH, VISION, LLM, BLOCKS = 56, 14, 16, 32, 4
-TOKENS = (SIZE // PATCH) ** 2  # 16 per frame
-PINPOINTS = [[56, 112], [112, 56], [112, 112]]
-QUESTION = "What colour is the circle? Answer with one word."
-_COMMON = {"vision_dim": VISION, "llm_dim": LLM, "num_layers": BLOCKS}
-DCI = ConnectorConfig(fusion=DCISpec(groups=((0, 1), (2, 3))), **_COMMON)
-# STI pools layers 1 and 2 by 8: 16 grid tokens + 2 + 2 that form no grid
-STI = ConnectorConfig(fusion=STISpec(extra_layers=(1, 2)), **_COMMON)
+from tests.support import chat_toys
+from tests.support.chat_toys import (
+    DCI,
+    LLM,
+    QUESTION,
+    SIZE,
+    STI,
+    TOKENS,
+    frames,
+    greedy,
+    write_mp4,
+)
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    system = get_template("vicuna_v1").render([Turn("human", QUESTION), Turn("gpt", "red")])
-    return build_word_tokenizer([system, "red green blue yellow purple orange square triangle"])
-
-
-def _configs(tokenizer) -> dict:
-    """The CLIP tower (4 blocks, width 16, a 4 x 4 grid at 56 px) and the 2-block Llama (width
-    32) over ``tokenizer``'s vocabulary, as config fields of a Dense LLaVA(-NeXT)."""
-    return {
-        "vision_config": tiny_vision_config(
-            "clip", blocks=BLOCKS, width=VISION, image_size=SIZE, patch_size=PATCH
-        ),
-        "text_config": tiny_text_config(
-            tokenizer=tokenizer, width=LLM, max_position_embeddings=512
-        ),
-        "image_token_index": tokenizer.convert_tokens_to_ids("<image>"),
-    }
-
-
-def _llava(tokenizer, connector: ConnectorConfig) -> DenseLlavaForConditionalGeneration:
-    configs = _configs(tokenizer)
-    return tiny_dense_llava(
-        connector=connector,
-        vision_config=configs["vision_config"],
-        text_config=configs["text_config"],
-        image_token_id=configs["image_token_index"],
-    )
+    return chat_toys.tokenizer()
 
 
 @pytest.fixture(scope="module")
 def llava(tokenizer):
-    model = _llava(tokenizer, DCI)
-    return model, tiny_llava_processor(tokenizer, DCI, image_size=SIZE, patch_size=PATCH)
+    return chat_toys.llava(tokenizer, DCI), chat_toys.llava_processor(tokenizer, DCI)
 
 
 @pytest.fixture(scope="module")
 def llava_next(tokenizer):
-    torch.manual_seed(1)
-    config = DenseLlavaNextConfig(
-        **_configs(tokenizer), connector=DCI.to_dict(), image_grid_pinpoints=PINPOINTS
-    )
-    model = DenseLlavaNextForConditionalGeneration(config).eval()
-    images = LlavaNextImageProcessor(
-        image_grid_pinpoints=PINPOINTS,
-        size={"shortest_edge": SIZE},
-        crop_size={"height": SIZE, "width": SIZE},
-    )
-    processor = DenseLlavaNextProcessor(images, tokenizer, patch_size=PATCH, connector=DCI)
-    return model, processor
+    return chat_toys.llava_next(tokenizer, DCI), chat_toys.llava_next_processor(tokenizer, DCI)
 
 
 @pytest.fixture(params=["llava", "llava_next"])
@@ -122,48 +74,12 @@ def chat_model(request):
     return request.getfixturevalue(request.param)
 
 
-def frames(count: int = 6, seed: int = 0) -> list[Image.Image]:
-    """Random 60 x 80 RGB frames (not the tower's size: the processors resize)."""
-    rng = np.random.default_rng(seed)
-    return [
-        Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)) for _ in range(count)
-    ]
-
-
-def greedy(model, inputs_embeds: torch.Tensor, eos: int, steps: int) -> list[int]:
-    """A hand-written greedy loop over full forwards (no cache)."""
-    embeddings = model.get_input_embeddings()
-    chosen: list[int] = []
-    with torch.no_grad():
-        for _ in range(steps):
-            token = int(model(inputs_embeds=inputs_embeds).logits[0, -1].argmax())
-            chosen.append(token)
-            if token == eos:
-                break
-            inputs_embeds = torch.cat([inputs_embeds, embeddings(torch.tensor([[token]]))], dim=1)
-    return chosen
-
-
-def write_mp4(path: Path, count: int = 12) -> Path:
-    rng = np.random.default_rng(3)
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=10)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        for _ in range(count):
-            pixels = np.full((48, 64, 3), rng.integers(0, 256, 3), dtype=np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
-
-
 # ---------------------------------------------------------------------------- the image path per frame
 
 
 def test_frame_layout(llava, tokenizer):
     assert frame_layout(llava[0]) == (TOKENS, (4, 4))
-    assert frame_layout(_llava(tokenizer, STI)) == (TOKENS + 4, None)
+    assert frame_layout(chat_toys.llava(tokenizer, STI)) == (TOKENS + 4, None)
 
 
 def test_dense_llava_frames_go_through_the_image_path(llava):
@@ -272,7 +188,7 @@ def test_answer_video_from_an_mp4_file(llava, tmp_path):
 
 
 def test_sti_frames_use_the_1d_poolings(tokenizer, llava):
-    model = _llava(tokenizer, STI)
+    model = chat_toys.llava(tokenizer, STI)
     processor = llava[1]
     answer = answer_video(model, processor, frames(4), QUESTION, pooling="maxpool1d")
     assert answer.num_visual_tokens == 4 * (20 // 2)
@@ -300,16 +216,22 @@ def test_answer_image_uses_the_full_image_path(chat_model, tokenizer):
 
 def test_bad_chat_input(llava, tokenizer, tmp_path):
     model, processor = llava
-    with pytest.raises(ValueError, match="num_frames must be at least 1, got 0"):
+    with pytest.raises(ValueError, match="num_frames must be a positive int, got 0"):
         answer_video(model, processor, frames(4), QUESTION, num_frames=0)
+    with pytest.raises(TypeError, match=r"num_frames must be a positive int, got '8' \(str\)"):
+        answer_video(model, processor, frames(4), QUESTION, num_frames="8")
+    with pytest.raises(TypeError, match=r"max_new_tokens must be a positive int, got 2.5"):
+        answer_video(model, processor, frames(4), QUESTION, max_new_tokens=2.5)
     with pytest.raises(ValueError, match="max_tokens=3 is too small for even one frame"):
         answer_video(model, processor, frames(4), QUESTION, max_visual_tokens=3)
     with pytest.raises(ValueError, match="pooling must be one of"):
         answer_video(model, processor, frames(4), QUESTION, pooling="max")
     with pytest.raises(ValueError, match="question holds 2 <image> placeholders"):
         answer_video(model, processor, frames(2), "<image> <image> what?")
-    with pytest.raises(ValueError, match="question must be a non-empty string"):
+    with pytest.raises(ValueError, match="question must be a non-empty str, got '  '"):
         answer_video(model, processor, frames(2), "  ")
+    with pytest.raises(TypeError, match=r"question must be a non-empty str, got None \(NoneType\)"):
+        answer_video(model, processor, frames(2), None)
     with pytest.raises(ValueError, match="video is empty"):
         answer_video(model, processor, [], QUESTION)
     with pytest.raises(TypeError, match="video must be VideoFrames, a list of PIL images"):
@@ -349,7 +271,10 @@ def test_load_chat_model(saved, llava, tmp_path):
     with pytest.raises(FileNotFoundError, match="model directory not found"):
         load_chat_model(tmp_path / "nothing")
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(ValueError, match=r"holds no Dense model .*'llama'.*dense_llava, dense_llava_next, dense_mgm"):
+    with pytest.raises(
+        ValueError,
+        match=r"holds no Dense model .*'llama'.*dense_llava, dense_llava_next, dense_mgm",
+    ):
         load_chat_model(tmp_path)
 
 
@@ -408,7 +333,6 @@ def test_cli_chat_about_an_image(saved, tmp_path, capsys):
     [
         (["--video", "{tmp}/missing.mp4"], "video not found"),
         (["--video", "{tmp}/broken.mp4"], "cannot open video"),
-        (["--video", "{tmp}/clip.mp4", "--frames", "0"], "num_frames must be at least 1, got 0"),
         (
             ["--video", "{tmp}/clip.mp4", "--max-visual-tokens", "3"],
             "max_tokens=3 is too small for even one frame",
@@ -427,6 +351,15 @@ def test_cli_chat_errors(saved, tmp_path, capsys, options, message):
     assert main(["chat", "--model", str(saved), *arguments, QUESTION]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("mmconnect chat: ") and message in last
+
+
+@pytest.mark.parametrize("option", ["--frames", "--max-visual-tokens", "--max-new-tokens"])
+def test_cli_chat_counts_below_one_are_refused_by_the_parser(tmp_path, capsys, option):
+    command = ["chat", "--model", str(tmp_path), "--video", str(tmp_path), option, "0", QUESTION]
+    with pytest.raises(SystemExit) as exit_info:
+        main(command)
+    assert exit_info.value.code == 2
+    assert f"argument {option}: expected a whole number >= 1, got '0'" in capsys.readouterr().err
 
 
 def test_cli_chat_needs_a_model_directory(tmp_path, capsys):

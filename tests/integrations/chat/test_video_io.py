@@ -174,8 +174,10 @@ def test_more_frames_than_the_video_has_are_clamped(videos):
 
 
 def test_zero_frames_requested(videos):
-    with pytest.raises(ValueError, match="num_frames must be at least 1, got 0"):
+    with pytest.raises(ValueError, match="num_frames must be a positive int, got 0"):
         read_video(videos["clip.mp4"], num_frames=0)
+    with pytest.raises(TypeError, match=r"num_frames must be a positive int, got 2.5 \(float\)"):
+        read_video(videos["clip.mp4"], num_frames=2.5)
 
 
 def test_out_of_range_and_empty_indices(videos):
@@ -184,6 +186,11 @@ def test_out_of_range_and_empty_indices(videos):
         video.read([0, 12])
     with pytest.raises(ValueError, match="indices is empty"):
         video.read([])
+    with pytest.raises(TypeError, match=r"indices\[1\] must be an int, got 1.0 \(float\)"):
+        video.read([0, 1.0])
+    with pytest.raises(TypeError, match=r"indices must be a sequence of ints, got 3 \(int\)"):
+        video.read(3)
+    assert len(video.read([np.int64(0), np.int64(11)])) == 2  # numpy's integers are ints
 
 
 # ---------------------------------------------------------------------------- bad video files
