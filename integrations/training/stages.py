@@ -53,6 +53,18 @@ from mmconnect.checkpoint import (
 )
 from mmconnect.integrations.families.base import check_checkpoint_connector
 from mmconnect.integrations.families.protocol import family_model
+from mmconnect.validation import (
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    check_optional_float,
+    check_optional_int,
+    check_positive_float,
+    check_positive_int,
+    check_sequence,
+    check_str,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +87,15 @@ class LoraSettings:
     alpha: int = 256
     dropout: float = 0.05
     target_modules: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        check_positive_int(self.rank, "rank")
+        check_positive_int(self.alpha, "alpha")
+        check_float(self.dropout, "dropout", minimum=0, maximum=1, exclusive_maximum=True)
+        modules = check_sequence(self.target_modules, "target_modules", of="linear-layer suffixes")
+        for index, suffix in enumerate(modules):
+            check_str(suffix, f"target_modules[{index}]")
+        object.__setattr__(self, "target_modules", tuple(modules))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -119,16 +140,51 @@ class StageConfig:
     extra_training_arguments: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.stage not in ("align", "instruct"):
-            raise ValueError(f"stage must be 'align' or 'instruct', got {self.stage!r}")
+        check_choice(self.stage, "stage", ("align", "instruct"))
+        if self.lora is not None and not isinstance(self.lora, LoraSettings):
+            raise TypeError(f"lora must be a LoraSettings or None, got {self.lora!r}")
         if self.stage == "align" and self.lora is not None:
             raise ValueError(
                 "lora is for stage 'instruct'; stage 'align' trains only the connector"
             )
         for name in ("learning_rate", "connector_learning_rate"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ValueError(f"{name} must be positive, got {value!r}")
+            check_optional_float(
+                getattr(self, name),
+                name,
+                minimum=0,
+                exclusive_minimum=True,
+                hint="None: recipe default",
+            )
+        check_positive_float(self.num_train_epochs, "num_train_epochs")
+        check_int(self.max_steps, "max_steps", hint="-1 trains num_train_epochs")
+        if self.max_steps != -1:
+            check_positive_int(self.max_steps, "max_steps", hint="or -1 to train num_train_epochs")
+        for name in (
+            "per_device_train_batch_size",
+            "gradient_accumulation_steps",
+            "logging_steps",
+        ):
+            check_positive_int(getattr(self, name), name)
+        for name in ("save_steps", "save_total_limit"):
+            check_optional_int(getattr(self, name), name, minimum=1)
+        check_float(self.warmup_ratio, "warmup_ratio", minimum=0, maximum=1, exclusive_maximum=True)
+        check_float(self.weight_decay, "weight_decay", minimum=0)
+        check_str(self.lr_scheduler_type, "lr_scheduler_type")
+        check_int(self.seed, "seed")
+        check_int(self.dataloader_num_workers, "dataloader_num_workers", minimum=0)
+        for name in (
+            "train_vision_tower",
+            "gradient_checkpointing",
+            "bf16",
+            "disable_tqdm",
+            "allow_different_base",
+        ):
+            check_bool(getattr(self, name), name)
+        if not isinstance(self.extra_training_arguments, dict):
+            raise TypeError(
+                "extra_training_arguments must be a dict of TrainingArguments fields, got "
+                f"{self.extra_training_arguments!r}"
+            )
 
     @property
     def rates(self) -> tuple[float, float]:

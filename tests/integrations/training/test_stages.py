@@ -358,12 +358,88 @@ def test_bf16_without_an_accelerator_trains_on_the_cpu(tmp_path):
 
 
 def test_bad_stage_arguments(tmp_path):
-    with pytest.raises(ValueError, match="stage must be 'align' or 'instruct'"):
+    with pytest.raises(ValueError, match=r"stage must be one of \('align', 'instruct'\)"):
         StageConfig(stage="pretrain", output_dir=str(tmp_path))
     with pytest.raises(ValueError, match="lora is for stage 'instruct'"):
         StageConfig(stage="align", output_dir=str(tmp_path), lora=LoraSettings())
-    with pytest.raises(ValueError, match="learning_rate must be positive"):
+    with pytest.raises(ValueError, match=r"learning_rate must be a positive number, got 0\.0"):
         StageConfig(stage="align", output_dir=str(tmp_path), learning_rate=0.0)
+
+
+@pytest.mark.parametrize(
+    ("changes", "error", "message"),
+    [
+        ({"stage": "pretrain"}, ValueError, r"stage must be one of \('align', 'instruct'\)"),
+        (
+            {"learning_rate": "1e-3"},
+            TypeError,
+            r"learning_rate must be a positive number, got '1e-3' \(str\)",
+        ),
+        (
+            {"learning_rate": float("nan")},
+            ValueError,
+            "learning_rate must be a positive number, got nan",
+        ),
+        ({"num_train_epochs": 0}, ValueError, "num_train_epochs must be a positive number, got 0"),
+        ({"max_steps": 0}, ValueError, "max_steps must be a positive int, got 0; or -1 to train"),
+        ({"max_steps": 2.0}, TypeError, r"max_steps must be an int, got 2.0 \(float\)"),
+        (
+            {"per_device_train_batch_size": "4"},
+            TypeError,
+            "per_device_train_batch_size must be a positive int",
+        ),
+        (
+            {"gradient_accumulation_steps": 0},
+            ValueError,
+            "gradient_accumulation_steps must be a positive int",
+        ),
+        ({"save_steps": 0}, ValueError, "save_steps must be a positive int, got 0"),
+        ({"warmup_ratio": 1.0}, ValueError, r"warmup_ratio must be a number in \[0, 1\), got 1.0"),
+        (
+            {"weight_decay": -0.1},
+            ValueError,
+            "weight_decay must be a non-negative number, got -0.1",
+        ),
+        ({"seed": 1.5}, TypeError, "seed must be an int, got 1.5"),
+        (
+            {"dataloader_num_workers": -1},
+            ValueError,
+            "dataloader_num_workers must be a non-negative int",
+        ),
+        ({"bf16": "yes"}, TypeError, r"bf16 must be a bool \(True or False\), got 'yes'"),
+        ({"train_vision_tower": 1}, TypeError, "train_vision_tower must be a bool"),
+        ({"lora": {"rank": 4}}, TypeError, "lora must be a LoraSettings or None"),
+        ({"extra_training_arguments": None}, TypeError, "extra_training_arguments must be a dict"),
+    ],
+)
+def test_stage_config_checks_every_field(tmp_path, changes, error, message):
+    with pytest.raises(error, match=message):
+        StageConfig(**({"stage": "instruct", "output_dir": str(tmp_path)} | changes))
+
+
+@pytest.mark.parametrize(
+    ("changes", "error", "message"),
+    [
+        ({"rank": 0}, ValueError, "rank must be a positive int, got 0"),
+        ({"alpha": 16.0}, TypeError, r"alpha must be a positive int, got 16.0 \(float\)"),
+        ({"dropout": 1.0}, ValueError, r"dropout must be a number in \[0, 1\), got 1.0"),
+        ({"dropout": None}, TypeError, r"dropout must be a number in \[0, 1\), got None"),
+        (
+            {"target_modules": "q_proj"},
+            TypeError,
+            "target_modules must be a sequence of linear-layer suffixes",
+        ),
+        (
+            {"target_modules": ("q_proj", 3)},
+            TypeError,
+            r"target_modules\[1\] must be a non-empty str",
+        ),
+    ],
+)
+def test_lora_settings_check_every_field(changes, error, message):
+    with pytest.raises(error, match=message):
+        LoraSettings(**changes)
+    assert LoraSettings(target_modules=["q_proj"]).target_modules == ("q_proj",)
 
 
 def test_unwritable_output_directory(tmp_path):
