@@ -24,7 +24,7 @@ from mmconnect.integrations.training.data.records import (
 )
 from mmconnect.integrations.training.data.templates import ChatTemplate
 from mmconnect.integrations.training.data.validation import ValidationReport, validate_records
-from mmconnect.validation import check_optional_int
+from mmconnect.validation import check_bool, check_choice, check_int, check_optional_int
 
 # ---------------------------------------------------------------------------- dataset
 
@@ -83,7 +83,7 @@ class LlavaDataset(Dataset):
                 "an image"
             )
         self.image_processor = image_processor
-        self.pad_to_square = bool(pad_to_square)
+        self.pad_to_square = check_bool(pad_to_square, "pad_to_square")
 
     @classmethod
     def from_json(cls, path: str | Path, **kwargs: Any) -> LlavaDataset:
@@ -184,10 +184,8 @@ class DataCollator:
     pad_to_multiple_of: int | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.pad_token_id, bool) or not isinstance(self.pad_token_id, int):
-            raise ValueError(f"pad_token_id must be an int, got {self.pad_token_id!r}")
-        if self.padding_side not in ("right", "left"):
-            raise ValueError(f"padding_side must be 'right' or 'left', got {self.padding_side!r}")
+        check_int(self.pad_token_id, "pad_token_id", hint="the tokenizer's pad token id")
+        check_choice(self.padding_side, "padding_side", ("right", "left"))
         check_optional_int(self.pad_to_multiple_of, "pad_to_multiple_of", minimum=1)
 
     @classmethod

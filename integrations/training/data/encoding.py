@@ -12,7 +12,7 @@ from typing import Any
 
 from mmconnect.integrations.training.data.records import IMAGE_PLACEHOLDER, Turn
 from mmconnect.integrations.training.data.templates import ChatTemplate, get_template
-from mmconnect.validation import check_optional_int, check_positive_int
+from mmconnect.validation import check_int, check_optional_int, check_positive_int
 
 #: Label of positions that carry no loss (PyTorch's ``cross_entropy`` default ``ignore_index``).
 IGNORE_INDEX = -100
@@ -127,9 +127,9 @@ class ConversationEncoder:
         self.tokenizer = tokenizer
         self.template = get_template(template).for_tokenizer(tokenizer)
         self.image_tokens = check_positive_int(image_tokens, "image_tokens")
-        if isinstance(image_token_id, bool) or not isinstance(image_token_id, int):
-            raise ValueError(f"image_token_id must be an int, got {image_token_id!r}")
-        self.image_token_id = image_token_id
+        self.image_token_id = check_int(
+            image_token_id, "image_token_id", hint="model.config.image_token_id"
+        )
         self.max_length = check_optional_int(max_length, "max_length", minimum=1)
         bos = getattr(tokenizer, "bos_token_id", None)
         self._bos = [bos] if self.template.add_bos and bos is not None else []

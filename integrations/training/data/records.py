@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from mmconnect.validation import check_choice, check_str
+
 #: The image placeholder in LLaVA JSON human turns.
 IMAGE_PLACEHOLDER = "<image>"
 #: The roles of LLaVA JSON turns: ``human`` (the user) and ``gpt`` (the assistant).
@@ -33,10 +35,8 @@ class Turn:
     value: str
 
     def __post_init__(self) -> None:
-        if self.role not in ROLES:
-            raise ValueError(f"role must be one of {ROLES}, got {_short(self.role)}")
-        if not isinstance(self.value, str):
-            raise ValueError(f"value must be a string, got {type(self.value).__name__}")
+        check_choice(self.role, "role", ROLES)
+        check_str(self.value, "value", empty=True)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 
 from mmconnect.integrations.training.data.records import IMAGE_PLACEHOLDER, Turn
 from mmconnect.registry import Registry
+from mmconnect.validation import check_bool, check_str
 
 # ---------------------------------------------------------------------------- templates
 
@@ -61,8 +62,12 @@ class ChatTemplate:
     image_only_user: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not self.name:
-            raise ValueError(f"name must be a non-empty string, got {self.name!r}")
+        check_str(self.name, "name")
+        for field in dataclasses.fields(self):
+            if field.name != "name" and field.type in ("str", str):
+                check_str(getattr(self, field.name), field.name, empty=True)
+        for flag in ("end_is_eos", "add_bos", "image_only_user"):
+            check_bool(getattr(self, flag), flag)
         for argument, marker in (
             ("system_format", "{system}"),
             ("user_format", "{content}"),

@@ -17,6 +17,7 @@ from mmconnect.integrations.training.data.encoding import ConversationEncoder
 from mmconnect.integrations.training.data.images import image_path, load_image
 from mmconnect.integrations.training.data.records import LlavaRecord, as_records
 from mmconnect.integrations.training.data.templates import ChatTemplate
+from mmconnect.validation import check_bool, check_int
 
 ProblemKind = Literal["missing_image", "unreadable_image", "image_count", "truncation"]
 
@@ -70,6 +71,7 @@ class ValidationReport:
 
     def summary(self, max_listed: int = 20) -> str:
         """A readable summary: counts per kind and the first ``max_listed`` problems."""
+        check_int(max_listed, "max_listed", minimum=0)
         if self.ok:
             return f"all {self.num_records} records are valid"
         counts = ", ".join(f"{kind}: {n}" for kind, n in sorted(self.counts().items()))
@@ -135,7 +137,10 @@ def validate_records(
 
     Raises:
         ValueError: ``records`` is empty, or ``strict`` and a problem was found.
+        TypeError: ``check_images``, ``strict`` or ``progress`` is not a bool.
     """
+    for name, flag in (("check_images", check_images), ("strict", strict), ("progress", progress)):
+        check_bool(flag, name)
     records = as_records(records)
     encoder = ConversationEncoder(
         template,

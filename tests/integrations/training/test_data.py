@@ -219,6 +219,19 @@ def test_template_fields_are_checked():
         ChatTemplate(name="bad", user_format="{content}", answer_end="")
     with pytest.raises(dataclasses.FrozenInstanceError):
         get_template("plain").answer_end = "x"
+    with pytest.raises(ValueError, match="name must be a non-empty str, got ''"):
+        ChatTemplate(name="", user_format="{content}", answer_end="</s>")
+    with pytest.raises(TypeError, match=r"answer_end must be a str, got None \(NoneType\)"):
+        ChatTemplate(name="bad", user_format="{content}", answer_end=None)
+    with pytest.raises(TypeError, match=r"add_bos must be a bool \(True or False\), got 'no'"):
+        ChatTemplate(name="bad", user_format="{content}", answer_end="</s>", add_bos="no")
+
+
+def test_turn_fields_are_checked():
+    with pytest.raises(ValueError, match=r"role must be one of \('human', 'gpt'\), got 'user'"):
+        Turn("user", "Q")
+    with pytest.raises(TypeError, match=r"value must be a str, got 3 \(int\)"):
+        Turn("human", 3)
 
 
 #: template -> (rendered CHAT with the tokenizer's BOS, its supervised spans).
@@ -608,8 +621,12 @@ def test_bad_arguments_are_named(tmp_path, tokenizer, image_id):
         dataset([TEXT_ONLY], tmp_path, tokenizer, image_id, image_tokens=0)
     with pytest.raises(ValueError, match=r"max_length must be a positive int, got -1"):
         dataset([TEXT_ONLY], tmp_path, tokenizer, image_id, max_length=-1)
-    with pytest.raises(ValueError, match=r"image_token_id must be an int, got '<image>'"):
+    with pytest.raises(TypeError, match=r"image_token_id must be an int, got '<image>' \(str\)"):
         dataset([TEXT_ONLY], tmp_path, tokenizer, "<image>")
+    with pytest.raises(TypeError, match=r"image_tokens must be a positive int, got 2.5 \(float\)"):
+        dataset([TEXT_ONLY], tmp_path, tokenizer, image_id, image_tokens=2.5)
+    with pytest.raises(TypeError, match=r"pad_to_square must be a bool \(True or False\), got 1"):
+        dataset([TEXT_ONLY], tmp_path, tokenizer, image_id, pad_to_square=1)
     with pytest.raises(TypeError, match=r"records must be a sequence of LlavaRecord"):
         dataset(str(tmp_path / "data.json"), tmp_path, tokenizer, image_id)
 
@@ -791,8 +808,12 @@ def test_collator_options(tmp_path, tokenizer, image_id):
         assert left["attention_mask"][row, : length - n].sum() == 0
     with pytest.raises(ValueError, match="samples is empty"):
         DataCollator(pad_token_id=0)([])
-    with pytest.raises(ValueError, match="padding_side must be 'right' or 'left', got 'top'"):
+    with pytest.raises(
+        ValueError, match=r"padding_side must be one of \('right', 'left'\), got 'top'"
+    ):
         DataCollator(pad_token_id=0, padding_side="top")
+    with pytest.raises(TypeError, match=r"pad_token_id must be an int, got None \(NoneType\)"):
+        DataCollator(pad_token_id=None)
     with pytest.raises(ValueError, match="tokenizer has no pad token"):
         DataCollator.from_tokenizer(sentencepiece_like(legacy=True))
     odd = {
