@@ -8,8 +8,7 @@ and video chat, one optimizer step of each training stage (bf16 weights, and fp3
 the Trainer's bf16 autocast), a LoRA stage and Mini-Gemini's stage-1 backward. The exact
 image-feature checks of the DCI presets also run in fp16. The tiny models and inputs are those of
 each family's own tests (tests/support/*_toys.py, built with
-:mod:`mmconnect.integrations.applications.tiny_models`), so both suites test the same models; the
-codebase swap and chat checks still borrow their stand-ins from those test modules.
+:mod:`mmconnect.integrations.applications.tiny_models`), so both suites test the same models.
 The LLaVA-codebase swap is checked in fp32 and bf16 in ``test_llava_codebase.py``, whose
 stand-ins load their tower the way LLaVA's builder does.
 
@@ -40,15 +39,10 @@ timm = pytest.importorskip("timm")
 from safetensors import safe_open  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForImageTextToText,
-    CLIPImageProcessor,
-    CLIPVisionConfig,
-    CLIPVisionModel,
     LlavaNextForConditionalGeneration,
-    LlavaNextImageProcessor,
 )
 
 from mmconnect import ConnectorConfig, DenseConnector, LayerFeatures  # noqa: E402
-from mmconnect.integrations.applications.tiny_models import build_word_tokenizer  # noqa: E402
 from mmconnect.integrations.chat.answering import (  # noqa: E402
     answer_image,
     answer_video,
@@ -56,14 +50,11 @@ from mmconnect.integrations.chat.answering import (  # noqa: E402
     prompt_embeddings,
 )
 from mmconnect.integrations.codebases.mini_gemini import swap_connector as swap_mgm  # noqa: E402
-from mmconnect.integrations.families.llava import DenseLlavaProcessor, from_llava  # noqa: E402
+from mmconnect.integrations.families.llava import from_llava  # noqa: E402
 from mmconnect.integrations.families.llava_next import (  # noqa: E402
-    DenseLlavaNextConfig,
     DenseLlavaNextForConditionalGeneration,
-    DenseLlavaNextProcessor,
     from_llava_next,
 )
-from mmconnect.integrations.training.data import Turn, get_template  # noqa: E402
 from mmconnect.integrations.training.stages import (  # noqa: E402
     LoraSettings,
     StageConfig,
@@ -71,11 +62,11 @@ from mmconnect.integrations.training.stages import (  # noqa: E402
     train_stage,
 )
 from mmconnect.video import POOLINGS, count_video_tokens, sample_frame_indices  # noqa: E402
-from tests.integrations.chat import test_answering as test_video_chat  # noqa: E402
-from tests.integrations.codebases import test_mini_gemini as test_mgm_codebase  # noqa: E402
 from tests.support import (  # noqa: E402
+    chat_toys,
     llava_next_toys,
     llava_toys,
+    mini_gemini_codebase_toys,
     mini_gemini_toys,
     training_toys,
 )
@@ -456,31 +447,17 @@ def test_mgm_hd_mode_forward_with_labels(dtype):
 
 
 def mgm_style_model(dtype: torch.dtype):
-    """``test_mgm_codebase``'s MGM-style model (its towers and seeds), cast to ``dtype``."""
-    c = test_mgm_codebase
-    torch.manual_seed(0)
-    clip = CLIPVisionModel(
-        CLIPVisionConfig(
-            hidden_size=c.WIDTH,
-            intermediate_size=32,
-            num_hidden_layers=24,
-            num_attention_heads=2,
-            image_size=336,
-            patch_size=14,
-        )
-    ).eval()
-    convnext = timm.create_model(
-        "convnext_atto", pretrained=False, num_classes=0, dims=(8, 16, 32, 64), depths=(1, 1, 1, 1)
-    ).eval()
+    """The codebase tests' MGM-style model (their towers; mining weights under seed 3), cast to
+    ``dtype``."""
+    clip, convnext = mini_gemini_codebase_toys.towers()
     torch.manual_seed(3)
-    model = c.MGMStyleModel(clip.requires_grad_(False), convnext.requires_grad_(False))
-    return model.to(dtype)
+    return mini_gemini_codebase_toys.MGMStyleModel(clip, convnext).to(dtype)
 
 
 @pytest.mark.parametrize(
     ("placement", "dtype"),
     [("after", torch.float32), ("after", torch.bfloat16), ("before", torch.bfloat16)],
-    ids=["after-fp32", "after-bf16", "before-bf16"],  # before-fp32: test_mgm_codebase
+    ids=["after-fp32", "after-bf16", "before-bf16"],  # before-fp32: the codebase tests
 )
 def test_mgm_codebase_swap_in_the_models_dtype(dtype, placement):
     """Mining and connector by hand from the MGM model's own pieces (``unified_resampler``,
@@ -488,14 +465,16 @@ def test_mgm_codebase_swap_in_the_models_dtype(dtype, placement):
     model = mgm_style_model(dtype)
     connector = DenseConnector(
         ConnectorConfig.from_preset(
-            "dc-dci-clip-l-336", vision_dim=test_mgm_codebase.WIDTH, llm_dim=test_mgm_codebase.LLM
+            "dc-dci-clip-l-336",
+            vision_dim=mini_gemini_codebase_toys.WIDTH,
+            llm_dim=mini_gemini_codebase_toys.LLM,
         )
     )
     swap_mgm(model, connector, placement=placement)
     inner = model.get_model()
     connector = inner.mm_projector
     assert float_dtypes(connector) == float_dtypes(inner.vlm_uni_query_projector) == {dtype}
-    images, hr = test_mgm_codebase.mgm_inputs(768, 1, False, seed=4)
+    images, hr = mini_gemini_codebase_toys.mgm_inputs(768, 1, False, seed=4)
     images, hr = images.to(dtype), hr.to(dtype)
     tokens = model.encode_images(images, hr)
     with torch.no_grad():
@@ -511,7 +490,7 @@ def test_mgm_codebase_swap_in_the_models_dtype(dtype, placement):
             kept, mined = model.unified_resampler(connector.fuse(features, (24, 24)), hr_map)
             expected = connector.projector(kept + mined)
     assert tokens.dtype == dtype
-    assert tokens.shape == (2, 576, test_mgm_codebase.LLM)
+    assert tokens.shape == (2, 576, mini_gemini_codebase_toys.LLM)
     assert torch.equal(tokens.detach(), expected)
     tokens.float().square().mean().backward()  # the connector trains in the model's dtype
     assert all(p.grad is not None and p.grad.dtype == dtype for p in connector.parameters())
@@ -522,27 +501,20 @@ def test_mgm_codebase_swap_in_the_models_dtype(dtype, placement):
 
 @pytest.fixture(scope="module")
 def chat_tokenizer():
-    """``test_video_chat``'s word-level tokenizer over the vicuna_v1 prompt."""
-    system = get_template("vicuna_v1").render(
-        [Turn("human", test_video_chat.QUESTION), Turn("gpt", "red")]
-    )
-    return build_word_tokenizer([system, "red green blue yellow purple orange square triangle"])
+    """The chat tests' word-level tokenizer over the vicuna_v1 prompt."""
+    return chat_toys.tokenizer()
 
 
 @pytest.fixture(scope="module")
 def chat_llava(chat_tokenizer):
-    """``dtype -> (Dense LLaVA DCI, processor)`` of ``test_video_chat``, cast to dtype."""
-    v = test_video_chat
-    images = CLIPImageProcessor(
-        size={"shortest_edge": v.SIZE}, crop_size={"height": v.SIZE, "width": v.SIZE}
-    )
-    processor = DenseLlavaProcessor(images, chat_tokenizer, patch_size=v.PATCH, connector=v.DCI)
-    return lambda dtype: (v._llava(chat_tokenizer, v.DCI).to(dtype), processor)
+    """``dtype -> (Dense LLaVA DCI, processor)`` of the chat tests, cast to dtype."""
+    processor = chat_toys.llava_processor(chat_tokenizer)
+    return lambda dtype: (chat_toys.llava(chat_tokenizer).to(dtype), processor)
 
 
 @each_dtype
 def test_answer_image_and_video_on_a_dense_llava(chat_llava, chat_tokenizer, tmp_path, dtype):
-    v = test_video_chat
+    v = chat_toys
     model, processor = chat_llava(dtype)
     picture = v.frames(1, seed=5)[0]
     answer = answer_image(model, processor, picture, v.QUESTION, max_new_tokens=3)
@@ -571,18 +543,9 @@ def test_answer_image_and_video_on_a_dense_llava(chat_llava, chat_tokenizer, tmp
 @each_dtype
 def test_answer_video_on_a_dense_llava_next(chat_tokenizer, dtype):
     """LLaVA-NeXT: each frame's base crop through the tower and connector, no AnyRes tiles."""
-    v = test_video_chat
-    torch.manual_seed(1)
-    config = DenseLlavaNextConfig(
-        **v._configs(chat_tokenizer), connector=v.DCI.to_dict(), image_grid_pinpoints=v.PINPOINTS
-    )
-    model = DenseLlavaNextForConditionalGeneration(config).eval().to(dtype)
-    images = LlavaNextImageProcessor(
-        image_grid_pinpoints=v.PINPOINTS,
-        size={"shortest_edge": v.SIZE},
-        crop_size={"height": v.SIZE, "width": v.SIZE},
-    )
-    processor = DenseLlavaNextProcessor(images, chat_tokenizer, patch_size=v.PATCH, connector=v.DCI)
+    v = chat_toys
+    model = chat_toys.llava_next(chat_tokenizer).to(dtype)
+    processor = chat_toys.llava_next_processor(chat_tokenizer)
     answer = answer_video(model, processor, v.frames(6), v.QUESTION, num_frames=4, max_new_tokens=3)
     assert isinstance(answer.text, str)
     assert answer.frame_indices == (0, 1, 3, 4)
