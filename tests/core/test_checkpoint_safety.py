@@ -560,31 +560,22 @@ def test_fingerprint_tensors_is_exact_and_weight_dependent():
 
 
 def test_llava_codebase_save_is_atomic_and_a_corrupt_file_is_named(tmp_path):
-    """The swap for LLaVA's own code (its model classes re-created in test_llava_codebase)."""
+    """The swap for LLaVA's own code (its model classes re-created in
+    tests/support/llava_codebase_toys.py)."""
     pytest.importorskip("transformers")
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
     from mmconnect.integrations.codebases.llava import (
         restore_connector,
         save_pretrained,
         swap_connector,
     )
-    from tests.integrations.codebases.test_llava import (
+    from tests.support.llava_codebase_toys import (
         LlavaLlamaForCausalLM,
         connector,
         llava_config,
+        save_clip,
     )
 
-    torch.manual_seed(0)
-    tower = CLIPVisionConfig(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=24,
-        num_attention_heads=2,
-        image_size=112,
-        patch_size=14,
-    )
-    CLIPVisionModel(tower).save_pretrained(tmp_path / "clip")
+    save_clip(tmp_path / "clip", 112)
     llava = LlavaLlamaForCausalLM(llava_config(tmp_path / "clip"))
     llava.get_vision_tower().load_model()
     swap_connector(llava.get_model(), connector("dc-sci-clip-l-336", seed=4))
