@@ -15,7 +15,6 @@ Token count: ``h*w + H'*(W'+1) + extra * (1 + tiles)`` where ``H' x W'`` is the 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from numbers import Integral
 
 import torch
 from einops import rearrange
@@ -25,24 +24,29 @@ from transformers.models.llava_next.modeling_llava_next import unpad_image
 
 from mmconnect import ConnectorConfig, DenseConnector
 from mmconnect.connector import count_output_tokens, output_token_grid
+from mmconnect.validation import check_int_pair, check_sequence
 
 
 def check_pinpoints(pinpoints: Sequence[Sequence[int]], tile_size: int) -> None:
-    """Raise a clear ``ValueError`` unless every ``(height, width)`` pinpoint is a multiple of the tile."""
-    if isinstance(pinpoints, str | bytes) or not isinstance(pinpoints, Sequence) or not pinpoints:
+    """Raise a clear error unless every ``(height, width)`` pinpoint is a multiple of the tile.
+
+    Raises:
+        TypeError: ``pinpoints`` is not a list of pairs of ints.
+        ValueError: no pinpoint, or a pinpoint that is not two positive multiples of the tile.
+    """
+    check_sequence(pinpoints, "image_grid_pinpoints", of="(height, width) pairs")
+    if not pinpoints:
         raise ValueError(
             f"image_grid_pinpoints must be a non-empty list of (height, width) pairs, got {pinpoints!r}"
         )
     for position, pinpoint in enumerate(pinpoints):
-        if (
-            not isinstance(pinpoint, Sequence)
-            or len(pinpoint) != 2
-            or any(isinstance(side, bool) or not isinstance(side, Integral) for side in pinpoint)
-            or any(side <= 0 or side % tile_size for side in pinpoint)
-        ):
+        argument = f"image_grid_pinpoints[{position}]"
+        hint = f"pinpoints are positive multiples of the tile size {tile_size}"
+        sides = check_int_pair(_shown(pinpoint), argument, hint=hint)
+        if any(side % tile_size for side in sides):
             raise ValueError(
-                f"image_grid_pinpoints[{position}]={_shown(pinpoint)} is not a (height, width) pair of "
-                f"positive multiples of the tile size {tile_size}"
+                f"{argument}={_shown(pinpoint)} is not a (height, width) pair of positive "
+                f"multiples of the tile size {tile_size}"
             )
 
 
@@ -54,32 +58,28 @@ def check_image_size(image_size: object, argument: str = "image_size") -> tuple[
         argument: how the message names it (e.g. ``"image_sizes[1]"``).
 
     Raises:
-        ValueError: not a pair of positive integers (``(0, 0)`` would divide by zero in the tile
-            choice, a negative side has no best resolution).
+        TypeError: not a pair of ints.
+        ValueError: a side below 1 (``(0, 0)`` would divide by zero in the tile choice, a
+            negative side has no best resolution), or not two sides.
     """
     values = image_size.tolist() if hasattr(image_size, "tolist") else image_size
-    if (
-        isinstance(values, str | bytes)
-        or not isinstance(values, Sequence)
-        or len(values) != 2
-        or any(isinstance(side, bool) or not isinstance(side, Integral) for side in values)
-        or any(side <= 0 for side in values)
-    ):
-        raise ValueError(
-            f"{argument}={_shown(values)} is not an image size: expected the original "
-            "(height, width) in pixels, two positive integers (as the processor's image_sizes)"
-        )
-    return int(values[0]), int(values[1])
+    return check_int_pair(
+        _shown(values),
+        argument,
+        hint="the original image size in pixels, as the processor's image_sizes",
+    )
 
 
 def check_image_sizes(image_sizes: object) -> list[tuple[int, int]]:
     """Every row of ``image_sizes`` (``[images, 2]``) checked with :func:`check_image_size`.
 
     Raises:
-        ValueError: naming the first bad row, or an empty / non-2-D ``image_sizes``.
+        TypeError: ``image_sizes`` is not a sequence, or a row is not a pair of ints (named).
+        ValueError: a row with a side below 1 or not two sides (named), or no row.
     """
     rows = image_sizes.tolist() if hasattr(image_sizes, "tolist") else image_sizes
-    if isinstance(rows, str | bytes) or not isinstance(rows, Sequence) or not rows:
+    check_sequence(rows, "image_sizes", of="original (height, width) sizes, one per image")
+    if not rows:
         raise ValueError(
             f"image_sizes must hold one original (height, width) per image ([images, 2]), got "
             f"{rows!r}"

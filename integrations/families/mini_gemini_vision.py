@@ -36,6 +36,7 @@ from einops import einsum, rearrange
 from torch import Tensor, nn
 
 from mmconnect import DenseConnector, LayerFeatures, MultiLayerFeatureTap
+from mmconnect.validation import check_bool, check_positive_int
 
 Placement = Literal["after", "before"]
 
@@ -159,10 +160,11 @@ def check_views(image_grid: int, image_global: bool) -> int:
     """The number of views per image: ``image_grid**2`` crops, plus one when ``image_global``.
 
     Raises:
-        ValueError: ``image_grid`` is not a positive int, or ``image_global`` without a grid.
+        TypeError: ``image_grid`` is not an int or ``image_global`` not a bool.
+        ValueError: ``image_grid`` is below 1, or ``image_global`` without a grid.
     """
-    if not isinstance(image_grid, int) or isinstance(image_grid, bool) or image_grid < 1:
-        raise ValueError(f"image_grid must be a positive int (1, or 2 for HD), got {image_grid!r}")
+    check_positive_int(image_grid, "image_grid", hint="1, or 2 for HD")
+    check_bool(image_global, "image_global")
     if image_global and image_grid == 1:
         raise ValueError(
             "image_global=True adds a global view to a crop grid: needs image_grid > 1"

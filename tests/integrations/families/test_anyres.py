@@ -308,12 +308,23 @@ def test_check_pinpoints_accepts_multiples():
         ([[-336, 336]], r"\[-336, 336\]"),
         ([[336, 672, 1008]], r"\[336, 672, 1008\]"),
         ([[336]], r"\[336\]"),
-        ([[336.0, 672]], r"\[336.0, 672\]"),
-        ([336, 672], r"image_grid_pinpoints\[0\]=336 "),
     ],
 )
 def test_check_pinpoints_errors(pinpoints, shown):
     with pytest.raises(ValueError, match=shown + r".*multiples of the tile size 336"):
+        check_pinpoints(pinpoints, TILE)
+
+
+@pytest.mark.parametrize(
+    ("pinpoints", "shown"),
+    [
+        ([[336.0, 672]], r"image_grid_pinpoints\[0\] must be .* ints, got \[336.0, 672\] \(list\)"),
+        ([336, 672], r"image_grid_pinpoints\[0\] must be .* ints, got 336 \(int\)"),
+        ("336x672", r"image_grid_pinpoints must be a sequence of \(height, width\) pairs"),
+    ],
+)
+def test_check_pinpoints_type_errors(pinpoints, shown):
+    with pytest.raises(TypeError, match=shown):
         check_pinpoints(pinpoints, TILE)
 
 
@@ -334,32 +345,37 @@ def test_counts_refuse_bad_pinpoints(connectors):
 
 
 @pytest.mark.parametrize(
-    ("size", "shown"),
+    ("size", "error", "shown"),
     [
-        ((0, 0), "[0, 0]"),  # before: ZeroDivisionError in the tile choice
-        ((-5, 20), "[-5, 20]"),  # before: TypeError (no best resolution)
-        ((336,), "[336]"),
-        ((336.5, 336), "[336.5, 336]"),
-        ((True, 336), "[True, 336]"),
+        ((0, 0), ValueError, "[0, 0]"),  # before: ZeroDivisionError in the tile choice
+        ((-5, 20), ValueError, "[-5, 20]"),  # before: TypeError (no best resolution)
+        ((336,), ValueError, "[336]"),
+        ((336.5, 336), TypeError, "[336.5, 336] (list)"),
+        ((True, 336), TypeError, "[True, 336] (list)"),
     ],
 )
-def test_counts_refuse_sizes_that_are_not_image_sizes(connectors, size, shown):
+def test_counts_refuse_sizes_that_are_not_image_sizes(connectors, size, error, shown):
     message = (
-        f"image_size={shown} is not an image size: expected the original (height, width) in "
-        "pixels, two positive integers"
+        f"image_size must be a (height, width) pair of positive ints, got {shown}; the original "
+        "image size in pixels"
     )
     for call in (
         lambda: anyres_token_count(connectors["dc-sci-clip-l-336"], size, PINPOINTS, TILE, GRID),
         lambda: tile_grid(size, PINPOINTS, TILE),
     ):
-        with pytest.raises(ValueError, match=re.escape(message)):
+        with pytest.raises(error, match=re.escape(message)):
             call()
 
 
 def test_image_size_checks_accept_tensors_and_name_the_row():
     assert check_image_size(torch.tensor([60, 150])) == (60, 150)
     assert check_image_sizes(torch.tensor([[60, 150], [1, 1]])) == [(60, 150), (1, 1)]
-    with pytest.raises(ValueError, match=re.escape("image_sizes[1]=[0, 7] is not an image size")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "image_sizes[1] must be a (height, width) pair of positive ints, got [0, 7]"
+        ),
+    ):
         check_image_sizes(torch.tensor([[60, 150], [0, 7]]))
     with pytest.raises(ValueError, match=re.escape("image_sizes must hold one original")):
         check_image_sizes([])

@@ -510,8 +510,11 @@ def test_get_image_features_returns_what_stock_llava_next_returns(hf_model, dens
 @pytest.mark.parametrize(
     ("sizes", "message"),
     [
-        ([[0, 0]], "image_sizes[0]=[0, 0] is not an image size"),
-        ([[60, 150], [-5, 20]], "image_sizes[1]=[-5, 20] is not an image size"),
+        ([[0, 0]], "image_sizes[0] must be a (height, width) pair of positive ints, got [0, 0]"),
+        (
+            [[60, 150], [-5, 20]],
+            "image_sizes[1] must be a (height, width) pair of positive ints, got [-5, 20]",
+        ),
     ],
 )
 @pytest.mark.parametrize("call", ["forward", "get_image_features"])
@@ -519,7 +522,7 @@ def test_image_sizes_that_are_not_sizes(dense, sizes, message, call):
     """Before: ZeroDivisionError for (0, 0), a TypeError for a negative side."""
     model = dense["sci"]
     pixels = _pixels([(60, 150)] * len(sizes))
-    expected = message + ": expected the original (height, width) in pixels, two positive integers"
+    expected = message + "; the original image size in pixels, as the processor's image_sizes"
     with pytest.raises(ValueError, match=re.escape(expected)):
         if call == "forward":
             model(input_ids=torch.tensor([_prompt(4)]), pixel_values=pixels, image_sizes=sizes)

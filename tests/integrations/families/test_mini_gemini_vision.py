@@ -11,6 +11,7 @@ from mmconnect import ConnectorConfig, DenseConnector
 from mmconnect.integrations.families.mini_gemini_vision import (
     MGMVisionPath,
     PatchInfoMining,
+    check_views,
     convnext_hr_features,
 )
 
@@ -196,3 +197,19 @@ def test_open_clip_convnext_trunk_and_derived_width():
     assert hr_map_width(large) == 2880
     with pytest.raises(ValueError, match="must be a timm ConvNeXt"):
         hr_map_width(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize(
+    ("image_grid", "image_global", "error", "message"),
+    [
+        (0, False, ValueError, r"image_grid must be a positive int, got 0; 1, or 2 for HD"),
+        (2.0, False, TypeError, r"image_grid must be a positive int, got 2.0 \(float\)"),
+        ("2", True, TypeError, r"image_grid must be a positive int, got '2' \(str\)"),
+        (2, 1, TypeError, r"image_global must be a bool \(True or False\), got 1 \(int\)"),
+        (1, True, ValueError, "image_global=True adds a global view"),
+    ],
+)
+def test_check_views_follows_the_argument_rule(image_grid, image_global, error, message):
+    assert check_views(2, True) == 5 and check_views(1, False) == 1
+    with pytest.raises(error, match=message):
+        check_views(image_grid, image_global)
