@@ -42,6 +42,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from mmconnect.validation import check_bool
+
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
@@ -89,7 +91,9 @@ def read_state_dict(path: str | Path, *, mmap: bool = False) -> dict[str, Tensor
         FileNotFoundError: ``path`` does not exist.
         ValueError: ``path`` is a directory, is truncated or not a safetensors / PyTorch file, or
             holds no state dict.
+        TypeError: ``mmap`` is not a bool.
     """
+    check_bool(mmap, "mmap")
     path = Path(path)
     _check_file(path, "weights file")
     if path.suffix == ".safetensors":
