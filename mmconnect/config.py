@@ -79,6 +79,7 @@ class ConnectorConfig:
             ``None``. Fusions whose tokens do not all form the grid (STI) refuse it.
 
     Examples:
+        >>> from mmconnect import DCISpec
         >>> config = ConnectorConfig(vision_dim=1024, llm_dim=4096, num_layers=24,
         ...                          fusion=DCISpec(groups=[range(0, 12), range(12, 24)]))
         >>> config.projector.name, config.to_dict()["fusion"]["kind"]
