@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from mmconnect import ConnectorConfig
-from mmconnect.validation import check_choice, check_positive_int
+from mmconnect.validation import check_choice, check_int, check_positive_int
 
 if TYPE_CHECKING:
     from mmconnect.integrations.families.llava import (
@@ -51,7 +51,8 @@ PUBLISHED_GEOMETRY: Mapping[str, Mapping[str, int]] = {
     "siglip": {"blocks": 27, "image_size": 384},
 }
 
-#: Token ids of the special tokens in :func:`build_word_tokenizer`'s vocabulary, in this order.
+#: The special tokens of :func:`build_word_tokenizer`'s vocabulary, in id order (0 to 4); every
+#: word-level tokenizer here has them.
 SPECIAL_TOKENS = ("<unk>", "<pad>", "<s>", "</s>", "<image>")
 
 #: Token ids the tiny Dense LLaVA's LLM and :func:`tiny_llava_tokenizer` agree on.
@@ -62,9 +63,8 @@ TEXT_FAMILIES = ("llama", "qwen2")
 
 
 def _seeded(seed: int) -> None:
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {seed!r}")
-    torch.manual_seed(seed)
+    """Seed torch for the builder about to run (a wrong ``seed`` type is a ``TypeError``)."""
+    torch.manual_seed(check_int(seed, "seed"))
 
 
 # ---------------------------------------------------------------------------- vision towers
@@ -92,11 +92,13 @@ def tiny_vision_config(
         width: hidden size.
         intermediate_size: MLP width; ``None``: ``2 * width``.
         heads: attention heads.
-        image_size: native square image side in pixels (a multiple of ``patch_size``).
+        image_size: native square image side in pixels; the grid side is
+            ``image_size // patch_size`` (SigLIP-SO400M's 384 px give 27).
         patch_size: patch side in pixels.
 
     Raises:
-        ValueError: an unknown family, or a size that is not a whole number >= 1.
+        ValueError: an unknown family or a size below 1.
+        TypeError: a size that is not an int.
     """
     check_choice(family, "family", VISION_FAMILIES)
     for name, value in (
@@ -331,7 +333,8 @@ def tiny_text_config(
         max_position_embeddings: positions; ``None``: the config class's default.
 
     Raises:
-        ValueError: an unknown family, or a size that is not a whole number >= 1.
+        ValueError: an unknown family or a size below 1.
+        TypeError: a size that is not an int.
     """
     check_choice(family, "family", TEXT_FAMILIES)
     for name, value in (("width", width), ("blocks", blocks), ("heads", heads)):
@@ -361,19 +364,15 @@ def tiny_text_config(
     return (LlamaConfig if family == "llama" else Qwen2Config)(**fields)
 
 
-def word_level_tokenizer(
-    vocabulary: Sequence[str] | Mapping[str, int], *, pre_tokenizer: Any = None
-) -> Any:
+def word_level_tokenizer(vocabulary: Sequence[str] | Mapping[str, int]) -> Any:
     """A word-level ``PreTrainedTokenizerFast`` over a fixed ``vocabulary``.
 
     The vocabulary must hold ``<unk>``, ``<pad>``, ``<s>``, ``</s>`` and ``<image>`` (the
-    tokenizer's ``image_token``, as HF's multimodal processors expect it). Text is split on
-    whitespace and punctuation unless ``pre_tokenizer`` (a ``tokenizers`` pre-tokenizer) says
-    otherwise.
+    tokenizer's ``image_token``, as HF's multimodal processors expect it). Text is split into
+    runs of word characters and runs of punctuation (``tokenizers``' ``Whitespace``).
 
     Args:
         vocabulary: the tokens in id order, or ``token -> id``.
-        pre_tokenizer: how text is split into words; ``None``: ``Whitespace()``.
 
     Raises:
         ValueError: a special token is missing from ``vocabulary``.
@@ -390,7 +389,7 @@ def word_level_tokenizer(
             f"{', '.join(SPECIAL_TOKENS)}"
         )
     backend = Tokenizer(models.WordLevel(dict(vocabulary), unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace() if pre_tokenizer is None else pre_tokenizer
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         unk_token="<unk>",
