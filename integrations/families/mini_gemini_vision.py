@@ -36,7 +36,7 @@ from einops import einsum, rearrange
 from torch import Tensor, nn
 
 from mmconnect import DenseConnector, LayerFeatures, MultiLayerFeatureTap
-from mmconnect.validation import check_bool, check_positive_int
+from mmconnect.validation import check_bool, check_choice, check_positive_int
 
 Placement = Literal["after", "before"]
 
@@ -244,8 +244,7 @@ def mine_and_connect(
 
 def check_placement(placement: str, connector: DenseConnector) -> None:
     """Raise a clear ``ValueError`` for an unknown placement or one the connector cannot take."""
-    if placement not in ("after", "before"):
-        raise ValueError(f"placement must be 'after' or 'before', got {placement!r}")
+    check_choice(placement, "placement", ("after", "before"))
     if placement == "before" and not type(connector.config.fusion).resamplable:
         raise ValueError(
             "placement='before' mines every fused token against its HR window, but STI appends "

@@ -152,5 +152,5 @@ def test_bad_models_and_connectors(towers):
         ValueError, match=r"vision_dim=32 does not match the CLIP tower's hidden_size \(16\)"
     ):
         swap_connector(MGMStyleModel(*towers), wide)
-    with pytest.raises(ValueError, match="placement must be 'after' or 'before'"):
+    with pytest.raises(ValueError, match=r"placement must be one of \('after', 'before'\)"):
         swap_connector(MGMStyleModel(*towers), connector, placement="middle")
