@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from mmconnect.validation import check_optional_int
+from mmconnect.validation import check_optional_int, is_int
 
 _PREFIX_HINT = "tokens before the patch tokens: 1 for CLIP's CLS token, 0 for SigLIP"
 
@@ -115,12 +115,12 @@ def _is_block_list(module: nn.Module | None) -> bool:
 def _count_prefix_tokens(owner: nn.Module) -> int | None:
     """Prefix tokens from the owner's structure: timm attribute, HF positions, open_clip CLS."""
     timm_count = getattr(owner, "num_prefix_tokens", None)
-    if isinstance(timm_count, int) and not isinstance(timm_count, bool):
+    if is_int(timm_count):
         return timm_count
     embeddings = getattr(owner, "embeddings", None)
     positions = getattr(embeddings, "num_positions", None)
     patches = getattr(embeddings, "num_patches", None)
-    if isinstance(positions, int) and isinstance(patches, int) and positions >= patches:
+    if is_int(positions) and is_int(patches) and positions >= patches:
         # HF: CLIP has one position more than patches (its CLS token), SigLIP none.
         return positions - patches
     if hasattr(owner, "class_embedding"):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from mmconnect.validation import check_choice, check_str
+from mmconnect.validation import check_choice, check_str, is_int
 
 #: The image placeholder in LLaVA JSON human turns.
 IMAGE_PLACEHOLDER = "<image>"
@@ -55,7 +55,7 @@ class LlavaRecord:
     image: str | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.id, int) and not isinstance(self.id, bool):
+        if is_int(self.id):
             object.__setattr__(self, "id", str(self.id))
         object.__setattr__(self, "conversations", tuple(self.conversations))
         for i, turn in enumerate(self.conversations):
