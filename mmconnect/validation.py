@@ -193,9 +193,11 @@ def check_float(
     Args:
         value: what the caller passed.
         argument: its name, as the caller knows it.
-        minimum, maximum: bounds; ``None`` for unbounded.
-        exclusive_minimum, exclusive_maximum: whether the bound itself is refused
-            (``minimum=0, exclusive_minimum=True``: "a positive number").
+        minimum: lower bound; ``None`` for unbounded.
+        maximum: upper bound; ``None`` for unbounded.
+        exclusive_minimum: whether ``minimum`` itself is refused (``minimum=0,
+            exclusive_minimum=True``: "a positive number").
+        exclusive_maximum: whether ``maximum`` itself is refused.
         hint: appended to the message after ``"; "``.
 
     Raises:
