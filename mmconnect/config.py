@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mmconnect.checkpoint import read_json, write_json
 from mmconnect.fusion import FusionSpec, fusion_spec_class, list_fusions, parse_fusion
 from mmconnect.projectors import MLPSpec, ProjectorSpec, parse_projector
@@ -135,6 +137,35 @@ class ConnectorConfig:
             (12, 12)
         """
         return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ the token contract
+    # The same three questions DenseConnector answers, for code that holds only a config
+    # (processors, AnyRes counting, HF configs' image_seq_length): the answer is the connector's,
+    # built on the meta device (no weights), so the two can never disagree.
+    def num_tokens(self, grid: tuple[int, int]) -> int:
+        """Output tokens of a connector of this config for an encoder grid ``(height, width)``
+        (:meth:`mmconnect.DenseConnector.num_tokens`); allocates no weights.
+
+        Examples:
+            >>> ConnectorConfig.from_preset("dc-sti-clip-l-336").num_tokens((24, 24))
+            720
+        """
+        return self._layout_connector().num_tokens(grid)
+
+    def token_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
+        """The grid the leading output tokens form (:meth:`mmconnect.DenseConnector.token_grid`)."""
+        return self._layout_connector().token_grid(grid)
+
+    def extra_tokens(self, grid: tuple[int, int]) -> int:
+        """Output tokens after the :meth:`token_grid` tokens that form no grid (STI's pooled
+        tokens; :meth:`mmconnect.DenseConnector.extra_tokens`)."""
+        return self._layout_connector().extra_tokens(grid)
+
+    def _layout_connector(self) -> Any:
+        from mmconnect.connector import DenseConnector  # the connector imports this module
+
+        with torch.device("meta"):  # bookkeeping only: the declared counts need no weights
+            return DenseConnector(self)
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:

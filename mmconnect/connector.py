@@ -56,28 +56,6 @@ def config_fingerprint(config: ConnectorConfig) -> int:
     return int.from_bytes(digest[:8], "little", signed=True)
 
 
-def count_output_tokens(config: ConnectorConfig, grid: tuple[int, int]) -> int:
-    """The output token count of a connector built from ``config``: :meth:`DenseConnector.num_tokens`.
-
-    For processors that count tokens from a config: the connector is built on the ``meta``
-    device, so no weights are allocated.
-    """
-    return _bookkeeping_connector(config).num_tokens(grid)
-
-
-def output_token_grid(config: ConnectorConfig, grid: tuple[int, int]) -> tuple[int, int]:
-    """The grid of the leading output tokens of a connector built from ``config``:
-    :meth:`DenseConnector.token_grid`, without allocating weights."""
-    return _bookkeeping_connector(config).token_grid(grid)
-
-
-def _bookkeeping_connector(config: ConnectorConfig) -> DenseConnector:
-    if not isinstance(config, ConnectorConfig):
-        raise TypeError(f"config must be a ConnectorConfig, got {type(config).__name__}")
-    with torch.device("meta"):  # bookkeeping only: the declared counts need no weights
-        return DenseConnector(config)
-
-
 def _check_grid_pair(grid: Any) -> tuple[int, int]:
     if (
         not isinstance(grid, tuple | list)

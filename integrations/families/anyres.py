@@ -23,7 +23,6 @@ from transformers.image_processing_utils import select_best_resolution
 from transformers.models.llava_next.modeling_llava_next import unpad_image
 
 from mmconnect import ConnectorConfig, DenseConnector
-from mmconnect.connector import count_output_tokens, output_token_grid
 from mmconnect.validation import check_int_pair, check_sequence
 
 
@@ -116,9 +115,7 @@ def crop_layout(
     Needs only the connector's config: processors count tokens without building a connector.
     """
     config = connector.config if isinstance(connector, DenseConnector) else connector
-    grid = output_token_grid(config, encoder_grid)
-    extra = count_output_tokens(config, encoder_grid) - grid[0] * grid[1]
-    return grid, extra
+    return config.token_grid(encoder_grid), config.extra_tokens(encoder_grid)
 
 
 def unpadded_size(stitched: tuple[int, int], image_size: Sequence[int]) -> tuple[int, int]:

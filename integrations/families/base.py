@@ -41,7 +41,7 @@ from mmconnect.checkpoint import (
     saved_shapes,
     shape_problems,
 )
-from mmconnect.connector import FINGERPRINT_KEY, config_fingerprint, count_output_tokens
+from mmconnect.connector import FINGERPRINT_KEY, config_fingerprint
 from mmconnect.validation import check_size_pair
 
 logger = logging.getLogger(__name__)
@@ -108,9 +108,7 @@ def attach_connector(config: Any) -> None:
     if not isinstance(config.connector, ConnectorConfig):  # a dict, maybe of format 1: upgraded
         config.connector = ConnectorConfig.from_dict(config.connector)
     config.connector = config.connector.to_dict()
-    config.image_seq_length = count_output_tokens(
-        config.connector_config, native_grid(config.vision_config)
-    )
+    config.image_seq_length = config.connector_config.num_tokens(native_grid(config.vision_config))
 
 
 def reject_feature_layer(config: Any, vision_feature_layer: Any) -> None:
@@ -129,7 +127,9 @@ def native_grid(vision_config: Any) -> tuple[int, int]:
     divided by its own patch side, so a non-square tower gets its real grid).
     """
     height, width = check_size_pair(vision_config.image_size, "vision_config.image_size")
-    patch_height, patch_width = check_size_pair(vision_config.patch_size, "vision_config.patch_size")
+    patch_height, patch_width = check_size_pair(
+        vision_config.patch_size, "vision_config.patch_size"
+    )
     return height // patch_height, width // patch_width
 
 

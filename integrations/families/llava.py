@@ -37,7 +37,6 @@ from transformers.processing_utils import MultiModalData
 from transformers.utils.generic import can_return_tuple
 
 from mmconnect import ConnectorConfig, DenseConnector
-from mmconnect.connector import count_output_tokens
 from mmconnect.integrations.families.base import (
     CheckedLoadingMixin,
     ConnectorConfigMixin,
@@ -253,8 +252,8 @@ class DenseLlavaProcessor(LlavaProcessor):
 
     def num_image_tokens(self, height: int, width: int) -> int:
         """Placeholder tokens for one preprocessed image of ``height x width`` pixels."""
-        return count_output_tokens(
-            self._connector_config, (height // self.patch_size, width // self.patch_size)
+        return self._connector_config.num_tokens(
+            (height // self.patch_size, width // self.patch_size)
         )
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs: Any) -> str:

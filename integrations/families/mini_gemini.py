@@ -37,7 +37,6 @@ from transformers.utils.generic import can_return_tuple
 
 from mmconnect import ConnectorConfig, DenseConnector
 from mmconnect.checkpoint import saved_shapes, shape_problems
-from mmconnect.connector import count_output_tokens
 from mmconnect.integrations.families.base import (
     CheckedLoadingMixin,
     ConnectorConfigMixin,
@@ -436,8 +435,8 @@ def replace_connector(
         )
     config.connector = connector.config.to_dict()
     config.mining_placement = placement
-    config.image_seq_length = config.num_views * count_output_tokens(
-        connector.config, native_grid(config.vision_config)
+    config.image_seq_length = config.num_views * connector.config.num_tokens(
+        native_grid(config.vision_config)
     )
     return model
 
@@ -510,7 +509,7 @@ class DenseMGMProcessor(DenseLlavaProcessor):
                 f"{self.image_size_aux}"
             )
         side = self.image_size // self.patch_size
-        return self.num_views * count_output_tokens(self._connector_config, (side, side))
+        return self.num_views * self._connector_config.num_tokens((side, side))
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
         height, width = get_image_size(to_numpy_array(image_inputs["pixel_values"][image_idx]))

@@ -38,7 +38,6 @@ from mmconnect import (
 )
 from mmconnect import fusion as fusion_module
 from mmconnect import projectors as projectors_module
-from mmconnect.connector import count_output_tokens, output_token_grid
 from mmconnect.fusion import require_layer
 from mmconnect.projectors import GridProjector
 
@@ -178,8 +177,8 @@ def _check_contract(config: ConnectorConfig, grid: tuple[int, int], seed: int) -
     assert lead[0] * lead[1] + extra == declared
     assert extra == (declared - grid[0] * grid[1] if config.fusion.kind == "sti" else 0)
     # The config-only helpers processors use answer the same.
-    assert count_output_tokens(config, grid) == declared
-    assert output_token_grid(config, grid) == lead
+    assert config.num_tokens(grid) == declared
+    assert config.token_grid(grid) == lead
 
 
 @settings(
@@ -261,8 +260,8 @@ def test_toy_fusion_and_token_reducing_projector_exact(toys):
     assert folded[0, :4].tolist() == [0.0, 1.0, 12.0, 13.0]  # encoder tokens 0 and 6 lead
     assert_close(output, connector.projector.linear(folded[None]), **EXACT)
     # Processors counting from the config see the same.
-    assert count_output_tokens(config, (4, 6)) == 6
-    assert output_token_grid(config, (4, 6)) == (3, 2)
+    assert config.num_tokens((4, 6)) == 6
+    assert config.token_grid((4, 6)) == (3, 2)
 
 
 def test_token_reducing_projector_with_resampling_composes_in_forward_order(toys):

@@ -67,7 +67,6 @@ from transformers.models.auto.modeling_auto import (
 )
 
 from mmconnect import ConnectorConfig, DCISpec
-from mmconnect.connector import count_output_tokens
 from mmconnect.integrations.applications.tiny_models import tiny_llava_tokenizer
 from mmconnect.integrations.families.anyres import anyres_token_count
 from mmconnect.integrations.families.llava import (
@@ -175,7 +174,7 @@ class DenseTester:
 
     def image_tokens(self) -> int:
         side = IMAGE_SIZE // PATCH
-        return count_output_tokens(dci_connector(32, 32), (side, side))
+        return dci_connector(32, 32).num_tokens((side, side))
 
     def pixel_inputs(self) -> dict:
         return {
