@@ -86,3 +86,6 @@ __all__ = [
     "resample_tokens",
     "stack",
 ]
+
+# Last, once every name above exists: the zoo's modules register projectors and presets.
+from mmconnect import zoo  # noqa: F401
