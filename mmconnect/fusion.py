@@ -38,9 +38,14 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from mmconnect.features import LayerFeatures, check_grid
-from mmconnect.layers import normalize_groups, normalize_layer, normalize_layers
+from mmconnect.layers import (
+    check_layer_index,
+    normalize_groups,
+    normalize_layer,
+    normalize_layers,
+)
 from mmconnect.registry import Registry, describe_callable
-from mmconnect.validation import check_choice, check_positive_int, is_int
+from mmconnect.validation import check_choice, check_positive_int, check_str
 
 PoolMode = Literal["raster", "grid"]
 
@@ -109,11 +114,12 @@ def pool_tokens(
     ``[B, h*w, C] -> [B, (h // window) * (w // window), C]``.
 
     Raises:
-        ValueError: ``window`` is not a positive int or exceeds the sequence (or grid), or the
-            tokens do not form ``grid``.
+        TypeError: ``window`` is not an int.
+        ValueError: ``window`` is below 1 or exceeds the sequence (or grid), ``mode`` is neither
+            ``"raster"`` nor ``"grid"``, or the tokens do not form ``grid``.
     """
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise ValueError(f"window must be a positive int, got {window!r}")
+    check_positive_int(window, "window")
+    check_choice(mode, "mode", ("raster", "grid"))
     _check_token_tensors([tokens], "tokens")
     if mode == "raster":
         if window > tokens.shape[1]:
@@ -124,17 +130,15 @@ def pool_tokens(
             rearrange(tokens, "b n c -> b c n"), kernel_size=window, stride=window
         )
         return rearrange(pooled, "b c n -> b n c")
-    if mode == "grid":
-        if grid is None:
-            raise ValueError("mode='grid' needs grid=(height, width)")
-        check_grid(tokens, grid, argument="tokens")
-        height, width = grid
-        if window > min(height, width):
-            raise ValueError(f"window={window} is larger than the {height}x{width} grid it pools")
-        maps = rearrange(tokens, "b (h w) c -> b c h w", h=height, w=width)
-        pooled = F.avg_pool2d(maps, kernel_size=window, stride=window)
-        return rearrange(pooled, "b c h w -> b (h w) c")
-    raise ValueError(f"mode must be 'raster' or 'grid', got {mode!r}")
+    if grid is None:
+        raise ValueError("mode='grid' needs grid=(height, width)")
+    check_grid(tokens, grid, argument="tokens")
+    height, width = grid
+    if window > min(height, width):
+        raise ValueError(f"window={window} is larger than the {height}x{width} grid it pools")
+    maps = rearrange(tokens, "b (h w) c -> b c h w", h=height, w=width)
+    pooled = F.avg_pool2d(maps, kernel_size=window, stride=window)
+    return rearrange(pooled, "b c h w -> b (h w) c")
 
 
 def pooled_token_count(num_tokens: int, grid: tuple[int, int], window: int, mode: PoolMode) -> int:
@@ -381,11 +385,7 @@ def _index_tuple(value: Any, argument: str) -> tuple[int, ...]:
         )
     indices = tuple(value)
     for position, index in enumerate(indices):
-        if not is_int(index):
-            raise TypeError(
-                f"{argument}[{position}] must be an int layer index, got {index!r} "
-                f"({type(index).__name__})"
-            )
+        check_layer_index(index, f"{argument}[{position}]")
     return indices
 
 
@@ -425,13 +425,8 @@ class FusionSpec:
     resamplable: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.kind, str) or not self.kind:
-            raise ValueError(f"fusion kind must be a non-empty string, got {self.kind!r}")
-        if not is_int(self.final_layer):
-            raise TypeError(
-                f"final_layer must be an int layer index, got {self.final_layer!r} "
-                f"({type(self.final_layer).__name__})"
-            )
+        check_str(self.kind, "fusion kind")
+        check_layer_index(self.final_layer, "final_layer")
 
     def normalized(self, num_layers: int) -> Self:
         """A copy whose layer indices are the non-negative ones for a ``num_layers``-block encoder.

@@ -27,6 +27,19 @@ from mmconnect.validation import check_int, check_positive_int
 _INDEX_HINT = "a layer index in the hidden_states convention (0 is the embedding output)"
 
 
+def check_layer_index(value: object, argument: str = "layer") -> int:
+    """Return ``value`` if it is an ``int`` layer index (any sign; the range needs the encoder depth).
+
+    Raises:
+        TypeError: ``value`` is not an ``int`` (``bool``, ``float`` and ``str`` included).
+
+    Examples:
+        >>> check_layer_index(-2, "final_layer")
+        -2
+    """
+    return check_int(value, argument, hint=_INDEX_HINT)
+
+
 def normalize_layer(index: int, num_layers: int, *, argument: str = "layer") -> int:
     """Map one layer index to its non-negative ``hidden_states`` position.
 
@@ -46,7 +59,7 @@ def normalize_layer(index: int, num_layers: int, *, argument: str = "layer") -> 
         >>> normalize_layer(-2, 24)
         23
     """
-    check_int(index, argument, hint=_INDEX_HINT)
+    check_layer_index(index, argument)
     check_positive_int(num_layers, "num_layers", hint="the encoder's number of blocks")
     if not -(num_layers + 1) <= index <= num_layers:
         raise ValueError(

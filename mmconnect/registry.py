@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Generic, TypeVar
 
+from mmconnect.validation import check_str
+
 T = TypeVar("T")
 
 
@@ -57,11 +59,11 @@ class Registry(Generic[T]):
         reported as such whatever else is wrong.
 
         Raises:
-            ValueError: ``name`` is not a non-empty string, or is taken (the message names the
-                entry registered under it).
+            TypeError: ``name`` is not a string.
+            ValueError: ``name`` is blank, or is taken (the message names the entry registered
+                under it).
         """
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"{self.kind} name must be a non-empty string, got {name!r}")
+        check_str(name, f"{self.kind} name")
         if name in self._entries:
             raise ValueError(
                 f"a {self.kind} named {name!r} is already registered "
@@ -72,7 +74,7 @@ class Registry(Generic[T]):
         """Add ``entry`` under ``name``.
 
         Raises:
-            ValueError: see :meth:`check_available`.
+            TypeError, ValueError: see :meth:`check_available`.
         """
         self.check_available(name)
         self._entries[name] = entry

@@ -111,7 +111,7 @@ BAD_SPECS = [
     (
         lambda: SCISpec(extra_layers=(7, "15")),
         TypeError,
-        r"extra_layers\[1\] must be an int layer index, got '15'",
+        r"extra_layers\[1\] must be an int, got '15' \(str\); a layer index in the hidden_states",
     ),
     (
         lambda: SCISpec(extra_layers="7,15"),
@@ -126,7 +126,7 @@ BAD_SPECS = [
     (
         lambda: SCISpec(extra_layers=(7,), final_layer=1.5),
         TypeError,
-        "final_layer must be an int layer index, got 1.5",
+        r"final_layer must be an int, got 1.5 \(float\); a layer index",
     ),
     (
         lambda: STISpec(extra_layers=(7,), window=0),
@@ -162,7 +162,8 @@ BAD_SPECS = [
         TypeError,
         "accumulate_dtype must be None or a dtype name",
     ),
-    (lambda: FusionSpec(kind=""), ValueError, "fusion kind must be a non-empty string"),
+    (lambda: FusionSpec(kind=""), ValueError, "fusion kind must be a non-empty str, got ''"),
+    (lambda: FusionSpec(kind=3), TypeError, r"fusion kind must be a non-empty str, got 3 \(int\)"),
     (lambda: MLPSpec(depth=0), ValueError, "depth must be a positive int, got 0"),
     (lambda: MLPSpec(depth="2"), TypeError, "depth must be a positive int, got '2'"),
     (

@@ -432,9 +432,15 @@ def test_resample_unknown_mode():
         TokenResampler((1, 1), mode="nearest")
 
 
-@pytest.mark.parametrize("window", [0, -8, 2.5, True, "8", None])
-def test_pool_bad_window(window):
-    with pytest.raises(ValueError, match=r"window must be a positive int, got"):
+@pytest.mark.parametrize("window", [0, -8])
+def test_pool_bad_window_value(window):
+    with pytest.raises(ValueError, match=rf"^window must be a positive int, got {window}$"):
+        pool_tokens(torch.zeros(1, 16, 2), window)
+
+
+@pytest.mark.parametrize("window", [2.5, True, "8", None])
+def test_pool_bad_window_type(window):
+    with pytest.raises(TypeError, match=r"window must be a positive int, got .* \("):
         pool_tokens(torch.zeros(1, 16, 2), window)
 
 
@@ -448,7 +454,7 @@ def test_pool_window_larger_than_input():
 def test_pool_bad_mode_or_missing_grid():
     with pytest.raises(ValueError, match=r"mode='grid' needs grid=\(height, width\)"):
         pool_tokens(torch.zeros(1, 16, 2), 2, mode="grid")
-    with pytest.raises(ValueError, match="mode must be 'raster' or 'grid', got 'cube'"):
+    with pytest.raises(ValueError, match=r"mode must be one of \('raster', 'grid'\), got 'cube'"):
         pool_tokens(torch.zeros(1, 16, 2), 2, mode="cube")
 
 

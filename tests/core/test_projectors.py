@@ -69,9 +69,9 @@ def test_registry_is_restored_after_isolated_test():
     assert "my_linear" not in list_projectors()
 
 
-@pytest.mark.parametrize("name", ["", None, 3])
-def test_register_projector_refuses_bad_names(isolated_registry, name):
-    with pytest.raises(ValueError, match="projector name must be a non-empty string"):
+@pytest.mark.parametrize(("name", "error"), [("", ValueError), (None, TypeError), (3, TypeError)])
+def test_register_projector_refuses_bad_names(isolated_registry, name, error):
+    with pytest.raises(error, match="projector name must be a non-empty str"):
         mmconnect.register_projector(name, nn.Linear)
 
 

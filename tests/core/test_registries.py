@@ -119,7 +119,7 @@ def test_register_fusion_refuses_user_duplicates_and_bad_arguments(isolated_fusi
         match=r"'difference' is already registered \(spec DifferenceSpec, builder .*_build_difference\)",
     ):
         register_fusion("difference", _build_difference)
-    with pytest.raises(ValueError, match="fusion name must be a non-empty string, got ''"):
+    with pytest.raises(ValueError, match="fusion name must be a non-empty str, got ''"):
         register_fusion("", _build_difference)
     with pytest.raises(TypeError, match="fusion builder must be callable, got str"):
         register_fusion("other", "LayerDifference")
@@ -199,7 +199,7 @@ def test_register_resampler_refuses_duplicates(isolated_resamplers):
         ValueError, match=r"a resample mode named 'avg' is already registered .*adaptive_avg_pool2d"
     ):
         register_resampler("avg", F.adaptive_max_pool2d)
-    with pytest.raises(ValueError, match="resample mode name must be a non-empty string"):
+    with pytest.raises(ValueError, match="resample mode name must be a non-empty str"):
         register_resampler("", F.adaptive_max_pool2d)
     with pytest.raises(TypeError, match="resize must be callable, got NoneType"):
         register_resampler("nearest", None)

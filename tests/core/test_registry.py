@@ -37,8 +37,10 @@ def test_duplicates_and_bad_names_are_refused_and_nothing_is_replaced():
     ):
         registry.register("a", 2)
     assert registry["a"] == 1
-    for name in ("", None, 3):
-        with pytest.raises(ValueError, match="widget name must be a non-empty string, got"):
+    with pytest.raises(ValueError, match=r"^widget name must be a non-empty str, got ''$"):
+        registry.register("", 1)
+    for name in (None, 3):
+        with pytest.raises(TypeError, match="widget name must be a non-empty str, got"):
             registry.register(name, 1)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="already registered"):
         registry.check_available("a")

@@ -15,6 +15,7 @@ import mmconnect.validation
 from mmconnect import STISpec
 from mmconnect.checkpoint import read_state_dict
 from mmconnect.features import LayerFeatures
+from mmconnect.fusion import pool_tokens
 from mmconnect.integrations.applications.lab import LabConfig
 from mmconnect.integrations.applications.lab_encoder import EncoderPretraining
 from mmconnect.integrations.applications.moving_shapes import MovingShape, moving_shape_scenes
@@ -181,6 +182,7 @@ def _count_arguments(tmp_path):
         "num_layers": lambda v: normalize_layer(0, v),
         "layer": lambda v: paper_layer(v),
         "window": lambda v: STISpec(extra_layers=(7, 15), window=v),
+        "window ": lambda v: pool_tokens(torch.zeros(1, 16, 2), v),
         "image_grid": lambda v: check_views(v, False),
         "num_train": lambda v: write_synthetic_vqa(tmp_path / "data", num_train=v),
         "stage1_steps": lambda v: LabConfig(stage1_steps=v),
