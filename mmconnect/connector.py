@@ -208,7 +208,7 @@ class DenseConnector(nn.Module):
         count, lead = self.fusion.num_tokens(grid), tuple(self.fusion.output_grid(grid))
         for name, stage in self._grid_stages():
             extra = count - lead[0] * lead[1]
-            if extra:
+            if extra and not (isinstance(stage, GridProjector) and stage.accepts_extra_tokens):
                 raise ValueError(
                     f"fusion {self.config.fusion.kind!r} gives {extra} tokens after its "
                     f"{lead[0]}x{lead[1]} grid that form no grid, but the {name} works on a "

@@ -29,7 +29,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
@@ -141,6 +141,11 @@ class GridProjector(nn.Module):
     the output grid's area. The input is always a whole grid: a fusion whose tokens do not all
     form one (STI) cannot feed a grid projector.
     """
+
+    #: ``True`` for projectors that read their input as a set of tokens (learned queries
+    #: attending to them: Perceiver, Q-Former) rather than as a grid: they also take tokens that
+    #: follow the grid and form none (STI's pooled tokens), receiving ``[B, h*w + extra, in_dim]``.
+    accepts_extra_tokens: ClassVar[bool] = False
 
     def output_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
         """The ``(height, width)`` grid produced for an input grid."""

@@ -33,6 +33,7 @@ from mmconnect import (
     list_fusions,
     list_projectors,
     list_resamplers,
+    pool_tokens,
     register_fusion,
     register_projector,
 )
@@ -307,6 +308,53 @@ def test_sti_extra_tokens_into_a_grid_projector_are_refused(toys):
     features = {layer: _randn(layer, 1, 16, 2) for layer in (1, NUM_LAYERS - 1)}
     with pytest.raises(ValueError, match=message):
         connector(features, (4, 4))
+
+
+class QueryMean(GridProjector):
+    """A token-set toy: two learned queries plus the mean of every input token, projected;
+    ``[B, n, C] -> [B, 2, D]`` whatever ``n`` is, so it also takes STI's pooled tokens."""
+
+    accepts_extra_tokens = True
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.queries = nn.Parameter(torch.arange(2 * in_dim, dtype=torch.float32).view(2, in_dim))
+        self.linear = nn.Linear(in_dim, out_dim)
+
+    def output_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
+        return 0, 0  # queries form no spatial grid
+
+    def num_tokens(self, grid: tuple[int, int]) -> int:
+        return 2
+
+    def forward(self, tokens: Tensor, grid: tuple[int, int]) -> Tensor:
+        return self.linear(self.queries + tokens.mean(dim=1, keepdim=True))
+
+
+def test_a_token_set_projector_takes_sti_extra_tokens(toys, monkeypatch):
+    """Learned-query connectors read a set of tokens: STI's pooled tokens go in with the grid's,
+    and the output forms no grid (token_grid (0, 0), every token an extra one)."""
+    monkeypatch.setattr(projectors_module, "_PROJECTORS", projectors_module._PROJECTORS.copy())
+    register_projector("query_mean", QueryMean)
+    config = ConnectorConfig(
+        fusion=STISpec(extra_layers=(1,), window=2),
+        projector="query_mean",
+        vision_dim=2,
+        llm_dim=3,
+        num_layers=NUM_LAYERS,
+    )
+    connector = DenseConnector(config)
+    assert connector.num_tokens((4, 4)) == 2
+    assert connector.token_grid((4, 4)) == (0, 0) and connector.extra_tokens((4, 4)) == 2
+    assert config.num_tokens((4, 4)) == 2
+    features = {layer: _randn(layer, 1, 16, 2) for layer in (1, NUM_LAYERS - 1)}
+    output = connector(features, (4, 4))
+    stacked = torch.cat([features[NUM_LAYERS - 1], pool_tokens(features[1], 2)], dim=1)
+    assert stacked.shape[1] == 16 + 8
+    expected = connector.projector.linear(
+        connector.projector.queries + stacked.mean(1, keepdim=True)
+    )
+    assert torch.equal(output, expected)
 
 
 class LyingProjector(GridProjector):
