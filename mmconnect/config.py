@@ -194,8 +194,7 @@ class ConnectorConfig:
         version = data.get("format_version", 1 if isinstance(data.get("fusion"), str) else None)
         if version is None:
             raise ValueError(f"a connector config needs a format_version, got keys {sorted(data)}")
-        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-            raise ValueError(f"format_version must be a positive int, got {version!r}")
+        check_positive_int(version, "format_version")
         if version > FORMAT_VERSION:
             raise ValueError(
                 f"this connector config has format_version {version}, newer than the "

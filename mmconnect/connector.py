@@ -35,6 +35,7 @@ from mmconnect.fusion import build_fusion, require_layer
 from mmconnect.projectors import GridProjector, build_projector, load_projector_weights
 from mmconnect.resample import TokenResampler
 from mmconnect.tap import MultiLayerFeatureTap
+from mmconnect.validation import check_int_pair
 
 #: State-dict key of the buffer that records which config a connector's weights were made with.
 FINGERPRINT_KEY = "config_fingerprint"
@@ -54,16 +55,6 @@ def config_fingerprint(config: ConnectorConfig) -> int:
     fields.pop("accumulate_dtype")
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).digest()
     return int.from_bytes(digest[:8], "little", signed=True)
-
-
-def _check_grid_pair(grid: Any) -> tuple[int, int]:
-    if (
-        not isinstance(grid, tuple | list)
-        or len(grid) != 2
-        or any(isinstance(side, bool) or not isinstance(side, int) or side < 1 for side in grid)
-    ):
-        raise ValueError(f"grid must be a (height, width) pair of positive ints, got {grid!r}")
-    return int(grid[0]), int(grid[1])
 
 
 def _check_count(tokens: Tensor, expected: int, component: str) -> None:
@@ -204,7 +195,7 @@ class DenseConnector(nn.Module):
 
     def _token_layout(self, grid: tuple[int, int]) -> tuple[tuple[int, int], int]:
         """``(leading grid, token count)`` after every component, for an encoder grid."""
-        grid = _check_grid_pair(grid)
+        grid = check_int_pair(grid, "grid")
         count, lead = self.fusion.num_tokens(grid), tuple(self.fusion.output_grid(grid))
         for name, stage in self._grid_stages():
             extra = count - lead[0] * lead[1]

@@ -40,6 +40,7 @@ from mmconnect.checkpoint import CONFIG_NAME, read_json
 from mmconnect.config import ConnectorConfig
 from mmconnect.fusion import DCISpec, FusionSpec, SCISpec, SingleLayerSpec, STISpec
 from mmconnect.layers import normalize_layer
+from mmconnect.validation import check_choice, check_positive_int
 
 TowerBranch = Literal["clip", "siglip"]
 TOWER_BRANCHES: tuple[str, ...] = ("clip", "siglip")
@@ -111,6 +112,7 @@ def connector_config_from_official(
         ValueError: a field is missing or has a value the official code does not support, the
             tower is unknown and the explicit arguments are missing, or the arguments contradict
             the config or the known tower.
+        TypeError: a count or layer index (in the config or the arguments) is not an int.
     """
     config = read_official_config(source)
     fusion = _fusion(config)
@@ -125,8 +127,6 @@ def connector_config_from_official(
                 "CLS token as the official code does with 'patch'"
             )
         select = config.get("mm_vision_select_layer", -1)  # LLaVA's training default
-        if isinstance(select, bool) or not isinstance(select, int):
-            raise ValueError(f"mm_vision_select_layer must be an int, got {select!r}")
         final = normalize_layer(select, tower.num_layers, argument="mm_vision_select_layer")
     else:  # the official SigLIP tower drops its last block and reads the last hidden state
         final = tower.num_layers - 1
@@ -163,18 +163,15 @@ def _fusion(config: Mapping[str, Any]) -> str:
 
 
 def _required_int(config: Mapping[str, Any], key: str) -> int:
-    value = config.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"the checkpoint config needs a positive int {key!r}, got {value!r}")
-    return value
+    return check_positive_int(config.get(key), key, hint="a field of the checkpoint's config.json")
 
 
 def _tower(
     config: Mapping[str, Any], *, num_layers: int | None, tower_branch: str | None
 ) -> OfficialTower:
     name = config.get("mm_vision_tower", config.get("vision_tower"))
-    if tower_branch is not None and tower_branch not in TOWER_BRANCHES:
-        raise ValueError(f"tower_branch must be one of {TOWER_BRANCHES}, got {tower_branch!r}")
+    if tower_branch is not None:
+        check_choice(tower_branch, "tower_branch", TOWER_BRANCHES)
     known = KNOWN_TOWERS.get(name) if isinstance(name, str) else None
     if known is None:
         if num_layers is None or tower_branch is None:
@@ -183,8 +180,7 @@ def _tower(
                 f"({', '.join(sorted(KNOWN_TOWERS))}): pass num_layers= (blocks of the stock HF "
                 "tower) and tower_branch= ('clip' or 'siglip', the official code's branch for it)"
             )
-        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
-            raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
+        check_positive_int(num_layers, "num_layers", hint="the blocks of the stock HF tower")
         return OfficialTower(vision_dim=0, num_layers=num_layers, branch=tower_branch)
     for argument, given, expected in (
         ("num_layers", num_layers, known.num_layers),

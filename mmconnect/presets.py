@@ -35,12 +35,7 @@ from mmconnect.config import ConnectorConfig
 from mmconnect.fusion import DCISpec, SCISpec, SingleLayerSpec, STISpec
 from mmconnect.registry import Registry
 from mmconnect.resample import ResampleSpec
-
-
-def _positive(value: Any, argument: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{argument} must be a positive int, got {value!r}")
-    return value
+from mmconnect.validation import check_int, check_int_pair, check_positive_int
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,20 +65,12 @@ class EncoderGeometry:
     def __post_init__(self) -> None:
         size = self.image_size
         if isinstance(size, list | tuple):
-            if len(size) != 2:
-                raise ValueError(
-                    f"image_size must be an int or a (height, width) pair, got {size!r}"
-                )
-            _positive(size[0], "image_size[0]")
-            _positive(size[1], "image_size[1]")
-            object.__setattr__(self, "image_size", (size[0], size[1]))
+            object.__setattr__(self, "image_size", check_int_pair(size, "image_size"))
         else:
-            _positive(size, "image_size")
+            check_positive_int(size, "image_size", hint="or a (height, width) pair")
         for argument in ("patch_size", "num_layers", "width"):
-            _positive(getattr(self, argument), argument)
-        prefix = self.num_prefix_tokens
-        if isinstance(prefix, bool) or not isinstance(prefix, int) or prefix < 0:
-            raise ValueError(f"num_prefix_tokens must be an int >= 0, got {prefix!r}")
+            check_positive_int(getattr(self, argument), argument)
+        check_int(self.num_prefix_tokens, "num_prefix_tokens", minimum=0)
         height, width = self._size()
         if height < self.patch_size or width < self.patch_size:
             raise ValueError(

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from mmconnect.features import check_grid
 from mmconnect.registry import Registry
-from mmconnect.validation import check_choice
+from mmconnect.validation import check_choice, check_int_pair
 
 #: A registered resample mode name (``"bilinear"``, ``"avg"``, ``"max"`` or a user's).
 ResampleMode = str
@@ -85,19 +85,6 @@ register_resampler("avg", F.adaptive_avg_pool2d)
 register_resampler("max", F.adaptive_max_pool2d)
 
 
-def check_target_grid(target: tuple[int, int], *, argument: str = "target") -> tuple[int, int]:
-    """Validate a ``(height, width)`` target grid of positive ints and return it as a tuple."""
-    if (
-        not isinstance(target, tuple | list)
-        or len(target) != 2
-        or any(isinstance(side, bool) or not isinstance(side, int) or side < 1 for side in target)
-    ):
-        raise ValueError(
-            f"{argument} must be a (height, width) pair of positive ints, got {target!r}"
-        )
-    return int(target[0]), int(target[1])
-
-
 #: Where the resampler runs: on the fused features (cheaper) or on the projected tokens.
 PLACEMENTS: tuple[str, ...] = ("before_projector", "after_projector")
 
@@ -123,7 +110,7 @@ class ResampleSpec:
     placement: Literal["before_projector", "after_projector"] = "before_projector"
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "grid", check_target_grid(self.grid, argument="grid"))
+        object.__setattr__(self, "grid", check_int_pair(self.grid, "grid"))
         try:
             check_resample_mode(self.mode, argument="mode")
         except ValueError as error:
@@ -173,12 +160,13 @@ def resample_tokens(
             mode added with :func:`register_resampler`.
 
     Raises:
+        TypeError: ``target`` is not a pair of ints.
         ValueError: the tokens do not form ``grid``, a pooling target is larger than the grid,
-            or ``mode`` is unknown.
+            a side of ``target`` is below 1, or ``mode`` is unknown.
     """
     check_grid(tokens, grid, argument="tokens")
     height, width = grid
-    target_height, target_width = check_target_grid(target)
+    target_height, target_width = check_int_pair(target, "target")
     resampler = _RESAMPLERS[check_resample_mode(mode)]
     _check_reachable(mode, grid, (target_height, target_width))
     if (target_height, target_width) == (height, width):
@@ -209,7 +197,7 @@ class TokenResampler(nn.Module):
 
     def __init__(self, target: tuple[int, int], mode: ResampleMode = "bilinear") -> None:
         super().__init__()
-        self.target = check_target_grid(target)
+        self.target = check_int_pair(target, "target")
         self.mode = check_resample_mode(mode)
 
     def num_tokens(self, grid: tuple[int, int]) -> int:

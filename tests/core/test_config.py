@@ -177,7 +177,7 @@ BAD_SPECS = [
         r"grid must be a \(height, width\) pair of positive ints, got \(0, 12\)",
     ),
     (lambda: ResampleSpec(grid=(12,)), ValueError, r"grid must be a \(height, width\) pair"),
-    (lambda: ResampleSpec(grid="12x12"), ValueError, r"grid must be a \(height, width\) pair"),
+    (lambda: ResampleSpec(grid="12x12"), TypeError, r"grid must be a \(height, width\) pair"),
     (
         lambda: ResampleSpec(grid=(4, 4), mode="nearest"),
         ValueError,
@@ -465,10 +465,18 @@ def test_from_dict_newer_format_version_says_upgrade():
         ConnectorConfig.from_dict(data)
 
 
-@pytest.mark.parametrize("version", [0, "2", None])
-def test_from_dict_bad_format_version(version):
+@pytest.mark.parametrize(
+    ("version", "error", "message"),
+    [
+        (0, ValueError, r"^format_version must be a positive int, got 0$"),
+        ("2", TypeError, r"^format_version must be a positive int, got '2' \(str\)$"),
+        (2.0, TypeError, r"^format_version must be a positive int, got 2.0 \(float\)$"),
+        (None, ValueError, r"^a connector config needs a format_version"),
+    ],
+)
+def test_from_dict_bad_format_version(version, error, message):
     data = {**_config().to_dict(), "format_version": version}
-    with pytest.raises(ValueError, match="format_version"):
+    with pytest.raises(error, match=message):
         ConnectorConfig.from_dict(data)
 
 

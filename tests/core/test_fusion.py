@@ -417,11 +417,20 @@ def test_pooling_target_larger_than_grid(mode, target):
     assert resample_tokens(torch.zeros(1, 16, 2), (4, 4), target).shape[1] == 20
 
 
-@pytest.mark.parametrize("target", [(0, 2), (2,), (2, 2, 2), (2.0, 2), (True, 2), "2x2", None])
-def test_resample_bad_target(target):
-    with pytest.raises(
-        ValueError, match=r"target must be a \(height, width\) pair of positive ints"
-    ):
+@pytest.mark.parametrize(
+    ("target", "error"),
+    [
+        ((0, 2), ValueError),
+        ((2,), ValueError),
+        ((2, 2, 2), ValueError),
+        ((2.0, 2), TypeError),
+        ((True, 2), TypeError),
+        ("2x2", TypeError),
+        (None, TypeError),
+    ],
+)
+def test_resample_bad_target(target, error):
+    with pytest.raises(error, match=r"target must be a \(height, width\) pair of positive ints"):
         resample_tokens(torch.zeros(1, 4, 2), (2, 2), target)
 
 

@@ -179,13 +179,42 @@ def test_explicit_arguments_must_agree_with_a_known_tower():
             r"mm_vision_select_feature='cls_patch' is not supported",
         ),
         ({"mm_vision_select_layer": 30}, r"mm_vision_select_layer"),
-        ({"hidden_size": None}, r"needs a positive int 'hidden_size', got None"),
         ({"mm_projector_type": "qformer"}, r"unknown projector 'qformer'"),
     ],
 )
 def test_bad_fields(changes, message):
     with pytest.raises(ValueError, match=message):
         connector_config_from_official(official_config(**changes))
+
+
+@pytest.mark.parametrize(
+    ("changes", "error", "message"),
+    [
+        (
+            {"hidden_size": None},
+            TypeError,
+            r"^hidden_size must be a positive int, got None \(NoneType\); a field of the "
+            r"checkpoint's config.json$",
+        ),
+        ({"hidden_size": 0}, ValueError, r"^hidden_size must be a positive int, got 0; a field"),
+        (
+            {"mm_vision_select_layer": "-2"},
+            TypeError,
+            r"^mm_vision_select_layer must be an int, got '-2' \(str\); a layer index",
+        ),
+    ],
+)
+def test_badly_typed_fields(changes, error, message):
+    with pytest.raises(error, match=message):
+        connector_config_from_official(official_config(**changes))
+
+
+def test_explicit_num_layers_is_checked():
+    local = official_config(mm_vision_tower="/data/tower")
+    with pytest.raises(TypeError, match=r"^num_layers must be a positive int, got 24.0 \(float\)"):
+        connector_config_from_official(local, num_layers=24.0, tower_branch="clip")
+    with pytest.raises(ValueError, match=r"^num_layers must be a positive int, got 0; the blocks"):
+        connector_config_from_official(local, num_layers=0, tower_branch="clip")
 
 
 def test_explicit_vision_dim_is_checked():

@@ -283,8 +283,23 @@ def test_encoder_geometry_grid_and_validation():
     assert VIT_B.grid == (14, 20)
     with pytest.raises(ValueError, match="patch_size must be a positive int, got 0"):
         EncoderGeometry(image_size=224, patch_size=0, num_layers=12, num_prefix_tokens=1, width=8)
-    with pytest.raises(ValueError, match=r"num_prefix_tokens must be an int >= 0, got -1"):
+    with pytest.raises(ValueError, match=r"num_prefix_tokens must be a non-negative int, got -1"):
         EncoderGeometry(image_size=224, patch_size=16, num_layers=12, num_prefix_tokens=-1, width=8)
+    with pytest.raises(TypeError, match=r"^width must be a positive int, got '8' \(str\)$"):
+        EncoderGeometry(
+            image_size=224, patch_size=16, num_layers=12, num_prefix_tokens=1, width="8"
+        )
+    with pytest.raises(
+        ValueError,
+        match=r"^image_size must be a \(height, width\) pair of positive ints, got \[224\]",
+    ):
+        EncoderGeometry(
+            image_size=[224], patch_size=16, num_layers=12, num_prefix_tokens=1, width=8
+        )
+    with pytest.raises(TypeError, match=r"^image_size must be a positive int, got 224.0 \(float\)"):
+        EncoderGeometry(
+            image_size=224.0, patch_size=16, num_layers=12, num_prefix_tokens=1, width=8
+        )
     with pytest.raises(ValueError, match=r"image_size=\(8, 224\) is smaller than patch_size=16"):
         EncoderGeometry(
             image_size=(8, 224), patch_size=16, num_layers=12, num_prefix_tokens=1, width=8

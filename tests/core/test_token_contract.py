@@ -384,10 +384,13 @@ def test_a_component_that_breaks_its_declaration_is_named(toys, monkeypatch):
         connector({NUM_LAYERS - 1: _randn(0, 1, 4, 2)}, (2, 2))
 
 
-@pytest.mark.parametrize("grid", [(0, 4), (4,), "24x24", (2.0, 2), (True, 2)])
-def test_num_tokens_refuses_a_bad_grid(grid):
+@pytest.mark.parametrize(
+    ("grid", "error"),
+    [((0, 4), ValueError), ((4,), ValueError), ("24x24", TypeError), ((2.0, 2), TypeError)],
+)
+def test_num_tokens_refuses_a_bad_grid(grid, error):
     config = ConnectorConfig(fusion="none", vision_dim=2, llm_dim=3, num_layers=NUM_LAYERS)
-    with pytest.raises(ValueError, match=r"grid must be a \(height, width\) pair of positive ints"):
+    with pytest.raises(error, match=r"grid must be a \(height, width\) pair of positive ints"):
         DenseConnector(config).num_tokens(grid)
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import mmconnect.validation
-from mmconnect import STISpec
+from mmconnect import ConnectorConfig, DenseConnector, ResampleSpec, STISpec
 from mmconnect.checkpoint import read_state_dict
 from mmconnect.features import LayerFeatures
 from mmconnect.fusion import pool_tokens
@@ -253,6 +253,10 @@ def test_the_same_grid_mistake_raises_the_same_error_everywhere(grid, error):
         lambda: LayerFeatures.from_hidden_states(states, num_prefix_tokens=1, grid=grid),
         lambda: count_video_tokens(2, 576, "concat", grid),
         lambda: plan_video_tokens(2000, tokens_per_frame=576, grid=grid),
+        lambda: ResampleSpec(grid=grid),
+        lambda: DenseConnector(
+            ConnectorConfig(fusion="none", vision_dim=2, llm_dim=3, num_layers=2)
+        ).num_tokens(grid),
     ]
     for call in calls:
         with pytest.raises(error, match=r"^grid must be a \(height, width\) pair of positive ints"):
