@@ -59,6 +59,14 @@ from mmconnect.integrations.training.data import (
     load_llava_json,
 )
 from mmconnect.integrations.training.stages import StageConfig, train_stage
+from mmconnect.validation import (
+    check_choice,
+    check_int,
+    check_optional_int,
+    check_positive_float,
+    check_positive_int,
+    check_sequence,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -119,20 +127,15 @@ class DemoConfig:
     jobs: int | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.connectors, str) or not isinstance(self.connectors, tuple | list):
-            raise TypeError(f"connectors must be a tuple of names, got {self.connectors!r}")
-        object.__setattr__(self, "connectors", tuple(self.connectors))
+        connectors = check_sequence(self.connectors, "connectors", of="demo connector names")
+        object.__setattr__(self, "connectors", tuple(connectors))
         if not self.connectors:
             raise ValueError(f"connectors must name at least one of {', '.join(CONNECTORS)}")
-        for kind in self.connectors:
-            if kind not in CONNECTORS:
-                raise ValueError(
-                    f"unknown demo connector {kind!r}; choose from {', '.join(CONNECTORS)}"
-                )
+        for index, kind in enumerate(self.connectors):
+            check_choice(kind, f"connectors[{index}]", CONNECTORS, hint="a demo connector")
         if len(set(self.connectors)) != len(self.connectors):
             raise ValueError(f"connectors must be distinct, got {', '.join(self.connectors)}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise TypeError(f"seed must be an int, got {self.seed!r}")
+        check_int(self.seed, "seed")
         for name in (
             "num_train_images",
             "num_eval_images",
@@ -147,17 +150,10 @@ class DemoConfig:
             "batch_size",
             "num_threads",
         ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+            check_positive_int(getattr(self, name), name)
         for name in ("stage1_learning_rate", "stage2_learning_rate"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-                raise ValueError(f"{name} must be a positive number, got {value!r}")
-        if self.jobs is not None and (
-            isinstance(self.jobs, bool) or not isinstance(self.jobs, int) or self.jobs < 1
-        ):
-            raise ValueError(f"jobs must be an int >= 1 or None (automatic), got {self.jobs!r}")
+            check_positive_float(getattr(self, name), name)
+        check_optional_int(self.jobs, "jobs", minimum=1, hint="or None (automatic)")
         for name in ("vision_path", "llm_path"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str | Path):
@@ -225,8 +221,7 @@ def demo_connector(
             "resample": ResampleSpec(grid=(grid_side // 2, grid_side // 2)),
         },
     }
-    if kind not in kinds:
-        raise ValueError(f"unknown demo connector {kind!r}; choose from {', '.join(CONNECTORS)}")
+    check_choice(kind, "kind", CONNECTORS, hint="a demo connector")
     return ConnectorConfig(
         vision_dim=vision_dim, llm_dim=llm_dim, num_layers=num_layers, **kinds[kind]
     )

@@ -17,6 +17,7 @@ from torch import nn
 
 from mmconnect import ConnectorConfig, DenseConnector, MultiLayerFeatureTap, list_presets
 from mmconnect.integrations.applications.tiny_models import TINY_ENCODERS, tiny_encoder
+from mmconnect.validation import check_positive_int
 
 
 def load_encoder(spec: str) -> tuple[nn.Module, int | None]:
@@ -92,12 +93,12 @@ def check_image_size(
         option: how the caller names the size in messages (``"--image-size"``).
 
     Raises:
-        ValueError: ``image_size`` is not a whole number >= 1, not a multiple of the patch size,
-            or not the native size of an encoder that cannot interpolate its position
-            embeddings; the message says which value is expected.
+        TypeError: ``image_size`` is not an int.
+        ValueError: ``image_size`` is below 1, not a multiple of the patch size, or not the
+            native size of an encoder that cannot interpolate its position embeddings; the
+            message says which value is expected.
     """
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(f"{option} must be a whole number >= 1, got {image_size!r}")
+    check_positive_int(image_size, option)
     patch, flexible = _patch_geometry(encoder)
     kind = type(encoder).__name__
     if not flexible and native_size is not None and image_size != native_size:

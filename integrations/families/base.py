@@ -42,6 +42,7 @@ from mmconnect.checkpoint import (
     shape_problems,
 )
 from mmconnect.connector import FINGERPRINT_KEY, config_fingerprint
+from mmconnect.layers import check_layer_index
 from mmconnect.validation import check_size_pair
 
 logger = logging.getLogger(__name__)
@@ -96,11 +97,12 @@ class ConnectorConfigMixin:
 def attach_connector(config: Any) -> None:
     """Fill a Dense config's ``connector`` (baseline when absent) and its ``image_seq_length``."""
     if config.connector is None:
-        if not isinstance(config.vision_feature_layer, int):
+        if isinstance(config.vision_feature_layer, list | tuple):
             raise ValueError(
                 f"{type(config).__name__} needs connector= when vision_feature_layer is a list; "
                 "convert with from_llava(model, ConnectorConfig(fusion=SCISpec(...), ...))"
             )
+        check_layer_index(config.vision_feature_layer, "vision_feature_layer")
         baseline = baseline_connector(
             config.vision_config, config.text_config, config.vision_feature_layer
         )

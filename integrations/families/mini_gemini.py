@@ -73,6 +73,7 @@ from mmconnect.integrations.families.protocol import (
     register_family,
     vision_config_geometry,
 )
+from mmconnect.validation import check_choice
 
 MODEL_TYPE = "dense_mgm"
 #: ConvNeXt stem stride: the HR map is ``image_size_aux / 4`` cells on a side.
@@ -120,10 +121,7 @@ class DenseMGMConfig(ConnectorConfigMixin, LlavaConfig):
             self.aux_encoder = dict(DEFAULT_AUX_ENCODER)
         check_aux_encoder(self.aux_encoder)
         views = check_views(self.image_grid, self.image_global)
-        if self.mining_placement not in ("after", "before"):
-            raise ValueError(
-                f"mining_placement must be 'after' or 'before', got {self.mining_placement!r}"
-            )
+        check_choice(self.mining_placement, "mining_placement", ("after", "before"))
         check_hr_size(self.image_size_aux, self.image_grid, native_grid(self.vision_config))
         self.image_seq_length *= views  # attach_connector counted one view
 

@@ -97,7 +97,10 @@ def test_training_data_with_a_missing_image_is_reported_with_its_id_and_path(
 
 def test_demo_refuses_an_unknown_connector(tmp_path, capsys):
     assert main(["demo", "--quick", "--output", str(tmp_path), "--connectors", "baseline,mlp"]) == 2
-    assert "unknown demo connector 'mlp'" in capsys.readouterr().err
+    assert (
+        "connectors[1] must be one of ('baseline', 'sti', 'sci', 'dci', 'dci-efficient'), got 'mlp'"
+        in (capsys.readouterr().err)
+    )
 
 
 @pytest.mark.slow
@@ -182,17 +185,30 @@ def test_demo_takes_tower_and_llm_from_a_saved_dense_llava(tmp_path):
     [
         ({"connectors": ()}, ValueError, "connectors must name at least one of baseline"),
         ({"connectors": ("dci", "dci")}, ValueError, "connectors must be distinct, got dci, dci"),
-        ({"connectors": "dci"}, TypeError, "connectors must be a tuple of names, got 'dci'"),
-        ({"num_threads": 0}, ValueError, "num_threads must be an int >= 1, got 0"),
-        ({"stage1_steps": -1}, ValueError, "stage1_steps must be an int >= 1, got -1"),
+        (
+            {"connectors": "dci"},
+            TypeError,
+            "connectors must be a sequence of demo connector names, got 'dci' (str)",
+        ),
+        ({"connectors": ("mlp",)}, ValueError, "connectors[0] must be one of ('baseline', "),
+        ({"num_threads": 0}, ValueError, "num_threads must be a positive int, got 0"),
+        ({"num_threads": 2.0}, TypeError, "num_threads must be a positive int, got 2.0 (float)"),
+        ({"stage1_steps": -1}, ValueError, "stage1_steps must be a positive int, got -1"),
         ({"stage2_learning_rate": 0}, ValueError, "stage2_learning_rate must be a positive number"),
+        (
+            {"stage2_learning_rate": "1e-3"},
+            TypeError,
+            "stage2_learning_rate must be a positive number, got '1e-3' (str)",
+        ),
+        ({"seed": "0"}, TypeError, "seed must be an int, got '0' (str)"),
         (
             {"image_size": 20},
             ValueError,
             "image_size must be >= 36 (the synthetic shapes need it), got 20",
         ),
         ({"image_size": 60}, ValueError, "image_size (60) must be a multiple of patch_size (8)"),
-        ({"jobs": 0}, ValueError, "jobs must be an int >= 1 or None (automatic), got 0"),
+        ({"jobs": 0}, ValueError, "jobs must be a positive int, got 0; or None (automatic)"),
+        ({"jobs": "2"}, TypeError, "jobs must be a positive int, got '2' (str); or None"),
     ],
 )
 def test_demo_config_refuses_bad_input(changes, error, message):

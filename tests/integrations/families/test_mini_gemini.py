@@ -330,7 +330,7 @@ def test_bad_hd_and_placement_fields():
         build(image_global=True)
     with pytest.raises(ValueError, match="image_grid must be a positive int"):
         build(image_grid=0)
-    with pytest.raises(ValueError, match="mining_placement must be 'after' or 'before'"):
+    with pytest.raises(ValueError, match=r"mining_placement must be one of \('after', 'before'\), got 'inside'"):
         build(mining_placement="inside")
     with pytest.raises(ValueError, match="placement='before' mines on the encoder grid"):
         build("dc-dci-clip-l-336-efficient", mining_placement="before")
