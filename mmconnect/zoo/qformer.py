@@ -30,7 +30,8 @@ token, after the vision tower's ``post_layernorm`` (EVA ViT-g/14 at 224 px: 1 + 
 tokens of width 1408). Here ``X`` is whatever the connector's fusion gives: the tapped hidden
 states with the prefix (class) token dropped and no extra LayerNorm (a block's output, or SCI /
 DCI's channel concatenation of several). Parity with Hugging Face is of the module: the same
-tokens in give the same tokens out (the tests also feed BLIP-2's own 257 tokens through both).
+tokens in give the same tokens out (the tests also feed a tiny BLIP-2's own image tokens,
+class token included, through both).
 The text branch of the Q-Former (its ``intermediate`` / ``output`` feed-forward for text
 tokens, used in BLIP-2's first-stage image-text losses) never acts on the queries and is not
 part of the connector.
@@ -396,17 +397,14 @@ def qformer_state_from_hf(state: Mapping[str, Tensor], prefix: str = "") -> dict
     the Q-Former's text-token feed-forward (``qformer.encoder.layer.<i>.intermediate.*`` /
     ``output.*``, present with ``use_qformer_text_input``), which never acts on the queries.
 
-    ===============================================  ==============================
-    Hugging Face                                     ours
-    ===============================================  ==============================
-    ``query_tokens``                                 ``query_tokens``
-    ``qformer.layernorm.*``                          ``norm.*``
-    ``qformer.encoder.layer.<i>.attention.*``        ``layers.<i>.self_attention.*``
-    ``qformer.encoder.layer.<i>.crossattention.*``   ``layers.<i>.cross_attention.*``
-    ``...intermediate_query.dense`` / ``output_query.dense`` / ``output_query.LayerNorm``
-                                                     ``layers.<i>.feed_forward.up`` / ``down`` / ``norm``
-    ``language_projection.*``                        ``projection.*``
-    ===============================================  ==============================
+    Key names (Hugging Face -> ours):
+
+    - ``query_tokens`` -> ``query_tokens``; ``qformer.layernorm.*`` -> ``norm.*``;
+      ``language_projection.*`` -> ``projection.*``;
+    - ``qformer.encoder.layer.<i>.attention.*`` -> ``layers.<i>.self_attention.*`` and
+      ``...crossattention.*`` -> ``layers.<i>.cross_attention.*``;
+    - ``...intermediate_query.dense`` / ``output_query.dense`` / ``output_query.LayerNorm`` ->
+      ``layers.<i>.feed_forward.up`` / ``down`` / ``norm``
 
     (inside an attention: ``attention.query/key/value`` -> ``query/key/value``,
     ``output.dense`` -> ``out``, ``output.LayerNorm`` -> ``norm``). Tensors are passed through,

@@ -368,6 +368,26 @@ def test_sti_extra_tokens_are_read():
         assert not torch.equal(connector(features, (4, 4)), connector(changed, (4, 4)))
 
 
+def test_resampling_before_the_queries_only():
+    from mmconnect.resample import ResampleSpec
+
+    def config(placement):
+        return ConnectorConfig(
+            vision_dim=VISION,
+            llm_dim=LLM,
+            num_layers=5,
+            fusion=SingleLayerSpec(),
+            projector=QFormerSpec(**TINY),
+            resample=ResampleSpec(grid=(2, 2), placement=placement),
+        )
+
+    connector = DenseConnector(config("before_projector"))
+    assert connector(_features(5, (4, 4)), (4, 4)).shape == (2, connector.num_tokens((4, 4)), LLM)
+    assert connector.num_tokens((4, 4)) == 5
+    with pytest.raises(ValueError, match="form no grid"):  # the queries form no grid to resample
+        DenseConnector(config("after_projector")).num_tokens((4, 4))
+
+
 def test_every_parameter_gets_a_gradient():
     config = ConnectorConfig(
         vision_dim=VISION,
