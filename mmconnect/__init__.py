@@ -26,6 +26,7 @@ from mmconnect.fusion import (
     register_fusion,
     stack,
 )
+from mmconnect.injection import DeepStackSpec
 from mmconnect.layers import normalize_layer, paper_layer
 from mmconnect.presets import EncoderGeometry, list_presets, preset_geometry, register_preset
 from mmconnect.projectors import (
@@ -51,6 +52,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ConnectorConfig",
     "DCISpec",
+    "DeepStackSpec",
     "DenseConnector",
     "EncoderBlocks",
     "EncoderGeometry",

@@ -34,6 +34,7 @@ import torch
 
 from mmconnect.checkpoint import read_json, write_json
 from mmconnect.fusion import FusionSpec, fusion_spec_class, list_fusions, parse_fusion
+from mmconnect.injection import DeepStackSpec
 from mmconnect.projectors import MLPSpec, ProjectorSpec, parse_projector
 from mmconnect.resample import ResampleSpec
 from mmconnect.validation import check_positive_int
@@ -79,6 +80,8 @@ class ConnectorConfig:
             name such as ``"mlp2x_gelu"`` or ``"linear"`` is accepted and parsed.
         resample: how the fused token grid is resized (the efficient Dense Connector), or
             ``None``. Fusions whose tokens do not all form the grid (STI) refuse it.
+        injection: vision layers added to the LLM's first hidden states besides the tokens
+            (:class:`~mmconnect.injection.DeepStackSpec`, Qwen3-VL's DeepStack), or ``None``.
 
     Examples:
         >>> from mmconnect import DCISpec
@@ -94,6 +97,7 @@ class ConnectorConfig:
     fusion: FusionSpec
     projector: ProjectorSpec = field(default_factory=MLPSpec)
     resample: ResampleSpec | None = None
+    injection: DeepStackSpec | None = None
 
     def __post_init__(self) -> None:
         for argument in ("vision_dim", "llm_dim", "num_layers"):
@@ -125,6 +129,13 @@ class ConnectorConfig:
                     "all form the encoder's grid (STI appends pooled tokens); resample with "
                     "'none', 'sci' or 'dci'"
                 )
+        if self.injection is not None:
+            if not isinstance(self.injection, DeepStackSpec):
+                raise TypeError(
+                    "injection must be a DeepStackSpec or None, got "
+                    f"{self.injection!r} ({type(self.injection).__name__})"
+                )
+            self.injection.normalized(self.num_layers)  # index ranges need the depth
 
     # ------------------------------------------------------------------ derived
     def replace(self, **changes: Any) -> ConnectorConfig:
@@ -178,6 +189,8 @@ class ConnectorConfig:
             "fusion": self.fusion.to_dict(),
             "projector": self.projector.to_dict(),
             "resample": None if self.resample is None else self.resample.to_dict(),
+            # Written only when set, so configs without injection keep their format-2 dicts.
+            **({} if self.injection is None else {"injection": self.injection.to_dict()}),
         }
 
     @classmethod
@@ -210,6 +223,7 @@ class ConnectorConfig:
             "fusion",
             "projector",
             "resample",
+            "injection",
         )
         unknown = sorted(set(data) - set(known))
         if unknown:
@@ -232,6 +246,8 @@ class ConnectorConfig:
             "fusion": parse_fusion(data["fusion"]),
             "resample": None if resample is None else ResampleSpec.from_dict(resample),
         }
+        if data.get("injection") is not None:
+            values["injection"] = DeepStackSpec.from_dict(data["injection"])
         if "projector" in data:
             values["projector"] = parse_projector(data["projector"])
         return cls(**values)
@@ -351,6 +367,8 @@ def format1_fields(config: ConnectorConfig) -> dict[str, Any]:
     resample = config.resample
     for old, (new, default) in FORMAT1_RESAMPLE_FIELDS.items():
         fields[old] = _json(default) if resample is None else resample.to_dict()[new]
+    if config.injection is not None:  # absent otherwise: older fingerprints stay valid
+        fields["injection"] = config.injection.normalized(config.num_layers).to_dict()
     fields["projector"] = config.projector.name
     if _parse_projector_or_none(config.projector.name) != config.projector:
         fields["projector_spec"] = config.projector.to_dict()

@@ -102,6 +102,19 @@ class DenseConnector(nn.Module):
         self.projector = build_projector(
             config.projector, self.fusion.output_channels(config.vision_dim), config.llm_dim
         )
+        # DeepStack: one projector per injected vision layer, from the tower's width.
+        injection = config.injection
+        self.injection_layers: tuple[int, ...] = (
+            () if injection is None else injection.normalized(config.num_layers).layers
+        )
+        self.injection = (
+            None
+            if injection is None
+            else nn.ModuleList(
+                build_projector(injection.projector, config.vision_dim, config.llm_dim)
+                for _ in self.injection_layers
+            )
+        )
 
     # ------------------------------------------------------------------ what it reads
     @property
@@ -109,13 +122,15 @@ class DenseConnector(nn.Module):
         """Every hidden-state index a tap must capture for this connector when it keeps each
         layer (``streaming=False``): non-negative, sorted, DCI group members included."""
         members = {layer for group in self.fusion.groups for layer in group}
-        return tuple(sorted(set(self.fusion.individual_layers) | members))
+        return tuple(sorted(set(self.individual_layers) | members))
 
     @property
     def individual_layers(self) -> tuple[int, ...]:
-        """The layers read one by one, final layer first (a streaming tap captures only these,
-        plus the :attr:`groups` means)."""
-        return self.fusion.individual_layers
+        """The layers read one by one: the fusion's, final layer first, then the injected
+        (DeepStack) layers it does not read already (a streaming tap captures only these, plus
+        the :attr:`groups` means)."""
+        fused = self.fusion.individual_layers
+        return fused + tuple(layer for layer in self.injection_layers if layer not in fused)
 
     @property
     def groups(self) -> tuple[tuple[int, ...], ...]:
@@ -206,6 +221,19 @@ class DenseConnector(nn.Module):
                     "whole token grid; use a token-wise projector or another fusion"
                 )
             count, lead = stage.num_tokens(lead), tuple(stage.output_grid(lead))
+        for level, projector in enumerate(self.injection or ()):
+            injected = (
+                projector.num_tokens(grid)
+                if isinstance(projector, GridProjector)
+                else grid[0] * grid[1]
+            )
+            if injected != count:
+                raise ValueError(
+                    f"the injection projector of layer {self.injection_layers[level]} gives "
+                    f"{injected} tokens for the {grid[0]}x{grid[1]} grid but the connector gives "
+                    f"{count}: DeepStack adds each level to the image tokens one to one, so both "
+                    "paths must make the same count (the same merge, no resampling or STI)"
+                )
         return lead, count
 
     @property
@@ -277,6 +305,37 @@ class DenseConnector(nn.Module):
         if self.resampler is not None and self.config.resample.placement == "after_projector":
             projected = self.resampler(projected, lead)
         return projected
+
+    def forward_with_injections(
+        self, features: Mapping[int, Tensor], grid: tuple[int, int] | None = None
+    ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """The tokens and the DeepStack residuals: ``([B, N, D], ([B, N, D], ...))``.
+
+        Residual ``i`` is ``injection projector i`` applied to ``features[injection_layers[i]]``,
+        to be added to the LLM's hidden states at the image positions after LLM layer ``i``
+        (:mod:`mmconnect.injection`). Without an injection spec the residuals are ``()``.
+
+        Raises:
+            ValueError: a layer is missing from ``features``, or the paths' counts differ.
+        """
+        tokens = self(features, grid)
+        if self.injection is None:
+            return tokens, ()
+        grid = self._resolve_grid(features, grid)
+        self._token_layout(grid)  # the count check of every level, before any work
+        residuals = []
+        for layer, projector in zip(self.injection_layers, self.injection, strict=True):
+            hidden = require_layer(features, layer)
+            weight = next(projector.parameters(), None)
+            if weight is not None and hidden.dtype != weight.dtype:
+                hidden = hidden.to(weight.dtype)
+            if isinstance(projector, GridProjector):
+                residual = projector(hidden, grid)
+            else:
+                residual = projector(hidden)
+            _check_count(residual, tokens.shape[1], f"injection projector of layer {layer}")
+            residuals.append(residual)
+        return tokens, tuple(residuals)
 
     def _fuse(
         self, features: Mapping[int, Tensor], grid: tuple[int, int] | None

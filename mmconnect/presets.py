@@ -183,6 +183,18 @@ for _name, _fields, _geometry in (
 ):
     register_preset(_name, _fields, geometry=_geometry)
 
+#: The Dense Connector paper's eight configurations (the connector zoo's modules register more).
+PUBLISHED_PRESETS: tuple[str, ...] = (
+    "baseline-clip-l-336",
+    "dc-sti-clip-l-336",
+    "dc-sci-clip-l-336",
+    "dc-dci-clip-l-336",
+    "dc-dci-clip-l-336-efficient",
+    "dc-sti-siglip-so400m",
+    "dc-sci-siglip-so400m",
+    "dc-dci-siglip-so400m",
+)
+
 
 def list_presets() -> list[str]:
     """The names of the registered presets (built-in and added), sorted."""

@@ -179,7 +179,7 @@ def test_explicit_arguments_must_agree_with_a_known_tower():
             r"mm_vision_select_feature='cls_patch' is not supported",
         ),
         ({"mm_vision_select_layer": 30}, r"mm_vision_select_layer"),
-        ({"mm_projector_type": "qformer"}, r"unknown projector 'qformer'"),
+        ({"mm_projector_type": "cross_attn_x"}, r"unknown projector 'cross_attn_x'"),
     ],
 )
 def test_bad_fields(changes, message):
