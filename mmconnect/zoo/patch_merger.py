@@ -235,10 +235,15 @@ class PatchMerger(_BlockMerger):
     Args:
         in_dim: the input width ``C``.
         out_dim: the output width ``D``.
-        merge_size, norm, postshuffle_norm, hidden_dim, norm_eps: see :class:`PatchMergerSpec`.
+        merge_size: the block side ``m`` (see :class:`PatchMergerSpec`).
+        norm: ``"layernorm"`` or ``"rmsnorm"``.
+        postshuffle_norm: norm the merged ``m^2 C`` vector instead of each token.
+        hidden_dim: the width between the Linears; ``None``: ``m^2 C``.
+        norm_eps: the norm's epsilon.
 
     Raises:
-        TypeError, ValueError: a bad width or parameter (the spec's checks).
+        TypeError: a width or parameter of the wrong type (the spec's checks).
+        ValueError: a width or parameter out of range.
     """
 
     def __init__(
@@ -299,7 +304,13 @@ class Mistral3Projector(_BlockMerger):
     Args:
         in_dim: the input width ``C``.
         out_dim: the output width ``D``.
-        merge_size, norm_eps, bias: see :class:`Mistral3MergerSpec`.
+        merge_size: the block side ``m`` (see :class:`Mistral3MergerSpec`).
+        norm_eps: the RMSNorm epsilon.
+        bias: biases on the two Linears after the merge.
+
+    Raises:
+        TypeError: a width or parameter of the wrong type (the spec's checks).
+        ValueError: a width or parameter out of range.
     """
 
     def __init__(
