@@ -22,8 +22,8 @@ Stage 2 starts from stage 1's result when both run. Paths are relative to the wo
 directory.
 
 The whole file is checked before any work (:func:`load_train_run`): every problem is reported
-as ``FILE:FIELD: problem`` (``run.yaml:stage2.lora.rank: expected a whole number >= 1, got
--4``), all of them at once. Numbers that YAML reads as text (``1e-3``: YAML 1.1 needs a dot,
+as ``FILE:FIELD: problem`` (``run.yaml:stage2.lora.rank: must be a positive int, got -4``),
+all of them at once. Numbers that YAML reads as text (``1e-3``: YAML 1.1 needs a dot,
 ``1.0e-3``) are accepted where a number is expected; ``max_steps: ten`` is not. Unknown keys,
 missing ``data.image_folder``, a section that is not a mapping, paths that do not exist and
 out-of-range values (a negative LoRA rank, a learning rate of 0) are refused.
@@ -53,6 +53,7 @@ from mmconnect.integrations.applications.output_folders import (
 )
 from mmconnect.integrations.families.protocol import family_model, get_family, list_families
 from mmconnect.integrations.training.stages import LoraSettings, StageConfig, train_stage
+from mmconnect.validation import check_optional_int
 
 #: The stage sections of a run file and their stages.
 SECTIONS = {"stage1": "align", "stage2": "instruct"}
@@ -68,6 +69,11 @@ class DataSettings:
     stage1_template: str = "plain"
     stage2_template: str = "vicuna_v1"
     max_length: int | None = None
+
+    def __post_init__(self) -> None:
+        check_optional_int(
+            self.max_length, "max_length", minimum=1, hint="None: no limit (tokens per sample)"
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -141,29 +147,31 @@ class RunFileError(ValueError):
         super().__init__("\n".join(problems))
 
 
-def _positive(value: float) -> bool:
-    return value > 0
-
-
-#: Ranges of numeric fields: field -> (test, what is expected). Types come from the dataclasses.
-_RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
-    "learning_rate": (_positive, "a number > 0"),
-    "connector_learning_rate": (_positive, "a number > 0"),
-    "num_train_epochs": (_positive, "a number > 0"),
-    "max_steps": (lambda v: v == -1 or v >= 1, "a whole number >= 1 (or -1: num_train_epochs)"),
-    "per_device_train_batch_size": (lambda v: v >= 1, "a whole number >= 1"),
-    "gradient_accumulation_steps": (lambda v: v >= 1, "a whole number >= 1"),
-    "warmup_ratio": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "weight_decay": (lambda v: v >= 0, "a number >= 0"),
-    "logging_steps": (lambda v: v >= 1, "a whole number >= 1"),
-    "save_steps": (lambda v: v >= 1, "a whole number >= 1"),
-    "save_total_limit": (lambda v: v >= 1, "a whole number >= 1"),
-    "dataloader_num_workers": (lambda v: v >= 0, "a whole number >= 0"),
-    "max_length": (lambda v: v >= 1, "a whole number >= 1"),
-    "rank": (lambda v: v >= 1, "a whole number >= 1"),
-    "alpha": (_positive, "a number > 0"),
-    "dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+#: What each checked dataclass needs besides the one field being checked (:func:`_field_problem`);
+#: a class not listed here (:class:`TrainRun`) has no checks of its own beyond the field types.
+_REQUIRED_FIELDS: dict[type, dict[str, Any]] = {
+    StageConfig: {"stage": "instruct", "output_dir": "."},
+    LoraSettings: {},
+    DataSettings: {"image_folder": "."},
 }
+
+
+def _field_problem(cls: type, name: str, value: Any) -> str | None:
+    """What ``cls``'s own checks say about ``name=value`` alone, or ``None`` if they accept it.
+
+    The ranges live in the dataclasses (``StageConfig``, ``LoraSettings``, ``DataSettings``):
+    the reader converts the file's text to the field's type, then builds the class with that one
+    field so that its message becomes the field's ``FILE:FIELD: problem`` line, while every other
+    field is still checked (all problems at once).
+    """
+    if cls not in _REQUIRED_FIELDS:
+        return None
+    try:
+        cls(**{**_REQUIRED_FIELDS[cls], name: value})
+    except (TypeError, ValueError) as error:
+        message = str(error)
+        return message.removeprefix(f"{name} ")  # the line already names the field
+    return None
 
 
 class _Problems:
@@ -280,9 +288,9 @@ def _check_fields(
         ok, value = _coerce(values[name], hints[name], key, problems)
         if not ok:
             continue
-        rule = _RANGES.get(name)
-        if rule is not None and value is not None and not rule[0](value):
-            problems.add(key, f"expected {rule[1]}, got {values[name]!r}")
+        problem = _field_problem(cls, name, value)
+        if problem is not None:
+            problems.add(key, problem)
             continue
         if name == "lr_scheduler_type":
             from transformers import SchedulerType

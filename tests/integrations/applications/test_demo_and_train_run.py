@@ -11,7 +11,7 @@ import yaml
 
 from mmconnect.integrations.applications.demo import DemoConfig, run_demo
 from mmconnect.integrations.cli import main
-from mmconnect.integrations.training.run_file import RunFileError, load_train_run
+from mmconnect.integrations.training.run_file import DataSettings, RunFileError, load_train_run
 from tests.support.saved_models import save_tiny_dense_llava
 
 
@@ -307,13 +307,16 @@ def test_a_good_run_file_loads_with_numbers_written_as_yaml_text(run_inputs, tmp
         ),
         (
             {"stage1": {"max_steps": 0}},
-            ["stage1.max_steps: expected a whole number >= 1 (or -1: num_train_epochs), got 0"],
+            ["stage1.max_steps: must be a positive int, got 0; or -1 to train num_train_epochs"],
         ),
         (
             {"stage1": {"learning_rate": "fast"}},
             ["stage1.learning_rate: expected a number, got 'fast'"],
         ),
-        ({"stage1": {"learning_rate": 0}}, ["stage1.learning_rate: expected a number > 0, got 0"]),
+        (
+            {"stage1": {"learning_rate": 0}},
+            ["stage1.learning_rate: must be a positive number, got 0.0; None: recipe default"],
+        ),
         ({"stage1": {"bf16": "yes"}}, ["stage1.bf16: expected true or false, got 'yes'"]),
         (
             {"data": None},
@@ -336,7 +339,7 @@ def test_a_good_run_file_loads_with_numbers_written_as_yaml_text(run_inputs, tmp
         ),
         (
             {"stage2": {"lora": {"rank": -4}}},
-            ["stage2.lora.rank: expected a whole number >= 1, got -4"],
+            ["stage2.lora.rank: must be a positive int, got -4"],
         ),
         (
             {"stage2": {"lora": {"rank": 4, "alpa": 8}}},
@@ -344,7 +347,7 @@ def test_a_good_run_file_loads_with_numbers_written_as_yaml_text(run_inputs, tmp
         ),
         (
             {"stage2": {"lora": {"dropout": 1.5}}},
-            ["stage2.lora.dropout: expected a number in [0, 1), got 1.5"],
+            ["stage2.lora.dropout: must be a number in [0, 1), got 1.5"],
         ),
         (
             {"stage1": {"lora": {"rank": 4}}},
@@ -389,6 +392,16 @@ def test_run_file_problems_are_reported_as_file_field_problem(
     assert _problems(_run_file(run_inputs, tmp_path, **changes)) == expected
 
 
+def test_data_max_length_is_checked_by_data_settings(run_inputs, tmp_path):
+    data = {"image_folder": str(run_inputs / "images"), "stage1": str(run_inputs / "stage1.json")}
+    path = _run_file(run_inputs, tmp_path, data={**data, "max_length": 0})
+    assert _problems(path) == [
+        "data.max_length: must be a positive int, got 0; None: no limit (tokens per sample)"
+    ]
+    with pytest.raises(TypeError, match=r"^max_length must be a positive int, got 2.5 \(float\)"):
+        DataSettings(image_folder="images", max_length=2.5)
+
+
 def test_an_unknown_learning_rate_schedule_is_named_with_the_known_ones(run_inputs, tmp_path):
     from transformers import SchedulerType
 
@@ -416,7 +429,7 @@ def test_every_problem_of_a_run_file_is_reported_at_once(run_inputs, tmp_path):
     assert problems[0].startswith("stage1.max_stepz: unknown key; known keys: ")
     assert problems[1:] == [
         "stage1.max_steps: expected a whole number, got 'ten'",
-        "stage2.lora.rank: expected a whole number >= 1, got -4",
+        "stage2.lora.rank: must be a positive int, got -4",
     ]
 
 
@@ -476,7 +489,7 @@ def test_train_cli_reports_run_file_problems_with_exit_2(run_inputs, tmp_path, c
     path = _run_file(run_inputs, tmp_path, stage2={"lora": {"rank": -4}})
     assert main(["train", "--config", str(path)]) == 2
     assert capsys.readouterr().err == (
-        f"mmconnect train: {path}:stage2.lora.rank: expected a whole number >= 1, got -4\n"
+        f"mmconnect train: {path}:stage2.lora.rank: must be a positive int, got -4\n"
     )
 
 

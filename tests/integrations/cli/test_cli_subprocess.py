@@ -177,7 +177,7 @@ def test_train_reports_every_problem_of_a_run_file_as_file_field_problem(tmp_pat
         "run.yaml:data.image_folder: missing (required)",
         "run.yaml:data.stage1: 's1.json' does not exist or is not a file",
         "run.yaml:stage1.max_steps: expected a whole number, got 'ten'",
-        "run.yaml:stage2.lora.rank: expected a whole number >= 1, got -4",
+        "run.yaml:stage2.lora.rank: must be a positive int, got -4",
         "run.yaml:model: 'no/such/model' does not exist or is not a folder; expected a saved "
         "Dense LLaVA folder (for example a demo's dci/stage1)",
     ]
