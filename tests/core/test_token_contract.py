@@ -41,6 +41,12 @@ from mmconnect import fusion as fusion_module
 from mmconnect import projectors as projectors_module
 from mmconnect.fusion import require_layer
 from mmconnect.projectors import GridProjector
+from mmconnect.zoo.abstractors import CAbstractorSpec, LDPv2Spec
+from mmconnect.zoo.patch_merger import Mistral3MergerSpec, PatchMergerSpec
+from mmconnect.zoo.perceiver import PerceiverSpec
+from mmconnect.zoo.pixel_shuffle import PixelShuffleMLPSpec, PixelShuffleSpec
+from mmconnect.zoo.pooled import Gemma3PoolSpec, OnevisionPoolSpec
+from mmconnect.zoo.qformer import QFormerSpec
 
 EXACT = {"atol": 0.0, "rtol": 0.0}
 NUM_LAYERS = 4
@@ -119,6 +125,41 @@ def test_every_registered_fusion_is_covered(toys):
     assert set(list_fusions()) == set(FUSION_SPECS)
 
 
+# A small spec of each registered projector kind, so every combination runs in milliseconds. A
+# kind registered without an entry here fails test_every_registered_projector_is_covered, so
+# every zoo connector is held to the contract as soon as its module exists.
+PROJECTOR_SPECS = {
+    "identity": "identity",
+    "linear": "linear",
+    "mlp": "mlp2x_gelu",
+    "space_to_depth": "space_to_depth",
+    "pixel_shuffle": PixelShuffleSpec(factor=2),
+    "pixel_shuffle_mlp": PixelShuffleMLPSpec(factor=2),
+    "patch_merger": PatchMergerSpec(merge_size=2, hidden_dim=5),
+    "mistral3_merger": Mistral3MergerSpec(merge_size=2),
+    "gemma3_pool": Gemma3PoolSpec(grid=(2, 2)),
+    "onevision_pool": OnevisionPoolSpec(),
+    "perceiver": PerceiverSpec(
+        n_latents=3, depth=1, heads=2, head_dim=2, kv_heads=1, intermediate_size=4
+    ),
+    "qformer": QFormerSpec(
+        num_queries=3,
+        depth=2,
+        num_heads=2,
+        hidden_size=4,
+        intermediate_size=8,
+        dropout=0.0,
+        attention_dropout=0.0,
+    ),
+    "c_abstractor": CAbstractorSpec(depth=1, hidden_dim=4, pooled_grid=(2, 2)),
+    "ldpv2": LDPv2Spec(pooled_grid=(2, 2)),
+}
+
+
+def test_every_registered_projector_is_covered(toys):
+    assert sorted(PROJECTOR_SPECS) == sorted(list_projectors())
+
+
 def _config(
     fusion: str,
     projector: str,
@@ -135,7 +176,8 @@ def _config(
     )
     # The identity projector keeps the fused width: give it an LLM of that width.
     fused = fusion_module.build_fusion(spec, NUM_LAYERS).output_channels(vision_dim)
-    return probe.replace(projector=projector, llm_dim=fused if projector == "identity" else 3)
+    llm_dim = fused if projector == "identity" else 3
+    return probe.replace(projector=PROJECTOR_SPECS[projector], llm_dim=llm_dim)
 
 
 @st.composite
@@ -176,7 +218,11 @@ def _check_contract(config: ConnectorConfig, grid: tuple[int, int], seed: int) -
     lead = connector.token_grid(grid)
     extra = connector.extra_tokens(grid)
     assert lead[0] * lead[1] + extra == declared
-    assert extra == (declared - grid[0] * grid[1] if config.fusion.kind == "sti" else 0)
+    projector = connector.projector
+    if isinstance(projector, GridProjector) and projector.accepts_extra_tokens:
+        assert lead == (0, 0) and extra == declared  # learned queries form no grid
+    else:
+        assert extra == (declared - grid[0] * grid[1] if config.fusion.kind == "sti" else 0)
     # The config-only helpers processors use answer the same.
     assert config.num_tokens(grid) == declared
     assert config.token_grid(grid) == lead
