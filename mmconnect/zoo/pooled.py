@@ -172,9 +172,10 @@ class Gemma3PooledProjector(GridProjector):
         if height % out_height or width % out_width:
             raise ValueError(
                 f"gemma3_pool cannot average-pool the {height}x{width} token grid to its "
-                f"{out_height}x{out_width} output grid: each side must be a multiple of the output "
-                f"side (e.g. {out_height * 4}x{out_width * 4} with a 4x4 kernel); choose a "
-                "Gemma3PoolSpec grid that divides the encoder grid"
+                f"{out_height}x{out_width} output grid: each side must be a whole multiple of the "
+                f"output side ({height} % {out_height} = {height % out_height}, {width} % "
+                f"{out_width} = {width % out_width}); choose a Gemma3PoolSpec grid that divides "
+                "the encoder grid"
             )
         return height // out_height, width // out_width
 

@@ -9,6 +9,7 @@ Face model into ours and compare outputs bit for bit, in float32 and bfloat16.
 
 from __future__ import annotations
 
+import doctest
 import json
 
 import pytest
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+import mmconnect.zoo.pooled as pooled_module
 from mmconnect import (
     ConnectorConfig,
     DCISpec,
@@ -175,6 +177,60 @@ def test_onevision_pool_matches_hf_exactly_in_bf16(onevision):
     assert torch.equal(output, expected)
 
 
+def test_gemma3_image_path_end_to_end(gemma3):
+    """``Gemma3Model.get_image_features`` equals a ``none`` connector on the tower's last layer
+    once the tower's post-LayerNorm is applied to it (Gemma 3 projects ``last_hidden_state``)."""
+    pixels = _randn(11, 2, 3, 32, 32)
+    connector = DenseConnector(
+        ConnectorConfig(
+            vision_dim=VISION,
+            llm_dim=LLM,
+            num_layers=1,
+            fusion=SingleLayerSpec(final_layer=-1),
+            projector=Gemma3PoolSpec(grid=2),
+        )
+    )
+    connector.projector.load_state_dict(
+        gemma3_pool_state_from_hf(gemma3.state_dict(), prefix=HF_PREFIX)
+    )
+    tower = gemma3.model.vision_tower
+    with torch.no_grad():
+        expected = gemma3.model.get_image_features(pixels, return_dict=True).pooler_output
+        hidden = tower(pixel_values=pixels, output_hidden_states=True).hidden_states
+        output = connector(
+            {1: getattr(tower, "vision_model", tower).post_layernorm(hidden[-1])}, (8, 8)
+        )
+    assert expected.shape == output.shape == (2, 4, LLM)
+    assert torch.equal(output, expected)
+
+
+def test_onevision_video_path_end_to_end(onevision):
+    """``LlavaOnevisionModel.get_video_features`` (layer -1, ``"full"``) equals a ``none``
+    connector on the tower's last layer, frame by frame, before OneVision's trailing newline."""
+    assert onevision.config.vision_feature_layer == -1
+    assert onevision.config.vision_feature_select_strategy == "full"
+    video = _randn(12, 1, 2, 3, 28, 28)
+    connector = DenseConnector(
+        ConnectorConfig(
+            vision_dim=VISION,
+            llm_dim=LLM,
+            num_layers=1,
+            fusion=SingleLayerSpec(final_layer=-1),
+            projector=OnevisionPoolSpec(),
+        )
+    )
+    connector.projector.load_state_dict(
+        onevision_pool_state_from_hf(onevision.state_dict(), prefix=HF_PREFIX)
+    )
+    with torch.no_grad():
+        expected = onevision.model.get_video_features(pixel_values_videos=video, return_dict=True)
+        hidden = onevision.model.vision_tower(video.flatten(0, 1), output_hidden_states=True)
+        output = connector({1: hidden.hidden_states[-1]}, (7, 7))
+    assert output.shape == (2, 16, LLM)
+    assert expected.pooler_output.shape == (1, 2 * 16 + 1, LLM)  # + image_newline
+    assert torch.equal(output.reshape(1, 32, LLM), expected.pooler_output[:, :-1])
+
+
 def test_gemma3_pool_non_square_grid_exact_values():
     """Hugging Face pools square grids only; ours applies the rule per side: a 4x6 grid to a
     2x3 output pools 2x2 blocks, checked here against the equations written out."""
@@ -261,7 +317,9 @@ def test_gemma3_pool_refuses_grids_it_cannot_pool_exactly(out, grid):
     out_grid = (out, out) if isinstance(out, int) else out
     message = (
         f"gemma3_pool cannot average-pool the {grid[0]}x{grid[1]} token grid to its "
-        f"{out_grid[0]}x{out_grid[1]} output grid: each side must be a multiple"
+        f"{out_grid[0]}x{out_grid[1]} output grid: each side must be a whole multiple of the output side "
+        rf"\({grid[0]} % {out_grid[0]} = {grid[0] % out_grid[0]}, {grid[1]} % {out_grid[1]} = "
+        rf"{grid[1] % out_grid[1]}\); choose a Gemma3PoolSpec grid"
     )
     for declared in (projector.output_grid, projector.num_tokens):
         with pytest.raises(ValueError, match=message):
@@ -445,3 +503,8 @@ def test_gemma3_geometry_and_real_size_parameter_counts():
         onevision = build_projector(OnevisionPoolSpec(), in_dim=1152, out_dim=3584)
     assert sum(p.numel() for p in gemma.parameters()) == 1152 + 1152 * 2560 == 2_950_272
     assert sum(p.numel() for p in onevision.parameters()) == 16_980_992
+
+
+def test_doctests_pass():
+    failures, attempted = doctest.testmod(pooled_module)
+    assert failures == 0 and attempted >= 5
