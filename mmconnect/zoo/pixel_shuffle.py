@@ -35,8 +35,8 @@ the same channel order, the one above (the parity tests check both, element for 
 differs is the head: its parameters (norm, biases, depth) and so its state dict. A kind per
 head keeps each spec to the parameters its module has, as Hugging Face keeps two classes.
 (InternVL's original repository also has ``ps_version="v1"``, without the final transpose,
-which leaves the tokens in column-major order; Hugging Face's InternVL and every InternVL
-release it converts use the transposed ``"v2"`` order reproduced here.)
+which leaves the tokens in column-major order; Hugging Face's InternVL implements only the
+transposed ``"v2"`` order, the one reproduced here.)
 
 Sources:
 
