@@ -26,6 +26,7 @@ from mmconnect.checkpoint import (
     atomic_save_directory,
     read_json,
     read_state_dict,
+    shape_problems,
     write_state_dict,
 )
 from mmconnect.config import ConnectorConfig, format1_fields
@@ -437,14 +438,11 @@ class DenseConnector(nn.Module):
         self, state: Mapping[str, Tensor], *, source: str = "state dict"
     ) -> None:
         """``load_state_dict`` with one clear error listing every key or shape that does not fit."""
-        expected = self.state_dict()
-        problems = [f"missing {key}" for key in expected if key not in state]
-        problems += [f"unexpected {key}" for key in state if key not in expected]
-        problems += [
-            f"{key}: {tuple(state[key].shape)} in the file, {tuple(value.shape)} expected by the config"
-            for key, value in expected.items()
-            if key in state and state[key].shape != value.shape
-        ]
+        problems = shape_problems(
+            {key: value.shape for key, value in state.items()},
+            {key: value.shape for key, value in self.state_dict().items()},
+            where="in the file",
+        )
         if problems:
             raise ValueError(
                 f"{source} does not match the connector config: " + "; ".join(problems)

@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from mmconnect.checkpoint import read_state_dict
+from mmconnect.checkpoint import read_state_dict, shape_problems
 from mmconnect.registry import Registry, describe_callable
 from mmconnect.validation import check_choice, check_positive_int
 
@@ -416,23 +416,19 @@ def load_projector_weights(projector: nn.Module, source: str | Path | Mapping[st
             or an in-memory state dict.
 
     Raises:
-        ValueError: keys or shapes do not match the projector (the message lists them).
+        ValueError: keys or shapes do not match the projector (the message lists every missing
+            and unexpected key and every shape that differs, as
+            :func:`mmconnect.checkpoint.shape_problems` writes them).
     """
     state = read_state_dict(source) if isinstance(source, str | Path) else source
     weights = projector_state_from_checkpoint(state)
-    expected = projector.state_dict()
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    if missing or unexpected:
+    problems = shape_problems(
+        {key: value.shape for key, value in weights.items()},
+        {key: value.shape for key, value in projector.state_dict().items()},
+        where="in the file",
+    )
+    if problems:
         raise ValueError(
-            f"projector weights do not fit {type(projector).__name__}: missing keys {missing}, "
-            f"unexpected keys {unexpected}"
+            f"projector weights do not fit {type(projector).__name__}: " + "; ".join(problems)
         )
-    mismatched = [
-        f"{key}: file {tuple(weights[key].shape)} vs projector {tuple(expected[key].shape)}"
-        for key in expected
-        if weights[key].shape != expected[key].shape
-    ]
-    if mismatched:
-        raise ValueError("projector weight shapes do not match: " + "; ".join(mismatched))
     projector.load_state_dict(weights)

@@ -280,7 +280,10 @@ def test_safetensors_input(tmp_path, sci_connector):
 def test_shape_mismatch_names_key_and_shapes(tmp_path, sci_connector):
     path = tmp_path / "mm_projector.bin"
     torch.save(_official_state(VISION, LLM), path)  # a plain LLaVA projector (in = 8, not 24)
-    message = re.escape(f"0.weight: file ({LLM}, {VISION}) vs projector ({LLM}, {3 * VISION})")
+    message = re.escape(
+        f"projector weights do not fit Sequential: 0.weight: ({LLM}, {VISION}) in the file, "
+        f"({LLM}, {3 * VISION}) expected by the config"
+    )
     with pytest.raises(ValueError, match=message):
         sci_connector.load_projector_weights(path)
 
@@ -288,14 +291,18 @@ def test_shape_mismatch_names_key_and_shapes(tmp_path, sci_connector):
 def test_missing_and_unexpected_keys(sci_connector):
     state = {"model.mm_projector.0.weight": torch.zeros(LLM, 3 * VISION)}
     with pytest.raises(
-        ValueError, match=re.escape("missing keys ['0.bias', '2.bias', '2.weight']")
+        ValueError,
+        match=re.escape(
+            "projector weights do not fit Sequential: missing 0.bias; missing 2.weight; "
+            "missing 2.bias"
+        ),
     ):
         sci_connector.load_projector_weights(state)
     state = {
         **_official_state(3 * VISION, LLM),
         "model.mm_projector.4.weight": torch.zeros(LLM, LLM),
     }
-    with pytest.raises(ValueError, match=re.escape("unexpected keys ['4.weight']")):
+    with pytest.raises(ValueError, match=r"do not fit Sequential: unexpected 4\.weight$"):
         sci_connector.load_projector_weights(state)
 
 
