@@ -57,7 +57,7 @@ with ``w`` and ``W``). When ``H`` divides ``h`` the windows tile the grid (24 ->
 blocks). When it does not, neighbouring windows share rows: 27 -> 12 takes windows of 3 rows
 starting at rows 0, 2, 4, 6, 9, 11, 13, 15, 18, 20, 22, 24 (rows 2, 4, 6, 11, ... count twice);
 20 -> 12 mixes windows of 2 and 3 columns. An input side smaller than the output side repeats
-rows (5 -> 12: windows of 1 or 2 rows, each row used two or three times). The originals take
+rows (5 -> 12: windows of 1 or 2 rows, each row used three or four times). The originals take
 only square grids (they recover the side as ``sqrt(N)``); ours take the grid they are given.
 
 Token counts: ``output_grid(grid) = (H, W)`` for every accepted grid, ``num_tokens = H * W``.
@@ -282,7 +282,11 @@ class CAbstractor(GridProjector):
     Args:
         in_dim: the fused width ``C``.
         out_dim: the LLM width ``D``.
-        depth, hidden_dim, pooled_grid, mlp_depth, pos_embed_grid: see :class:`CAbstractorSpec`.
+        depth: blocks per stage (:class:`CAbstractorSpec`).
+        hidden_dim: the stages' width.
+        pooled_grid: the output grid ``(H, W)``.
+        mlp_depth: Linears of the readout.
+        pos_embed_grid: the grid of the learned position embedding, or ``None`` for none.
     """
 
     def __init__(
@@ -354,7 +358,8 @@ class LDPv2(GridProjector):
     Args:
         in_dim: the fused width ``C``.
         out_dim: the LLM width ``D``.
-        pooled_grid, hidden_dim: see :class:`LDPv2Spec`.
+        pooled_grid: the output grid ``(H, W)`` (:class:`LDPv2Spec`).
+        hidden_dim: the MLP's middle width; ``None`` for ``out_dim``.
     """
 
     def __init__(
