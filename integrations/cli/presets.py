@@ -9,14 +9,19 @@ import torch
 
 from mmconnect.config import ConnectorConfig
 from mmconnect.connector import DenseConnector
+from mmconnect.fusion import STISpec
 from mmconnect.presets import list_presets, preset_geometry
 
 
-def _describe_layers(connector: DenseConnector) -> str:
+def _describe_layers(config: ConnectorConfig, connector: DenseConnector) -> str:
+    """The layers the connector reads: the final one, the extra ones (STI's spec pools them with
+    its ``window``), and DCI's group means."""
+    spec = config.fusion
     parts = [f"F=H[{connector.individual_layers[0]}]"]
-    window = getattr(connector.fusion, "window", None)  # STI pools its extra layers
     for layer in connector.individual_layers[1:]:
-        parts.append(f"pool{window}(H[{layer}])" if window else f"H[{layer}]")
+        parts.append(
+            f"pool{spec.window}(H[{layer}])" if isinstance(spec, STISpec) else f"H[{layer}]"
+        )
     parts += [f"mean H[{group[0]}..{group[-1]}]" for group in connector.groups]
     return ", ".join(parts)
 
@@ -33,7 +38,7 @@ def presets_table() -> str:
             (
                 name,
                 config.fusion.kind,
-                _describe_layers(connector),
+                _describe_layers(config, connector),
                 str(connector.num_tokens(grid)),
                 str(connector.fused_dim),
             )

@@ -27,8 +27,13 @@ def test_presets_lists_every_preset_with_its_token_count(capsys):
         "dc-sci-siglip-so400m": "729",
         "dc-dci-siglip-so400m": "729",
     }
-    assert {name: row[-2] for name, row in rows.items()} == expected_tokens
+    # the built-in presets (the zoo registers more, each tested with its own module)
+    assert {name: rows[name][-2] for name in expected_tokens} == expected_tokens
     assert rows["dc-dci-clip-l-336"][-1] == "3072"
+    # the layers column: STI's spec pools its extra layers, SCI reads them whole
+    assert rows["dc-sti-clip-l-336"][2:5] == ["F=H[23],", "pool8(H[7]),", "pool8(H[15])"]
+    assert rows["dc-sci-clip-l-336"][2:5] == ["F=H[23],", "H[7],", "H[15]"]
+    assert rows["dc-dci-clip-l-336"][2:7] == ["F=H[23],", "mean", "H[0..11],", "mean", "H[12..23]"]
 
 
 def test_unknown_command_exits_with_usage(capsys):
