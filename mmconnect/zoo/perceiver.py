@@ -260,11 +260,12 @@ class PerceiverConnector(GridProjector):
     The latents read their input as a token set, so tokens after the grid that form none (STI's
     pooled tokens) are read like the grid's (:attr:`accepts_extra_tokens`).
 
+    The keyword arguments are :class:`PerceiverSpec`'s fields (``n_latents``, ``depth``,
+    ``heads``, ``head_dim``, ``kv_heads``, ``intermediate_size``, ``activation``, ``rms_eps``).
+
     Args:
         in_dim: the fused width (``vision_dim`` x layers for SCI / DCI).
         out_dim: the LLM width, also the latents' width.
-        n_latents, depth, heads, head_dim, kv_heads, intermediate_size, activation, rms_eps:
-            see :class:`PerceiverSpec`.
     """
 
     accepts_extra_tokens: ClassVar[bool] = True
