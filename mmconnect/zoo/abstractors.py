@@ -111,10 +111,6 @@ LAYER_NORM_EPS = 1e-5
 SE_RATIO = 0.25
 
 
-def _check_pair(value: Any, argument: str) -> tuple[int, int]:
-    return check_int_pair(value, argument)
-
-
 # ---------------------------------------------------------------------------- specs
 
 
@@ -157,10 +153,10 @@ class CAbstractorSpec(ProjectorSpec):
         super().__post_init__()
         check_int(self.depth, "depth", minimum=0)
         check_positive_int(self.hidden_dim, "hidden_dim")
-        object.__setattr__(self, "pooled_grid", _check_pair(self.pooled_grid, "pooled_grid"))
+        object.__setattr__(self, "pooled_grid", check_int_pair(self.pooled_grid, "pooled_grid"))
         check_positive_int(self.mlp_depth, "mlp_depth")
         if self.pos_embed_grid is not None:
-            grid = _check_pair(self.pos_embed_grid, "pos_embed_grid")
+            grid = check_int_pair(self.pos_embed_grid, "pos_embed_grid")
             object.__setattr__(self, "pos_embed_grid", grid)
 
 
@@ -183,7 +179,7 @@ class LDPv2Spec(ProjectorSpec):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        object.__setattr__(self, "pooled_grid", _check_pair(self.pooled_grid, "pooled_grid"))
+        object.__setattr__(self, "pooled_grid", check_int_pair(self.pooled_grid, "pooled_grid"))
         if self.hidden_dim is not None:
             check_positive_int(self.hidden_dim, "hidden_dim")
 
