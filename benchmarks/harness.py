@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from mmconnect.presets import preset_fields
+from mmconnect import EncoderGeometry, preset_geometry
 
 SIZE = os.environ.get("MMCONNECT_BENCH_SIZE", "real")
 if SIZE not in ("real", "tiny"):
@@ -61,15 +61,28 @@ class TowerSize:
     intermediate: int
     heads: int
     blocks: int
-    image: int
+    image: int | tuple[int, int]
     patch: int
     batch: int
     llm_dim: int
 
     @property
     def grid(self) -> tuple[int, int]:
-        side = self.image // self.patch
-        return side, side
+        height, width = _pair(self.image)
+        return height // self.patch, width // self.patch
+
+    def fits(self, geometry: EncoderGeometry) -> bool:
+        """Whether this tower is the encoder ``geometry`` describes: its depth, image and patch
+        size (so its token grid) and, at real size, its width."""
+        return (self.blocks, _pair(self.image), self.patch) == (
+            geometry.num_layers,
+            _pair(geometry.image_size),
+            geometry.patch_size,
+        ) and (SIZE != "real" or self.width == geometry.width)
+
+
+def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else size
 
 
 CLIP_L_336 = TowerSize(
@@ -117,29 +130,36 @@ TINY_SIGLIP = TowerSize(
     batch=2,
     llm_dim=64,
 )
-#: The towers of this size setting, each matched to presets by its depth.
+#: The towers of this size setting, each matched to presets by their encoder geometry.
 TOWER_SIZES = (CLIP_L_336, SIGLIP_SO400M_384) if SIZE == "real" else (TINY, TINY_SIGLIP)
 
 
 def tower_size_for(preset: str) -> TowerSize:
-    """The benchmarked tower of ``preset``: the one whose block count is its ``num_layers``.
+    """The benchmarked tower of ``preset``: the one that is the encoder the preset is made for
+    (:func:`mmconnect.preset_geometry`: depth, image and patch size, width at real size).
 
-    Raises:
-        ValueError: no tower of this size setting has the preset's depth, or (at real size) its
-            width differs from the preset's ``vision_dim``.
+    A preset made for another encoder (a zoo preset's EVA or InternViT tower) gets a tower of its
+    own geometry: its grid and depth, its width at real size (this setting's width when tiny),
+    and this setting's batch and LLM width.
     """
-    fields = preset_fields(preset)
+    geometry = preset_geometry(preset)
     for size in TOWER_SIZES:
-        if size.blocks == fields["num_layers"]:
-            if SIZE == "real" and size.width != fields["vision_dim"]:
-                raise ValueError(
-                    f"preset {preset!r} has vision_dim={fields['vision_dim']}, but the benchmarked "
-                    f"{size.name} tower of depth {size.blocks} has width {size.width}"
-                )
+        if size.fits(geometry):
             return size
-    raise ValueError(
-        f"preset {preset!r} has num_layers={fields['num_layers']}; the benchmarked towers have "
-        f"{[size.blocks for size in TOWER_SIZES]} blocks: add a TowerSize for it"
+    template = TOWER_SIZES[0]
+    width = geometry.width if SIZE == "real" else template.width
+    height, side = _pair(geometry.image_size)
+    return TowerSize(
+        name=f"{geometry.num_layers}-block {height}x{side}/{geometry.patch_size}"
+        + ("" if SIZE == "real" else " (tiny)"),
+        width=width,
+        intermediate=4 * width,
+        heads=template.heads,
+        blocks=geometry.num_layers,
+        image=geometry.image_size,
+        patch=geometry.patch_size,
+        batch=template.batch,
+        llm_dim=template.llm_dim,
     )
 
 

@@ -61,8 +61,9 @@ SECTIONS = {
     CONNECTOR: (
         "Connector throughput, every preset at its encoder's size, batch 4, to 4096",
         "Every preset of `mmconnect.presets.list_presets()` runs at the real size of the tower "
-        "it is made for (24 blocks: CLIP-L/336, width 1024, 24x24 patches; 27 blocks: "
-        "SigLIP-SO400M/384, width 1152, 27x27 patches) on features shaped like its tap's output. "
+        "it is made for (`mmconnect.preset_geometry`: CLIP-L/336, width 1024, 24x24 patches; "
+        "SigLIP-SO400M/384, width 1152, 27x27 patches; each other encoder at its own geometry) "
+        "on features shaped like its tap's output. "
         "Baseline, per preset: the two matrix multiplies of its `mlp2x_gelu` projector on the "
         "already fused input (no bias, no GELU, no fusion) — the practical limit; target: the "
         "connector within 1.2x of it. Throughput counts the connector's output (visual) tokens "

@@ -1,8 +1,9 @@
 """The connector (fuse + project) vs the bare matrix multiplies of its projector, every preset.
 
 Every preset of :func:`mmconnect.presets.list_presets` runs at the real size of the encoder it
-is made for (its ``num_layers``: 24 blocks -> CLIP-L/336, 1024 wide, 24 x 24 patches; 27 blocks
--> SigLIP-SO400M/384, 1152 wide, 27 x 27 patches), batch 4, projecting to 4096. The connector runs
+is made for (its :func:`mmconnect.preset_geometry`: CLIP-L/336, 1024 wide, 24 x 24 patches;
+SigLIP-SO400M/384, 1152 wide, 27 x 27 patches; any other encoder at its own geometry), batch 4,
+projecting to 4096. The connector runs
 on what its tap delivers (the final layer plus extra layers or streamed group means) and is
 compared with the two matrix multiplies its ``mlp2x_gelu`` projector cannot avoid, on an already
 fused input: the practical limit. Target: within 1.2x of that limit. Throughput is reported in

@@ -45,14 +45,18 @@ from llm_fixtures import SMALL_LLAMA, TINY_LLAMA, LlamaSize
 from torch import nn
 
 from mmconnect import ConnectorConfig, DenseConnector
-from mmconnect.presets import list_presets, preset_fields
+from mmconnect.presets import list_presets, preset_geometry
 
 GROUP = "training-step"
 BASELINE = "baseline-clip-l-336"
-#: Every preset for a 24-block tower (CLIP-L/336), the baseline first.
+#: Every preset made for the baseline's encoder (CLIP-L/336), the baseline first.
 CONNECTORS = (
     BASELINE,
-    *(p for p in list_presets() if p != BASELINE and preset_fields(p)["num_layers"] == 24),
+    *(
+        p
+        for p in list_presets()
+        if p != BASELINE and preset_geometry(p) == preset_geometry(BASELINE)
+    ),
 )
 #: ``stage id -> StageConfig.stage``; stage 2 fine-tunes the LLM fully (no LoRA).
 STAGES = {"stage1-align": "align", "stage2-instruct-full": "instruct"}

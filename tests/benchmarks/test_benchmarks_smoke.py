@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from mmconnect.presets import list_presets, preset_fields
+from mmconnect.presets import list_presets, preset_geometry
 from tests.support.paths import REPO_ROOT
 
 ROOT = REPO_ROOT
@@ -59,7 +59,8 @@ def tiny_results(tmp_path_factory) -> dict:
 def test_every_benchmark_runs_at_tiny_size(tiny_results):
     entries = tiny_results["json"]["benchmarks"]
     found = {(entry["group"], tuple(sorted(entry["params"].items()))) for entry in entries}
-    clip_presets = [name for name in list_presets() if preset_fields(name)["num_layers"] == 24]
+    clip = preset_geometry("baseline-clip-l-336")
+    clip_presets = [name for name in list_presets() if preset_geometry(name) == clip]
     expected = {
         *(
             ("tap-capture", (("variant", variant),))
@@ -129,7 +130,8 @@ def test_report_renders_a_table_and_a_png_per_group(tiny_results, tmp_path):
         assert f"(images/{chart.name})" in text
     for preset in list_presets():
         assert f"| `{preset}` |" in text
-    clip_presets = [name for name in list_presets() if preset_fields(name)["num_layers"] == 24]
+    clip = preset_geometry("baseline-clip-l-336")
+    clip_presets = [name for name in list_presets() if preset_geometry(name) == clip]
     assert text.count("| stage1-align |") == len(clip_presets)
     assert text.count("| stage2-instruct-full |") == len(clip_presets)
     assert "Size `tiny`" in text
