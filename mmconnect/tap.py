@@ -285,7 +285,7 @@ class _Capture:
         if self.input_dtype is not None and tokens.dtype != self.input_dtype:
             tokens = tokens.to(self.input_dtype)
         self.seen.add(layer)
-        if layer in tap.layers:
+        if layer in tap.individual_layers:
             self.captured[layer] = tokens
         group = tap._group_of.get(layer)
         if group is not None:
@@ -332,7 +332,7 @@ class _Capture:
             # Rounded once to the accumulation dtype, divided in it, as `stack(...).sum(0) / n`.
             mean = running.total() / len(group)
             group_means[group] = mean.to(running.output_dtype)
-        grids = {layer: self.grids[layer] for layer in tap.layers if layer in self.grids}
+        grids = {layer: self.grids[layer] for layer in tap.individual_layers if layer in self.grids}
         for group in tap.groups:
             if group[0] in self.grids:
                 grids.setdefault(group[0], self.grids[group[0]])
@@ -352,8 +352,10 @@ class MultiLayerFeatureTap:
             ConvNeXt, or any module whose block list ``blocks`` names), or such an encoder
             wrapped by ``torch.compile`` (its blocks are found in the wrapped module, and the
             forward runs compiled; the hooks run outside the compiled graphs).
-        layers: layer indices to capture individually, in the HF ``hidden_states`` convention
-            (0 = embedding output, k = output of block k, negatives from the end).
+        layers: layer indices captured individually (the connector's ``individual_layers``), in
+            the HF ``hidden_states`` convention (0 = embedding output, k = output of block k,
+            negatives from the end). Kept, normalised to non-negative indices, as
+            :attr:`individual_layers`.
         groups: layer groups to average while streaming (each a collection of layer indices in
             the same convention); their means appear in ``LayerFeatures.group_means`` and the
             member layers are not kept one by one.
@@ -378,6 +380,11 @@ class MultiLayerFeatureTap:
               ``(torch.stack([m.to(dtype) for m in members]).sum(0) / n).to(features_dtype)``.
 
         num_prefix_tokens: overrides the prefix-token count read from the encoder's structure.
+
+    Attributes:
+        individual_layers: the layers captured individually (``layers=``, non-negative, in the
+            given order), the same meaning as :attr:`DenseConnector.individual_layers`.
+        groups: the layer groups averaged while streaming (``groups=``, non-negative).
 
     Captured tensors are ``[B, tokens, C]``; 4-D stage outputs (ConvNeXt) are flattened in
     raster order with their grid recorded in ``LayerFeatures.grids``.
@@ -410,9 +417,9 @@ class MultiLayerFeatureTap:
         self.structure: EncoderBlocks = find_encoder_blocks(
             encoder, blocks, num_prefix_tokens=num_prefix_tokens
         )
-        self.layers = normalize_layers(layers, self.num_layers, argument="layers")
+        self.individual_layers = normalize_layers(layers, self.num_layers, argument="layers")
         self.groups = normalize_groups(groups, self.num_layers, argument="groups")
-        if not self.layers and not self.groups:
+        if not self.individual_layers and not self.groups:
             raise ValueError(
                 "nothing to capture: pass at least one index in layers= or one group in groups="
             )
@@ -430,7 +437,7 @@ class MultiLayerFeatureTap:
         self._group_of = {
             layer: index for index, group in enumerate(self.groups) for layer in group
         }
-        self._needed = sorted(set(self.layers) | set(self._group_of))
+        self._needed = sorted(set(self.individual_layers) | set(self._group_of))
         # Per thread: the active ``with tap:`` capture and the latest capture.
         self._local = threading.local()
 

@@ -256,17 +256,17 @@ def test_hf_layers_equal_hidden_states_without_prefix(request, encoder_name, pre
     hidden = hf_hidden_states(model, x)
     tap = MultiLayerFeatureTap(model, layers=layers)
     assert (tap.num_layers, tap.num_prefix_tokens) == (HF_LAYERS, prefix)
-    assert tap.layers == tuple(layer % (HF_LAYERS + 1) for layer in layers)
+    assert tap.individual_layers == tuple(layer % (HF_LAYERS + 1) for layer in layers)
 
     with torch.no_grad():
         features = tap(x)
 
-    assert set(features) == set(tap.layers)
+    assert set(features) == set(tap.individual_layers)
     for layer in layers:
         captured = features[layer % (HF_LAYERS + 1)]
         assert captured.shape == (2, 9, 32)
         assert_same(captured, hidden[layer][:, prefix:])
-    assert features.grids == dict.fromkeys(tap.layers, (3, 3))
+    assert features.grids == dict.fromkeys(tap.individual_layers, (3, 3))
     assert features.num_prefix_tokens == 0
     assert features.group_means == {}
 
