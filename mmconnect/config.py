@@ -155,7 +155,7 @@ class ConnectorConfig:
     # built on the meta device (no weights), so the two can never disagree.
     def num_tokens(self, grid: tuple[int, int]) -> int:
         """Output tokens of a connector of this config for an encoder grid ``(height, width)``
-        (:meth:`mmconnect.DenseConnector.num_tokens`); allocates no weights.
+        (:meth:`mmconnect.connector.DenseConnector.num_tokens`); allocates no weights.
 
         Examples:
             >>> ConnectorConfig.from_preset("dc-sti-clip-l-336").num_tokens((24, 24))
@@ -164,12 +164,12 @@ class ConnectorConfig:
         return self._layout_connector().num_tokens(grid)
 
     def token_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
-        """The grid the leading output tokens form (:meth:`mmconnect.DenseConnector.token_grid`)."""
+        """The grid the leading output tokens form (:meth:`mmconnect.connector.DenseConnector.token_grid`)."""
         return self._layout_connector().token_grid(grid)
 
     def extra_tokens(self, grid: tuple[int, int]) -> int:
         """Output tokens after the :meth:`token_grid` tokens that form no grid (STI's pooled
-        tokens; :meth:`mmconnect.DenseConnector.extra_tokens`)."""
+        tokens; :meth:`mmconnect.connector.DenseConnector.extra_tokens`)."""
         return self._layout_connector().extra_tokens(grid)
 
     def _layout_connector(self) -> Any:

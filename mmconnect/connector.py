@@ -213,15 +213,17 @@ class DenseConnector(nn.Module):
         """``(leading grid, token count)`` after every component, for an encoder grid."""
         grid = check_int_pair(grid, "grid")
         count, lead = self.fusion.num_tokens(grid), tuple(self.fusion.output_grid(grid))
+        source = f"fusion {self.config.fusion.kind!r}"  # what made the tokens so far
         for name, stage in self._grid_stages():
             extra = count - lead[0] * lead[1]
             if extra and not (isinstance(stage, GridProjector) and stage.accepts_extra_tokens):
                 raise ValueError(
-                    f"fusion {self.config.fusion.kind!r} gives {extra} tokens after its "
-                    f"{lead[0]}x{lead[1]} grid that form no grid, but the {name} works on a "
-                    "whole token grid; use a token-wise projector or another fusion"
+                    f"the {source} gives {extra} tokens after its {lead[0]}x{lead[1]} grid that "
+                    f"form no grid, but the {name} works on a whole token grid; use a token-wise "
+                    "projector, another fusion, or no resampling after a learned-query projector"
                 )
             count, lead = stage.num_tokens(lead), tuple(stage.output_grid(lead))
+            source = name
         for level, projector in enumerate(self.injection or ()):
             injected = (
                 projector.num_tokens(grid)
@@ -314,7 +316,7 @@ class DenseConnector(nn.Module):
 
         Residual ``i`` is ``injection projector i`` applied to ``features[injection_layers[i]]``,
         to be added to the LLM's hidden states at the image positions after LLM layer ``i``
-        (:mod:`mmconnect.injection`). Without an injection spec the residuals are ``()``.
+        (:mod:`~mmconnect.injection`). Without an injection spec the residuals are ``()``.
 
         Raises:
             ValueError: a layer is missing from ``features``, or the paths' counts differ.

@@ -1,8 +1,8 @@
 """The connector zoo: the field's connectors as registered projectors behind the Dense tap.
 
 Each module holds one connector family, written from its definition (the module docstring names
-the source and the equations), registered with :func:`mmconnect.register_projector` under its
-own spec class, and declaring its exact token count and grid (:class:`mmconnect.GridProjector`),
+the source and the equations), registered with :func:`~mmconnect.projectors.register_projector` under its
+own spec class, and declaring its exact token count and grid (:class:`~mmconnect.projectors.GridProjector`),
 so any fusion (``none``, STI, SCI, DCI, user-registered) can feed it and every count downstream
 (processors, AnyRes packing, video budgets) is right before anything runs. Where Hugging Face
 transformers ships the same module, the connector module also has a converter from that
@@ -20,7 +20,7 @@ Conventions every zoo connector follows:
 * ``<name>_state_from_hf(state, prefix="")``: our state dict from the HF module's keys;
 * presets for meaningful combinations are registered in the module with their encoder geometry.
 
-Importing :mod:`mmconnect` imports every module of this package (found by package membership,
+Importing ``mmconnect`` imports every module of this package (found by package membership,
 not by name), so a new connector is one new module plus its tests and docs.
 """
 
