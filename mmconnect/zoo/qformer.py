@@ -281,8 +281,11 @@ class QFormerProjector(GridProjector):
         self.spec = spec
         self.in_dim = check_positive_int(in_dim, "in_dim")
         self.out_dim = check_positive_int(out_dim, "out_dim")
-        # Zeros as in Hugging Face's constructor; training code initialises (BLIP-2: N(0, 0.02)).
-        self.query_tokens = nn.Parameter(torch.zeros(1, spec.num_queries, spec.hidden_size))
+        # N(0, 0.02) as BLIP-2 trained them from scratch (Hugging Face's constructor leaves zeros
+        # for a checkpoint to fill; identical queries would never tell themselves apart in stage 1).
+        self.query_tokens = nn.Parameter(
+            torch.empty(1, spec.num_queries, spec.hidden_size).normal_(0.0, 0.02)
+        )
         self.norm = nn.LayerNorm(spec.hidden_size, eps=spec.layer_norm_eps)
         self.dropout = nn.Dropout(spec.dropout)
         self.layers = nn.ModuleList(

@@ -41,12 +41,7 @@ from mmconnect import fusion as fusion_module
 from mmconnect import projectors as projectors_module
 from mmconnect.fusion import require_layer
 from mmconnect.projectors import GridProjector
-from mmconnect.zoo.abstractors import CAbstractorSpec, LDPv2Spec
-from mmconnect.zoo.patch_merger import Mistral3MergerSpec, PatchMergerSpec
-from mmconnect.zoo.perceiver import PerceiverSpec
-from mmconnect.zoo.pixel_shuffle import PixelShuffleMLPSpec, PixelShuffleSpec
-from mmconnect.zoo.pooled import Gemma3PoolSpec, OnevisionPoolSpec
-from mmconnect.zoo.qformer import QFormerSpec
+from tests.support.zoo_specs import PROJECTOR_SPECS
 
 EXACT = {"atol": 0.0, "rtol": 0.0}
 NUM_LAYERS = 4
@@ -125,39 +120,9 @@ def test_every_registered_fusion_is_covered(toys):
     assert set(list_fusions()) == set(FUSION_SPECS)
 
 
-# A small spec of each registered projector kind, so every combination runs in milliseconds. A
-# kind registered without an entry here fails test_every_registered_projector_is_covered, so
-# every zoo connector is held to the contract as soon as its module exists.
-PROJECTOR_SPECS = {
-    "identity": "identity",
-    "linear": "linear",
-    "mlp": "mlp2x_gelu",
-    "space_to_depth": "space_to_depth",
-    "pixel_shuffle": PixelShuffleSpec(factor=2),
-    "pixel_shuffle_mlp": PixelShuffleMLPSpec(factor=2),
-    "patch_merger": PatchMergerSpec(merge_size=2, hidden_dim=5),
-    "mistral3_merger": Mistral3MergerSpec(merge_size=2),
-    "gemma3_pool": Gemma3PoolSpec(grid=(2, 2)),
-    "onevision_pool": OnevisionPoolSpec(),
-    "perceiver": PerceiverSpec(
-        n_latents=3, depth=1, heads=2, head_dim=2, kv_heads=1, intermediate_size=4
-    ),
-    "qformer": QFormerSpec(
-        num_queries=3,
-        depth=2,
-        num_heads=2,
-        hidden_size=4,
-        intermediate_size=8,
-        dropout=0.0,
-        attention_dropout=0.0,
-    ),
-    "c_abstractor": CAbstractorSpec(depth=1, hidden_dim=4, pooled_grid=(2, 2)),
-    "ldpv2": LDPv2Spec(pooled_grid=(2, 2)),
-}
-
-
 def test_every_registered_projector_is_covered(toys):
-    assert sorted(PROJECTOR_SPECS) == sorted(list_projectors())
+    # the toy space_to_depth is registered by this module's fixture
+    assert sorted({**PROJECTOR_SPECS, "space_to_depth": None}) == sorted(list_projectors())
 
 
 def _config(
@@ -177,7 +142,8 @@ def _config(
     # The identity projector keeps the fused width: give it an LLM of that width.
     fused = fusion_module.build_fusion(spec, NUM_LAYERS).output_channels(vision_dim)
     llm_dim = fused if projector == "identity" else 3
-    return probe.replace(projector=PROJECTOR_SPECS[projector], llm_dim=llm_dim)
+    spec = projector if projector == "space_to_depth" else PROJECTOR_SPECS[projector]
+    return probe.replace(projector=spec, llm_dim=llm_dim)
 
 
 @st.composite
