@@ -3,14 +3,17 @@
 Usage::
 
     python benchmarks/report.py benchmarks/results.json docs/benchmarks.md \\
-        [--gpu benchmarks/results-gpu.json] [--images docs/images] [--allow-tiny] [--no-charts]
+        [--gpu benchmarks/results-gpu.json] [--zoo benchmarks/results-zoo.json] \\
+        [--images docs/images] [--allow-tiny] [--no-charts]
 
 The first file is the CPU run (``MMCONNECT_BENCH_SIZE=real``); ``--gpu`` adds the run of
 ``benchmarks/run_gpu.sh`` (``MMCONNECT_BENCH_DEVICE=cuda``, bf16), whose absolute figures go
-beside the CPU ratios with the device named. Charts go to ``--images`` (default: ``images/``
-beside the Markdown file) as ``bench_*.png``. Every ratio compares figures measured in the same
-run (machines are noisy; only ratios carry over). ``--allow-tiny`` renders a
-``MMCONNECT_BENCH_SIZE=tiny`` run (the smoke test does), marked as such.
+beside the CPU ratios with the device named; ``--zoo`` renders the connector zoo's section from
+a separate CPU run of ``pytest benchmarks -k zoo`` (named in that section). Charts go to
+``--images`` (default: ``images/`` beside the Markdown file) as ``bench_*.png``. Every ratio
+compares figures measured in the same run (machines are noisy; only ratios carry over).
+``--allow-tiny`` renders a ``MMCONNECT_BENCH_SIZE=tiny`` run (the smoke test does), marked as
+such.
 """
 
 from __future__ import annotations
@@ -28,20 +31,24 @@ from report_tables import (
     CONNECTOR,
     PREFILL,
     TRAINING,
+    ZOO,
     capture_table,
     connector_table,
     prefill_table,
     training_table,
+    zoo_table,
 )
 
 COMMANDS = """```bash
 # CPU, real size (about 13 minutes on 2 quiet cores)
 .venv/bin/python -m pytest benchmarks --benchmark-json=benchmarks/results.json
+# or only the connector zoo, into its own file (then pass --zoo below)
+.venv/bin/python -m pytest benchmarks -k zoo --benchmark-json=benchmarks/results-zoo.json
 # GPU (optional): one CUDA GPU, bf16
 bash benchmarks/run_gpu.sh benchmarks/results-gpu.json
 # this page and its charts
 .venv/bin/python benchmarks/report.py benchmarks/results.json docs/benchmarks.md \\
-    [--gpu benchmarks/results-gpu.json]
+    [--gpu benchmarks/results-gpu.json] [--zoo benchmarks/results-zoo.json]
 ```"""
 
 SECTIONS = {
@@ -60,8 +67,8 @@ SECTIONS = {
     ),
     CONNECTOR: (
         "Connector throughput, every preset at its encoder's size, batch 4, to 4096",
-        "Every preset of `mmconnect.presets.list_presets()` runs at the real size of the tower "
-        "it is made for (`mmconnect.preset_geometry`: CLIP-L/336, width 1024, 24x24 patches; "
+        "Every preset of `mmconnect.presets.PUBLISHED_PRESETS` (the paper's eight; the zoo's "
+        "have their own section) runs at the real size of the tower it is made for (`mmconnect.preset_geometry`: CLIP-L/336, width 1024, 24x24 patches; "
         "SigLIP-SO400M/384, width 1152, 27x27 patches; each other encoder at its own geometry) "
         "on features shaped like its tap's output. "
         "Baseline, per preset: the two matrix multiplies of its `mlp2x_gelu` projector on the "
@@ -93,6 +100,28 @@ SECTIONS = {
         "small LLM, dominates the step, so these ratios understate what the token count saves "
         "with a 7B LLM (see the prefill section for the LLM's share).",
         training_table,
+    ),
+    ZOO: (
+        "Connector zoo: every zoo preset at its family's size vs its bare GEMMs and LLaVA's MLP",
+        "Every registered preset whose projector comes from `mmconnect.zoo` (found from the "
+        "registries: `benchmarks/test_zoo_throughput.py`) runs at the size of the encoder it is "
+        "made for (`mmconnect.preset_geometry`: the tower's width and token grid; CLIP-L/336 "
+        "24x24, SigLIP-SO400M/384 27x27, ...), projecting to the preset's LLM width, batch 4, on "
+        "random features shaped like its tap's output. Three implementations: `connector` (the "
+        "`DenseConnector` forward: fusion, then the zoo projector); `bare-matmuls` (exactly the "
+        "GEMMs against its weights that one forward runs -- every `nn.Linear`, convolution and "
+        "weight matmul, recorded once on the meta device and replayed without biases on "
+        "preallocated inputs: the floor of its arithmetic); `llava-mlp` (LLaVA's `mlp2x_gelu` "
+        "on the same fusion of the same features: what the zoo connector replaces). What the "
+        "connector adds beyond its GEMMs is the fusion, attention scores and softmax (Q-Former, "
+        "Perceiver), norms, activations, pooling and the token regrouping. GFLOP are counted by "
+        "`torch.utils.flop_counter` (matrix multiplies and convolutions, attention included). "
+        "*connector / LLaVA MLP* < 1 means the zoo connector is faster than LLaVA's MLP on the "
+        "same input; it usually also makes fewer visual tokens (first column pair), which is "
+        "where the LLM saves (see the prefill section). No target is asserted. At real size on "
+        "the CPU, presets needing more than 600 GFLOP per call (connector or MLP: the Perceiver "
+        "resamplers) are skipped with their GFLOP named; a GPU run measures them.",
+        zoo_table,
     ),
 }
 
@@ -128,11 +157,17 @@ def _gpu_paragraph(gpu: Run | None) -> str:
     )
 
 
+def _source(group: str, cpu: Run, zoo: Run | None) -> Run:
+    """The run a group's section comes from: ``zoo`` for the zoo group when given, else ``cpu``."""
+    return zoo if group == ZOO and zoo is not None else cpu
+
+
 def render(
     cpu: Run,
     gpu: Run | None = None,
     charts: dict[str, str] | None = None,
     note: str | None = None,
+    zoo: Run | None = None,
 ) -> str:
     """The Markdown page: machine, commands, then one section per group ``cpu`` holds.
 
@@ -142,11 +177,13 @@ def render(
         charts: ``group -> image link`` (relative to the page) of charts to show.
         note: what the person who ran the suite says about the run (e.g. other load on the
             machine), shown under the machine line.
+        zoo: a separate CPU run whose zoo group fills the zoo section (named there) instead of
+            ``cpu``'s.
 
     Raises:
         ValueError: ``cpu`` holds none of the suite's groups, or a group lacks its baseline.
     """
-    present = [group for group in SECTIONS if cpu.group(group)]
+    present = [group for group in SECTIONS if _source(group, cpu, zoo).group(group)]
     if not present:
         groups = sorted({entry.group for entry in cpu.entries})
         raise ValueError(f"the results hold none of the groups {list(SECTIONS)} (found {groups})")
@@ -172,7 +209,12 @@ def render(
     ]
     for group in present:
         title, text, table = SECTIONS[group]
-        lines += [f"## {title}", "", text, "", *table(cpu, gpu), ""]
+        source = _source(group, cpu, zoo)
+        if source is not cpu:
+            text = (
+                f"**Measured in a separate run:** {source.describe()}, size `{source.size}`. {text}"
+            )
+        lines += [f"## {title}", "", text, "", *table(source, gpu), ""]
         if group in charts:
             lines += [f"![{title}]({charts[group]})", ""]
     lines += [RUNNING, ""]
@@ -184,6 +226,7 @@ def write_report(
     markdown: Path,
     *,
     gpu_results: Path | None = None,
+    zoo_results: Path | None = None,
     images: Path | None = None,
     allow_tiny: bool = False,
     charts: bool = True,
@@ -191,22 +234,30 @@ def write_report(
 ) -> list[Path]:
     """Render ``results`` (and ``gpu_results``) into ``markdown`` and PNG charts in ``images``
     (default: ``images/`` beside ``markdown``; no charts when ``charts`` is false), with an
-    optional ``note`` about the run under the machine line.
+    optional ``note`` about the run under the machine line; ``zoo_results``, a separate CPU run
+    of the zoo benchmarks, fills the zoo section.
 
     Returns:
         The written files: the Markdown page, then the charts.
 
     Raises:
-        ValueError: the CPU results are not from a CPU run, the GPU results not from a CUDA run,
-            or either was measured at tiny size without ``allow_tiny``.
+        ValueError: the CPU (or zoo) results are not from a CPU run, the zoo results hold no zoo
+            group, the GPU results are not from a CUDA run, or any was measured at tiny size
+            without ``allow_tiny``.
     """
     cpu = load_run(json.loads(Path(results).read_text()))
     gpu = load_run(json.loads(Path(gpu_results).read_text())) if gpu_results else None
+    zoo = load_run(json.loads(Path(zoo_results).read_text())) if zoo_results else None
     if cpu.device != "cpu":
         raise ValueError(f"{results} is a {cpu.device!r} run; the first file must be the CPU run")
+    if zoo is not None and (zoo.device != "cpu" or not zoo.group(ZOO)):
+        raise ValueError(
+            f"--zoo {zoo_results} must be a CPU run holding the {ZOO!r} group (it is a "
+            f"{zoo.device!r} run with groups {sorted({entry.group for entry in zoo.entries})})"
+        )
     if gpu is not None and gpu.device != "cuda":
         raise ValueError(f"--gpu {gpu_results} is a {gpu.device!r} run, not a 'cuda' run")
-    for run, path in ((cpu, results), (gpu, gpu_results)):
+    for run, path in ((cpu, results), (gpu, gpu_results), (zoo, zoo_results)):
         if run is not None and run.size != "real" and not allow_tiny:
             raise ValueError(
                 f"refusing to render {path}: measured at size {run.size!r}, not 'real' "
@@ -214,13 +265,13 @@ def write_report(
             )
     markdown = Path(markdown)
     images = Path(images) if images is not None else markdown.parent / "images"
-    written = write_charts(cpu, gpu, images) if charts else {}
+    written = write_charts(cpu, gpu, images, zoo=zoo) if charts else {}
     links = {
         group: Path(os.path.relpath(path, markdown.parent)).as_posix()
         for group, path in written.items()
     }
     markdown.parent.mkdir(parents=True, exist_ok=True)
-    markdown.write_text(render(cpu, gpu, links, note))
+    markdown.write_text(render(cpu, gpu, links, note, zoo))
     return [markdown, *written.values()]
 
 
@@ -231,6 +282,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("results", type=Path, help="pytest-benchmark JSON of the CPU run")
     parser.add_argument("markdown", type=Path, help="the Markdown page to write")
     parser.add_argument("--gpu", type=Path, help="pytest-benchmark JSON of a CUDA run")
+    parser.add_argument("--zoo", type=Path, help="pytest-benchmark JSON of a CPU zoo-only run")
     parser.add_argument("--images", type=Path, help="chart directory (default: images/ beside)")
     parser.add_argument("--allow-tiny", action="store_true", help="render a tiny-size run")
     parser.add_argument("--no-charts", action="store_true", help="write the Markdown page only")
@@ -241,6 +293,7 @@ def main(argv: list[str]) -> int:
             arguments.results,
             arguments.markdown,
             gpu_results=arguments.gpu,
+            zoo_results=arguments.zoo,
             images=arguments.images,
             allow_tiny=arguments.allow_tiny,
             charts=not arguments.no_charts,

@@ -20,11 +20,13 @@ from report_tables import (
     PREFILL,
     TRAINING,
     TRAINING_BASELINE,
+    ZOO,
     capture_rows,
     connector_rows,
     milliseconds,
     prefill_rows,
     training_rows,
+    zoo_rows,
 )
 
 #: File names of the charts, per group.
@@ -33,6 +35,7 @@ CHART_FILES = {
     CONNECTOR: "bench_connector.png",
     PREFILL: "bench_prefill.png",
     TRAINING: "bench_training_step.png",
+    ZOO: "bench_zoo.png",
 }
 _COLOURS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52")
 
@@ -205,19 +208,69 @@ def training_chart(cpu: Run, gpu: Run | None, path: Path) -> Path:
     return path
 
 
+def zoo_chart(cpu: Run, gpu: Run | None, path: Path) -> Path:
+    """Per zoo preset: connector time / its bare GEMMs and / LLaVA's MLP, and visual tokens per
+    second of the connector and of the MLP (a third panel: the GPU run's, when given)."""
+    rows = zoo_rows(cpu)
+    labels = [f"{row['key']} ({row['tokens_per_image']})" for row in rows]
+    keys = [row["key"] for row in rows]
+    cpu_name, gpu_name = _series_names(cpu, gpu)
+    gpu_rows = zoo_rows(gpu) if gpu and gpu.group(ZOO) else None
+    height = max(4.0, 0.45 * len(rows) + 1.5)
+    figure, panels = _figure(3 if gpu_rows is not None else 2, height=height)
+    ratios = {
+        "connector / bare GEMMs": [row["vs_bare"] for row in rows],
+        "connector / LLaVA MLP": [row["vs_mlp"] for row in rows],
+    }
+    _bars(
+        panels[0],
+        labels,
+        ratios,
+        {name: [f"{value:.2f}x" for value in values] for name, values in ratios.items()},
+    )
+    panels[0].axvline(1.0, color="grey", linewidth=0.8)
+    panels[0].set_xscale("log")
+    panels[0].set_xlabel(f"time ratio, {cpu_name} (log scale; lower is faster)")
+    throughput = {
+        "connector": [row["tokens_per_s"] for row in rows],
+        "LLaVA MLP": [row["mlp_tokens_per_s"] for row in rows],
+    }
+    _bars(
+        panels[1],
+        labels,
+        throughput,
+        {name: [f"{value:,.0f}" for value in values] for name, values in throughput.items()},
+    )
+    panels[1].set_xlabel(f"visual tokens per second, {cpu_name}")
+    _thousands(panels[1])
+    if gpu_rows is not None:
+        values = _matched(gpu_rows, keys, "tokens_per_s")
+        _bars(panels[2], labels, {gpu_name: values}, {gpu_name: [f"{v:,.0f}" for v in values]})
+        panels[2].set_xlabel(f"connector visual tokens per second, {gpu_name}")
+        _thousands(panels[2])
+    figure.suptitle("Connector zoo at each family's size (tokens per image in brackets)")
+    figure.savefig(path, dpi=110)
+    return path
+
+
 _CHARTS = {
     CAPTURE: capture_chart,
     CONNECTOR: connector_chart,
     PREFILL: prefill_chart,
     TRAINING: training_chart,
+    ZOO: zoo_chart,
 }
 
 
-def write_charts(cpu: Run, gpu: Run | None, directory: Path) -> dict[str, Path]:
-    """Write the chart of every group ``cpu`` holds into ``directory``; ``{group: path}``."""
+def write_charts(
+    cpu: Run, gpu: Run | None, directory: Path, *, zoo: Run | None = None
+) -> dict[str, Path]:
+    """Write the chart of every group ``cpu`` holds into ``directory``; ``{group: path}``. A
+    separate ``zoo`` run draws the zoo chart instead of ``cpu``'s zoo group."""
     directory.mkdir(parents=True, exist_ok=True)
+    sources = {group: zoo if group == ZOO and zoo is not None else cpu for group in _CHARTS}
     return {
-        group: chart(cpu, gpu, directory / CHART_FILES[group])
+        group: chart(sources[group], gpu, directory / CHART_FILES[group])
         for group, chart in _CHARTS.items()
-        if cpu.group(group)
+        if sources[group].group(group)
     }

@@ -23,6 +23,9 @@ CAPTURE = "tap-capture"
 CONNECTOR = "connector"
 PREFILL = "prefill"
 TRAINING = "training-step"
+ZOO = "zoo"
+#: The three implementations every zoo preset runs (``benchmarks/test_zoo_throughput.py``).
+ZOO_IMPLEMENTATIONS = ("connector", "bare-matmuls", "llava-mlp")
 CAPTURE_VARIANTS = ("plain-forward", "output-hidden-states", "tap-dci-streaming")
 #: Throughput of every preset is also compared with LLaVA-1.5's connector.
 CONNECTOR_BASELINE = "baseline-clip-l-336"
@@ -147,6 +150,42 @@ def training_rows(run: Run) -> list[Row]:
     return rows
 
 
+def zoo_rows(run: Run) -> list[Row]:
+    """Per zoo preset: projector, fusion, encoder, tokens and parameters of the connector and of
+    LLaVA's MLP, the three medians, connector time / bare GEMMs and / LLaVA MLP, GFLOP, and both
+    throughputs in visual tokens per second. Run order (the presets sorted by name)."""
+    presets: dict[str, dict[str, Any]] = {}
+    for entry in run.group(ZOO):
+        presets.setdefault(entry.params["preset"], {})[entry.params["implementation"]] = entry
+    rows = []
+    for preset, found in presets.items():
+        _require(run, f"{ZOO}:{preset}", found, ZOO_IMPLEMENTATIONS)
+        connector, bare, mlp = (found[name] for name in ZOO_IMPLEMENTATIONS)
+        rows.append(
+            {
+                "key": preset,
+                "projector": connector.extra.get("projector", "?"),
+                "fusion": connector.extra.get("fusion", "?"),
+                "encoder": connector.extra.get("encoder", "?"),
+                "tokens_per_image": connector.extra["tokens_per_image"],
+                "mlp_tokens_per_image": mlp.extra["tokens_per_image"],
+                "parameters": connector.extra["parameters"],
+                "mlp_parameters": mlp.extra["parameters"],
+                "gflop": connector.extra.get("gflop", float("nan")),
+                "gemm_gflop": bare.extra.get("gflop", float("nan")),
+                "mlp_gflop": mlp.extra.get("gflop", float("nan")),
+                "connector_s": connector.median_s,
+                "bare_s": bare.median_s,
+                "mlp_s": mlp.median_s,
+                "vs_bare": connector.median_s / bare.median_s,
+                "vs_mlp": connector.median_s / mlp.median_s,
+                "tokens_per_s": connector.extra["visual_tokens"] / connector.median_s,
+                "mlp_tokens_per_s": mlp.extra["visual_tokens"] / mlp.median_s,
+            }
+        )
+    return rows
+
+
 # ---------------------------------------------------------------------------- formatting
 
 
@@ -161,6 +200,19 @@ def milliseconds(value_s: float) -> str:
     if ms >= 100:
         return f"{ms:,.0f}"
     return f"{ms:.1f}" if ms >= 10 else f"{ms:.2f}" if ms >= 1 else f"{ms:.3f}"
+
+
+def gflop(value: float) -> str:
+    """GFLOP with three significant digits below 100 (tiny runs count fractions)."""
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+
+
+def count(value: float) -> str:
+    """A parameter count with its unit: ``12.3M``, ``4.56K``, ``789``."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.3g}{unit}"
+    return f"{value:.0f}"
 
 
 def ratio(value: float) -> str:
@@ -336,6 +388,54 @@ def training_table(cpu: Run, gpu: Run | None = None) -> list[str]:
         [
             ("step (ms)", lambda row: milliseconds(row["median_s"])),
             ("step vs baseline", lambda row: ratio(row["vs_baseline"])),
+        ],
+        gpu.device_name if gpu else "",
+    )
+
+
+def zoo_table(cpu: Run, gpu: Run | None = None) -> list[str]:
+    """Markdown lines of the zoo group (see :func:`zoo_rows`)."""
+    rows = zoo_rows(cpu)
+    cells = [
+        [
+            f"`{row['key']}`",
+            f"`{row['projector']}` ({row['fusion']})",
+            row["encoder"],
+            f"{row['tokens_per_image']} / {row['mlp_tokens_per_image']}",
+            f"{count(row['parameters'])} / {count(row['mlp_parameters'])}",
+            " / ".join(gflop(row[name]) for name in ("gflop", "gemm_gflop", "mlp_gflop")),
+            milliseconds(row["connector_s"]),
+            milliseconds(row["bare_s"]),
+            milliseconds(row["mlp_s"]),
+            ratio(row["vs_bare"]),
+            ratio(row["vs_mlp"]),
+            f"{row['tokens_per_s']:,.0f}",
+        ]
+        for row in rows
+    ]
+    return _with_gpu(
+        [
+            "preset",
+            "projector (fusion)",
+            "encoder",
+            "visual tokens per image: connector / LLaVA MLP",
+            "parameters: connector / LLaVA MLP",
+            "GFLOP per call: connector / its GEMMs / LLaVA MLP",
+            "connector (ms)",
+            "bare GEMMs (ms)",
+            "LLaVA MLP (ms)",
+            "connector / bare GEMMs",
+            "connector / LLaVA MLP",
+            "visual tokens per second",
+        ],
+        [False, False, False, *[True] * 9],
+        cells,
+        [row["key"] for row in rows],
+        _gpu_rows(gpu, ZOO, zoo_rows),
+        [
+            ("connector (ms)", lambda row: milliseconds(row["connector_s"])),
+            ("connector / LLaVA MLP", lambda row: ratio(row["vs_mlp"])),
+            ("visual tokens per second", lambda row: f"{row['tokens_per_s']:,.0f}"),
         ],
         gpu.device_name if gpu else "",
     )

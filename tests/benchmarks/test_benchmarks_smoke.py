@@ -2,7 +2,8 @@
 
 One run of ``pytest benchmarks`` at ``MMCONNECT_BENCH_SIZE=tiny`` (timed, one round each) writes
 pytest-benchmark's JSON; the tests check that it holds every variant the suite promises (every
-preset, every training stage and connector, ...) and that ``benchmarks/report.py`` renders it
+published preset, every zoo preset with its three implementations, every training stage and
+connector, ...) and that ``benchmarks/report.py`` renders it
 into a Markdown page with one table and one PNG chart per group. So neither the benchmarks nor
 the report can rot between real-size runs.
 """
@@ -17,11 +18,25 @@ import sys
 
 import pytest
 
-from mmconnect.presets import list_presets, preset_geometry
+from mmconnect import ConnectorConfig
+from mmconnect.presets import PUBLISHED_PRESETS, list_presets, preset_geometry
 from tests.support.paths import REPO_ROOT
 
 ROOT = REPO_ROOT
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+ZOO_IMPLEMENTATIONS = ("bare-matmuls", "connector", "llava-mlp")
+
+
+def _zoo_presets() -> list[str]:
+    """Every preset with a projector (or DeepStack projector) from ``mmconnect.zoo``, read from
+    the registry here rather than from the benchmark module, so a zoo preset it missed fails."""
+    zoo = []
+    for name in list_presets():
+        config = ConnectorConfig.from_preset(name)
+        specs = [config.projector] + ([config.injection.projector] if config.injection else [])
+        if any(type(spec).__module__.startswith("mmconnect.zoo.") for spec in specs):
+            zoo.append(name)
+    return zoo
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +76,8 @@ def test_every_benchmark_runs_at_tiny_size(tiny_results):
     found = {(entry["group"], tuple(sorted(entry["params"].items()))) for entry in entries}
     clip = preset_geometry("baseline-clip-l-336")
     clip_presets = [name for name in list_presets() if preset_geometry(name) == clip]
+    zoo_presets = _zoo_presets()
+    assert zoo_presets, "no zoo preset is registered"
     expected = {
         *(
             ("tap-capture", (("variant", variant),))
@@ -68,8 +85,13 @@ def test_every_benchmark_runs_at_tiny_size(tiny_results):
         ),
         *(
             ("connector", (("implementation", implementation), ("preset", preset)))
-            for preset in list_presets()
+            for preset in PUBLISHED_PRESETS
             for implementation in ("bare-matmuls", "connector")
+        ),
+        *(
+            ("zoo", (("implementation", implementation), ("preset", preset)))
+            for preset in zoo_presets
+            for implementation in ZOO_IMPLEMENTATIONS
         ),
         *(
             ("prefill", (("variant", variant),))
@@ -97,6 +119,19 @@ def test_every_benchmark_runs_at_tiny_size(tiny_results):
         "dc-sci-siglip-so400m": 729,
         "dc-sti-siglip-so400m": 911,
     }
+    # The zoo shrinks widths, never token counts: each connector made its preset's count at its
+    # geometry's grid; its bare GEMMs (the connector's weights only) are a non-empty subset.
+    zoo = {
+        (entry["params"]["preset"], entry["params"]["implementation"]): entry["extra_info"]
+        for entry in entries
+        if entry["group"] == "zoo"
+    }
+    for preset in zoo_presets:
+        tokens = ConnectorConfig.from_preset(preset).num_tokens(preset_geometry(preset).grid)
+        connector, bare = zoo[preset, "connector"], zoo[preset, "bare-matmuls"]
+        assert connector["tokens_per_image"] == bare["tokens_per_image"] == tokens, preset
+        assert bare["gemm_calls"] >= 1 and 0 < bare["parameters"] <= connector["parameters"]
+        assert 0 < bare["gflop"] <= connector["gflop"], preset
     machine = tiny_results["json"]["machine_info"]["mmconnect"]
     assert machine["device"] == "cpu" and machine["torch"] and machine["cpu_model"]
 
@@ -124,12 +159,22 @@ def test_report_renders_a_table_and_a_png_per_group(tiny_results, tmp_path):
         "bench_prefill.png",
         "bench_tap_capture.png",
         "bench_training_step.png",
+        "bench_zoo.png",
     ]
     for chart in charts:
         assert chart.read_bytes()[:8] == PNG_SIGNATURE
         assert f"(images/{chart.name})" in text
     for preset in list_presets():
         assert f"| `{preset}` |" in text
+    # Every zoo preset has its row in the zoo table, with all three implementations' figures.
+    zoo_section = text[text.index("## Connector zoo") :].split("\n## ")[0]
+    zoo_rows = [line for line in zoo_section.splitlines() if line.startswith("| `")]
+    assert sorted(row.split("`")[1] for row in zoo_rows) == sorted(_zoo_presets())
+    for row in zoo_rows:
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert len(cells) == 12 and all(cells), row
+        connector_ms, bare_ms, mlp_ms = (float(cell.replace(",", "")) for cell in cells[6:9])
+        assert connector_ms > 0 and bare_ms > 0 and mlp_ms > 0, row
     clip = preset_geometry("baseline-clip-l-336")
     clip_presets = [name for name in list_presets() if preset_geometry(name) == clip]
     assert text.count("| stage1-align |") == len(clip_presets)
