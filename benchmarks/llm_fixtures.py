@@ -2,7 +2,7 @@
 training-step benchmark's sizes.
 
 ``MMCONNECT_BENCH_SIZE=real`` (default) builds TinyLlama-1.1B's shape from a
-``transformers.LlamaConfig`` (hidden 2048, MLP 5632, 22 layers, 32 query heads, 4 KV heads,
+``transformers.LlamaConfig`` made by the tiny-model builders' ``tiny_text_config`` (hidden 2048, MLP 5632, 22 layers, 32 query heads, 4 KV heads,
 vocabulary 32000, untied output head: 1,100,048,384 parameters, 4.4 GB in fp32); ``tiny`` builds
 a 2-layer, width-64 Llama that runs in milliseconds. Weights are random (never downloaded): the
 prefill's cost depends on the shapes, not on the values.
@@ -15,6 +15,7 @@ Test modules use the fixtures by importing them::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import torch
@@ -34,19 +35,23 @@ class LlamaSize:
     #: Text tokens of the prompt around the image (system prompt, question, role tags).
     text_tokens: int
 
-    def config_kwargs(self) -> dict:
-        """Keyword arguments of the ``transformers.LlamaConfig`` of this size."""
-        return {
-            "hidden_size": self.hidden,
-            "intermediate_size": self.intermediate,
-            "num_hidden_layers": self.layers,
-            "num_attention_heads": self.heads,
-            "num_key_value_heads": self.kv_heads,
-            "vocab_size": self.vocab,
-            "max_position_embeddings": 2048,
-            "tie_word_embeddings": False,
-            "attn_implementation": "sdpa",
-        }
+    def config(self) -> Any:
+        """The ``transformers.LlamaConfig`` of this size (2048 positions, untied head, SDPA), from
+        :func:`mmconnect.integrations.applications.tiny_models.tiny_text_config`."""
+        from mmconnect.integrations.applications.tiny_models import tiny_text_config
+
+        return tiny_text_config(
+            "llama",
+            width=self.hidden,
+            intermediate_size=self.intermediate,
+            blocks=self.layers,
+            heads=self.heads,
+            kv_heads=self.kv_heads,
+            vocab_size=self.vocab,
+            max_position_embeddings=2048,
+            tie_word_embeddings=False,
+            attn_implementation="sdpa",
+        )
 
 
 #: TinyLlama-1.1B's shape: 1,100,048,384 parameters.
@@ -72,8 +77,7 @@ def llama_size() -> LlamaSize:
 def llama(llama_size):
     """A randomly initialised ``LlamaForCausalLM`` of ``llama_size`` (eval mode, SDPA, on the
     benchmark device in the benchmark dtype). Module-scoped: its 4.4 GB go when the module ends."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(**llama_size.config_kwargs())
-    return LlamaForCausalLM(config).eval().to(DEVICE, DTYPE)
+    return LlamaForCausalLM(llama_size.config()).eval().to(DEVICE, DTYPE)

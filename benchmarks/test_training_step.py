@@ -84,18 +84,21 @@ def training_llama_size() -> LlamaSize:
 @pytest.fixture(scope="module")
 def shared_parts(clip_size: TowerSize, training_llama_size: LlamaSize) -> SharedParts:
     """Tower (CLIP-L/336 shape), Llama body and head, fp32 on the benchmark device, built once."""
-    from transformers import AutoModel, CLIPVisionConfig, LlamaConfig
+    from transformers import AutoModel
+
+    from mmconnect.integrations.applications.tiny_models import tiny_vision_config
 
     torch.manual_seed(0)
-    vision_config = CLIPVisionConfig(
-        hidden_size=clip_size.width,
+    vision_config = tiny_vision_config(
+        "clip",
+        blocks=clip_size.blocks,
+        width=clip_size.width,
         intermediate_size=clip_size.intermediate,
-        num_attention_heads=clip_size.heads,
-        num_hidden_layers=clip_size.blocks,
+        heads=clip_size.heads,
         image_size=clip_size.image,
         patch_size=clip_size.patch,
     )
-    text_config = LlamaConfig(**training_llama_size.config_kwargs())
+    text_config = training_llama_size.config()
     head = nn.Linear(training_llama_size.hidden, training_llama_size.vocab, bias=False)
     nn.init.normal_(head.weight, std=text_config.initializer_range)
     return SharedParts(

@@ -527,10 +527,10 @@ def run_lab(config: LabConfig) -> dict[str, Any]:
 def _run_lab(config: LabConfig) -> dict[str, Any]:
     from mmconnect.integrations.applications.demo import (
         _all_texts,
-        build_word_tokenizer,
         train_connector,
         write_demo_data,
     )
+    from mmconnect.integrations.applications.tiny_models import build_word_tokenizer
     from mmconnect.integrations.applications.output_folders import claim_output_folder
 
     started = time.monotonic()

@@ -48,6 +48,7 @@ from mmconnect.integrations.applications.synthetic import (
     render_scene,
     sample_scene,
 )
+from mmconnect.integrations.applications.tiny_models import tiny_vision_config, tiny_vision_tower
 from mmconnect.validation import check_float, check_int, check_positive_float, check_positive_int
 
 #: A patch is labelled with the object covering most of its pixels if that object covers at least
@@ -119,17 +120,18 @@ class EncoderPretraining:
         return self.image_size // self.patch_size
 
     def vision_config(self) -> Any:
-        """The HF ``CLIPVisionConfig`` of the tower."""
-        from transformers import CLIPVisionConfig
+        """The HF ``CLIPVisionConfig`` of the tower (:func:`tiny_vision_config`, MLP ``4 * width``)."""
+        return tiny_vision_config("clip", **self._tower_geometry())
 
-        return CLIPVisionConfig(
-            hidden_size=self.width,
-            intermediate_size=4 * self.width,
-            num_hidden_layers=self.blocks,
-            num_attention_heads=self.heads,
-            image_size=self.image_size,
-            patch_size=self.patch_size,
-        )
+    def _tower_geometry(self) -> dict[str, int]:
+        return {
+            "blocks": self.blocks,
+            "width": self.width,
+            "intermediate_size": 4 * self.width,
+            "heads": self.heads,
+            "image_size": self.image_size,
+            "patch_size": self.patch_size,
+        }
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -258,12 +260,10 @@ def pretrain_encoder(
 ) -> PretrainedEncoder:
     """Train a CLIP-style tower on per-patch shape classification of randomly coloured scenes,
     with colour invariance at ``hidden_states[config.invariance_layer]``; deterministic by seed."""
-    from transformers import CLIPVisionModel
-
     spec = SceneSpec()
     processor = image_processor(config.image_size)
-    torch.manual_seed(config.seed)
-    model = CLIPVisionModel(config.vision_config())
+    # seeded with config.seed right before the tower is built, then the head
+    model = tiny_vision_tower("clip", seed=config.seed, **config._tower_geometry())
     head = nn.Linear(config.width, 1 + len(spec.shapes))
     parameters = [*model.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(

@@ -307,16 +307,19 @@ def tiny_text_config(
     width: int = 32,
     blocks: int = 2,
     heads: int = 2,
+    kv_heads: int | None = None,
     intermediate_size: int | None = None,
     pad_token_id: int | None = None,
     bos_token_id: int | None = None,
     eos_token_id: int | None = None,
     max_position_embeddings: int | None = None,
+    **fields: Any,
 ) -> Any:
-    """An HF ``LlamaConfig`` / ``Qwen2Config`` of a tiny decoder LLM.
+    """An HF ``LlamaConfig`` / ``Qwen2Config`` of a decoder LLM (tiny by default).
 
     Defaults: 2 blocks, width 32 (MLP 64), 2 heads and 2 key-value heads, vocabulary 120, the
-    config class's own special-token ids and positions.
+    config class's own special-token ids and positions. The benchmarks build their real-size
+    Llama shapes here too (``kv_heads`` and ``fields``).
 
     Args:
         family: ``"llama"`` or ``"qwen2"``.
@@ -325,31 +328,41 @@ def tiny_text_config(
             explicitly are taken from it.
         width: hidden size.
         blocks: decoder layers.
-        heads: attention heads, and as many key-value heads.
+        heads: attention heads.
+        kv_heads: key-value heads (grouped-query attention); ``None``: as many as ``heads``.
         intermediate_size: MLP width; ``None``: ``2 * width``.
         pad_token_id: the padding id; ``None``: the tokenizer's, else the config's default.
         bos_token_id: the begin-of-sequence id; ``None`` as ``pad_token_id``.
         eos_token_id: the end-of-sequence id; ``None`` as ``pad_token_id``.
         max_position_embeddings: positions; ``None``: the config class's default.
+        **fields: further config fields, passed on as given (``tie_word_embeddings=False``,
+            ``attn_implementation="sdpa"``).
 
     Raises:
         ValueError: an unknown family or a size below 1.
-        TypeError: a size that is not an int.
+        TypeError: a size that is not an int, or ``fields`` naming a field the named arguments
+            set (``hidden_size``: use ``width``).
     """
     check_choice(family, "family", TEXT_FAMILIES)
-    for name, value in (("width", width), ("blocks", blocks), ("heads", heads)):
+    kv_heads = heads if kv_heads is None else kv_heads
+    for name, value in (
+        ("width", width),
+        ("blocks", blocks),
+        ("heads", heads),
+        ("kv_heads", kv_heads),
+    ):
         check_positive_int(value, name)
     if tokenizer is not None:
         vocab_size = len(tokenizer) if vocab_size is None else vocab_size
         bos_token_id = tokenizer.bos_token_id if bos_token_id is None else bos_token_id
         eos_token_id = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
         pad_token_id = tokenizer.pad_token_id if pad_token_id is None else pad_token_id
-    fields: dict[str, Any] = {
+    required: dict[str, Any] = {
         "hidden_size": width,
         "intermediate_size": 2 * width if intermediate_size is None else intermediate_size,
         "num_hidden_layers": blocks,
         "num_attention_heads": heads,
-        "num_key_value_heads": heads,
+        "num_key_value_heads": kv_heads,
         "vocab_size": 120 if vocab_size is None else check_positive_int(vocab_size, "vocab_size"),
     }
     optional = {
@@ -358,10 +371,20 @@ def tiny_text_config(
         "bos_token_id": bos_token_id,
         "eos_token_id": eos_token_id,
     }
-    fields |= {name: value for name, value in optional.items() if value is not None}
+    clashing = sorted(set(fields) & {*required, *optional})
+    if clashing:
+        raise TypeError(
+            f"tiny_text_config sets {', '.join(clashing)} from its own arguments (width, blocks, "
+            "heads, kv_heads, vocab_size, ...); pass them by those names"
+        )
+    config_fields = {
+        **fields,
+        **required,
+        **{name: value for name, value in optional.items() if value is not None},
+    }
     from transformers import LlamaConfig, Qwen2Config
 
-    return (LlamaConfig if family == "llama" else Qwen2Config)(**fields)
+    return (LlamaConfig if family == "llama" else Qwen2Config)(**config_fields)
 
 
 def word_level_tokenizer(vocabulary: Sequence[str] | Mapping[str, int]) -> Any:

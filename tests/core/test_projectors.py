@@ -401,24 +401,19 @@ def test_bin_is_read_without_unpickling_objects(tmp_path, sci_connector):
 
 
 def _llava_config(feature_layer):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    from transformers import LlavaConfig
+
+    from mmconnect.integrations.applications.tiny_models import (
+        tiny_text_config,
+        tiny_vision_config,
+    )
 
     return LlavaConfig(
-        vision_config=CLIPVisionConfig(
-            hidden_size=VISION,
-            intermediate_size=16,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=28,
-            patch_size=14,
+        vision_config=tiny_vision_config(
+            "clip", blocks=2, width=VISION, intermediate_size=16, heads=2, image_size=28
         ),
-        text_config=LlamaConfig(
-            hidden_size=LLM,
-            intermediate_size=16,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            vocab_size=64,
+        text_config=tiny_text_config(
+            width=LLM, intermediate_size=16, blocks=1, heads=2, vocab_size=64
         ),
         projector_hidden_act="gelu",
         vision_feature_layer=feature_layer,

@@ -108,35 +108,22 @@ def test_demo_takes_the_tower_and_llm_from_local_checkpoints(tmp_path):
     """--vision / --llm: the trained model starts from those weights (tower frozen: unchanged)."""
     import torch
     from safetensors.torch import load_file
-    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    from mmconnect.integrations.applications.demo import build_word_tokenizer
     from mmconnect.integrations.applications.synthetic import text_vocabulary
+    from mmconnect.integrations.applications.tiny_models import (
+        build_word_tokenizer,
+        tiny_text_config,
+        tiny_vision_tower,
+    )
 
-    torch.manual_seed(5)
-    vision = CLIPVisionModel(
-        CLIPVisionConfig(
-            hidden_size=48,
-            intermediate_size=96,
-            num_hidden_layers=6,
-            num_attention_heads=4,
-            image_size=64,
-            patch_size=16,
-        )
+    vision = tiny_vision_tower(
+        "clip", seed=5, blocks=6, width=48, heads=4, image_size=64, patch_size=16
     )
     vision.save_pretrained(tmp_path / "vision")
     texts = [" ".join(text_vocabulary()), "A chat between USER : ASSISTANT : \n , . ? -"]
     tokenizer = build_word_tokenizer([*texts, "assistant user"])
-    llm = LlamaForCausalLM(
-        LlamaConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            vocab_size=len(tokenizer),
-        )
-    )
+    llm = LlamaForCausalLM(tiny_text_config(width=64, blocks=2, heads=4, vocab_size=len(tokenizer)))
     llm.save_pretrained(tmp_path / "llm")
     tokenizer.save_pretrained(tmp_path / "llm")
     output = tmp_path / "demo"

@@ -197,11 +197,8 @@ def test_lab_connector_refuses_an_unknown_name():
 
 
 def test_every_connector_of_a_seed_starts_from_the_same_llm(tmp_path):
-    from mmconnect.integrations.applications.demo import (
-        DemoConfig,
-        build_demo_model,
-        build_word_tokenizer,
-    )
+    from mmconnect.integrations.applications.demo import DemoConfig, build_demo_model
+    from mmconnect.integrations.applications.tiny_models import build_word_tokenizer
 
     tokenizer = build_word_tokenizer(["What colour is the circle ? red blue"])
     demo = DemoConfig(

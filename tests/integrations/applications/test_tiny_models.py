@@ -226,6 +226,20 @@ def test_text_config_defaults_and_families():
         tiny_text_config("gpt2")
 
 
+def test_text_config_grouped_query_heads_and_further_fields():
+    """The benchmarks' Llama shapes: fewer key-value heads, an untied head, SDPA."""
+    config = tiny_text_config(
+        width=64, heads=4, kv_heads=2, tie_word_embeddings=False, attn_implementation="sdpa"
+    )
+    assert (config.num_attention_heads, config.num_key_value_heads) == (4, 2)
+    assert config.tie_word_embeddings is False
+    assert config._attn_implementation == "sdpa"
+    with pytest.raises(ValueError, match=r"^kv_heads must be a positive int, got 0$"):
+        tiny_text_config(kv_heads=0)
+    with pytest.raises(TypeError, match=r"sets hidden_size from its own arguments"):
+        tiny_text_config(hidden_size=64)
+
+
 def test_text_config_from_a_tokenizer():
     tokenizer = build_word_tokenizer(["red green"])
     config = tiny_text_config(tokenizer=tokenizer, eos_token_id=4)

@@ -69,17 +69,10 @@ def test_inspect_a_tiny_test_encoder(capsys):
 
 
 def test_inspect_a_local_checkpoint(tmp_path, capsys):
-    from transformers import SiglipVisionConfig, SiglipVisionModel
+    from mmconnect.integrations.applications.tiny_models import tiny_vision_tower
 
-    config = SiglipVisionConfig(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=27,
-        num_attention_heads=2,
-        image_size=56,
-        patch_size=14,
-    )
-    SiglipVisionModel(config).save_pretrained(tmp_path)
+    tower = tiny_vision_tower("siglip", blocks=27, width=16, heads=2, image_size=56)
+    tower.save_pretrained(tmp_path)
     assert main(["inspect", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "SiglipVisionModel" in out and "prefix tokens  0" in out and "4x4 at 56 px" in out

@@ -15,14 +15,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     LlavaNextImageProcessor,
     LlavaNextProcessor,
-    PreTrainedTokenizerFast,
 )
 
 from mmconnect import ConnectorConfig, DenseConnector, ResampleSpec
+from mmconnect.integrations.applications.tiny_models import tiny_llava_tokenizer
 from mmconnect.integrations.families.anyres import (
     anyres_token_count,
     check_image_size,
@@ -67,15 +66,7 @@ def _count(connector: DenseConnector, size: tuple[int, int]) -> int:
 @pytest.fixture(scope="module")
 def hf_processor() -> LlavaNextProcessor:
     """Stock HF LLaVA-NeXT processor for CLIP-L/336 (``default`` strategy, CLS counted then removed)."""
-    vocab = {"<unk>": 0, "<pad>": 1, "hello": 2, "<image>": 3}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        unk_token="<unk>",
-        pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},
-    )
+    tokenizer = tiny_llava_tokenizer()  # the processor only needs its <image> token
     image_processor = LlavaNextImageProcessor(
         image_grid_pinpoints=PINPOINTS,
         size={"shortest_edge": TILE},

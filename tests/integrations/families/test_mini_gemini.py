@@ -23,12 +23,14 @@ from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
     CLIPImageProcessor,
-    CLIPVisionConfig,
-    LlamaConfig,
 )
 
 from mmconnect import ConnectorConfig, DenseConnector
-from mmconnect.integrations.applications.tiny_models import tiny_llava_tokenizer
+from mmconnect.integrations.applications.tiny_models import (
+    tiny_llava_tokenizer,
+    tiny_text_config,
+    tiny_vision_config,
+)
 from mmconnect.integrations.families.mini_gemini import (
     DenseMGMConfig,
     DenseMGMForConditionalGeneration,
@@ -330,7 +332,9 @@ def test_bad_hd_and_placement_fields():
         build(image_global=True)
     with pytest.raises(ValueError, match="image_grid must be a positive int"):
         build(image_grid=0)
-    with pytest.raises(ValueError, match=r"mining_placement must be one of \('after', 'before'\), got 'inside'"):
+    with pytest.raises(
+        ValueError, match=r"mining_placement must be one of \('after', 'before'\), got 'inside'"
+    ):
         build(mining_placement="inside")
     with pytest.raises(ValueError, match="placement='before' mines on the encoder grid"):
         build("dc-dci-clip-l-336-efficient", mining_placement="before")
@@ -350,17 +354,15 @@ def test_connector_that_does_not_fit_the_tower():
     with pytest.raises(ValueError, match=r"connector vision_dim=24 does not match"):
         DenseMGMForConditionalGeneration(
             DenseMGMConfig(
-                vision_config=CLIPVisionConfig(
-                    hidden_size=VISION,
-                    num_hidden_layers=24,
-                    image_size=336,
-                    patch_size=14,
-                    num_attention_heads=2,
+                vision_config=tiny_vision_config(
+                    "clip",
+                    blocks=24,
+                    width=VISION,
                     intermediate_size=32,
+                    heads=2,
+                    image_size=336,
                 ),
-                text_config=LlamaConfig(
-                    hidden_size=LLM, num_hidden_layers=1, num_attention_heads=2
-                ),
+                text_config=tiny_text_config(width=LLM, blocks=1, heads=2),
                 connector=ConnectorConfig.from_preset(
                     "dc-dci-clip-l-336", vision_dim=24, llm_dim=LLM
                 ).to_dict(),
@@ -516,10 +518,8 @@ def test_unknown_timm_name_for_the_hr_encoder():
         + r".*expected a timm ConvNeXt name such as 'convnext_large'",
     ):
         DenseMGMConfig(
-            vision_config=CLIPVisionConfig(
-                hidden_size=VISION, num_attention_heads=2, num_hidden_layers=24
-            ),
-            text_config=LlamaConfig(hidden_size=LLM, num_attention_heads=2, vocab_size=40),
+            vision_config=tiny_vision_config("clip", blocks=24, width=VISION, image_size=336),
+            text_config=tiny_text_config(width=LLM, vocab_size=40),
             connector=connector("baseline-clip-l-336").to_dict(),
             aux_encoder={"name": "convnext_hugee"},
         )

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from mmconnect import ConnectorConfig, DenseConnector
+from mmconnect.integrations.applications.tiny_models import tiny_vision_tower
 from mmconnect.integrations.families.mini_gemini_vision import (
     MGMVisionPath,
     PatchInfoMining,
@@ -20,17 +20,9 @@ WIDTH, LLM = 16, 24
 
 @pytest.fixture(scope="module")
 def towers():
-    torch.manual_seed(0)
-    clip = CLIPVisionModel(
-        CLIPVisionConfig(
-            hidden_size=WIDTH,
-            intermediate_size=32,
-            num_hidden_layers=24,
-            num_attention_heads=2,
-            image_size=336,
-            patch_size=14,
-        )
-    ).eval()
+    clip = tiny_vision_tower(
+        "clip", seed=0, blocks=24, width=WIDTH, intermediate_size=32, heads=2, image_size=336
+    )
     convnext = timm.create_model("convnext_atto", pretrained=False, num_classes=0).eval()
     clip.requires_grad_(False)
     convnext.requires_grad_(False)

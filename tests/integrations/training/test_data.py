@@ -843,29 +843,18 @@ def test_deterministic(tmp_path, tokenizer, image_id):
 def test_batch_trains_a_dense_llava(tmp_path, tokenizer, image_id):
     """The collated batch fits DenseLlavaForConditionalGeneration: image tokens per image from
     the model, loss only on the answers."""
-    from transformers import CLIPVisionConfig, LlamaConfig
-
+    from mmconnect.integrations.applications.tiny_models import (
+        tiny_text_config,
+        tiny_vision_config,
+    )
     from mmconnect.integrations.families.llava import (
         DenseLlavaConfig,
         DenseLlavaForConditionalGeneration,
     )
 
-    vision = CLIPVisionConfig(
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        image_size=SIZE,
-        patch_size=14,
-    )
-    text = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
+    vision = tiny_vision_config("clip", blocks=3, width=16, heads=2, image_size=SIZE)
+    text = tiny_text_config(
+        width=32, blocks=1, heads=2, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id
     )
     torch.manual_seed(0)
     model = DenseLlavaForConditionalGeneration(
