@@ -10,7 +10,12 @@
   (:func:`check_pixel_values`);
 * the stock HF contract: initialisation as for HF's own classes (:class:`DenseInitMixin`) and
   ``get_image_features`` outputs (:func:`tower_features`);
-* conversion of an existing HF model around its own modules (:func:`convert_model`).
+* conversion of an existing HF model around its own modules (:func:`convert_model`);
+* DeepStack (a connector with ``injection=``): ``get_image_features`` returns the residuals
+  with the tokens (:class:`DenseImageOutput`, :func:`image_outputs`) and ``forward`` adds them
+  to the LLM's hidden states at the image positions (:func:`injecting_forward`,
+  :func:`deepstack_injection`); families that cannot line them up refuse such a connector
+  (:func:`refuse_injection`).
 
 What the rest of the library may ask a Dense model is the family protocol
 (:mod:`mmconnect.integrations.families.protocol`); registration goes through it too.
@@ -18,11 +23,14 @@ What the rest of the library may ask a Dense model is the family protocol
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +50,7 @@ from mmconnect.checkpoint import (
     shape_problems,
 )
 from mmconnect.connector import FINGERPRINT_KEY, config_fingerprint
+from mmconnect.encoder_blocks import unwrap_compiled
 from mmconnect.layers import check_layer_index
 from mmconnect.validation import check_size_pair
 
@@ -83,6 +92,39 @@ def check_connector_fits(connector: ConnectorConfig, vision_config: Any, text_co
     for field, value, what, expected in pairs:
         if value != expected:
             raise ValueError(f"connector {field}={value} does not match {what} ({expected})")
+    check_injection_depth(connector, text_config)
+
+
+def check_injection_depth(connector: ConnectorConfig, text_config: Any) -> None:
+    """A DeepStack connector needs an LLM layer per injected level (level ``i`` is added after
+    LLM layer ``i``).
+
+    Raises:
+        ValueError: ``text_config.num_hidden_layers`` is smaller than the number of levels.
+    """
+    injection = connector.injection
+    depth = getattr(text_config, "num_hidden_layers", None)
+    if injection is not None and depth is not None and len(injection.layers) > depth:
+        raise ValueError(
+            f"connector injection.layers={list(injection.layers)} injects {len(injection.layers)} "
+            f"levels, one after each of the first {len(injection.layers)} LLM layers, but the LLM "
+            f"has num_hidden_layers={depth}; inject at most {depth} vision layers"
+        )
+
+
+def refuse_injection(connector: ConnectorConfig, family: str, reason: str) -> None:
+    """For families that cannot add DeepStack residuals at their image positions.
+
+    Raises:
+        ValueError: ``connector`` has an ``injection`` spec; the message names the family and
+            ``reason``.
+    """
+    if connector.injection is not None:
+        raise ValueError(
+            f"{family} does not support a connector with injection= (DeepStack, layers "
+            f"{list(connector.injection.layers)}): {reason}; use Dense LLaVA or Mini-Gemini, or "
+            "a connector without injection"
+        )
 
 
 class ConnectorConfigMixin:
@@ -275,6 +317,222 @@ def processor_connector(
         if isinstance(connector, ConnectorConfig)
         else ConnectorConfig.from_dict(connector)
     )
+
+
+# ---------------------------------------------------------------------------- DeepStack injection
+
+
+@dataclass
+class DenseImageOutput(BaseModelOutputWithPooling):
+    """``get_image_features`` output of the Dense models: HF's ``BaseModelOutputWithPooling``
+    plus the DeepStack residuals in the layout HF's Qwen3-VL uses (so ``generate()``'s
+    pre-encoding, beam expansion and chunked prefill carry them with the image tokens).
+
+    Attributes:
+        deepstack_features: one entry per injected level ``i`` (added after LLM layer ``i``):
+            a list with one ``[tokens, llm_dim]`` tensor per image, aligned with
+            ``pooler_output``; ``None`` for a connector without injection.
+    """
+
+    deepstack_features: list[list[Tensor]] | None = None
+
+
+def image_outputs(
+    outputs: BaseModelOutputWithPooling,
+    tokens: Tensor,
+    residuals: Sequence[Tensor],
+    images: int,
+) -> DenseImageOutput:
+    """``outputs`` with the connector's tokens and residuals split per image.
+
+    Args:
+        outputs: the tower's outputs (:func:`tower_features`).
+        tokens: ``[rows, N, llm_dim]`` with ``rows`` a multiple of ``images`` (views of one image
+            follow each other).
+        residuals: each ``[rows, N, llm_dim]``
+            (:meth:`mmconnect.DenseConnector.forward_with_injections`); empty without injection.
+        images: the number of images.
+
+    Returns:
+        ``pooler_output``: ``images`` tensors ``[rows / images * N, llm_dim]``;
+        ``deepstack_features``: per level, the same split of its residual (``None`` when
+        ``residuals`` is empty).
+    """
+
+    def per_image(tensor: Tensor) -> list[Tensor]:
+        return list(tensor.reshape(images, -1, tensor.shape[-1]))
+
+    return DenseImageOutput(
+        last_hidden_state=outputs.last_hidden_state,
+        pooler_output=per_image(tokens),
+        hidden_states=outputs.hidden_states,
+        attentions=outputs.attentions,
+        deepstack_features=[per_image(residual) for residual in residuals] or None,
+    )
+
+
+#: Where HF decoder-only base models keep their decoder layers (Llama, Qwen2, Mistral, Gemma:
+#: ``layers``; a causal-LM wrapper: ``model.layers``; OPT: ``decoder.layers``).
+_DECODER_LAYOUTS = ("layers", "model.layers", "decoder.layers")
+
+
+def decoder_layers(language_model: nn.Module) -> nn.ModuleList:
+    """The LLM's decoder layers in order (``language_model.layers`` for HF base models).
+
+    Found by structure: the first of ``layers``, ``model.layers``, ``decoder.layers`` that is an
+    ``nn.ModuleList`` (a ``torch.compile`` d LLM is read through the module it wraps).
+    :func:`mmconnect.find_encoder_blocks` knows vision towers only, not decoder stacks.
+
+    Raises:
+        ValueError: none of those paths holds a module list.
+    """
+    module = unwrap_compiled(language_model)
+    for path in _DECODER_LAYOUTS:
+        found: Any = module
+        for name in path.split("."):
+            found = getattr(found, name, None)
+        if isinstance(found, nn.ModuleList):
+            return found
+    raise ValueError(
+        f"cannot find the decoder layers of the LLM ({type(module).__name__}): expected an "
+        f"nn.ModuleList at one of {list(_DECODER_LAYOUTS)}, as HF decoder-only models have"
+    )
+
+
+@contextlib.contextmanager
+def deepstack_injection(
+    layers: Sequence[nn.Module], residuals: Sequence[Tensor], mask: Tensor
+) -> Iterator[None]:
+    """Within the block, add ``residuals[i]`` at ``mask`` to the output of ``layers[i]``.
+
+    What HF's ``Qwen3VLTextModel._deepstack_process`` does after decoder layer ``i``::
+
+        h = h.clone();  h[mask] = h[mask] + residual_i     # h: [B, S, D]
+
+    with one forward hook per level, registered on entry and removed on exit (also when the
+    forward raises). The hooks act only in the thread that entered the block, so a model shared
+    by threads injects each call's residuals into that call's forward only; nothing on the
+    modules is changed between calls.
+
+    Args:
+        layers: the LLM's decoder layers (:func:`decoder_layers`).
+        residuals: per level, ``[mask.sum(), D]`` in the order of ``mask``'s ``True`` positions
+            (row-major over ``[B, S]``, as HF fills image tokens).
+        mask: ``[B, S]`` bool, the image positions.
+
+    Raises:
+        ValueError: more levels than layers, a residual whose rows differ from the mask's
+            positions, or (during the forward) a layer output whose ``[B, S]`` is not the mask's.
+    """
+    if len(residuals) > len(layers):
+        raise ValueError(
+            f"{len(residuals)} DeepStack levels but the LLM has {len(layers)} decoder layers; "
+            "level i is added after layer i"
+        )
+    positions = int(mask.sum())
+    for level, residual in enumerate(residuals):
+        if residual.dim() != 2 or residual.shape[0] != positions:
+            raise ValueError(
+                f"DeepStack level {level} has shape {tuple(residual.shape)} but the prompt holds "
+                f"{positions} image positions: expected [{positions}, hidden_size]"
+            )
+    thread = threading.get_ident()
+
+    def make_hook(level: int, residual: Tensor) -> Callable:
+        def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+            if threading.get_ident() != thread:
+                return None
+            hidden = output[0] if isinstance(output, tuple) else output
+            if tuple(hidden.shape[:2]) != tuple(mask.shape):
+                raise ValueError(
+                    f"LLM layer {level} returned hidden states {tuple(hidden.shape)} but the image "
+                    f"mask is {tuple(mask.shape)}: the DeepStack residuals belong to another "
+                    "sequence"
+                )
+            where = mask.to(hidden.device)
+            hidden = hidden.clone()
+            hidden[where] = hidden[where] + residual.to(hidden.device, hidden.dtype)
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+        return hook
+
+    handles = []
+    try:
+        for level, residual in enumerate(residuals):
+            handles.append(layers[level].register_forward_hook(make_hook(level, residual)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _image_mask(model: Any, input_ids: Tensor | None, inputs_embeds: Tensor | None) -> Tensor:
+    """``[B, S]``: where the prompt holds image tokens, found as HF LLaVA finds them."""
+    if input_ids is not None:
+        return input_ids == model.config.image_token_id
+    image = model.get_input_embeddings()(
+        torch.full((), model.config.image_token_id, dtype=torch.long, device=inputs_embeds.device)
+    )
+    return (inputs_embeds == image).all(-1)
+
+
+def injecting_forward(stock_forward: Callable) -> Callable:
+    """``stock_forward`` (HF LLaVA's base-model ``forward``) adding the connector's DeepStack
+    residuals to the LLM when the connector has an ``injection``.
+
+    When the call has images (``pixel_values``, or pre-encoded ``mm_encoder_outputs["image"]``
+    as ``generate()`` passes at prefill), their ``deepstack_features`` level ``i`` is added to
+    the LLM's hidden states at the image-token positions after decoder layer ``i``
+    (:func:`deepstack_injection`, hooks for this call only). Calls without image tokens (the
+    decode steps of ``generate()``) run unchanged, as Qwen3-VL's. The wrapper keeps the stock
+    signature.
+
+    Raises:
+        ValueError: pre-encoded image outputs without ``deepstack_features`` (computed by
+            another model or with another connector).
+    """
+    signature = inspect.signature(stock_forward)
+
+    @functools.wraps(stock_forward)
+    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        arguments = signature.bind(self, *args, **kwargs).arguments
+        input_ids, inputs_embeds = arguments.get("input_ids"), arguments.get("inputs_embeds")
+        pixel_values = arguments.get("pixel_values")
+        encoded = arguments.get("mm_encoder_outputs")
+        if (
+            self.connector.injection is None
+            or (input_ids is None) == (inputs_embeds is None)
+            or (pixel_values is not None and encoded is not None)
+        ):
+            return stock_forward(self, *args, **kwargs)  # nothing to inject, or HF's own errors
+        call = {name: value for name, value in arguments.items() if name not in ("self", "kwargs")}
+        extra = dict(arguments.get("kwargs", {}))
+        encoded = dict(encoded or {})
+        if pixel_values is not None:  # encode here (as the stock forward would) to read levels
+            encoded["image"] = self.get_image_features(
+                pixel_values=pixel_values,
+                vision_feature_layer=call.get("vision_feature_layer"),
+                vision_feature_select_strategy=call.get("vision_feature_select_strategy"),
+                image_sizes=call.get("image_sizes"),
+                **{**extra, "return_dict": True},
+            )
+            call["pixel_values"], call["mm_encoder_outputs"] = None, encoded
+        image = encoded.get("image")
+        if image is None:
+            return stock_forward(self, *args, **kwargs)
+        levels = getattr(image, "deepstack_features", None)
+        if levels is None:
+            raise ValueError(
+                "mm_encoder_outputs['image'] has no deepstack_features, but this model's "
+                f"connector injects vision layers {list(self.connector.injection_layers)} into the "
+                "LLM; encode the images with this model's get_image_features"
+            )
+        mask = _image_mask(self, input_ids, inputs_embeds)
+        residuals = [torch.cat(list(level), dim=0) for level in levels]
+        with deepstack_injection(decoder_layers(self.language_model), residuals, mask):
+            return stock_forward(self, **call, **extra)
+
+    return forward
 
 
 # ---------------------------------------------------------------------------- model mixins

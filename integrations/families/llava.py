@@ -48,6 +48,8 @@ from mmconnect.integrations.families.base import (
     checked_forward,
     checked_grid,
     convert_model,
+    image_outputs,
+    injecting_forward,
     native_grid,
     processor_connector,
     reject_feature_layer,
@@ -93,7 +95,9 @@ class DenseLlavaModel(
     """HF ``LlavaModel`` whose ``multi_modal_projector`` is a :class:`mmconnect.DenseConnector`.
 
     ``forward`` has the stock signature and checks the prompt's image tokens before the tower
-    runs.
+    runs. A connector with DeepStack (``injection=``) adds its per-level residuals to the LLM's
+    hidden states at the image positions after LLM layers ``0, 1, ...``
+    (:func:`~mmconnect.integrations.families.base.injecting_forward`).
     """
 
     config_class = DenseLlavaConfig
@@ -133,7 +137,7 @@ class DenseLlavaModel(
         native grid (every image is resized to the tower's size, so ``image_size`` is unused)."""
         return self.connector.num_tokens(native_grid(self.config.vision_config))
 
-    forward = checked_forward(LlavaModel.forward)
+    forward = checked_forward(injecting_forward(LlavaModel.forward))
 
     @can_return_tuple
     def get_image_features(
@@ -152,7 +156,9 @@ class DenseLlavaModel(
         ``output_attentions`` ask for them (then the tower runs in full, otherwise it stops
         after the deepest layer the connector reads); a tuple when ``return_dict=False``.
         The layers come from the connector config; ``vision_feature_select_strategy`` is not
-        used (the tap drops prefix tokens by structure).
+        used (the tap drops prefix tokens by structure). With a DeepStack connector
+        (``injection=``) ``deepstack_features`` holds, per injected level, the residual of each
+        image (``[tokens, llm_dim]``), which ``forward`` adds after LLM layer ``i``.
 
         Raises:
             ValueError: bad ``pixel_values`` (see :func:`~mmconnect.integrations.families.base.check_pixel_values`),
@@ -172,8 +178,8 @@ class DenseLlavaModel(
             output_hidden_states=kwargs.get("output_hidden_states"),
             output_attentions=kwargs.get("output_attentions"),
         )
-        outputs.pooler_output = list(self.connector(features, grid))
-        return outputs
+        tokens, residuals = self.connector.forward_with_injections(features, grid)
+        return image_outputs(outputs, tokens, residuals, pixel_values.shape[0])
 
 
 class DenseLlavaForConditionalGeneration(

@@ -51,6 +51,7 @@ from mmconnect.integrations.families.base import (
     convert_model,
     native_grid,
     processor_connector,
+    refuse_injection,
     reject_feature_layer,
     reject_interpolation,
     tower_features,
@@ -71,7 +72,10 @@ class DenseLlavaNextConfig(ConnectorConfigMixin, LlavaNextConfig):
     """``LlavaNextConfig`` plus ``connector`` (a :class:`mmconnect.ConnectorConfig` as a dict).
 
     Raises:
-        ValueError: a pinpoint is not a multiple of the tile (vision tower image) size.
+        ValueError: a pinpoint is not a multiple of the tile (vision tower image) size, or the
+            connector has a DeepStack ``injection`` (AnyRes packing puts newline tokens between
+            the rows of merged tokens, which the residuals would have to follow; not
+            implemented).
     """
 
     model_type = MODEL_TYPE
@@ -80,6 +84,13 @@ class DenseLlavaNextConfig(ConnectorConfigMixin, LlavaNextConfig):
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
         attach_connector(self)
+        refuse_injection(
+            self.connector_config,
+            "Dense LLaVA-NeXT",
+            "AnyRes packing adds newline tokens between the rows of each image's tokens and "
+            "unpads the crops, so per-level residuals would have to be packed the same way "
+            "(not implemented)",
+        )
         check_pinpoints(self.image_grid_pinpoints, self.vision_config.image_size)
 
 

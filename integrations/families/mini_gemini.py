@@ -47,6 +47,8 @@ from mmconnect.integrations.families.base import (
     check_connector_fits,
     check_pixel_values,
     checked_forward,
+    image_outputs,
+    injecting_forward,
     native_grid,
     reject_feature_layer,
     reject_interpolation,
@@ -247,7 +249,7 @@ class DenseMGMModel(
             native_grid(self.config.vision_config)
         )
 
-    forward = checked_forward(LlavaModel.forward)
+    forward = checked_forward(injecting_forward(LlavaModel.forward))
 
     def check_pixel_values(self, pixel_values: Any) -> None:
         """``pixel_values`` must be the HR image ``[images, 3, image_size_aux, image_size_aux]``."""
@@ -271,7 +273,11 @@ class DenseMGMModel(
 
         ``last_hidden_state`` is the CLIP tower's tapped final layer for every LR view,
         ``[images * views, h*w, vision_dim]``; ``hidden_states`` / ``attentions`` of the CLIP
-        tower when asked for; a tuple when ``return_dict=False`` (as HF LLaVA).
+        tower when asked for; a tuple when ``return_dict=False`` (as HF LLaVA). With a
+        DeepStack connector (``injection=``), ``deepstack_features`` holds per level each
+        image's residuals ``[views * tokens, llm_dim]``, computed from the LR tower's layers
+        as tapped (patch info mining refines only the connector's tokens; the connector's
+        token path runs a second time, unmined, to give them).
 
         Raises:
             ValueError: the pixels are not ``image_size_aux`` square RGB images (or unbatched,
@@ -302,9 +308,13 @@ class DenseMGMModel(
         tokens = mine_and_connect(
             features, hr_map.flatten(0, 1), self.connector, self.mining, config.mining_placement
         )
-        per_image = tokens.reshape(pixel_values.shape[0], -1, tokens.shape[-1])
-        outputs.pooler_output = list(per_image)
-        return outputs
+        # DeepStack levels read the LR layers as tapped: mining refines the connector's tokens.
+        residuals = (
+            self.connector.forward_with_injections(features)[1]
+            if self.connector.injection is not None
+            else ()
+        )
+        return image_outputs(outputs, tokens, residuals, pixel_values.shape[0])
 
     @property
     def vision_tower_aux_dtype(self) -> torch.dtype:
