@@ -355,7 +355,7 @@ class MultiLayerFeatureTap:
         layers: layer indices captured individually (the connector's ``individual_layers``), in
             the HF ``hidden_states`` convention (0 = embedding output, k = output of block k,
             negatives from the end). Kept, normalised to non-negative indices, as
-            :attr:`individual_layers`.
+            ``individual_layers``.
         groups: layer groups to average while streaming (each a collection of layer indices in
             the same convention); their means appear in ``LayerFeatures.group_means`` and the
             member layers are not kept one by one.
