@@ -10,12 +10,14 @@ efficient Dense Connector of docs/concepts.md; the paper's figures in docs/lab.m
    and freezes it (:mod:`mmconnect.integrations.applications.lab_encoder`);
 3. for every seed and every connector (``baseline``, ``sti``, ``sci``, ``dci``,
    ``dci-efficient``: the ``*-clip-l-336`` presets at the tower's width, the efficient grid
-   halved per side as 24x24 -> 12x12 is) trains both LLaVA stages with the demo's code
+   halved per side as 24x24 -> 12x12 is; or ``<fusion>+<projector kind>``, one of those
+   fusions feeding any registered projector, a zoo connector at its lab size from
+   :data:`LAB_PROJECTOR_SPECS`) trains both LLaVA stages with the demo's code
    (:func:`mmconnect.integrations.applications.demo.train_connector`) and identical budgets: the same data,
    steps, batch, learning-rate schedule, data order and initial LLM for a seed;
 4. scores exact answers on held-out scenes per question type and reports the mean and the
-   sample standard deviation over seeds: ``results.json``, ``results.md``, ``accuracy.png`` and
-   ``encoder_probe.png`` in the output directory.
+   sample standard deviation over seeds: ``results.json``, ``results.md``, ``accuracy.png``,
+   ``overall.png`` and ``encoder_probe.png`` in the output directory.
 
 Example:
     >>> results = run_lab(LabConfig(output_dir="lab", seeds=(0, 1, 2)))  # doctest: +SKIP
@@ -28,13 +30,14 @@ import dataclasses
 import json
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mmconnect import ConnectorConfig, ResampleSpec
+from mmconnect import ConnectorConfig, DenseConnector, ResampleSpec, list_projectors
 from mmconnect.integrations.applications.lab_encoder import (
     EncoderPretraining,
     ProbeData,
@@ -42,14 +45,20 @@ from mmconnect.integrations.applications.lab_encoder import (
     probe_accuracy,
     probe_data,
 )
+from mmconnect.projectors import ProjectorSpec, parse_projector
 from mmconnect.validation import (
     check_bool,
-    check_choice,
     check_int,
     check_positive_float,
     check_positive_int,
     check_sequence,
 )
+from mmconnect.zoo.abstractors import CAbstractorSpec, LDPv2Spec
+from mmconnect.zoo.patch_merger import Mistral3MergerSpec, PatchMergerSpec
+from mmconnect.zoo.perceiver import PerceiverSpec
+from mmconnect.zoo.pixel_shuffle import PixelShuffleMLPSpec, PixelShuffleSpec
+from mmconnect.zoo.pooled import Gemma3PoolSpec, OnevisionPoolSpec
+from mmconnect.zoo.qformer import QFormerSpec
 
 FORMAT_VERSION = 1
 #: The lab's connector names (those of ``mmconnect demo``) and the preset each one runs.
@@ -62,6 +71,111 @@ LAB_PRESETS: dict[str, str] = {
 }
 #: Tower depth of the CLIP-L/336 presets.
 PRESET_BLOCKS = 24
+#: The fusions a ``<fusion>+<projector kind>`` lab connector may name: those of the presets
+#: above (the same layers), without the efficient DCI's resampling.
+LAB_FUSIONS: tuple[str, ...] = ("baseline", "sti", "sci", "dci")
+
+
+def _pooled_side(grid_side: int) -> int:
+    """The efficient DCI's output side for the lab grid (24 -> 12 in the preset, 8 -> 4 here)."""
+    return max(grid_side // 2, 1)
+
+
+#: The lab size of every zoo projector kind: ``{kind: spec(llm_dim=, grid_side=)}``. Every one
+#: keeps the reference's structure (its norms, activations, merge and attention pattern) at the
+#: lab's widths, and makes the efficient DCI's token budget, a quarter of the ``grid_side x
+#: grid_side`` tokens (16 of 64 on the default 8x8 grid): merges and shuffles of 2x2, pooled
+#: grids and learned queries of ``(grid_side // 2)**2``. Attention and hidden widths follow the
+#: LLM width (Q-Former: 2 layers, 4 heads, hidden = LLM width, as small as the LLM; Perceiver: 2
+#: blocks, 4 query heads sharing one key / value head as Idefics2's 16 share 4). A registered
+#: kind without an entry (a user's) runs its spec's defaults, ``parse_projector(kind)``.
+LAB_PROJECTOR_SPECS: dict[str, Callable[..., ProjectorSpec]] = {
+    "pixel_shuffle": lambda *, llm_dim, grid_side: PixelShuffleSpec(factor=2),
+    "pixel_shuffle_mlp": lambda *, llm_dim, grid_side: PixelShuffleMLPSpec(factor=2),
+    "patch_merger": lambda *, llm_dim, grid_side: PatchMergerSpec(merge_size=2),
+    "mistral3_merger": lambda *, llm_dim, grid_side: Mistral3MergerSpec(merge_size=2),
+    "gemma3_pool": lambda *, llm_dim, grid_side: Gemma3PoolSpec(grid=_pooled_side(grid_side)),
+    "onevision_pool": lambda *, llm_dim, grid_side: OnevisionPoolSpec(stride=2),
+    "perceiver": lambda *, llm_dim, grid_side: PerceiverSpec(
+        n_latents=_pooled_side(grid_side) ** 2,
+        depth=2,
+        heads=4,
+        head_dim=max(llm_dim // 4, 1),
+        kv_heads=1,
+        intermediate_size=4 * llm_dim,
+    ),
+    "qformer": lambda *, llm_dim, grid_side: QFormerSpec(
+        num_queries=_pooled_side(grid_side) ** 2,
+        depth=2,
+        num_heads=4,
+        hidden_size=llm_dim,
+        intermediate_size=4 * llm_dim,
+    ),
+    "c_abstractor": lambda *, llm_dim, grid_side: CAbstractorSpec(
+        depth=1, hidden_dim=llm_dim, pooled_grid=(_pooled_side(grid_side),) * 2
+    ),
+    "ldpv2": lambda *, llm_dim, grid_side: LDPv2Spec(pooled_grid=(_pooled_side(grid_side),) * 2),
+}
+
+
+def _name_error(argument: str, name: Any) -> ValueError:
+    kinds = ", ".join(list_projectors())
+    return ValueError(
+        f"{argument} must be one of {tuple(LAB_PRESETS)} or '<fusion>+<projector kind>' "
+        f"(fusion: {', '.join(LAB_FUSIONS)}; projector kind: {kinds}), got {name!r}"
+    )
+
+
+def parse_lab_connector(name: Any, argument: str = "name") -> tuple[str, str | None]:
+    """The parts of a lab connector name: ``(lab preset name, projector kind or None)``.
+
+    ``"dci"`` -> ``("dci", None)``: the preset as it is; ``"dci+qformer"`` -> ``("dci",
+    "qformer")``: the DCI preset's fusion feeding the lab-size Q-Former.
+
+    Examples:
+        >>> parse_lab_connector("sti+perceiver")
+        ('sti', 'perceiver')
+
+    Raises:
+        TypeError: ``name`` is not a str.
+        ValueError: neither a name of :data:`LAB_PRESETS` nor ``<fusion>+<kind>`` with a fusion
+            of :data:`LAB_FUSIONS` and a registered projector kind (the message lists both).
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"{argument} must be a lab connector name (a str), got {name!r}")
+    if name in LAB_PRESETS:
+        return name, None
+    fusion, plus, kind = name.partition("+")
+    if not plus:
+        raise _name_error(argument, name)
+    if fusion not in LAB_FUSIONS:
+        raise ValueError(
+            f"{argument}={name!r}: the fusion before '+' must be one of {LAB_FUSIONS} (the "
+            f"presets' layers; the efficient DCI's resampling is its own connector), got {fusion!r}"
+        )
+    if kind not in list_projectors():
+        raise ValueError(
+            f"{argument}={name!r}: {kind!r} after '+' is no registered projector kind; known: "
+            f"{', '.join(list_projectors())}"
+        )
+    return fusion, kind
+
+
+def lab_projector_spec(kind: str, *, llm_dim: int, grid_side: int) -> ProjectorSpec:
+    """The projector ``kind`` at the lab's size (:data:`LAB_PROJECTOR_SPECS`), or its spec's
+    defaults for a registered kind without an entry.
+
+    Raises:
+        ValueError: unknown kind, or a kind without an entry whose spec has required parameters.
+    """
+    if kind in LAB_PROJECTOR_SPECS:
+        return LAB_PROJECTOR_SPECS[kind](llm_dim=llm_dim, grid_side=grid_side)
+    return parse_projector(kind)
+
+
+def lab_preset(name: str) -> str:
+    """The preset a lab connector takes its fusion (and, without a ``+kind``, everything) from."""
+    return LAB_PRESETS[parse_lab_connector(name)[0]]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,7 +187,9 @@ class LabConfig:
         output_dir: data, encoder, per-run checkpoints and the reports go here.
         seeds: one training run per seed and connector; each seed sets the connector's and the
             LLM's initialisation and the data order (the data set and the encoder are shared).
-        connectors: names from :data:`LAB_PRESETS`, in report order.
+        connectors: names from :data:`LAB_PRESETS` or ``<fusion>+<projector kind>``
+            (:func:`parse_lab_connector`), in report order; each is checked at the lab's widths
+            and grid (:func:`lab_connector`) before anything runs.
         data_seed: seed of the synthetic data set.
         num_train_images, num_eval_images: training images (stage 1 and 2) and held-out images
             (four questions each).
@@ -122,10 +238,11 @@ class LabConfig:
             raise ValueError(f"seeds must be distinct, got {self.seeds}")
         if not self.connectors:
             raise ValueError(
-                f"connectors must name at least one connector; choose from {', '.join(LAB_PRESETS)}"
+                f"connectors must name at least one connector; choose from "
+                f"{', '.join(LAB_PRESETS)} or <fusion>+<projector kind>"
             )
         for index, name in enumerate(self.connectors):
-            check_choice(name, f"connectors[{index}]", tuple(LAB_PRESETS))
+            parse_lab_connector(name, f"connectors[{index}]")
         if len(set(self.connectors)) != len(self.connectors):
             raise ValueError(f"connectors must be distinct, got {self.connectors}")
         if not isinstance(self.encoder, EncoderPretraining):
@@ -151,10 +268,19 @@ class LabConfig:
             check_positive_float(getattr(self, name), name)
         for name in ("show_progress", "overwrite"):
             check_bool(getattr(self, name), name)
+        for name in self.connectors:  # each connector at the lab's widths and grid, before any work
+            lab_connector(
+                name,
+                vision_dim=self.encoder.width,
+                llm_dim=self.llm_width,
+                grid_side=self.encoder.grid_side,
+            )
 
     def demo_config(self, seed: int, encoder_dir: str | Path) -> Any:
         """The :class:`~mmconnect.integrations.applications.demo.DemoConfig` of every run of ``seed``: the
-        same for all connectors (they differ only in the connector itself)."""
+        same for all connectors (they differ only in the connector itself, passed to
+        :func:`~mmconnect.integrations.applications.demo.train_connector`). Its ``connectors`` are
+        the demo connectors the lab's build on (``dci`` for ``dci+qformer``), each once."""
         from mmconnect.integrations.applications.demo import DemoConfig
 
         return DemoConfig(
@@ -168,7 +294,7 @@ class LabConfig:
             vision_blocks=self.encoder.blocks,
             llm_width=self.llm_width,
             llm_blocks=self.llm_blocks,
-            connectors=self.connectors,
+            connectors=tuple(dict.fromkeys(parse_lab_connector(n)[0] for n in self.connectors)),
             stage1_steps=self.stage1_steps,
             stage2_steps=self.stage2_steps,
             batch_size=self.batch_size,
@@ -203,20 +329,39 @@ def quick_config(**overrides: Any) -> LabConfig:
     return LabConfig(**{**settings, **overrides})
 
 
-def lab_connector(kind: str, *, vision_dim: int, llm_dim: int, grid_side: int) -> ConnectorConfig:
-    """The preset of ``kind`` (:data:`LAB_PRESETS`) at the lab tower's width and the LLM's.
+def lab_connector(name: str, *, vision_dim: int, llm_dim: int, grid_side: int) -> ConnectorConfig:
+    """The lab connector ``name`` at the lab tower's width, the LLM's and the lab grid.
 
-    The efficient DCI keeps the preset's halving of each grid side (24x24 -> 12x12 there,
-    ``grid_side`` -> ``grid_side // 2`` here).
+    A name of :data:`LAB_PRESETS` is its preset with the lab's widths; the efficient DCI keeps
+    the preset's halving of each grid side (24x24 -> 12x12 there, ``grid_side`` ->
+    ``grid_side // 2`` here). ``<fusion>+<kind>`` is the preset of ``fusion`` (the same layers)
+    with the projector ``kind`` at its lab size (:func:`lab_projector_spec`).
+
+    Every connector is built on the meta device and asked for its token count on the
+    ``grid_side x grid_side`` grid, so one that cannot take the lab's grid, widths or fusion
+    (STI's pooled tokens into a grid projector, an odd grid side into a 2x2 merge) is refused
+    here, before anything trains.
 
     Raises:
-        ValueError: unknown ``kind``.
+        ValueError: an unknown name (:func:`parse_lab_connector`), or a connector that cannot run
+            at these widths and grid: the connector's own error, prefixed with ``name``.
     """
-    check_choice(kind, "kind", tuple(LAB_PRESETS), hint="a lab connector")
+    fusion, kind = parse_lab_connector(name, "name")
     overrides: dict[str, Any] = {"vision_dim": vision_dim, "llm_dim": llm_dim}
-    if kind == "dci-efficient":
+    if fusion == "dci-efficient":
         overrides["resample"] = ResampleSpec(grid=(grid_side // 2, grid_side // 2))
-    return ConnectorConfig.from_preset(LAB_PRESETS[kind], **overrides)
+    try:
+        if kind is not None:
+            overrides["projector"] = lab_projector_spec(kind, llm_dim=llm_dim, grid_side=grid_side)
+        config = ConnectorConfig.from_preset(LAB_PRESETS[fusion], **overrides)
+        with torch.device("meta"):
+            DenseConnector(config).num_tokens((grid_side, grid_side))
+    except ValueError as error:
+        raise ValueError(
+            f"lab connector {name!r} cannot run at the lab's {grid_side}x{grid_side} grid "
+            f"(vision width {vision_dim}, LLM width {llm_dim}): {error}"
+        ) from error
+    return config
 
 
 def connector_input_probes(
@@ -225,8 +370,9 @@ def connector_input_probes(
     """Linear probes of colour and shape on what each connector feeds its projector, per patch.
 
     The per-patch input of the baseline is ``H[final]``; of SCI ``[H[final], H[l1], H[l2]]``; of
-    DCI ``[H[final], mean(group 1), mean(group 2)]`` (channels concatenated). STI's extra tokens
-    and the efficient DCI's resampled grid are not per patch: ``None``.
+    DCI ``[H[final], mean(group 1), mean(group 2)]`` (channels concatenated), whatever projector
+    follows (``dci+qformer`` reads what ``dci`` reads: probed once per fusion). STI's extra
+    tokens and the efficient DCI's resampled grid are not per patch: ``None``.
 
     Args:
         data: :func:`~mmconnect.integrations.applications.lab_encoder.probe_data` of the lab's tower.
@@ -241,20 +387,26 @@ def connector_input_probes(
         return data.features[index % depth]
 
     results: dict[str, dict[str, float] | None] = {}
+    probed: dict[str, dict[str, float]] = {}  # by fusion: zoo connectors share their fusion's
     for name, config in connectors.items():
         fusion = config.fusion
         if fusion.kind == "sti" or config.resample is not None:
             results[name] = None
+            continue
+        key = json.dumps(config.to_dict()["fusion"], sort_keys=True)
+        if key in probed:
+            results[name] = dict(probed[key])
             continue
         parts = [layer(fusion.final_layer)]
         parts += [layer(index) for index in getattr(fusion, "extra_layers", ())]
         groups = getattr(fusion, "groups", ())
         parts += [torch.stack([layer(index) for index in group]).mean(0) for group in groups]
         features = torch.cat(parts, dim=-1)[None]  # [1, samples, channels]
-        results[name] = {
+        probed[key] = {
             "colour": probe_accuracy(features, data.colour, data.train)[0],
             "shape": probe_accuracy(features, data.shape, data.train)[0],
         }
+        results[name] = dict(probed[key])
     return results
 
 
@@ -332,22 +484,32 @@ def _question_types(summary: dict[str, dict[str, Any]]) -> list[str]:
     return [*types, "all"]
 
 
+def _projector_name(results: dict[str, Any], kind: str) -> str:
+    first_seed = str(results["config"]["seeds"][0])
+    return parse_projector(results["runs"][kind][first_seed]["connector"]["projector"]).name
+
+
 def accuracy_table(results: dict[str, Any]) -> str:
-    """Held-out accuracy (%), mean ± sample std over seeds, per connector and question type."""
+    """Held-out accuracy (%), mean ± sample std over seeds, per connector and question type,
+    with the preset each connector's fusion comes from and its projector."""
     summary = results["summary"]
     types = _question_types(summary)
-    header = ["connector", "preset", "visual tokens", *types]
+    header = ["connector", "preset", "projector", "visual tokens", *types]
     lines = [
         "| " + " | ".join(header) + " |",
-        "| " + " | ".join(["---", "---"] + ["---:"] * (len(header) - 2)) + " |",
+        "| " + " | ".join(["---"] * 3 + ["---:"] * (len(header) - 3)) + " |",
     ]
     for kind, entry in summary.items():
         cells = [_cell(entry[t]) if t in entry else "–" for t in types]
         tokens = results["visual_tokens"][kind]
-        lines.append(f"| {kind} | `{LAB_PRESETS[kind]}` | {tokens} | " + " | ".join(cells) + " |")
+        lines.append(
+            f"| {kind} | `{lab_preset(kind)}` | `{_projector_name(results, kind)}` | {tokens} | "
+            + " | ".join(cells)
+            + " |"
+        )
     if "text_prior" in results:
         cells = [f"{100 * results['text_prior'][t]:.1f}" for t in types]
-        lines.append("| text-only prior | no image | 0 | " + " | ".join(cells) + " |")
+        lines.append("| text-only prior | no image | – | 0 | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -461,7 +623,10 @@ def plot_accuracy(results: dict[str, Any], path: str | Path) -> None:
     types = _question_types(summary)
     kinds = list(summary)
     width = 0.8 / len(kinds)
-    figure, axis = plt.subplots(figsize=(max(6, 1.6 * len(types)), 4))
+    # About a quarter inch per bar once many connectors share a question type.
+    figure, axis = plt.subplots(
+        figsize=(max(6, 1.6 * len(types), 0.25 * len(types) * len(kinds)), 4)
+    )
     for index, kind in enumerate(kinds):
         offsets = [
             position + (index - (len(kinds) - 1) / 2) * width for position in range(len(types))
@@ -483,6 +648,43 @@ def plot_accuracy(results: dict[str, Any], path: str | Path) -> None:
     axis.set_ylim(0, 100)
     axis.set_title(f"Connector lab: mean ± std over {len(results['config']['seeds'])} seeds")
     axis.legend(fontsize="small", ncols=min(len(kinds), 5), loc="upper left")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def plot_overall(results: dict[str, Any], path: str | Path) -> None:
+    """One horizontal bar per connector: accuracy over all question types (mean over seeds,
+    error bar: sample std, dots: the seeds), labelled with its visual tokens; the dashed line is
+    the text-only prior. Readable for any number of connectors (the zoo)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = results["summary"]
+    kinds = list(summary)
+    figure, axis = plt.subplots(figsize=(7, 1.2 + 0.38 * len(kinds)))
+    for row, kind in enumerate(kinds):
+        entry = summary[kind]["all"]
+        axis.barh(
+            row,
+            100 * entry["mean"],
+            xerr=100 * (entry["std"] or 0.0),
+            capsize=3,
+            color=f"C{row % 10}",
+        )
+        values = [100 * value for value in entry["values"]]
+        axis.plot(values, [row] * len(values), "k.", markersize=4)
+    if "text_prior" in results:
+        axis.axvline(100 * results["text_prior"]["all"], color="k", linestyle="--", linewidth=1)
+        axis.text(100 * results["text_prior"]["all"], -0.7, " text-only prior", fontsize="small")
+    labels = [f"{kind} ({results['visual_tokens'][kind]} tok.)" for kind in kinds]
+    axis.set_yticks(range(len(kinds)), labels)
+    axis.set_ylim(len(kinds) - 0.5, -0.9)  # the first connector on top
+    axis.set_xlim(0, 100)
+    axis.set_xlabel("held-out exact-answer accuracy, all questions (%)")
+    axis.set_title(f"Connector lab: mean ± std over {len(results['config']['seeds'])} seeds")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -515,7 +717,8 @@ def plot_probe(probe: dict[str, list[float]], path: str | Path) -> None:
 
 def run_lab(config: LabConfig) -> dict[str, Any]:
     """Run the lab; returns what it measured and writes ``results.json``, ``results.md``,
-    ``accuracy.png`` and ``encoder_probe.png`` into ``config.output_dir``."""
+    ``accuracy.png`` (per question type), ``overall.png`` (all questions, one bar per connector)
+    and ``encoder_probe.png`` into ``config.output_dir``."""
     threads = torch.get_num_threads()
     torch.set_num_threads(config.num_threads)
     try:
@@ -530,8 +733,8 @@ def _run_lab(config: LabConfig) -> dict[str, Any]:
         train_connector,
         write_demo_data,
     )
-    from mmconnect.integrations.applications.tiny_models import build_word_tokenizer
     from mmconnect.integrations.applications.output_folders import claim_output_folder
+    from mmconnect.integrations.applications.tiny_models import build_word_tokenizer
 
     started = time.monotonic()
     started_cpu = time.process_time()
@@ -592,7 +795,8 @@ def _run_lab(config: LabConfig) -> dict[str, Any]:
     results: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "config": config.to_dict(),
-        "presets": {kind: LAB_PRESETS[kind] for kind in config.connectors},
+        "presets": {kind: lab_preset(kind) for kind in config.connectors},
+        "projectors": {kind: connectors[kind].projector.to_dict() for kind in config.connectors},
         "visual_tokens": visual_tokens,
         "num_eval_questions": len(eval_records),
         "text_prior": text_prior_accuracy(files.stage2, files.eval),
@@ -619,5 +823,6 @@ def _run_lab(config: LabConfig) -> dict[str, Any]:
     (output / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (output / "results.md").write_text(results_markdown(results))
     plot_accuracy(results, output / "accuracy.png")
+    plot_overall(results, output / "overall.png")
     plot_probe(probe, output / "encoder_probe.png")
     return results

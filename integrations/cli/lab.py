@@ -1,6 +1,7 @@
-"""``mmconnect lab``: train the baseline, STI, SCI, DCI and efficient-DCI connectors over seeds on
-a pretrained tower whose last layers lose colour and report accuracy per question type as mean
-+- std (:mod:`mmconnect.integrations.applications.lab`). Needs the ``hf`` extra."""
+"""``mmconnect lab``: train the baseline, STI, SCI, DCI and efficient-DCI connectors, and any
+``<fusion>+<projector kind>`` of the connector zoo, over seeds on a pretrained tower whose last
+layers lose colour and report accuracy per question type as mean +- std
+(:mod:`mmconnect.integrations.applications.lab`). Needs the ``hf`` extra."""
 
 from __future__ import annotations
 
@@ -13,14 +14,19 @@ from mmconnect.integrations.cli.common import comma_list
 def add_arguments(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``lab`` command."""
     lab = subparsers.add_parser(
-        "lab", help="compare the five connectors over seeds on a detail-losing pretrained tower"
+        "lab",
+        help="compare connectors (the five presets, any zoo projector behind their fusions) over "
+        "seeds on a detail-losing pretrained tower",
     )
     lab.add_argument("--output", default="mmconnect-lab", help="output directory")
     lab.add_argument("--seeds", default=None, help="comma-separated seeds (default: 0,1,2)")
     lab.add_argument(
         "--connectors",
         default=None,
-        help="comma-separated, from: baseline, sti, sci, dci, dci-efficient (default: all)",
+        help="comma-separated: baseline, sti, sci, dci, dci-efficient (the presets; default: "
+        "those five), or <fusion>+<projector kind> for a registered projector at its lab size "
+        "behind a preset's fusion (fusion: baseline, sti, sci or dci; e.g. dci+pixel_shuffle, "
+        "baseline+qformer, sti+perceiver; an unknown kind is answered with the registered ones)",
     )
     lab.add_argument("--quick", action="store_true", help="a one-minute smoke run, two seeds")
     lab.add_argument(
@@ -59,7 +65,7 @@ def run(arguments: argparse.Namespace) -> int:
     print("\nHeld-out answer accuracy (%), mean +- std over seeds:\n")
     print(accuracy_table(results))
     print(
-        f"\n{results['seconds']['total']:.0f} s; results.md, results.json, accuracy.png and "
-        f"encoder_probe.png are in {arguments.output}"
+        f"\n{results['seconds']['total']:.0f} s; results.md, results.json, accuracy.png, "
+        f"overall.png and encoder_probe.png are in {arguments.output}"
     )
     return 0

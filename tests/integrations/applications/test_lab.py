@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import json
+import pkgutil
 import random
 import re
 import statistics
@@ -12,12 +15,27 @@ import numpy as np
 import pytest
 import torch
 
-from mmconnect import ConnectorConfig, DenseConnector, ResampleSpec
+import mmconnect.projectors as projectors_module
+import mmconnect.zoo
+from mmconnect import (
+    ConnectorConfig,
+    DenseConnector,
+    ProjectorSpec,
+    ResampleSpec,
+    list_projectors,
+    register_projector,
+)
 from mmconnect.integrations.applications.lab import (
+    LAB_FUSIONS,
     LAB_PRESETS,
+    LAB_PROJECTOR_SPECS,
     LabConfig,
+    accuracy_table,
     lab_connector,
+    lab_projector_spec,
+    parse_lab_connector,
     quick_config,
+    run_lab,
     summarize,
     text_prior_accuracy,
 )
@@ -191,9 +209,194 @@ def test_lab_connectors_are_the_clip_l_presets_at_the_lab_width(kind, tokens, fu
 
 def test_lab_connector_refuses_an_unknown_name():
     with pytest.raises(
-        ValueError, match=r"kind must be one of \('baseline', 'sti', .*\), got 'mlp2x'"
+        ValueError, match=r"name must be one of \('baseline', 'sti', .*\), got 'mlp2x'"
     ):
         lab_connector("mlp2x", vision_dim=48, llm_dim=96, grid_side=8)
+
+
+# ---------------------------------------------------------------------------- the zoo in the lab
+
+#: The lab's default tower and LLM widths and grid (``LabConfig()``: 64 px, patch 8).
+LAB_SIZE = {"vision_dim": 32, "llm_dim": 64, "grid_side": 8}
+#: Zoo kinds that read tokens as a set (learned queries) and so also take STI's pooled tokens.
+SET_READERS = ("perceiver", "qformer")
+
+
+def _zoo_kinds() -> set[str]:
+    """The registered kinds whose spec class a module of :mod:`mmconnect.zoo` defines."""
+    kinds = set()
+    for info in pkgutil.iter_modules(mmconnect.zoo.__path__):
+        module = importlib.import_module(f"mmconnect.zoo.{info.name}")
+        for value in vars(module).values():
+            if (
+                isinstance(value, type)
+                and issubclass(value, ProjectorSpec)
+                and value.__module__ == module.__name__
+            ):
+                kind = next(f for f in dataclasses.fields(value) if f.name == "kind").default
+                if kind in list_projectors():
+                    kinds.add(kind)
+    return kinds
+
+
+def test_the_lab_size_table_covers_every_registered_zoo_kind():
+    zoo = _zoo_kinds()
+    assert "qformer" in zoo and "pixel_shuffle" in zoo and len(zoo) >= 10
+    assert set(LAB_PROJECTOR_SPECS) == zoo
+    for kind in zoo:
+        spec = lab_projector_spec(kind, llm_dim=64, grid_side=8)
+        assert spec.kind == kind
+
+
+@pytest.mark.parametrize(
+    ("name", "parts"),
+    [
+        ("baseline", ("baseline", None)),
+        ("dci-efficient", ("dci-efficient", None)),
+        ("dci+pixel_shuffle", ("dci", "pixel_shuffle")),
+        ("baseline+qformer", ("baseline", "qformer")),
+        ("sti+perceiver", ("sti", "perceiver")),
+        ("sci+linear", ("sci", "linear")),
+    ],
+)
+def test_parse_lab_connector_splits_fusion_and_projector_kind(name, parts):
+    assert parse_lab_connector(name) == parts
+
+
+@pytest.mark.parametrize(
+    ("name", "error", "message"),
+    [
+        (
+            "qformer",
+            ValueError,
+            r"name must be one of \(.*\) or '<fusion>\+<projector kind>' "
+            r"\(fusion: baseline, sti, sci, dci; projector kind: .*qformer.*\), got 'qformer'",
+        ),
+        (
+            "dci-efficient+qformer",
+            ValueError,
+            r"name='dci-efficient\+qformer': the fusion before '\+' must be one of "
+            r"\('baseline', 'sti', 'sci', 'dci'\) .*got 'dci-efficient'",
+        ),
+        (
+            "dci+nope",
+            ValueError,
+            r"name='dci\+nope': 'nope' after '\+' is no registered projector kind; known: .*ldpv2",
+        ),
+        ("dci+", ValueError, r"name='dci\+': '' after '\+' is no registered projector kind"),
+        (3, TypeError, r"name must be a lab connector name \(a str\), got 3"),
+    ],
+)
+def test_parse_lab_connector_refuses_bad_names(name, error, message):
+    with pytest.raises(error, match=message):
+        parse_lab_connector(name)
+
+
+def test_a_zoo_connector_is_its_fusion_preset_with_the_lab_size_projector():
+    config = lab_connector("dci+qformer", **LAB_SIZE)
+    dci = lab_connector("dci", **LAB_SIZE)
+    assert config.fusion == dci.fusion and config.resample is None
+    assert config.projector == lab_projector_spec("qformer", llm_dim=64, grid_side=8)
+    assert (config.projector.num_queries, config.projector.depth) == (16, 2)
+    assert config.projector.hidden_size == 64  # the LLM width
+    assert (
+        lab_connector("sti+perceiver", **LAB_SIZE).fusion == lab_connector("sti", **LAB_SIZE).fusion
+    )
+
+
+def _zoo_connectors() -> list[str]:
+    return [
+        f"{fusion}+{kind}"
+        for kind in sorted(LAB_PROJECTOR_SPECS)
+        for fusion in LAB_FUSIONS
+        if fusion != "sti" or kind in SET_READERS
+    ]
+
+
+@pytest.mark.parametrize("name", _zoo_connectors())
+def test_every_lab_size_zoo_connector_runs_at_the_lab_widths_and_grid(name):
+    """A quarter of the 8x8 grid's tokens (the efficient DCI's budget), at the LLM width."""
+    config = lab_connector(name, **LAB_SIZE)
+    torch.manual_seed(0)
+    connector = DenseConnector(config)
+    features = {layer: torch.randn(2, 64, 32) for layer in range(25)}  # H[0..24], 8x8 patches
+    output = connector(features, (8, 8))
+    assert output.shape == (2, 16, 64)
+    assert connector.num_tokens((8, 8)) == 16
+    # The quick budget's 4x4 grid (48 px, patch 12; widths 16 and 32): 2x2 tokens.
+    quick = lab_connector(name, vision_dim=16, llm_dim=32, grid_side=4)
+    with torch.device("meta"):
+        assert DenseConnector(quick).num_tokens((4, 4)) == 4
+
+
+@pytest.mark.parametrize("kind", sorted(set(LAB_PROJECTOR_SPECS) - set(SET_READERS)))
+def test_sti_into_a_grid_projector_is_refused_with_the_contract_error(kind):
+    with pytest.raises(
+        ValueError,
+        match=rf"lab connector 'sti\+{kind}' cannot run at the lab's 8x8 grid \(vision width 32, "
+        rf"LLM width 64\): the fusion 'sti' gives 16 tokens after its 8x8 grid that form no "
+        rf"grid, but the projector '{kind}' works on a whole token grid",
+    ):
+        lab_connector(f"sti+{kind}", **LAB_SIZE)
+
+
+def test_a_grid_a_zoo_connector_cannot_take_is_refused_naming_it():
+    odd = EncoderPretraining(image_size=56, patch_size=8)  # a 7x7 grid
+    with pytest.raises(
+        ValueError,
+        match=r"lab connector 'dci\+pixel_shuffle' cannot run at the lab's 7x7 grid .*: a pixel "
+        r"shuffle by factor 2 needs both grid sides divisible by 2, got grid 7x7",
+    ):
+        LabConfig(encoder=odd, connectors=("dci", "dci+pixel_shuffle"))
+    assert LabConfig(encoder=odd, connectors=("dci", "dci+qformer")).connectors[1] == "dci+qformer"
+
+
+def test_cli_lab_refuses_a_zoo_connector_that_cannot_run_before_any_work(tmp_path, capsys):
+    output = tmp_path / "out"
+    command = ["lab", "--quick", "--output", str(output), "--connectors"]
+    assert main([*command, "baseline,sti+c_abstractor"]) == 2
+    err = capsys.readouterr().err
+    assert "mmconnect lab: lab connector 'sti+c_abstractor' cannot run at the lab's 4x4 grid" in err
+    assert "the projector 'c_abstractor' works on a whole token grid" in err
+    assert main([*command, "dci+mlp9"]) == 2
+    assert "'mlp9' after '+' is no registered projector kind" in capsys.readouterr().err
+    assert not output.exists()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _ScaledLinearSpec(ProjectorSpec):
+    kind: str = dataclasses.field(default="lab_scaled_linear", init=False)
+    scale: float = 2.0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _NeedsWidthSpec(ProjectorSpec):
+    kind: str = dataclasses.field(default="lab_needs_width", init=False)
+    width: int
+
+
+@pytest.fixture
+def user_projectors(monkeypatch):
+    """Two user kinds without a lab-size entry, registered into a copy of the registry."""
+    monkeypatch.setattr(projectors_module, "_PROJECTORS", projectors_module._PROJECTORS.copy())
+
+    def build(in_dim: int, out_dim: int, **_: object) -> torch.nn.Module:
+        return torch.nn.Linear(in_dim, out_dim)
+
+    register_projector("lab_scaled_linear", build, spec=_ScaledLinearSpec)
+    register_projector("lab_needs_width", build, spec=_NeedsWidthSpec)
+
+
+def test_a_user_kind_without_a_lab_size_runs_its_spec_defaults(user_projectors):
+    config = lab_connector("sci+lab_scaled_linear", **LAB_SIZE)
+    assert config.projector == _ScaledLinearSpec()
+    assert config.fusion == lab_connector("sci", **LAB_SIZE).fusion
+    with pytest.raises(
+        ValueError,
+        match=r"lab connector 'dci\+lab_needs_width' cannot run .*: projector kind "
+        r"'lab_needs_width' needs the parameters \['width'\]",
+    ):
+        LabConfig(connectors=("dci+lab_needs_width",))
 
 
 def test_every_connector_of_a_seed_starts_from_the_same_llm(tmp_path):
@@ -435,3 +638,67 @@ def test_pretraining_makes_the_last_layers_lose_colour_that_shallow_layers_keep(
     assert untrained[0] - untrained[-2] < 0.1  # measured: 0.86 -> 0.85
     assert trained[0] - trained[-2] > 0.2  # measured: 0.98 -> 0.59
     assert trained[0] > 0.9
+
+
+def test_a_tiny_lab_run_with_two_zoo_connectors_reports_them(tmp_path):
+    """The quick budget cut to one seed and a step per stage: the zoo connectors go through the
+    whole lab (same budget, rows in results.md / results.json, the charts)."""
+    output = tmp_path / "lab"
+    encoder = EncoderPretraining(
+        image_size=48, patch_size=12, width=16, heads=2, steps=2, batch_size=4, probe_images=16
+    )
+    names = ("dci+pixel_shuffle", "sti+qformer")
+    config = quick_config(
+        output_dir=str(output),
+        seeds=(0,),
+        connectors=names,
+        encoder=encoder,
+        num_train_images=8,
+        num_eval_images=4,
+        stage1_steps=1,
+        stage2_steps=1,
+    )
+    returned = run_lab(config)
+    results = json.loads((output / "results.json").read_text())
+    assert returned["summary"] == results["summary"]
+    assert list(results["runs"]) == list(results["summary"]) == list(names)
+    assert results["visual_tokens"] == {"dci+pixel_shuffle": 4, "sti+qformer": 4}  # 2x2 of 4x4
+    assert results["presets"] == {
+        "dci+pixel_shuffle": "dc-dci-clip-l-336",
+        "sti+qformer": "dc-sti-clip-l-336",
+    }
+    assert results["projectors"]["dci+pixel_shuffle"] == {"kind": "pixel_shuffle", "factor": 2}
+    assert results["projectors"]["sti+qformer"]["num_queries"] == 4
+    budgets = []
+    for name in names:
+        run = results["runs"][name]["0"]
+        assert (
+            run["connector"]
+            == lab_connector(name, vision_dim=16, llm_dim=32, grid_side=4).to_dict()
+        )
+        assert set(run["accuracy"]) >= {"all"}
+        budgets.append(
+            [
+                {k: v for k, v in stage.items() if k != "output_dir"}
+                for stage in run["stage_configs"]
+            ]
+        )
+    assert budgets[0] == budgets[1]
+    assert [stage["max_steps"] for stage in budgets[0]] == [1, 1]
+    probes = results["encoder"]["connector_input_probe"]
+    assert probes["sti+qformer"] is None and set(probes["dci+pixel_shuffle"]) == {"colour", "shape"}
+    markdown = (output / "results.md").read_text()
+    assert accuracy_table(results) in markdown
+    rows = {
+        name: next(line for line in markdown.splitlines() if line.startswith(f"| {name} |"))
+        for name in names
+    }
+    assert rows["sti+qformer"].startswith("| sti+qformer | `dc-sti-clip-l-336` | `qformer` | 4 |")
+    assert rows["sti+qformer"].endswith(
+        f"| {100 * results['summary']['sti+qformer']['all']['mean']:.1f} |"  # one seed: no std
+    )
+    assert rows["dci+pixel_shuffle"].startswith(
+        "| dci+pixel_shuffle | `dc-dci-clip-l-336` | `pixel_shuffle` | 4 |"
+    )
+    for chart in ("accuracy.png", "overall.png", "encoder_probe.png"):
+        assert (output / chart).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
