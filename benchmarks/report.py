@@ -108,8 +108,9 @@ SECTIONS = {
         "made for (`mmconnect.preset_geometry`: the tower's width and token grid; CLIP-L/336 "
         "24x24, SigLIP-SO400M/384 27x27, ...), projecting to the preset's LLM width, batch 4, on "
         "random features shaped like its tap's output. Three implementations: `connector` (the "
-        "`DenseConnector` forward: fusion, then the zoo projector); `bare-matmuls` (exactly the "
-        "GEMMs against its weights that one forward runs -- every `nn.Linear`, convolution and "
+        "`DenseConnector` forward: fusion, then the zoo projector, and with DeepStack the "
+        "per-level projectors of `forward_with_injections`); `bare-matmuls` (exactly the "
+        "GEMMs against its weights that one forward runs — every `nn.Linear`, convolution and "
         "weight matmul, recorded once on the meta device and replayed without biases on "
         "preallocated inputs: the floor of its arithmetic); `llava-mlp` (LLaVA's `mlp2x_gelu` "
         "on the same fusion of the same features: what the zoo connector replaces). What the "
@@ -119,8 +120,12 @@ SECTIONS = {
         "*connector / LLaVA MLP* < 1 means the zoo connector is faster than LLaVA's MLP on the "
         "same input; it usually also makes fewer visual tokens (first column pair), which is "
         "where the LLM saves (see the prefill section). No target is asserted. At real size on "
-        "the CPU, presets needing more than 600 GFLOP per call (connector or MLP: the Perceiver "
-        "resamplers) are skipped with their GFLOP named; a GPU run measures them.",
+        "the CPU, presets needing more than 600 GFLOP per call (connector or MLP; e.g. the "
+        "Perceiver resamplers) are skipped with their GFLOP named; a GPU run measures them. Rounds at real "
+        "size on the CPU: 3 timed calls per implementation after one warm-up. Run only these: "
+        "`.venv/bin/python -m pytest benchmarks -k zoo "
+        "--benchmark-json=benchmarks/results-zoo.json`, then render with "
+        "`--zoo benchmarks/results-zoo.json` (this section then names that run).",
         zoo_table,
     ),
 }
@@ -168,6 +173,7 @@ def render(
     charts: dict[str, str] | None = None,
     note: str | None = None,
     zoo: Run | None = None,
+    zoo_note: str | None = None,
 ) -> str:
     """The Markdown page: machine, commands, then one section per group ``cpu`` holds.
 
@@ -179,6 +185,8 @@ def render(
             machine), shown under the machine line.
         zoo: a separate CPU run whose zoo group fills the zoo section (named there) instead of
             ``cpu``'s.
+        zoo_note: a remark about the zoo figures (e.g. which presets a partial run measured),
+            shown above the zoo table.
 
     Raises:
         ValueError: ``cpu`` holds none of the suite's groups, or a group lacks its baseline.
@@ -214,7 +222,10 @@ def render(
             text = (
                 f"**Measured in a separate run:** {source.describe()}, size `{source.size}`. {text}"
             )
-        lines += [f"## {title}", "", text, "", *table(source, gpu), ""]
+        lines += [f"## {title}", "", text, ""]
+        if group == ZOO and zoo_note:
+            lines += [f"> **Note on these figures:** {zoo_note}", ""]
+        lines += [*table(source, gpu), ""]
         if group in charts:
             lines += [f"![{title}]({charts[group]})", ""]
     lines += [RUNNING, ""]
@@ -227,6 +238,7 @@ def write_report(
     *,
     gpu_results: Path | None = None,
     zoo_results: Path | None = None,
+    zoo_note: str | None = None,
     images: Path | None = None,
     allow_tiny: bool = False,
     charts: bool = True,
@@ -235,7 +247,7 @@ def write_report(
     """Render ``results`` (and ``gpu_results``) into ``markdown`` and PNG charts in ``images``
     (default: ``images/`` beside ``markdown``; no charts when ``charts`` is false), with an
     optional ``note`` about the run under the machine line; ``zoo_results``, a separate CPU run
-    of the zoo benchmarks, fills the zoo section.
+    of the zoo benchmarks, fills the zoo section, with an optional ``zoo_note`` above its table.
 
     Returns:
         The written files: the Markdown page, then the charts.
@@ -271,7 +283,7 @@ def write_report(
         for group, path in written.items()
     }
     markdown.parent.mkdir(parents=True, exist_ok=True)
-    markdown.write_text(render(cpu, gpu, links, note, zoo))
+    markdown.write_text(render(cpu, gpu, links, note, zoo, zoo_note))
     return [markdown, *written.values()]
 
 
@@ -283,6 +295,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("markdown", type=Path, help="the Markdown page to write")
     parser.add_argument("--gpu", type=Path, help="pytest-benchmark JSON of a CUDA run")
     parser.add_argument("--zoo", type=Path, help="pytest-benchmark JSON of a CPU zoo-only run")
+    parser.add_argument("--zoo-note", help="a remark about the zoo figures, above its table")
     parser.add_argument("--images", type=Path, help="chart directory (default: images/ beside)")
     parser.add_argument("--allow-tiny", action="store_true", help="render a tiny-size run")
     parser.add_argument("--no-charts", action="store_true", help="write the Markdown page only")
@@ -294,6 +307,7 @@ def main(argv: list[str]) -> int:
             arguments.markdown,
             gpu_results=arguments.gpu,
             zoo_results=arguments.zoo,
+            zoo_note=arguments.zoo_note,
             images=arguments.images,
             allow_tiny=arguments.allow_tiny,
             charts=not arguments.no_charts,

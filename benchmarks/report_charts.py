@@ -248,6 +248,8 @@ def zoo_chart(cpu: Run, gpu: Run | None, path: Path) -> Path:
         _bars(panels[2], labels, {gpu_name: values}, {gpu_name: [f"{v:,.0f}" for v in values]})
         panels[2].set_xlabel(f"connector visual tokens per second, {gpu_name}")
         _thousands(panels[2])
+    for axes in panels[:2]:  # above the bars: the last rows would hide under a legend inside
+        axes.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2)
     figure.suptitle("Connector zoo at each family's size (tokens per image in brackets)")
     figure.savefig(path, dpi=110)
     return path

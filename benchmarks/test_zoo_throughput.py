@@ -32,8 +32,8 @@ At ``MMCONNECT_BENCH_SIZE=tiny`` everything shrinks but the token counts: vision
 width 64, batch 2, and the zoo spec's width parameters (:data:`TINY_WIDTHS`) replaced with small
 values; the grid stays the geometry's, so every connector makes its real token count (checked).
 At real size on the CPU a preset whose connector or MLP forward exceeds :data:`CPU_GFLOP_LIMIT`
-is skipped with its GFLOP named (the Perceiver resamplers: one call takes tens of seconds on two
-cores); a GPU run measures it.
+is skipped with its GFLOP named (e.g. the Perceiver resamplers: one call takes tens of seconds on
+two cores); a GPU run measures it.
 """
 
 from __future__ import annotations
@@ -251,7 +251,7 @@ def _replay(
 
     prepared = []
     for func, args, kwargs in calls:
-        args, kwargs = [build(value) for value in args], {k: build(v) for k, v in kwargs.items()}
+        args, kwargs = list(args), dict(kwargs)
         bias = _GEMMS[func]
         if bias is not None:  # the floor is the multiply: no bias
             index, keyword = bias
@@ -259,6 +259,7 @@ def _replay(
                 args[index] = None
             if keyword in kwargs:
                 kwargs[keyword] = None
+        args, kwargs = [build(value) for value in args], {k: build(v) for k, v in kwargs.items()}
         prepared.append((func, tuple(args), kwargs))
 
     def run() -> None:
