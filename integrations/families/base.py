@@ -380,7 +380,7 @@ def decoder_layers(language_model: nn.Module) -> nn.ModuleList:
     """The LLM's decoder layers in order (``language_model.layers`` for HF base models).
 
     Found by structure: the first of ``layers``, ``model.layers``, ``decoder.layers`` that is an
-    ``nn.ModuleList`` (a ``torch.compile`` d LLM is read through the module it wraps).
+    ``nn.ModuleList`` (an LLM wrapped by ``torch.compile`` is read through the module it wraps).
     :func:`mmconnect.find_encoder_blocks` knows vision towers only, not decoder stacks.
 
     Raises:

@@ -26,7 +26,7 @@ from mmconnect.integrations.families.base import (
 )
 from mmconnect.integrations.families.llava import DenseLlavaForConditionalGeneration
 from mmconnect.integrations.families.llava_next import DenseLlavaNextConfig
-from mmconnect.integrations.training.stages import StageConfig, prepare_stage
+from mmconnect.integrations.training.stages import LoraSettings, StageConfig, prepare_stage
 from tests.support import llava_toys, mini_gemini_toys
 from tests.support.llava_next_toys import CONNECTORS, llava_next_config
 
@@ -302,6 +302,39 @@ def test_stage_one_trains_the_injection_projectors(tmp_path):
             assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
 
 
+def test_lora_instruct_stage_keeps_the_injection(tmp_path):
+    model = llava_toys.tiny_dense(seed=0, connector=INJECTION)
+    batch = inputs()
+    with torch.no_grad():
+        before = model(**batch, use_cache=False).logits
+    lora = LoraSettings(rank=4, alpha=8, dropout=0.0)
+    peft_model = prepare_stage(
+        model,
+        StageConfig(stage="instruct", output_dir=str(tmp_path), disable_tqdm=True, lora=lora),
+    ).eval()
+    trainable = {name for name, p in peft_model.named_parameters() if p.requires_grad}
+    assert any(".injection.1.0.weight" in name for name in trainable)  # modules_to_save copy
+    with torch.no_grad():  # LoRA starts as the identity: the same logits, residuals included
+        assert torch.equal(peft_model(**batch, use_cache=False).logits, before)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        model = llava_toys.tiny_dense(seed=0, connector=INJECTION).train()
+        if checkpointing:
+            model.activation_checkpointing_enable({"use_reentrant": False})
+            assert model.model.language_model.layers[0].gradient_checkpointing
+        batch = inputs()
+        model(**batch, labels=batch["input_ids"], use_cache=False).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if "injection" in n})
+        assert forward_hooks(model) == [0, 0]
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 8
+    for name, grad in grads[0].items():
+        assert grad.abs().sum() > 0, name
+        assert torch.equal(grads[1][name], grad), name
+
+
 # ---------------------------------------------------------------------------- refusals
 
 
@@ -362,8 +395,9 @@ def test_mini_gemini_adds_the_residuals_of_its_lr_tower():
 # ---------------------------------------------------------------------------- HF Qwen3-VL parity
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @torch.no_grad()
-def test_hooks_equal_qwen3_vl_deepstack_process():
+def test_hooks_equal_qwen3_vl_deepstack_process(dtype):
     transformers = pytest.importorskip("transformers")
     config = transformers.Qwen3VLTextConfig(
         vocab_size=50,
@@ -376,12 +410,12 @@ def test_hooks_equal_qwen3_vl_deepstack_process():
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]},
     )
     torch.manual_seed(0)
-    text = transformers.Qwen3VLTextModel(config).eval()
-    embeds = torch.randn(2, 9, 32)
+    text = transformers.Qwen3VLTextModel(config).eval().to(dtype)
+    embeds = torch.randn(2, 9, 32, dtype=dtype)
     mask = torch.zeros(2, 9, dtype=torch.bool)
     mask[0, 2:6] = True
     mask[1, 4:8] = True
-    residuals = [torch.randn(8, 32), torch.randn(8, 32)]
+    residuals = [torch.randn(8, 32), torch.randn(8, 32)]  # fp32: cast by both, as HF does
     hf = text(
         inputs_embeds=embeds, visual_pos_masks=mask, deepstack_visual_embeds=residuals
     ).last_hidden_state
@@ -391,8 +425,9 @@ def test_hooks_equal_qwen3_vl_deepstack_process():
     assert not torch.equal(text(inputs_embeds=embeds).last_hidden_state, hf)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @torch.no_grad()
-def test_injection_projectors_equal_qwen3_vl_deepstack_mergers():
+def test_injection_projectors_equal_qwen3_vl_deepstack_mergers(dtype):
     transformers = pytest.importorskip("transformers")
     from mmconnect.zoo.patch_merger import (
         QWEN3_VL_DEEPSTACK_MERGER,
@@ -416,8 +451,9 @@ def test_injection_projectors_equal_qwen3_vl_deepstack_mergers():
     vision = transformers.Qwen3VLVisionModel(config).eval()
     for parameter in vision.parameters():  # LayerNorms start at 1 / 0: randomise them too
         parameter.add_(0.1 * torch.randn_like(parameter))
+    vision.to(dtype)
     rows, columns = 4, 6
-    patches = torch.randn(rows * columns, 3 * 2 * 4 * 4)
+    patches = torch.randn(rows * columns, 3 * 2 * 4 * 4, dtype=dtype)
     grid_thw = torch.tensor([[1, rows, columns]])
     blocks: dict[int, torch.Tensor] = {}
     handles = [
@@ -446,6 +482,7 @@ def test_injection_projectors_equal_qwen3_vl_deepstack_mergers():
             injection=DeepStackSpec(layers=(1, 3), projector=QWEN3_VL_DEEPSTACK_MERGER),
         )
     )
+    connector.to(dtype)
     state = vision.state_dict()
     connector.projector.load_state_dict(qwen3_vl_merger_state_from_hf(state, "merger."))
     for level in range(2):
