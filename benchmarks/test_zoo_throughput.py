@@ -148,12 +148,14 @@ def zoo_config(preset: str) -> ConnectorConfig:
     return tiny
 
 
-def _features(connector: DenseConnector, grid: tuple[int, int], batch: int, **tensor) -> Any:
+def _features(
+    connector: DenseConnector, grid: tuple[int, int], batch: int, *, meta: bool = False
+) -> LayerFeatures:
     """Features shaped like a streaming tap's output: ``[batch, h*w, vision_dim]`` per layer read
-    one by one and per DCI group mean (random, seed 0; ``tensor`` as for ``torch.randn``)."""
+    one by one and per DCI group mean (random, seed 0, on the benchmark device and dtype; or
+    shapes only on the meta device)."""
     generator = torch.Generator().manual_seed(0)
     shape = (batch, grid[0] * grid[1], connector.config.vision_dim)
-    meta = tensor.get("device") == "meta"
 
     def one() -> torch.Tensor:
         if meta:
@@ -172,9 +174,23 @@ def _forward(connector: DenseConnector, features: Mapping[int, torch.Tensor]) ->
     return connector(features)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Weight:
+    """A recorded GEMM operand that is the connector's parameter ``name``."""
+
+    name: str
+
+
+@dataclasses.dataclass(frozen=True)
+class _Input:
+    """A recorded GEMM operand computed in the forward: only its shape is kept."""
+
+    shape: tuple[int, ...]
+
+
 class _WeightGemms(TorchFunctionMode):
     """Records every GEMM call (see ``_GEMMS``) with an operand among ``parameters``: the function,
-    its arguments with each tensor replaced by ``("weight", name)`` or ``("input", shape)``."""
+    its arguments with each tensor replaced by a :class:`_Weight` or an :class:`_Input`."""
 
     def __init__(self, parameters: dict[int, str]) -> None:
         super().__init__()
@@ -184,8 +200,8 @@ class _WeightGemms(TorchFunctionMode):
     def _describe(self, value: Any) -> Any:
         if isinstance(value, torch.Tensor):
             if id(value) in self.parameters:
-                return ("weight", self.parameters[id(value)])
-            return ("input", tuple(value.shape))
+                return _Weight(self.parameters[id(value)])
+            return _Input(tuple(value.shape))
         if isinstance(value, list | tuple) and any(isinstance(v, torch.Tensor) for v in value):
             return type(value)(self._describe(v) for v in value)
         return value
@@ -220,7 +236,7 @@ def _on_meta(config: ConnectorConfig, grid: tuple[int, int], batch: int):
     it runs (see :class:`_WeightGemms`), the GFLOP of the whole forward and of those GEMMs."""
     with torch.device("meta"):
         connector = DenseConnector(config).eval().requires_grad_(False)
-    features = _features(connector, grid, batch, device="meta")
+    features = _features(connector, grid, batch, meta=True)
     names = {id(parameter): name for name, parameter in connector.named_parameters()}
     recorder = _WeightGemms(names)
     with recorder, torch.no_grad():
@@ -240,11 +256,11 @@ def _replay(
     used: dict[str, int] = {}
 
     def build(value: Any) -> Any:
-        if isinstance(value, tuple) and len(value) == 2 and value[0] == "weight":
-            used[value[1]] = weights[value[1]].numel()
-            return weights[value[1]]
-        if isinstance(value, tuple) and len(value) == 2 and value[0] == "input":
-            return make_input(value[1])
+        if isinstance(value, _Weight):
+            used[value.name] = weights[value.name].numel()
+            return weights[value.name]
+        if isinstance(value, _Input):
+            return make_input(value.shape)
         if isinstance(value, list | tuple):
             return type(value)(build(v) for v in value)
         return value

@@ -37,18 +37,18 @@ def test_mlp_records_its_two_linears_and_replays_them_without_bias():
         (
             F.linear,
             (
-                ("input", (2, 6, 24)),
-                ("weight", "projector.0.weight"),
-                ("weight", "projector.0.bias"),
+                zoo._Input((2, 6, 24)),
+                zoo._Weight("projector.0.weight"),
+                zoo._Weight("projector.0.bias"),
             ),
             {},
         ),
         (
             F.linear,
             (
-                ("input", (2, 6, 16)),
-                ("weight", "projector.2.weight"),
-                ("weight", "projector.2.bias"),
+                zoo._Input((2, 6, 16)),
+                zoo._Weight("projector.2.weight"),
+                zoo._Weight("projector.2.bias"),
             ),
             {},
         ),
@@ -73,7 +73,9 @@ def test_a_raw_weight_matmul_is_recorded():
         projector=Gemma3PoolSpec(grid=(2, 2)),
     )
     calls, connector_gflop, gemm_gflop = zoo._on_meta(config, (4, 4), batch=3)
-    assert calls == [(torch.matmul, (("input", (3, 4, 8)), ("weight", "projector.projection")), {})]
+    assert calls == [
+        (torch.matmul, (zoo._Input((3, 4, 8)), zoo._Weight("projector.projection")), {})
+    ]
     assert connector_gflop == gemm_gflop == 2 * 3 * 4 * 8 * 16 / 1e9
 
 
@@ -91,5 +93,5 @@ def test_attention_scores_are_not_part_of_the_floor():
     calls, connector_gflop, gemm_gflop = zoo._on_meta(config, (3, 3), batch=1)
     assert calls and all(func is F.linear for func, _, _ in calls)
     # Every recorded GEMM reads a Linear weight; the score / value matmuls are left out.
-    assert all(args[1][0] == "weight" and args[1][1].endswith(".weight") for _, args, _ in calls)
+    assert all(args[1].name.endswith(".weight") for _, args, _ in calls)
     assert 0 < gemm_gflop < connector_gflop
