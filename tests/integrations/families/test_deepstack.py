@@ -271,6 +271,27 @@ def test_generate_first_step_equals_forward(model):
     assert torch.equal(output.logits[0], model(**batch, logits_to_keep=1).logits[:, -1])
 
 
+@torch.no_grad()
+def test_beam_search_and_chunked_prefill_carry_the_residuals(model):
+    batch = inputs()
+    options = {"max_new_tokens": 3, "do_sample": False, "pad_token_id": 0}
+    # beams: generate() expands each image's residuals with its row (HF's deepstack layout)
+    beams = model.generate(**batch, num_beams=2, **options)
+    for row in range(2):
+        alone = {key: value[row : row + 1] for key, value in batch.items()}
+        assert torch.equal(beams[row : row + 1], model.generate(**alone, num_beams=2, **options))
+    # chunked prefill (chunks of 4 split the image positions 2..5): each chunk gets the residual
+    # rows of its image positions. The residuals move the last logits by 0.02; chunking changes
+    # them by float rounding only (6e-8 measured).
+    scores = {"output_logits": True, "return_dict_in_generate": True}
+    whole = model.generate(**batch, **options, **scores)
+    chunked = model.generate(**batch, prefill_chunk_size=4, **options, **scores)
+    assert torch.equal(chunked.sequences, whole.sequences)
+    for ours, reference in zip(chunked.logits, whole.logits, strict=True):
+        torch.testing.assert_close(ours, reference, rtol=0, atol=1e-6)
+    assert forward_hooks(model) == [0, 0]
+
+
 def test_save_and_from_pretrained_keep_the_injection(model, tmp_path):
     model.save_pretrained(tmp_path)
     loaded = DenseLlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
