@@ -71,13 +71,20 @@ class ProjectorSpec:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "kind"}
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict: ``kind`` and the parameters."""
-        return {"kind": self.kind, **self.parameters()}
+        """A JSON-ready dict: ``kind`` and the parameters (tuples become lists, as JSON reads
+        them back, so ``to_dict`` equals the dict a saved config loads)."""
+        return {"kind": self.kind, **{k: _json_ready(v) for k, v in self.parameters().items()}}
 
     @classmethod
     def parameter_names(cls) -> tuple[str, ...]:
         """The parameters a spec of this class takes (``kind`` excluded)."""
         return tuple(f.name for f in dataclasses.fields(cls) if f.init and f.name != "kind")
+
+
+def _json_ready(value: Any) -> Any:
+    if isinstance(value, tuple | list):
+        return [_json_ready(item) for item in value]
+    return value
 
 
 #: The activations an :class:`MLPSpec` may put between its Linears (``gelu`` is exact-erf, as

@@ -170,7 +170,7 @@ class LDPv2Spec(ProjectorSpec):
 
     Examples:
         >>> LDPv2Spec().to_dict()
-        {'kind': 'ldpv2', 'pooled_grid': (12, 12), 'hidden_dim': None}
+        {'kind': 'ldpv2', 'pooled_grid': [12, 12], 'hidden_dim': None}
     """
 
     kind: str = field(default="ldpv2", init=False)
