@@ -158,8 +158,9 @@ def swap_connector(llava_model: nn.Module, connector: DenseConnector) -> nn.Modu
 
     Raises:
         ValueError: ``llava_model`` lacks ``vision_tower`` / ``mm_projector``, the tower is not
-            loaded yet, the widths differ, or the config asks for a spatial patch merge the
-            connector's tokens cannot form.
+            loaded yet, the widths differ, the config asks for a spatial patch merge the
+            connector's tokens cannot form, or the connector injects DeepStack residuals (which
+            the codebase's LLM cannot take).
     """
     for attribute in ("vision_tower", "mm_projector"):
         if not hasattr(llava_model, attribute):
@@ -167,6 +168,12 @@ def swap_connector(llava_model: nn.Module, connector: DenseConnector) -> nn.Modu
                 f"{type(llava_model).__name__} has no {attribute!r}: pass the module that holds the "
                 "vision tower and mm_projector (model.get_model() in the LLaVA codebase)"
             )
+    if connector.config.injection is not None:
+        raise ValueError(
+            "the LLaVA codebase feeds the connector's tokens to its LLM and cannot add DeepStack "
+            f"residuals (injection={list(connector.config.injection.layers)}); use a connector "
+            "without injection, or Dense LLaVA (mmconnect.integrations.families.llava)"
+        )
     tower = llava_model.vision_tower
     if isinstance(tower, list | tuple):  # LLaVA keeps an unloaded tower in a list for FSDP
         tower = tower[0]

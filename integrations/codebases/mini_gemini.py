@@ -62,7 +62,8 @@ def swap_connector(
         ``config.mm_dense_placement`` the placement.
 
     Raises:
-        ValueError: a piece of the MGM structure is missing, or the widths do not fit.
+        ValueError: a piece of the MGM structure is missing, the widths do not fit, or the
+            connector injects DeepStack residuals (which the codebase's LLM cannot take).
     """
     for attribute in ("get_model", "encode_images", "unified_resampler", "config"):
         if not hasattr(mgm_model, attribute):
@@ -78,6 +79,12 @@ def swap_connector(
                 "mining (build it with its vision tower, aux tower and mining modules first)"
             )
     check_placement(placement, connector)
+    if connector.config.injection is not None:
+        raise ValueError(
+            "the MGM codebase feeds the connector's tokens to its LLM and cannot add DeepStack "
+            f"residuals (injection={list(connector.config.injection.layers)}); use a connector "
+            "without injection, or Dense Mini-Gemini (mmconnect.integrations.families.mini_gemini)"
+        )
     tower = _clip_tower(mgm_model)
     width = getattr(tower, "hidden_size", None)
     if isinstance(width, int) and width != connector.config.vision_dim:

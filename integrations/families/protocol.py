@@ -138,7 +138,18 @@ class DenseFamilyModel(abc.ABC):
         return pixels
 
     def frame_features(self, pixel_values: Tensor) -> Tensor:
-        """Every frame through the model's image path: ``[T, 3, H, W] -> [T, N, llm_dim]``."""
+        """Every frame through the model's image path: ``[T, 3, H, W] -> [T, N, llm_dim]``.
+
+        Raises:
+            ValueError: the connector injects DeepStack residuals into the LLM, which tokens
+                alone (placed in ``inputs_embeds`` by the caller) would leave out.
+        """
+        if self.connector.config.injection is not None:
+            raise ValueError(
+                "this model's connector adds DeepStack residuals inside the LLM (injection="
+                f"{list(self.connector.config.injection.layers)}), which visual tokens alone leave "
+                "out; call the model's forward / generate with input_ids and pixel_values instead"
+            )
         return torch.stack(list(self.get_image_features(pixel_values).pooler_output))
 
     def frame_grid(self) -> tuple[int, int] | None:

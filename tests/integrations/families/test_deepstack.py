@@ -376,6 +376,24 @@ def test_llava_next_refuses_an_injection_connector():
         DenseLlavaNextConfig(**(data | {"connector": connector.to_dict()}))
 
 
+def test_paths_that_place_tokens_themselves_refuse_an_injection_connector(model):
+    from mmconnect.integrations.codebases import llava as llava_codebase
+    from mmconnect.integrations.codebases import mini_gemini as mgm_codebase
+    from tests.support.mini_gemini_codebase_toys import MGMStyleModel, towers
+
+    # chat's image / video answering puts frame tokens into inputs_embeds
+    with pytest.raises(
+        ValueError, match=r"DeepStack residuals inside the LLM \(injection=\[1, 3\]"
+    ):
+        model.model.frame_features(inputs(batch=1)["pixel_values"])
+    holder = torch.nn.Module()
+    holder.vision_tower, holder.mm_projector = torch.nn.Identity(), torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match=r"LLaVA codebase .* cannot add DeepStack residuals"):
+        llava_codebase.swap_connector(holder, DenseConnector(INJECTION))
+    with pytest.raises(ValueError, match=r"MGM codebase .* cannot add DeepStack residuals"):
+        mgm_codebase.swap_connector(MGMStyleModel(*towers()), DenseConnector(INJECTION))
+
+
 # ---------------------------------------------------------------------------- Mini-Gemini
 
 
