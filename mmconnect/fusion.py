@@ -45,6 +45,13 @@ from mmconnect.layers import (
     normalize_layers,
 )
 from mmconnect.registry import Registry, describe_callable
+from mmconnect.specs import (
+    construct_spec,
+    fixed_kind,
+    json_ready,
+    parameter_names,
+    spec_from_mapping,
+)
 from mmconnect.validation import check_choice, check_positive_int, check_str
 
 PoolMode = Literal["raster", "grid"]
@@ -389,13 +396,6 @@ def _index_tuple(value: Any, argument: str) -> tuple[int, ...]:
     return indices
 
 
-def _spec_value(value: Any) -> Any:
-    """A spec field as JSON: tuples (also nested) become lists."""
-    if isinstance(value, tuple):
-        return [_spec_value(item) for item in value]
-    return value
-
-
 @dataclass(frozen=True, kw_only=True)
 class FusionSpec:
     """What a fusion computes: its kind and its own parameters (the fusion part of a
@@ -456,12 +456,12 @@ class FusionSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict: ``kind`` and every parameter (tuples become lists)."""
-        return {f.name: _spec_value(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {f.name: json_ready(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     @classmethod
     def parameter_names(cls) -> tuple[str, ...]:
         """The parameters a spec of this class takes (``kind`` excluded)."""
-        return tuple(f.name for f in dataclasses.fields(cls) if f.init and f.name != "kind")
+        return parameter_names(cls)
 
 
 class _ExtraLayersSpec(FusionSpec):
@@ -610,12 +610,6 @@ _FUSIONS: Registry[_FusionEntry] = Registry(
 )
 
 
-def _fixed_kind(spec: type[FusionSpec]) -> str | None:
-    """The ``kind`` a spec class fixes (``field(default=..., init=False)``), or ``None``."""
-    kind = next(f for f in dataclasses.fields(spec) if f.name == "kind")
-    return None if kind.init else kind.default
-
-
 def register_fusion(
     name: str, builder: FusionBuilder, *, spec: type[FusionSpec] = FusionSpec
 ) -> None:
@@ -641,7 +635,7 @@ def register_fusion(
         raise TypeError(f"fusion builder must be callable, got {type(builder).__name__}")
     if not (isinstance(spec, type) and issubclass(spec, FusionSpec)):
         raise TypeError(f"spec must be a FusionSpec subclass, got {spec!r}")
-    fixed = _fixed_kind(spec)
+    fixed = fixed_kind(spec)
     if fixed is not None and fixed != name:
         raise ValueError(
             f"spec {spec.__name__} fixes kind={fixed!r}, so it cannot be registered as {name!r}"
@@ -706,40 +700,10 @@ def parse_fusion(value: FusionSpec | str | Mapping[str, Any]) -> FusionSpec:
     if isinstance(value, FusionSpec):
         return check_fusion_spec(value)
     if isinstance(value, str):
-        return _construct(_entry(value).spec, value, {})
+        return construct_spec(_entry(value).spec, value, {}, what="fusion")
     if isinstance(value, Mapping):
-        data = dict(value)
-        if "kind" not in data:
-            raise ValueError(f"a fusion spec needs a 'kind' key, got keys {sorted(data)}")
-        kind = data.pop("kind")
-        spec = _entry(kind).spec
-        unknown = sorted(set(data) - set(spec.parameter_names()))
-        if unknown:
-            raise ValueError(
-                f"unknown keys {unknown} for fusion kind {kind!r}; its parameters are "
-                f"{list(spec.parameter_names())}"
-            )
-        return _construct(spec, kind, data)
+        return spec_from_mapping(value, lambda kind: _entry(kind).spec, what="fusion")
     return check_fusion_spec(value)
-
-
-def _construct(spec: type[FusionSpec], kind: str, parameters: dict[str, Any]) -> FusionSpec:
-    required = [
-        f.name
-        for f in dataclasses.fields(spec)
-        if f.init
-        and f.name != "kind"
-        and f.default is dataclasses.MISSING
-        and f.default_factory is dataclasses.MISSING
-        and f.name not in parameters
-    ]
-    if required:
-        raise ValueError(
-            f"fusion kind {kind!r} needs the parameters {required}; pass a {spec.__name__}"
-        )
-    if _fixed_kind(spec) is None:
-        parameters = {"kind": kind, **parameters}
-    return spec(**parameters)
 
 
 def build_fusion(spec: FusionSpec, num_layers: int) -> Fusion:

@@ -10,7 +10,7 @@ to the LLM's hidden states at the image positions, level ``i`` after LLM layer `
     h_i         = LLMLayer_i(h_{i-1});  h_i[image] += residual_i
 
 :class:`DeepStackSpec` describes it inside a :class:`mmconnect.ConnectorConfig` (``injection=``);
-:meth:`mmconnect.DenseConnector.forward_with_injections` returns the tokens and the residuals;
+:meth:`mmconnect.connector.DenseConnector.forward_with_injections` returns the tokens and the residuals;
 a model family adds the residuals to its LLM (see the families' docs). The token contract holds
 for every level: each residual has exactly the connector's ``num_tokens(grid)`` tokens, checked
 before anything runs, so the residuals line up with the image positions.

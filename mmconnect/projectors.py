@@ -35,6 +35,13 @@ from torch import Tensor, nn
 
 from mmconnect.checkpoint import read_state_dict, shape_problems
 from mmconnect.registry import Registry, describe_callable
+from mmconnect.specs import (
+    construct_spec,
+    fixed_kind,
+    json_ready,
+    parameter_names,
+    spec_from_mapping,
+)
 from mmconnect.validation import check_choice, check_positive_int
 
 #: ``builder(in_dim, out_dim, **parameters) -> nn.Module``; ``parameters`` are the spec's own.
@@ -73,18 +80,12 @@ class ProjectorSpec:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict: ``kind`` and the parameters (tuples become lists, as JSON reads
         them back, so ``to_dict`` equals the dict a saved config loads)."""
-        return {"kind": self.kind, **{k: _json_ready(v) for k, v in self.parameters().items()}}
+        return {"kind": self.kind, **{k: json_ready(v) for k, v in self.parameters().items()}}
 
     @classmethod
     def parameter_names(cls) -> tuple[str, ...]:
         """The parameters a spec of this class takes (``kind`` excluded)."""
-        return tuple(f.name for f in dataclasses.fields(cls) if f.init and f.name != "kind")
-
-
-def _json_ready(value: Any) -> Any:
-    if isinstance(value, tuple | list):
-        return [_json_ready(item) for item in value]
-    return value
+        return parameter_names(cls)
 
 
 #: The activations an :class:`MLPSpec` may put between its Linears (``gelu`` is exact-erf, as
@@ -167,11 +168,6 @@ class GridProjector(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} must implement forward(tokens, grid)")
 
 
-def _fixed_kind(spec: type[ProjectorSpec]) -> str | None:
-    kind = next(f for f in dataclasses.fields(spec) if f.name == "kind")
-    return None if kind.init else kind.default
-
-
 def register_projector(
     name: str, builder: ProjectorBuilder, *, spec: type[ProjectorSpec] = ProjectorSpec
 ) -> None:
@@ -202,7 +198,7 @@ def register_projector(
         raise TypeError(f"projector builder must be callable, got {type(builder).__name__}")
     if not (isinstance(spec, type) and issubclass(spec, ProjectorSpec)):
         raise TypeError(f"spec must be a ProjectorSpec subclass, got {spec!r}")
-    fixed = _fixed_kind(spec)
+    fixed = fixed_kind(spec)
     if fixed is not None and fixed != name:
         raise ValueError(
             f"spec {spec.__name__} fixes kind={fixed!r}, so it cannot be registered as {name!r}"
@@ -262,40 +258,10 @@ def parse_projector(value: ProjectorSpec | str | Mapping[str, Any]) -> Projector
         match = _LLAVA_MLP_NAME.match(value)
         if match and "mlp" in _PROJECTORS:
             return MLPSpec(depth=int(match.group(1)), activation=match.group(2))
-        return _construct(_entry(value).spec, value, {})
+        return construct_spec(_entry(value).spec, value, {}, what="projector")
     if isinstance(value, Mapping):
-        data = dict(value)
-        if "kind" not in data:
-            raise ValueError(f"a projector spec needs a 'kind' key, got keys {sorted(data)}")
-        kind = data.pop("kind")
-        spec = _entry(kind).spec
-        unknown = sorted(set(data) - set(spec.parameter_names()))
-        if unknown:
-            raise ValueError(
-                f"unknown keys {unknown} for projector kind {kind!r}; its parameters are "
-                f"{list(spec.parameter_names())}"
-            )
-        return _construct(spec, kind, data)
+        return spec_from_mapping(value, lambda kind: _entry(kind).spec, what="projector")
     return check_projector_spec(value)
-
-
-def _construct(spec: type[ProjectorSpec], kind: str, parameters: dict[str, Any]) -> ProjectorSpec:
-    required = [
-        f.name
-        for f in dataclasses.fields(spec)
-        if f.init
-        and f.name != "kind"
-        and f.default is dataclasses.MISSING
-        and f.default_factory is dataclasses.MISSING
-        and f.name not in parameters
-    ]
-    if required:
-        raise ValueError(
-            f"projector kind {kind!r} needs the parameters {required}; pass a {spec.__name__}"
-        )
-    if _fixed_kind(spec) is None:
-        parameters = {"kind": kind, **parameters}
-    return spec(**parameters)
 
 
 def build_projector(

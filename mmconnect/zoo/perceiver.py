@@ -258,7 +258,7 @@ class PerceiverConnector(GridProjector):
     grid gives ``n_latents`` tokens forming no grid (:meth:`output_grid` is ``(0, 0)``).
 
     The latents read their input as a token set, so tokens after the grid that form none (STI's
-    pooled tokens) are read like the grid's (:attr:`accepts_extra_tokens`).
+    pooled tokens) are read like the grid's (``accepts_extra_tokens``).
 
     The keyword arguments are :class:`PerceiverSpec`'s fields (``n_latents``, ``depth``,
     ``heads``, ``head_dim``, ``kv_heads``, ``intermediate_size``, ``activation``, ``rms_eps``).

@@ -23,7 +23,7 @@ The output tokens ``S[i, j]`` are in raster order on the ``(h/f, w/f)`` grid (in
 
 Shapes: ``[B, h*w, C] -> [B, (h/f)*(w/f), D]``; ``C`` is the fused width (``vision_dim`` times
 the layers for SCI / DCI), ``D`` the LLM width. A grid with a side not divisible by ``f`` is
-refused by :meth:`~PixelShuffleLinear.output_grid` (so a connector fails when it counts tokens,
+refused by ``output_grid`` (so a connector fails when it counts tokens,
 before anything runs): SigLIP-SO400M's 27x27 grid at 384 px takes ``f = 3`` (SmolVLM) but not
 ``f = 2`` (Idefics3 resizes to 364 px for a 26x26 grid).
 

@@ -17,8 +17,8 @@ the ``(h, w)`` grid and the output grid ``(H, W)`` of the spec, with the kernel
 ``patches_per_side // tokens_per_side`` and assumes a square grid, so a grid that does not divide
 evenly would silently lose its last rows and columns (``AvgPool2d`` floors); here the same rule
 applies to each side separately (non-square grids and output grids are welcome) and a grid that
-does not divide exactly by the output grid raises ``ValueError`` from :meth:`num_tokens` /
-:meth:`output_grid`, before anything runs. The RMSNorm runs in float32 and casts back, as
+does not divide exactly by the output grid raises ``ValueError`` from ``num_tokens`` /
+``output_grid``, before anything runs. The RMSNorm runs in float32 and casts back, as
 Gemma's does. Hugging Face initialises ``M`` to zeros (checkpoints fill it); ours starts like an
 ``nn.Linear`` (uniform in ``+-1/sqrt(C)``) so a connector trained from scratch gets a gradient in
 every parameter from the first step.

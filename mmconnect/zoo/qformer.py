@@ -261,7 +261,7 @@ class QFormerProjector(GridProjector):
 
     The tokens are read as a set (cross-attention has no positions), so their order and grid
     do not matter, and tokens after the grid that form none (STI's pooled tokens) are read as
-    well (:attr:`accepts_extra_tokens`). The output is ``num_queries`` tokens that form no
+    well (``accepts_extra_tokens``). The output is ``num_queries`` tokens that form no
     grid: :meth:`output_grid` is ``(0, 0)``.
 
     Attributes:
