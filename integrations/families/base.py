@@ -350,7 +350,8 @@ def image_outputs(
         tokens: ``[rows, N, llm_dim]`` with ``rows`` a multiple of ``images`` (views of one image
             follow each other).
         residuals: each ``[rows, N, llm_dim]``
-            (:meth:`mmconnect.DenseConnector.forward_with_injections`); empty without injection.
+            (:meth:`mmconnect.connector.DenseConnector.forward_with_injections`); empty
+            without injection.
         images: the number of images.
 
     Returns:

@@ -14,9 +14,10 @@ states after decoder layer ``j`` (``[B, S, D]``), ``M`` the image positions of t
 The mechanism is part of the core connector contract, not of this module:
 :class:`mmconnect.DeepStackSpec` in ``ConnectorConfig(injection=...)`` builds the per-level
 projectors ``P_i`` (the connector's ``injection`` module list, trained with it),
-:meth:`mmconnect.DenseConnector.forward_with_injections` returns ``(T, (R_0, R_1, ...))`` with
-every ``R_i`` checked to have ``T``'s token count, and the Dense LLaVA and Mini-Gemini families
-add the residuals to their LLM (``mmconnect.integrations.families.base.injecting_forward``).
+:meth:`mmconnect.connector.DenseConnector.forward_with_injections` returns
+``(T, (R_0, R_1, ...))`` with every ``R_i`` checked to have ``T``'s token count, and the Dense
+LLaVA and Mini-Gemini families add the residuals to their LLM
+(``mmconnect.integrations.families.base.injecting_forward``).
 This module registers the presets.
 
 Layer indices: Qwen3-VL's ``deepstack_visual_indexes = [8, 16, 24]`` count the tower's *blocks*
