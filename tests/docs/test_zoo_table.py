@@ -153,7 +153,7 @@ ROWS = (
         QWEN3_VL_DEEPSTACK_MERGER,
         1152,
         3584,
-        "HF `deepstack_merger_list`: see its page",
+        "HF Qwen3-VL `deepstack_merger_list` and `_deepstack_process`: equal, fp32 and bf16",
     ),
 )
 
