@@ -62,3 +62,19 @@ def test_integrations_is_a_subpackage():
     assert integrations.__name__ == "mmconnect.integrations"
     assert hasattr(integrations, "__path__")  # a package, not a module
     assert Path(integrations.__file__).parent.name == "integrations"
+
+
+def test_every_package_folder_is_installed():
+    """A wheel holds only the packages pyproject.toml lists: every folder with an __init__.py
+    under mmconnect/ and integrations/ must be there (a new sub-package is easy to forget)."""
+    import tomllib
+
+    listed = set(
+        tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    found = set()
+    for root, dotted in (("mmconnect", "mmconnect"), ("integrations", "mmconnect.integrations")):
+        for init in (REPO_ROOT / root).rglob("__init__.py"):
+            relative = init.parent.relative_to(REPO_ROOT / root).parts
+            found.add(".".join((dotted, *relative)))
+    assert found == listed
