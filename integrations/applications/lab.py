@@ -310,8 +310,9 @@ class LabConfig:
 
 
 def quick_config(**overrides: Any) -> LabConfig:
-    """A smoke budget of about a minute on two cores: all five connectors, two seeds, tiny
-    encoder pretraining and a few training steps (the numbers mean nothing)."""
+    """A smoke budget of about a minute on two cores: the five preset connectors (or
+    ``connectors=``, zoo ones too), two seeds, tiny encoder pretraining and a few training steps
+    (the numbers mean nothing: 32 held-out questions)."""
     encoder = EncoderPretraining(
         image_size=48, patch_size=12, width=16, heads=2, steps=8, batch_size=8, probe_images=24
     )
@@ -612,6 +613,17 @@ def results_markdown(results: dict[str, Any]) -> str:
     )
 
 
+def _colours(count: int) -> list[Any]:
+    """One distinct colour per connector: matplotlib's ten-colour cycle, or ``tab20`` beyond it
+    (the zoo), so no two connectors of a chart share a colour."""
+    import matplotlib
+
+    if count <= 10:
+        return [f"C{index}" for index in range(count)]
+    palette = matplotlib.colormaps["tab20"]
+    return [palette(index % 20) for index in range(count)]
+
+
 def plot_accuracy(results: dict[str, Any], path: str | Path) -> None:
     """Grouped bars (mean over seeds, error bar: sample std, dots: the seeds) per question type."""
     import matplotlib
@@ -622,6 +634,7 @@ def plot_accuracy(results: dict[str, Any], path: str | Path) -> None:
     summary = results["summary"]
     types = _question_types(summary)
     kinds = list(summary)
+    colours = _colours(len(kinds))
     width = 0.8 / len(kinds)
     # About a quarter inch per bar once many connectors share a question type.
     figure, axis = plt.subplots(
@@ -634,7 +647,7 @@ def plot_accuracy(results: dict[str, Any], path: str | Path) -> None:
         entries = [summary[kind][t] for t in types]
         means = [100 * entry["mean"] for entry in entries]
         errors = [100 * (entry["std"] or 0.0) for entry in entries]
-        axis.bar(offsets, means, width, yerr=errors, capsize=2, label=kind)
+        axis.bar(offsets, means, width, yerr=errors, capsize=2, label=kind, color=colours[index])
         for offset, entry in zip(offsets, entries, strict=True):
             values = [100 * value for value in entry["values"]]
             axis.plot([offset] * len(values), values, "k.", markersize=3)
@@ -664,6 +677,7 @@ def plot_overall(results: dict[str, Any], path: str | Path) -> None:
 
     summary = results["summary"]
     kinds = list(summary)
+    colours = _colours(len(kinds))
     figure, axis = plt.subplots(figsize=(7, 1.2 + 0.38 * len(kinds)))
     for row, kind in enumerate(kinds):
         entry = summary[kind]["all"]
@@ -672,7 +686,7 @@ def plot_overall(results: dict[str, Any], path: str | Path) -> None:
             100 * entry["mean"],
             xerr=100 * (entry["std"] or 0.0),
             capsize=3,
-            color=f"C{row % 10}",
+            color=colours[row],
         )
         values = [100 * value for value in entry["values"]]
         axis.plot(values, [row] * len(values), "k.", markersize=4)
