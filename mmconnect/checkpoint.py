@@ -159,6 +159,33 @@ def open_safetensors(path: str | Path) -> Iterator[Any]:
         yield handle
 
 
+def weights_under_prefix(
+    state: Mapping[str, Tensor], prefix: str, *, required: bool = True
+) -> dict[str, Tensor]:
+    """The tensors of ``state`` whose names start with ``prefix``, the prefix removed (what a
+    converter reads from a whole model's state dict, e.g. ``prefix="model.connector."``).
+
+    Args:
+        required: refuse a prefix under which nothing is found (converters that list the
+            missing keys themselves pass ``False``).
+
+    Raises:
+        TypeError: ``state`` is not a mapping or ``prefix`` not a str.
+        ValueError: ``required`` and no name starts with ``prefix`` (the first names are shown).
+    """
+    if not isinstance(state, Mapping):
+        raise TypeError(f"state must be a mapping of names to tensors, got {type(state).__name__}")
+    if not isinstance(prefix, str):
+        raise TypeError(f"prefix must be a str, got {prefix!r} ({type(prefix).__name__})")
+    found = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+    if required and not found:
+        sample = ", ".join(list(state)[:5]) or "an empty state dict"
+        raise ValueError(
+            f"no keys start with prefix {prefix!r}; the state dict starts with {sample}"
+        )
+    return found
+
+
 def saved_shapes(
     files: Iterable[str | Path], prefixes: Sequence[str]
 ) -> dict[str, tuple[int, ...]]:

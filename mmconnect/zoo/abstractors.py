@@ -89,6 +89,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from mmconnect.checkpoint import weights_under_prefix
 from mmconnect.fusion import DCISpec, SingleLayerSpec
 from mmconnect.presets import CLIP_L_336, register_preset
 from mmconnect.projectors import GridProjector, ProjectorSpec, register_projector
@@ -430,18 +431,6 @@ _HONEYBEE_BLOCK = re.compile(r"^net\.(0|2)\.b(\d+)\.(.+)$")
 _HONEYBEE_READOUT = re.compile(r"^readout\.(\d+)\.(weight|bias)$")
 
 
-def _under_prefix(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    if not isinstance(state, Mapping):
-        raise TypeError(f"state must be a mapping of names to tensors, got {type(state).__name__}")
-    if not isinstance(prefix, str):
-        raise TypeError(f"prefix must be a str, got {prefix!r} ({type(prefix).__name__})")
-    found = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
-    if not found:
-        sample = ", ".join(list(state)[:5]) or "an empty state dict"
-        raise ValueError(f"no keys start with prefix {prefix!r}; the state has {sample}")
-    return found
-
-
 def _raise_problems(what: str, missing: list[str], unexpected: list[str]) -> None:
     if missing or unexpected:
         raise ValueError(
@@ -469,7 +458,7 @@ def c_abstractor_state_from_honeybee(
             a block, readout Linear or stage missing some of its keys (missing).
         TypeError: ``state`` is no mapping or ``prefix`` no str.
     """
-    found = _under_prefix(state, prefix)
+    found = weights_under_prefix(state, prefix)
     converted: dict[str, Tensor] = {}
     unexpected: list[str] = []
     blocks: dict[tuple[str, int], set[str]] = {}
@@ -554,7 +543,7 @@ def ldpv2_state_from_mobilevlm(state: Mapping[str, Tensor], prefix: str = "") ->
         ValueError: no key under ``prefix``, or keys missing / unexpected (listed).
         TypeError: ``state`` is no mapping or ``prefix`` no str.
     """
-    found = _under_prefix(state, prefix)
+    found = weights_under_prefix(state, prefix)
     missing = [prefix + key for key in _MOBILEVLM_KEYS if key not in found]
     unexpected = [prefix + key for key in found if key not in _MOBILEVLM_KEYS]
     _raise_problems("MobileVLM LDPv2", missing, unexpected)

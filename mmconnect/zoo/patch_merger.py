@@ -70,7 +70,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from mmconnect.checkpoint import shape_problems
+from mmconnect.checkpoint import shape_problems, weights_under_prefix
 from mmconnect.fusion import DCISpec
 from mmconnect.presets import CLIP_L_336, register_preset
 from mmconnect.projectors import GridProjector, ProjectorSpec, register_projector
@@ -359,11 +359,7 @@ def _rename(
     module: str,
 ) -> dict[str, Tensor]:
     """``names`` (HF key -> ours) applied to the keys of ``state`` under ``prefix``."""
-    if not isinstance(state, Mapping):
-        raise TypeError(f"state must be a mapping of tensors, got {type(state).__name__}")
-    if not isinstance(prefix, str):
-        raise TypeError(f"prefix must be a str, got {prefix!r} ({type(prefix).__name__})")
-    found = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+    found = weights_under_prefix(state, prefix, required=False)
     missing = sorted(key for key in names if key not in found and key not in optional)
     unexpected = sorted(key for key in found if key not in names)
     if missing or unexpected:

@@ -61,7 +61,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from mmconnect.checkpoint import shape_problems
+from mmconnect.checkpoint import shape_problems, weights_under_prefix
 from mmconnect.fusion import DCISpec, SingleLayerSpec, STISpec
 from mmconnect.presets import SIGLIP_SO400M_384, EncoderGeometry, register_preset
 from mmconnect.projectors import (
@@ -462,15 +462,10 @@ def perceiver_state_from_hf(state: Mapping[str, Tensor], prefix: str = "") -> di
             the modality projection's gate, the latents, the final norm and block 0's query and
             key; each other tensor must fit them); the message lists every problem (by HF key).
     """
-    if not isinstance(prefix, str):
-        raise TypeError(f"prefix must be a str, got {prefix!r} ({type(prefix).__name__})")
     ours: dict[str, Tensor] = {}
     unexpected: list[str] = []
     layers: set[int] = set()
-    for key, tensor in state.items():
-        if not key.startswith(prefix):
-            continue
-        name = key[len(prefix) :]
+    for name, tensor in weights_under_prefix(state, prefix, required=False).items():
         layer = _HF_LAYER.match(name)
         if name in _HF_TOP:
             ours[_HF_TOP[name]] = tensor
@@ -478,7 +473,7 @@ def perceiver_state_from_hf(state: Mapping[str, Tensor], prefix: str = "") -> di
             layers.add(int(layer.group(1)))
             ours[f"blocks.{layer.group(1)}.{_HF_BLOCK[layer.group(2)]}"] = tensor
         else:
-            unexpected.append(key)
+            unexpected.append(prefix + name)
     depth = max(layers) + 1 if layers else 0
     expected = [*_HF_TOP.values()]
     expected += [f"blocks.{index}.{key}" for index in range(depth) for key in _HF_BLOCK.values()]

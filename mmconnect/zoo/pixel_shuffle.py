@@ -75,7 +75,7 @@ from dataclasses import dataclass, field
 from einops import rearrange
 from torch import Tensor, nn
 
-from mmconnect.checkpoint import shape_problems
+from mmconnect.checkpoint import shape_problems, weights_under_prefix
 from mmconnect.features import check_grid
 from mmconnect.fusion import DCISpec, SingleLayerSpec
 from mmconnect.presets import (
@@ -285,10 +285,6 @@ register_projector("pixel_shuffle_mlp", PixelShuffleMLP, spec=PixelShuffleMLPSpe
 
 
 # ----------------------------------------------------------------------------- converters
-def _under_prefix(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    if not isinstance(prefix, str):
-        raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
-    return {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
 
 
 def _convert(
@@ -298,7 +294,7 @@ def _convert(
     shapes: Mapping[str, tuple[int, ...]],
     module: str,
 ) -> dict[str, Tensor]:
-    found = _under_prefix(state, prefix)
+    found = weights_under_prefix(state, prefix, required=False)
     problems = shape_problems(
         {key: tuple(value.shape) for key, value in found.items()},
         shapes,
@@ -315,7 +311,7 @@ def _matrix_shape(
     state: Mapping[str, Tensor], prefix: str, key: str, module: str
 ) -> tuple[int, int]:
     """The shape of the matrix ``prefix + key``, whose shape fixes every other key's."""
-    found = _under_prefix(state, prefix)
+    found = weights_under_prefix(state, prefix, required=False)
     weight = found.get(key)
     if weight is None or weight.dim() != 2:
         what = "missing" if weight is None else f"of shape {tuple(weight.shape)}, not a matrix"

@@ -64,7 +64,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from mmconnect.checkpoint import shape_problems
+from mmconnect.checkpoint import shape_problems, weights_under_prefix
 from mmconnect.fusion import DCISpec, SingleLayerSpec
 from mmconnect.presets import SIGLIP_SO400M_384, EncoderGeometry, register_preset
 from mmconnect.projectors import MLP_ACTIVATIONS, GridProjector, ProjectorSpec, register_projector
@@ -217,7 +217,7 @@ def gemma3_pool_state_from_hf(state: Mapping[str, Tensor], prefix: str = "") -> 
         ValueError: a key is missing or unexpected under ``prefix``, or the two widths disagree
             (the message lists every problem).
     """
-    found = _under_prefix(state, prefix)
+    found = weights_under_prefix(state, prefix)
     problems = [f"missing {prefix}{key}" for key in _GEMMA3_HF_KEYS if key not in found]
     problems += [f"unexpected {prefix}{key}" for key in found if key not in _GEMMA3_HF_KEYS]
     if not problems:
@@ -330,7 +330,7 @@ def onevision_pool_state_from_hf(
             and biases, biases on some Linears only, or widths that do not chain (the message
             lists every problem).
     """
-    found = _under_prefix(state, prefix)
+    found = weights_under_prefix(state, prefix)
     linears = sorted(
         {int(key.split(".")[0][len("linear_") :]) for key in found if _is_linear_key(key)}
     )
@@ -368,18 +368,6 @@ def _is_linear_key(key: str) -> bool:
         and name[len("linear_") :].isdigit()
         and leaf in ("weight", "bias")
     )
-
-
-def _under_prefix(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    if not isinstance(state, Mapping):
-        raise TypeError(f"state must be a mapping of names to tensors, got {type(state).__name__}")
-    if not isinstance(prefix, str):
-        raise TypeError(f"prefix must be a str, got {prefix!r} ({type(prefix).__name__})")
-    found = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
-    if not found:
-        sample = ", ".join(list(state)[:5]) or "an empty state dict"
-        raise ValueError(f"no weights under prefix {prefix!r}; the state dict starts with {sample}")
-    return found
 
 
 register_projector("gemma3_pool", _build_gemma3_pool, spec=Gemma3PoolSpec)

@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from mmconnect.checkpoint import shape_problems
+from mmconnect.checkpoint import shape_problems, weights_under_prefix
 from mmconnect.fusion import DCISpec, SingleLayerSpec
 from mmconnect.presets import CLIP_L_336, EncoderGeometry, register_preset
 from mmconnect.projectors import GridProjector, ProjectorSpec, register_projector
@@ -420,14 +420,9 @@ def qformer_state_from_hf(state: Mapping[str, Tensor], prefix: str = "") -> dict
             cross-attention, or a layer between others); the message lists them.
         TypeError: ``prefix`` is not a str.
     """
-    if not isinstance(prefix, str):
-        raise TypeError(f"prefix must be a str, got {prefix!r} ({type(prefix).__name__})")
     converted: dict[str, Tensor] = {}
     unexpected: list[str] = []
-    for key, value in state.items():
-        if not key.startswith(prefix):
-            continue
-        name = key[len(prefix) :]
+    for name, value in weights_under_prefix(state, prefix, required=False).items():
         if not name.startswith(_HF_ROOTS):
             continue
         if name in _HF_TOP_NAMES:
@@ -438,7 +433,7 @@ def qformer_state_from_hf(state: Mapping[str, Tensor], prefix: str = "") -> dict
             index, module, kind = match.groups()
             converted[f"layers.{int(index)}.{_HF_LAYER_NAMES[module]}.{kind}"] = value
         elif not (match and match.group(2) in _HF_TEXT_BRANCH):
-            unexpected.append(key)
+            unexpected.append(prefix + name)
     if not converted and not unexpected:
         raise ValueError(
             f"found no BLIP-2 connector keys under prefix {prefix!r}: expected "

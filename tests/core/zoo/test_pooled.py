@@ -385,7 +385,7 @@ def test_gemma3_converter_names_and_errors():
         gemma3_pool_state_from_hf(
             {"mm_input_projection_weight": weight.T, "mm_soft_emb_norm.weight": norm}
         )
-    with pytest.raises(ValueError, match=r"no weights under prefix 'model\.'"):
+    with pytest.raises(ValueError, match=r"no keys start with prefix 'model\.'"):
         gemma3_pool_state_from_hf(state, prefix="model.")
 
 
