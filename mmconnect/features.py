@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from torch import Tensor
 
@@ -99,6 +99,30 @@ class LayerFeatures(Mapping[int, Tensor]):
         shapes = {index: tuple(tensor.shape) for index, tensor in self._layers.items()}
         groups = {group: tuple(tensor.shape) for group, tensor in self.group_means.items()}
         return f"LayerFeatures(layers={shapes}, group_means={groups}, grids={self.grids})"
+
+    def map(
+        self,
+        function: Callable[[Tensor], Tensor],
+        *,
+        grids: Mapping[int, tuple[int, int]] | None = None,
+    ) -> LayerFeatures:
+        """The same layers and group means, each passed through ``function``.
+
+        Families with packed encoders use it to cut one image's tokens out of a packed
+        sequence, or to put them back into raster order, before the connector fuses them.
+
+        Args:
+            function: ``[B, N, C] -> [B', N', C]``, the same for every tensor (it must keep
+                token positions aligned across layers: fusion concatenates them along channels).
+            grids: the token grids of the result (``None``: the grids are dropped, as the
+                function may change the token layout).
+        """
+        return LayerFeatures(
+            {layer: function(tensor) for layer, tensor in self._layers.items()},
+            grids=grids,
+            group_means={group: function(mean) for group, mean in self.group_means.items()},
+            num_prefix_tokens=self.num_prefix_tokens,
+        )
 
     def grid(self, layer: int | None = None) -> tuple[int, int]:
         """The ``(height, width)`` token grid of ``layer`` (default: any captured layer).

@@ -239,13 +239,21 @@ class _Capture:
 
     def _as_tokens(self, layer: int, value: Tensor) -> Tensor:
         """``[B, N, C]`` (prefix dropped unless kept) from a block's raw output."""
+        if value.dim() == 2:  # packed sequences (Qwen2-VL family): [seq, C], no prefix tokens
+            if self.tap.structure.num_prefix_tokens:
+                raise ValueError(
+                    f"layer {layer}: a packed [tokens, channels] block output cannot drop "
+                    f"num_prefix_tokens={self.tap.structure.num_prefix_tokens} per image (the "
+                    "images' boundaries are not in it); pass num_prefix_tokens=0"
+                )
+            return value[None]
         if value.dim() == 4:  # ConvNeXt stage: [B, C, H, W]
             self.grids[layer] = (int(value.shape[-2]), int(value.shape[-1]))
             return rearrange(value, "b c h w -> b (h w) c")
         if value.dim() != 3:
             raise ValueError(
-                f"layer {layer}: expected a [batch, tokens, channels] or [batch, channels, height, "
-                f"width] block output, got shape {tuple(value.shape)}"
+                f"layer {layer}: expected a [batch, tokens, channels], packed [tokens, channels] "
+                f"or [batch, channels, height, width] block output, got shape {tuple(value.shape)}"
             )
         if not self.tap.structure.batch_first:
             value = value.transpose(0, 1)
@@ -280,6 +288,10 @@ class _Capture:
                 RuntimeWarning,
                 stacklevel=2,
             )
+        if layer == tap.num_layers and tap.final_norm is not None:
+            # The tower's output norm belongs to its last layer where the family's connector
+            # reads the tower's output (last_hidden_state), e.g. SigLIP's post_layernorm.
+            value = tap.final_norm(value)
         tokens = self._as_tokens(layer, value)
         # Fuse in the images' dtype, as the official code casts each hidden state to it.
         if self.input_dtype is not None and tokens.dtype != self.input_dtype:
@@ -380,6 +392,10 @@ class MultiLayerFeatureTap:
               ``(torch.stack([m.to(dtype) for m in members]).sum(0) / n).to(features_dtype)``.
 
         num_prefix_tokens: overrides the prefix-token count read from the encoder's structure.
+        final_norm: a module of the encoder applied to the last block's output before it is
+            captured, so that layer ``L`` is the tower's output (``last_hidden_state``) rather
+            than its last block's: SigLIP's ``post_layernorm`` in the families whose connector
+            reads ``last_hidden_state`` (Idefics3, SmolVLM, Gemma 3). Other layers are untouched.
 
     Attributes:
         individual_layers: the layers captured individually (``layers=``, non-negative, in the
@@ -387,7 +403,10 @@ class MultiLayerFeatureTap:
         groups: the layer groups averaged while streaming (``groups=``, non-negative).
 
     Captured tensors are ``[B, tokens, C]``; 4-D stage outputs (ConvNeXt) are flattened in
-    raster order with their grid recorded in ``LayerFeatures.grids``.
+    raster order with their grid recorded in ``LayerFeatures.grids``. Encoders that pack the
+    tokens of every image into one sequence (the Qwen2-VL family's ``[seq, C]`` blocks, with
+    ``cu_seqlens`` and window attention) give ``[1, seq, C]`` in the blocks' own token order;
+    the caller cuts the images apart and undoes any reordering (``LayerFeatures.map``).
 
     Dtype: the features come out in the dtype of the images given to the encoder (its first
     floating tensor argument, or ``pixel_values=``), as the official Dense Connector casts
@@ -412,6 +431,7 @@ class MultiLayerFeatureTap:
         early_exit: bool = True,
         accumulate_dtype: torch.dtype | None = None,
         num_prefix_tokens: int | None = None,
+        final_norm: nn.Module | None = None,
     ) -> None:
         self.encoder = encoder
         self.structure: EncoderBlocks = find_encoder_blocks(
@@ -433,6 +453,12 @@ class MultiLayerFeatureTap:
         self.keep_prefix = check_bool(keep_prefix, "keep_prefix")
         self.early_exit = check_bool(early_exit, "early_exit")
         self.accumulate_dtype = accumulate_dtype
+        if final_norm is not None and not isinstance(final_norm, nn.Module):
+            raise TypeError(
+                "final_norm must be None or the encoder's output norm module (e.g. "
+                f"post_layernorm), got {type(final_norm).__name__}"
+            )
+        self.final_norm = final_norm
 
         self._group_of = {
             layer: index for index, group in enumerate(self.groups) for layer in group

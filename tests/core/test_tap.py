@@ -1273,3 +1273,82 @@ def test_from_hidden_states_accepts_right_counts_and_non_square_grids():
         ValueError, match=r"hidden_states\[1\] must be a \[batch, tokens, channels\]"
     ):
         LayerFeatures.from_hidden_states((states[0], torch.zeros(577, 4)), num_prefix_tokens=1)
+
+
+# ---------------------------------------------------------------------------- packed encoders
+
+
+class _PackedEncoder(nn.Module):
+    """Blocks that exchange ``[seq, C]`` packed sequences, as the Qwen2-VL towers' do."""
+
+    def __init__(self, depth: int = 4, width: int = 8) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+
+    def forward(self, tokens: Tensor, cu_seqlens: Tensor) -> Tensor:
+        hidden = tokens
+        for block in self.blocks:
+            hidden = block(hidden)
+        return hidden
+
+
+def _packed_states(encoder: _PackedEncoder, tokens: Tensor) -> list[Tensor]:
+    states = [tokens]
+    for block in encoder.blocks:
+        states.append(block(states[-1]))
+    return states
+
+
+def test_packed_block_outputs_are_one_batch_row_in_block_order():
+    torch.manual_seed(0)
+    encoder = _PackedEncoder()
+    tokens = torch.randn(10, 8)
+    tap = MultiLayerFeatureTap(encoder, [0, 3], groups=[(1, 2, 4)], num_prefix_tokens=0)
+    with torch.no_grad():
+        features = tap(tokens, torch.tensor([0, 6, 10]))
+        states = _packed_states(encoder, tokens)
+    assert torch.equal(features[0], states[0][None])
+    assert torch.equal(features[3], states[3][None])
+    expected = torch.stack([states[1], states[2], states[4]]).sum(0) / 3
+    assert torch.equal(features.group_means[(1, 2, 4)], expected[None])
+    assert features.grids == {}
+
+
+def test_packed_block_outputs_refuse_prefix_tokens():
+    tap = MultiLayerFeatureTap(_PackedEncoder(), [2], num_prefix_tokens=1)
+    with pytest.raises(ValueError, match=r"packed \[tokens, channels\].*num_prefix_tokens=1"):
+        tap(torch.randn(6, 8), torch.tensor([0, 6]))
+
+
+def test_final_norm_applies_to_the_last_layer_only(tiny_siglip_vision):
+    tower = tiny_siglip_vision
+    pixels = torch.randn(2, 3, tower.config.image_size, tower.config.image_size)
+    depth = tower.config.num_hidden_layers
+    tap = MultiLayerFeatureTap(
+        tower, [depth, 1], groups=[(depth - 1, depth)], final_norm=tower.post_layernorm
+    )
+    with torch.no_grad():
+        features = tap(pixels)
+        outputs = tower(pixels, output_hidden_states=True)
+    assert torch.equal(features[depth], outputs.last_hidden_state)
+    assert torch.equal(features[1], outputs.hidden_states[1])
+    mean = (outputs.hidden_states[depth - 1] + outputs.last_hidden_state) / 2
+    torch.testing.assert_close(features.group_means[(depth - 1, depth)], mean)
+
+
+def test_final_norm_must_be_a_module(tiny_siglip_vision):
+    with pytest.raises(TypeError, match=r"final_norm must be None or the encoder's output norm"):
+        MultiLayerFeatureTap(tiny_siglip_vision, [1], final_norm="post_layernorm")
+
+
+def test_layer_features_map_applies_to_layers_and_group_means():
+    features = LayerFeatures(
+        {1: torch.arange(12.0).view(1, 6, 2)},
+        grids={1: (2, 3)},
+        group_means={(2, 3): torch.ones(1, 6, 2)},
+    )
+    cut = features.map(lambda tensor: tensor[:, 2:4], grids={1: (1, 2)})
+    assert torch.equal(cut[1], features[1][:, 2:4])
+    assert torch.equal(cut.group_means[(2, 3)], torch.ones(1, 2, 2))
+    assert cut.grids == {1: (1, 2)}
+    assert features.map(lambda tensor: tensor).grids == {}
