@@ -89,5 +89,7 @@ __all__ = [
     "stack",
 ]
 
-# Last, once every name above exists: the zoo's modules register projectors and presets.
-from mmconnect import zoo  # noqa: F401
+# Last, once every name above exists: the zoo's modules register projectors and presets, then
+# the family towers' presets (which build on the zoo's connectors) are registered.
+from mmconnect import zoo  # noqa: F401, I001  (this order: the tower presets use the zoo)
+from mmconnect import tower_presets  # noqa: F401
