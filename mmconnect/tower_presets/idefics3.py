@@ -1,0 +1,95 @@
+"""Presets for SigLIP-SO400M as Idefics3 and SmolVLM use it: Dense Connector fusions into their
+pixel shuffle.
+
+Both families tile every image (a grid of ``rows x cols`` tiles of the tower's image size plus
+one global tile of the whole image, or the whole image alone) and send each tile through the
+tower and the connector on its own, so every count below is **per tile**; an image fills
+``(rows * cols + 1) * per_tile`` image tokens when it is split, ``per_tile`` when it is not.
+
+The tower (geometries here, in pixels and blocks):
+
+=============================  =====  =====  =====  ======  ======  =========
+geometry                       size   patch  grid   blocks  width   prefix
+=============================  =====  =====  =====  ======  ======  =========
+``SIGLIP_SO400M_364`` (zoo)    364    14     26x26  27      1152    0
+``SIGLIP_SO400M_384``          384    14     27x27  27      1152    0
+=============================  =====  =====  =====  ======  ======  =========
+
+Idefics3-8B resizes its tiles to 364 px (a 26x26 grid, which a shuffle by 2 divides); SmolVLM
+(2B) keeps SigLIP's 384 px (27x27, shuffled by 3). Both native connectors read the tower's
+``last_hidden_state``: the last block's output **after** the tower's ``post_layernorm``. In the
+Dense models that is layer 27 (the families' tap applies ``post_layernorm`` to it, see
+:class:`mmconnect.MultiLayerFeatureTap`'s ``final_norm``); layers 0-26 are the embeddings and
+the raw block outputs, in the ``hidden_states`` convention.
+
+The presets (the native ones live in :mod:`mmconnect.zoo.pixel_shuffle`; the Dense ones here):
+
+============================================  ====================================  ======  ======  ========
+preset                                        fusion (layers)                       shuffle  LLM     per tile
+============================================  ====================================  ======  ======  ========
+``idefics3-pixel-shuffle-siglip-so400m-364``  27 (native)                           2       4096    169
+``dc-sci+pixel-shuffle-idefics3-364``         SCI: 27, 9, 18                        2       4096    169
+``dc-dci+pixel-shuffle-idefics3-364``         DCI: 27, mean 1-13, mean 14-26        2       4096    169
+``smolvlm-pixel-shuffle-siglip-so400m``       27 (native)                           3       2048    81
+``dc-sci+pixel-shuffle-smolvlm``              SCI: 27, 9, 18                        3       2048    81
+``dc-dci+pixel-shuffle-smolvlm``              DCI: 27, mean 1-13, mean 14-26        3       2048    81
+============================================  ====================================  ======  ======  ========
+
+The Dense fusions keep the native final layer (27, post-LayerNorm) as their ``F`` and concatenate
+two more feature maps along the channels (3 x 1152 = 3456 channels; the shuffle makes
+``f**2 * 3456``), so the token counts and the LLM side stay the native ones:
+
+* SCI adds the raw outputs of blocks 9 and 18 (a third and two thirds of the depth);
+* DCI adds the means of the blocks before the last in two halves, layers 1-13 and 14-26
+  (embeddings excluded; block 27 is in ``F``).
+
+Per image with splitting (Idefics3's processor: longest edge resized to 4 x 364 = 1456 px, then
+both sides rounded up to multiples of 364): a 1456 x 1456 image is 4 x 4 tiles + 1 global tile
+= 17 x 169 = 2873 image tokens; 728 x 1456 (h x w) is 2 x 4 + 1 = 9 tiles, 1521 tokens. SmolVLM
+at 4 x 384 = 1536 px: 1536 x 1536 is 17 tiles x 81 = 1377 tokens. Unsplit images and video
+frames are one tile each.
+
+Examples:
+    >>> from mmconnect import ConnectorConfig
+    >>> ConnectorConfig.from_preset("dc-dci+pixel-shuffle-idefics3-364").num_tokens((26, 26))
+    169
+"""
+
+from __future__ import annotations
+
+from mmconnect.fusion import DCISpec, SCISpec
+from mmconnect.presets import SIGLIP_SO400M_384, register_preset
+from mmconnect.zoo.pixel_shuffle import SIGLIP_SO400M_364, PixelShuffleSpec
+
+__all__ = ["DCI_GROUPS", "FINAL_LAYER", "SCI_LAYERS", "SIGLIP_SO400M_364", "SIGLIP_SO400M_384"]
+
+#: The native connectors' input: layer 27, the tower's output after ``post_layernorm``.
+FINAL_LAYER = 27
+#: SCI's extra layers: the raw outputs of blocks 9 and 18 (a third and two thirds of 27).
+SCI_LAYERS = (9, 18)
+#: DCI's groups: blocks 1-13 and 14-26 (the 26 blocks before the last, in two halves).
+DCI_GROUPS = (tuple(range(1, 14)), tuple(range(14, 27)))
+
+_SIGLIP = {"vision_dim": 1152, "num_layers": 27}
+_FUSIONS = {
+    "sci": SCISpec(final_layer=FINAL_LAYER, extra_layers=SCI_LAYERS),
+    "dci": DCISpec(final_layer=FINAL_LAYER, groups=DCI_GROUPS),
+}
+# family suffix -> (shuffle factor, LLM width, tower geometry)
+_FAMILIES = {
+    "idefics3-364": (2, 4096, SIGLIP_SO400M_364),  # Idefics3-8B: Llama-3.1-8B
+    "smolvlm": (3, 2048, SIGLIP_SO400M_384),  # SmolVLM-Instruct (2B): SmolLM2-1.7B
+}
+
+for _suffix, (_factor, _llm_dim, _geometry) in _FAMILIES.items():
+    for _kind, _fusion in _FUSIONS.items():
+        register_preset(
+            f"dc-{_kind}+pixel-shuffle-{_suffix}",
+            {
+                **_SIGLIP,
+                "llm_dim": _llm_dim,
+                "fusion": _fusion,
+                "projector": PixelShuffleSpec(factor=_factor),
+            },
+            geometry=_geometry,
+        )
