@@ -266,6 +266,7 @@ def tower_features(
     *,
     output_hidden_states: Any = None,
     output_attentions: Any = None,
+    final_norm: nn.Module | None = None,
 ) -> tuple[Any, BaseModelOutputWithPooling]:
     """Tap ``tower`` for ``connector``; the tower's own outputs when they are asked for.
 
@@ -273,6 +274,11 @@ def tower_features(
     fields, as HF reads them) the tower stops after the deepest layer the connector reads
     (early exit). With either it runs in full under the same tap and its ``hidden_states`` /
     ``attentions`` are returned as HF's ``get_image_features`` returns them.
+
+    ``final_norm`` (the tower's output norm, e.g. SigLIP's ``post_layernorm``) is applied to the
+    last block's output, so layer ``L`` is the tower's ``last_hidden_state``: for families whose
+    native connector reads the tower's output (Gemma 3); see
+    :class:`mmconnect.MultiLayerFeatureTap`.
 
     Returns:
         The tapped :class:`mmconnect.LayerFeatures` (prefix tokens dropped) and a
@@ -285,7 +291,7 @@ def tower_features(
         output_hidden_states if output_hidden_states is not None else config.output_hidden_states
     )
     attentions = output_attentions if output_attentions is not None else config.output_attentions
-    tap = connector.make_tap(tower, keep_prefix=False)
+    tap = connector.make_tap(tower, keep_prefix=False, final_norm=final_norm)
     if hidden or attentions:
         with tap:
             outputs = tower(
@@ -567,7 +573,15 @@ class DenseInitMixin:
 
 class CheckedLoadingMixin:
     """``from_pretrained`` that checks a local checkpoint's connector before HF loads it, and an
-    atomic ``save_pretrained``."""
+    atomic ``save_pretrained``.
+
+    ``connector_prefixes`` names where a saved checkpoint keeps the connector's weights (the
+    generation class's prefix first, then the bare model's); families that keep the connector
+    under another stock child name than ``multi_modal_projector`` (Idefics3's ``connector``)
+    set their own.
+    """
+
+    connector_prefixes: tuple[str, ...] = ("model.multi_modal_projector.", "multi_modal_projector.")
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any):
@@ -698,19 +712,26 @@ def safetensors_files(directory: str | os.PathLike) -> list[Path]:
     return []
 
 
-def _saved_fingerprint(files: list[Path]) -> int | None:
+def _saved_fingerprint(
+    files: list[Path], prefixes: Sequence[str] = _CONNECTOR_PREFIXES
+) -> int | None:
     """The connector's config fingerprint saved in a checkpoint's safetensors files."""
     for file in files:
         with open_safetensors(file) as handle:
             keys = set(handle.keys())
-            for prefix in _CONNECTOR_PREFIXES:
+            for prefix in prefixes:
                 if prefix + FINGERPRINT_KEY in keys:
                     return int(handle.get_tensor(prefix + FINGERPRINT_KEY))
     return None
 
 
-def check_checkpoint_connector(directory: str | os.PathLike, connector: ConnectorConfig) -> None:
-    """Check the connector weights saved in ``directory`` against ``connector`` before loading.
+def check_checkpoint_connector(
+    directory: str | os.PathLike,
+    connector: ConnectorConfig,
+    prefixes: Sequence[str] = _CONNECTOR_PREFIXES,
+) -> None:
+    """Check the connector weights saved in ``directory`` (under the first of ``prefixes`` that
+    a key starts with) against ``connector`` before loading.
 
     HF's loader re-initialises missing connector weights silently and reports shape mismatches
     with an error that does not say why; this reads only the safetensors headers
@@ -723,8 +744,8 @@ def check_checkpoint_connector(directory: str | os.PathLike, connector: Connecto
     files = safetensors_files(directory)
     if not files:
         return
-    saved = saved_shapes(files, _CONNECTOR_PREFIXES)
-    fingerprint = _saved_fingerprint(files) if FINGERPRINT_KEY in saved else None
+    saved = saved_shapes(files, prefixes)
+    fingerprint = _saved_fingerprint(files, prefixes) if FINGERPRINT_KEY in saved else None
     with torch.device("meta"):
         expected = {
             key: tuple(tensor.shape)
@@ -766,7 +787,8 @@ def check_saved_connector(model_class: type, path: Any, kwargs: dict[str, Any]) 
         config = model_class.config_class.from_pretrained(directory)
     connector = config.connector_config
     check_connector_fits(connector, config.vision_config, config.text_config)
-    check_checkpoint_connector(directory, connector)
+    prefixes = getattr(model_class, "connector_prefixes", _CONNECTOR_PREFIXES)
+    check_checkpoint_connector(directory, connector, prefixes)
 
 
 # ---------------------------------------------------------------------------- conversion
@@ -801,10 +823,20 @@ def _reuse_projector_weights(source: nn.Module, connector: DenseConnector, act: 
 
 
 def convert_model(
-    model: nn.Module, connector: ConnectorConfig | str, dense_class: type, source_class: type
+    model: nn.Module,
+    connector: ConnectorConfig | str,
+    dense_class: type,
+    source_class: type,
+    *,
+    reuse_projector: Callable[[nn.Module, DenseConnector], bool] | None = None,
 ) -> Any:
     """Build ``dense_class`` around ``model``'s own vision tower, LLM and head (shared, not
     copied) with a new Dense Connector; the source projector's weights are reused when they fit.
+
+    ``reuse_projector(source_projector, connector)`` copies the source projector's weights into
+    the new connector when they fit and says whether it did; families whose projector is not
+    LLaVA's two-Linear MLP pass their own (InternVL's pixel-shuffle MLP). By default LLaVA's
+    projector is reused when the connector's is ``mlp2x_gelu`` of the same shapes.
 
     Raises:
         ValueError: the connector does not fit the towers, or ``model`` keeps the CLS token
@@ -837,9 +869,12 @@ def convert_model(
         dense = dense_class(dense_config)
     reference = next(model.model.vision_tower.parameters())
     new_connector = DenseConnector(connector).to(device=reference.device, dtype=reference.dtype)
-    _reuse_projector_weights(
-        model.model.multi_modal_projector, new_connector, config.projector_hidden_act
-    )
+    if reuse_projector is None:
+        _reuse_projector_weights(
+            model.model.multi_modal_projector, new_connector, config.projector_hidden_act
+        )
+    else:
+        reuse_projector(model.model.multi_modal_projector, new_connector)
     for name, module in model.model.named_children():
         if name != "multi_modal_projector":
             setattr(dense.model, name, module)
