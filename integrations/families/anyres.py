@@ -10,13 +10,21 @@ grid: they are appended after packing, base first, then the tiles in row-major o
 
 Token count: ``h*w + H'*(W'+1) + extra * (1 + tiles)`` where ``H' x W'`` is the unpadded map
 (672x672 -> 2928, 1920x1080 -> 1948 for a 24x24 grid; see docs/llava-next.md, Token bookkeeping).
+
+LLaVA-OneVision's ``anyres_max_N`` (``max_crops=N``) caps the unpadded map: when it holds more
+than about ``N`` crops' worth of tokens (``ratio = sqrt(H'*W' / (N*h*w)) > 1.1``) it is resized
+bilinearly to ``floor(H' / ratio) x floor(W' / ratio)`` before the newline tokens are added
+(:func:`capped_size`; see docs/llava-onevision.md).
 """
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 from transformers.image_processing_utils import select_best_resolution
@@ -125,17 +133,66 @@ def unpadded_size(stitched: tuple[int, int], image_size: Sequence[int]) -> tuple
     )
 
 
+#: ``anyres_max_N`` resizes the unpadded map only when it exceeds ``N`` crops' tokens by more
+#: than this factor in each side (``ratio > 1.1``), as LLaVA-OneVision does.
+CAP_TOLERANCE = 1.1
+
+
+def check_anyres_max(vision_aspect_ratio: object) -> int:
+    """``N`` of an ``"anyres_max_N"`` aspect-ratio setting (LLaVA-OneVision's ``vision_aspect_ratio``).
+
+    Raises:
+        ValueError: not a string ``"anyres_max_N"`` with ``N`` a positive integer.
+    """
+    match = (
+        re.fullmatch(r"anyres_max_([1-9][0-9]*)", vision_aspect_ratio)
+        if isinstance(vision_aspect_ratio, str)
+        else None
+    )
+    if match is None:
+        raise ValueError(
+            f"vision_aspect_ratio={vision_aspect_ratio!r} is not supported; expected "
+            "'anyres_max_N' with N a positive integer (LLaVA-OneVision: 'anyres_max_9')"
+        )
+    return int(match.group(1))
+
+
+def capped_size(
+    size: tuple[int, int], crop_grid: tuple[int, int], max_crops: int | None
+) -> tuple[int, int]:
+    """The ``(H, W)`` an unpadded map of ``size`` keeps under ``anyres_max_{max_crops}``.
+
+    ``ratio = sqrt(H*W / (max_crops * h*w))`` with ``(h, w)`` the grid of one crop; when
+    ``ratio > 1.1`` the map shrinks to ``(floor(H / ratio), floor(W / ratio))``, else it stays.
+    ``max_crops=None`` (LLaVA-NeXT) never caps.
+    """
+    if max_crops is None:
+        return size
+    height, width = size
+    ratio = math.sqrt(height * width / (max_crops * crop_grid[0] * crop_grid[1]))
+    if ratio > CAP_TOLERANCE:
+        return int(height // ratio), int(width // ratio)
+    return size
+
+
 def anyres_token_count(
     connector: DenseConnector | ConnectorConfig,
     image_size: Sequence[int],
     pinpoints: Sequence[Sequence[int]],
     tile_size: int,
     encoder_grid: tuple[int, int],
+    *,
+    max_crops: int | None = None,
 ) -> int:
-    """Visual tokens one AnyRes image of ``image_size = (height, width)`` pixels fills."""
+    """Visual tokens one AnyRes image of ``image_size = (height, width)`` pixels fills.
+
+    ``max_crops``: LLaVA-OneVision's ``anyres_max_N`` cap on the unpadded map
+    (:func:`capped_size`); ``None`` for LLaVA-NeXT.
+    """
     (height, width), extra = crop_layout(connector, encoder_grid)
     rows, columns = tile_grid(image_size, pinpoints, tile_size)
-    map_height, map_width = unpadded_size((rows * height, columns * width), image_size)
+    map_size = unpadded_size((rows * height, columns * width), image_size)
+    map_height, map_width = capped_size(map_size, (height, width), max_crops)
     return height * width + map_height * (map_width + 1) + extra * (1 + rows * columns)
 
 
@@ -146,6 +203,8 @@ def pack_anyres(
     tile_size: int,
     grid: tuple[int, int],
     newline: Tensor,
+    *,
+    max_crops: int | None = None,
 ) -> Tensor:
     """Pack one image's crops into its LLM token sequence.
 
@@ -156,6 +215,9 @@ def pack_anyres(
         tile_size: the tower's image size.
         grid: ``(h, w)``, the grid of each crop's leading tokens.
         newline: ``[D]``, the learned row terminator.
+        max_crops: LLaVA-OneVision's ``anyres_max_N``: the unpadded map is resized bilinearly
+            (``align_corners=False``) to :func:`capped_size` before the newlines; ``None``
+            (LLaVA-NeXT) keeps it.
 
     Returns:
         ``[h*w + H'*(W'+1) + extra*(1 + tiles), D]``.
@@ -176,6 +238,9 @@ def pack_anyres(
         w=width,
     )
     stitched = unpad_image(stitched, [int(image_size[0]), int(image_size[1])])
+    capped = capped_size(tuple(stitched.shape[1:]), grid, max_crops)
+    if capped != tuple(stitched.shape[1:]):
+        stitched = F.interpolate(stitched[None], size=capped, mode="bilinear")[0]
     newlines = newline.to(stitched)[:, None, None].expand(-1, stitched.shape[1], 1)
     rows_with_newlines = rearrange(torch.cat([stitched, newlines], dim=-1), "d h w -> (h w) d")
     parts = [grid_tokens[0], rows_with_newlines]
