@@ -11,6 +11,8 @@ layout                            block list                            prefix t
 HF CLIP / SigLIP (>= 5.6)         ``encoder.layers``                    ``embeddings`` positions
 HF CLIP / SigLIP (older, or       ``vision_model.encoder.layers``       ``embeddings`` positions
 the full CLIP model)
+HF InternViT / DINOv2             ``encoder.layer``                     ``embeddings.cls_token``
+                                                                        (+ ``register_tokens``)
 timm ViT (CLS + registers)        ``blocks``                            ``num_prefix_tokens``
 open_clip ``VisionTransformer``   ``transformer.resblocks``             ``class_embedding``
 open_clip CLIP model              ``visual.transformer.resblocks``      ``class_embedding``
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from mmconnect.validation import check_optional_int, is_int
@@ -40,10 +43,12 @@ _KNOWN_LAYOUTS: tuple[tuple[str, str], ...] = (
     ("vision_model.encoder.layers", "vision_model"),
     ("vision_tower.encoder.layers", "vision_tower"),
     ("vision_tower.vision_model.encoder.layers", "vision_tower.vision_model"),
+    ("vision_tower.encoder.layer", "vision_tower"),
     ("visual.transformer.resblocks", "visual"),
     ("visual.trunk.stages", "visual.trunk"),
     ("visual.trunk.blocks", "visual.trunk"),
     ("encoder.layers", ""),
+    ("encoder.layer", ""),
     ("blocks", ""),
     ("transformer.resblocks", ""),
     ("stages", ""),
@@ -125,7 +130,20 @@ def _count_prefix_tokens(owner: nn.Module) -> int | None:
         return positions - patches
     if hasattr(owner, "class_embedding"):
         return 0 if owner.class_embedding is None else 1
+    if hasattr(embeddings, "cls_token"):
+        # HF's BERT-style towers (InternViT, DINOv2) concatenate their ``cls_token``
+        # ([1, 1, C]) and, in DINOv2 with registers, ``register_tokens`` ([1, R, C]) in front
+        # of the patch tokens; their embeddings keep no position count to subtract.
+        return sum(
+            _token_rows(getattr(embeddings, name, None))
+            for name in ("cls_token", "register_tokens")
+        )
     return None
+
+
+def _token_rows(parameter: object) -> int:
+    """The tokens a ``[1, k, C]`` prefix parameter adds (0 for ``None``)."""
+    return int(parameter.shape[1]) if isinstance(parameter, torch.Tensor) else 0
 
 
 def _find_patch_embedding(owner: nn.Module, blocks: nn.Module) -> nn.Conv2d | None:
@@ -143,8 +161,9 @@ def find_encoder_blocks(
     """Discover the block list, prefix-token count and token layout of a vision encoder.
 
     Args:
-        encoder: an HF ``CLIPVisionModel`` / ``SiglipVisionModel`` (any transformers layout), a
-            timm ``VisionTransformer`` or ``ConvNeXt``, an open_clip ``VisionTransformer``,
+        encoder: an HF ``CLIPVisionModel`` / ``SiglipVisionModel`` (any transformers layout),
+            an HF ``InternVLVisionModel`` (InternViT) or ``Dinov2WithRegistersModel``, a timm
+            ``VisionTransformer`` or ``ConvNeXt``, an open_clip ``VisionTransformer``,
             ``TimmModel`` or full CLIP model, or any module whose blocks ``blocks`` names; or
             any of these wrapped by ``torch.compile`` (the wrapped module is read).
         blocks: a dotted path to the ``nn.ModuleList`` / ``nn.Sequential`` of blocks inside
