@@ -40,6 +40,7 @@ from mmconnect.integrations.training.stages import (
     StageConfig,
     parameter_groups,
     prepare_stage,
+    train_stage,
 )
 from mmconnect.zoo.pixel_shuffle import PixelShuffleMLPSpec, internvl_state_from_hf
 from tests.integrations.families.family_contract import FamilyContractTests
@@ -412,6 +413,84 @@ def test_stage_two_full_trains_llm_and_connector(tmp_path) -> None:
     assert groups["vision_tower"][0] == 0
 
 
+class _TiledToyData(torch.utils.data.Dataset):
+    """Four samples: 2 text tokens, an image of ``index % 2 + 1`` tiles between ``<img>`` and
+    ``</img>``, 4 random answer tokens (the only labels)."""
+
+    def __init__(self, per_tile: int) -> None:
+        generator = torch.Generator().manual_seed(3)
+        self.per_tile = per_tile
+        self.pixels = [torch.randn(i % 2 + 1, 3, TILE, TILE, generator=generator) for i in range(4)]
+        self.answers = torch.randint(11, 17, (4, 4), generator=generator)
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        tiles = self.pixels[index]
+        image = [toys.IMG_START, *[IMG_CONTEXT] * (tiles.shape[0] * self.per_tile), toys.IMG_END]
+        prompt = torch.tensor([toys.BOS, 11, *image])
+        ids = torch.cat([prompt, self.answers[index]])
+        labels = torch.cat([torch.full_like(prompt, -100), self.answers[index]])
+        return {"input_ids": ids, "labels": labels, "pixel_values": tiles}
+
+
+def _collate_tiles(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Right-pads the prompts; every sample's tiles follow each other in ``pixel_values``."""
+    length = max(len(sample["input_ids"]) for sample in samples)
+    ids = torch.full((len(samples), length), toys.PAD)
+    labels = torch.full((len(samples), length), -100)
+    mask = torch.zeros((len(samples), length), dtype=torch.long)
+    for row, sample in enumerate(samples):
+        size = len(sample["input_ids"])
+        ids[row, :size] = sample["input_ids"]
+        labels[row, :size] = sample["labels"]
+        mask[row, :size] = 1
+    pixels = torch.cat([sample["pixel_values"] for sample in samples])
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "pixel_values": pixels}
+
+
+@pytest.mark.slow
+def test_two_stages_train_save_and_reload(tmp_path) -> None:
+    """Stage 1 (align) changes the connector alone; stage 2 (LoRA) starts from stage 1's saved
+    model, which the Auto classes reload with the same logits."""
+    from transformers import AutoModelForImageTextToText
+
+    model = from_internvl(toys.stock_model(), CONNECTORS["dci+shuffle"]).train()
+    data = _TiledToyData(model.model.tokens_per_tile())
+    tower = {k: v.clone() for k, v in model.model.vision_tower.state_dict().items()}
+    llm = {k: v.clone() for k, v in model.model.language_model.state_dict().items()}
+    connector = {k: v.clone() for k, v in model.connector.state_dict().items()}
+    common = {"per_device_train_batch_size": 2, "max_steps": 2, "disable_tqdm": True}
+    align = StageConfig(stage="align", output_dir=str(tmp_path / "align"), **common)
+    result = train_stage(model, data, _collate_tiles, align)
+    assert len(result.losses) == 2
+    state = model.model.vision_tower.state_dict()
+    assert all(torch.equal(state[k], tower[k]) for k in tower)
+    state = model.model.language_model.state_dict()
+    assert all(torch.equal(state[k], llm[k]) for k in llm)
+    state = model.connector.state_dict()
+    assert not torch.equal(state["projector.fc1.weight"], connector["projector.fc1.weight"])
+
+    stage_one = AutoModelForImageTextToText.from_pretrained(tmp_path / "align")
+    assert type(stage_one) is DenseInternVLForConditionalGeneration
+    batch = _collate_tiles([data[0], data[1]])
+    model.eval()
+    assert torch.equal(_logits(stage_one.eval(), batch), _logits(model, batch))
+
+    instruct = StageConfig(
+        stage="instruct",
+        output_dir=str(tmp_path / "instruct"),
+        lora=LoraSettings(rank=2, alpha=4, dropout=0.0, target_modules=("q_proj", "v_proj")),
+        **common,
+    )
+    result = train_stage(stage_one.train(), data, _collate_tiles, instruct)
+    final = AutoModelForImageTextToText.from_pretrained(tmp_path / "instruct").eval()
+    torch.testing.assert_close(
+        _logits(final, batch), _logits(result.model.eval(), batch), atol=1e-5, rtol=1e-5
+    )
+
+
 # ---------------------------------------------------------------------------- bad inputs
 
 
@@ -419,6 +498,13 @@ def test_a_preset_for_another_tower_depth(stock) -> None:
     message = r"connector num_layers=24 does not match the vision tower's num_hidden_layers \(4\)"
     with pytest.raises(ValueError, match=message):
         from_internvl(stock, "dc-dci+pixel-shuffle-mlp-internvit-300m")
+
+
+def test_a_stock_model_keeping_the_cls_token_is_refused() -> None:
+    model = toys.stock_model()
+    model.config.vision_feature_select_strategy = "full"
+    with pytest.raises(ValueError, match=r"'full' keeps the CLS token"):
+        from_internvl(model, CONNECTORS["dci"])
 
 
 def test_from_internvl_refuses_other_models(native) -> None:
