@@ -348,6 +348,12 @@ class TiledDenseModelMixin(DenseFamilyModel):
         """The Dense Connector (the stock child name ``connector``)."""
         return self._modules["connector"]
 
+    @property
+    def language_model(self) -> nn.Module:
+        """The LLM (family protocol; the stock attribute, and checkpoint prefix, is
+        ``text_model``)."""
+        return self.text_model
+
     def vision_towers(self) -> dict[str, nn.Module]:
         """The one SigLIP tower, run on every tile (family protocol)."""
         return {"vision_model": self.vision_model}
