@@ -144,13 +144,23 @@ def native_connector(config: InternVLConfig) -> ConnectorConfig:
 
     Raises:
         ValueError: ``vision_feature_layer`` is a list (HF's InternVL reads one layer), or
-            ``1 / downsample_ratio`` is not a whole number.
+            ``1 / downsample_ratio`` is not a whole number, or ``vision_feature_layer`` is the
+            positive index ``L`` of a tower with a final LayerNorm (HF then reads the last
+            block's raw output, which a Dense model's layer ``L``, the normed output, is not).
     """
     layer = config.vision_feature_layer
     if isinstance(layer, list | tuple):
         raise ValueError(
             f"vision_feature_layer={layer!r}: HF's InternVL reads one layer; pass connector= "
             "for a multi-layer connector (e.g. the preset dc-dci+pixel-shuffle-mlp-internvit-300m)"
+        )
+    depth = config.vision_config.num_hidden_layers
+    if layer == depth and not config.vision_config.use_mean_pooling:
+        raise ValueError(
+            f"vision_feature_layer={layer} reads the last block's output before the tower's final "
+            f"LayerNorm (use_mean_pooling=False), but a Dense model's layer {depth} is the tower's "
+            "output after it (as vision_feature_layer=-1 reads it); no Dense layer index gives "
+            "the un-normed last block"
         )
     factor = round(1 / config.downsample_ratio)
     if abs(factor * config.downsample_ratio - 1) > 1e-9:

@@ -200,6 +200,14 @@ def test_native_parity_on_a_tower_with_a_final_layernorm(stock_processor, featur
     assert torch.equal(_logits(dense, inputs), _logits(model, inputs))
 
 
+def test_the_raw_last_block_of_a_normed_tower_is_refused() -> None:
+    config = toys.stock_config(feature_layer=BLOCKS, mean_pooling=False)
+    with pytest.raises(ValueError, match=r"vision_feature_layer=4 reads the last block's output"):
+        native_connector(config)
+    # without the final LayerNorm, layer 4 is the tower's output either way
+    assert native_connector(toys.stock_config(feature_layer=BLOCKS)).fusion.final_layer == BLOCKS
+
+
 def test_native_parity_bf16(stock_processor) -> None:
     """bf16 weights and activations: measured, the same bits as the stock model (max |diff| 0)."""
     model = toys.stock_model().to(torch.bfloat16)
