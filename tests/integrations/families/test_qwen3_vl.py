@@ -115,6 +115,7 @@ def test_video_and_images_with_a_video(stock, native, processor) -> None:
     torch.testing.assert_close(_logits(native, mixed), _logits(stock, mixed), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_bf16_logits_equal_the_stock_model(processor) -> None:
     """bf16 towers and LLM: measured bit-exact on the batch of three sizes and on a video."""
     stock = toys.stock_model().to(torch.bfloat16)
@@ -406,6 +407,7 @@ def test_stage1_trains_exactly_the_connector_with_its_deepstack_projectors(stock
             assert parameter.grad is not None and bool(parameter.grad.abs().sum() > 0), name
 
 
+@pytest.mark.slow
 def test_lora_stage2_trains_adapters_and_the_connector(tmp_path) -> None:
     pytest.importorskip("peft")
     connector = toys.dci_connector(deepstack=True)
@@ -556,3 +558,81 @@ class TestQwen3VLContract(FamilyContractTests):
         assert _public_attributes(dense).keys() == _public_attributes(stock).keys()
         assert isinstance(inner.visual.merger, torch.nn.Identity)
         assert len(inner.visual.deepstack_merger_list) == 0
+
+
+class _Examples(torch.utils.data.Dataset):
+    """Four processed one-image examples (the images of :data:`SIZES`) with their labels."""
+
+    def __init__(self, processor) -> None:
+        self.items = []
+        for seed, size in enumerate(SIZES):
+            inputs = _batch(
+                processor, images=[toys.sample_image(size, seed)], texts=[toys.IMAGE_PROMPT]
+            )
+            self.items.append(inputs | {"labels": inputs["input_ids"].clone()})
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.items[index]
+
+
+def _one(examples: list[dict]) -> dict:
+    """Batches of one example: the processor's tensors as they are."""
+    (example,) = examples
+    return example
+
+
+def _state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
+
+
+@pytest.mark.slow
+def test_two_stages_on_the_trainer_and_auto_reload(tmp_path) -> None:
+    """Stage 1 on the HF Trainer changes exactly the connector (DeepStack projectors included);
+    LoRA stage 2 starts from stage 1's saved directory; the result reloads with the Auto
+    classes and gives the trained model's logits."""
+    from transformers import AutoModelForImageTextToText
+
+    from mmconnect.integrations.training.stages import train_stage
+
+    connector = toys.dci_connector(deepstack=True)
+    processor = toys.dense_processor(connector)
+    data = _Examples(processor)
+    model = from_qwen3_vl(toys.stock_model(), connector)
+    tower, llm = _state(model.model.visual), _state(model.model.language_model)
+    before = _state(model.connector)
+
+    def stage(name: str, **options) -> StageConfig:
+        return StageConfig(
+            stage=name,
+            output_dir=str(tmp_path / name),
+            per_device_train_batch_size=1,
+            max_steps=2,
+            disable_tqdm=True,
+            **options,
+        )
+
+    first = train_stage(model, data, _one, stage("align"), processor=processor)
+    assert _state(model.model.visual).keys() == tower.keys()
+    assert all(torch.equal(value, tower[key]) for key, value in _state(model.model.visual).items())
+    assert all(
+        torch.equal(value, llm[key]) for key, value in _state(model.model.language_model).items()
+    )
+    moved = {
+        key for key, value in _state(model.connector).items() if not torch.equal(value, before[key])
+    }
+    assert {"projector.fc1.weight", "projector.fc2.weight", "projector.norm.weight"} <= moved
+    assert {f"injection.{level}.fc2.weight" for level in range(3)} <= moved
+    assert len(first.losses) == 2
+
+    aligned = AutoModelForImageTextToText.from_pretrained(tmp_path / "align")
+    assert type(aligned) is DenseQwen3VLForConditionalGeneration
+    lora = LoraSettings(rank=2, alpha=4, dropout=0.0, target_modules=("q_proj", "v_proj"))
+    second = train_stage(aligned, data, _one, stage("instruct", lora=lora), processor=processor)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "instruct").eval()
+    batch = {key: value for key, value in data[1].items() if key != "labels"}
+    with torch.no_grad():
+        expected = second.model.eval()(**batch).logits
+        torch.testing.assert_close(loaded(**batch).logits, expected, atol=1e-5, rtol=1e-5)
