@@ -33,6 +33,7 @@ from transformers import (
     SmolVLMProcessor,
 )
 from transformers.generation import GenerationConfig
+from transformers.image_utils import is_valid_image
 from transformers.models.smolvlm.modeling_smolvlm import (
     SmolVLMPreTrainedModel,
     SmolVLMVisionTransformer,
@@ -163,6 +164,28 @@ class DenseSmolVLMProcessor(TiledProcessorMixin, SmolVLMProcessor):
             chat_template=chat_template,
             **kwargs,
         )
+
+    def prepare_inputs_layout(
+        self, images: Any = None, text: Any = None, videos: Any = None, **kwargs: Any
+    ) -> Any:
+        """As the stock processor's, and a flat list of images with several prompts is shared
+        out among the prompts by their ``<image>`` counts, as Idefics3's processor does (the
+        stock SmolVLM processor would give every image to the first prompt and refuse)."""
+        if (
+            isinstance(images, list | tuple)
+            and images
+            and is_valid_image(images[0])
+            and isinstance(text, list | tuple)
+            and len(text) > 1
+        ):
+            counts = [sample.count(self.image_token) for sample in text]
+            if sum(counts) == len(images):
+                starts = [sum(counts[:index]) for index in range(len(counts))]
+                images = [
+                    list(images[start : start + count])
+                    for start, count in zip(starts, counts, strict=True)
+                ]
+        return super().prepare_inputs_layout(images=images, text=text, videos=videos, **kwargs)
 
 
 #: The SmolVLM family (family protocol).
