@@ -45,6 +45,7 @@ from transformers.models.internvl.modeling_internvl import InternVLPreTrainedMod
 from transformers.utils.generic import can_return_tuple
 
 from mmconnect import ConnectorConfig, DenseConnector, SingleLayerSpec
+from mmconnect.checkpoint import shape_problems
 from mmconnect.integrations.families.base import (
     CheckedLoadingMixin,
     ConnectorConfigMixin,
@@ -397,19 +398,17 @@ def _reuse_internvl_projector(source: nn.Module, connector: DenseConnector) -> b
             connector.config.projector.name,
         )
         return False
-    try:
-        state = internvl_state_from_hf(source.state_dict())
-        expected = {
-            key: tuple(value.shape) for key, value in connector.projector.state_dict().items()
-        }
-        found = {key: tuple(value.shape) for key, value in state.items()}
-        if found != expected:
-            raise ValueError(f"InternVL's projector has shapes {found}, the connector's {expected}")
-    except ValueError as error:
+    state = internvl_state_from_hf(source.state_dict())
+    problems = shape_problems(
+        {key: tuple(value.shape) for key, value in state.items()},
+        {key: tuple(value.shape) for key, value in connector.projector.state_dict().items()},
+        where="in InternVL's projector",
+    )
+    if problems:
         logger.warning(
             "not reusing InternVL's projector weights (%s); the connector starts from its "
             "initialisation",
-            error,
+            "; ".join(problems),
         )
         return False
     with torch.no_grad():
