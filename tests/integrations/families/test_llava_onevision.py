@@ -128,6 +128,21 @@ def test_conversion_shares_the_stock_parts_and_reuses_the_projector(hf_model, de
     assert torch.equal(model.connector.projector[2].bias, stock.linear_2.bias)
 
 
+def test_conversion_reuses_the_stock_projector_in_the_zoos_onevision_pool(hf_model):
+    """A connector reading H[-1] through the zoo's onevision_pool gets the stock Linears
+    (through ``onevision_pool_state_from_hf``); its video tokens are then the stock ones."""
+    connector = CONNECTORS["native"].replace(projector=OnevisionPoolSpec())
+    model = from_llava_onevision(hf_model, connector).eval()
+    stock = hf_model.model.multi_modal_projector
+    assert torch.equal(model.connector.projector.linear_1.weight, stock.linear_1.weight)
+    assert torch.equal(model.connector.projector.linear_2.bias, stock.linear_2.bias)
+    frames = toys.video(1, 2, seed=10)
+    with torch.no_grad():
+        ours = model.model.get_video_features(frames).pooler_output
+        # per frame the pooled projector already pools 5x5 -> 3x3; the video path pools again
+        assert ours.shape == (1, 2 * 4 + 1, LLM)
+
+
 def test_default_connector_is_onevisions_own(hf_model):
     """Without connector=, the Dense config reads vision_feature_layer=-1 through mlp2x_gelu."""
     data = hf_model.config.to_dict()
@@ -433,6 +448,17 @@ def test_processor_expands_to_the_model_counts(dense, tokenizer, name):
         assert torch.isfinite(dense[name](**out).logits).all()
 
 
+def test_processor_counts_for_sizes_without_images(dense, tokenizer):
+    """``_get_num_multimodal_tokens`` (serving engines' count from sizes) agrees with the model."""
+    processor, model = _processor(tokenizer, "pool"), dense["pool"].model
+    counts = processor._get_num_multimodal_tokens(
+        image_sizes=[(60, 150), (300, 300)], video_sizes=[(3, TILE, TILE)]
+    )
+    assert counts["num_image_tokens"] == [39, 99]
+    assert [model.image_token_count(size) for size in ((60, 150), (300, 300))] == [39, 99]
+    assert counts["num_video_tokens"] == [model.video_token_count(3)] == [13]
+
+
 def test_processor_save_load_keeps_connector(tokenizer, tmp_path):
     processor = _processor(tokenizer, "efficient")
     processor.save_pretrained(tmp_path)
@@ -661,6 +687,21 @@ def test_preset_for_another_tower_depth(hf_model):
         from_llava_onevision(hf_model, "dc-dci-siglip-so400m")
     with pytest.raises(ValueError, match=r"num_layers=26 does not match .*num_hidden_layers \(4\)"):
         from_llava_onevision(hf_model, "dc-dci-onevision-siglip-so400m-26")
+
+
+def test_presets_on_a_26_block_tower():
+    """OneVision's depth (26 blocks, tiny widths): the -26 presets convert (widths taken from the
+    model), SigLIP's 27-block presets are refused naming both depths."""
+    vision = toys.vision_config()
+    vision.num_hidden_layers = 26
+    stock = LlavaOnevisionForConditionalGeneration(toys.onevision_config(vision_config=vision))
+    model = from_llava_onevision(stock, "dc-dci-onevision-siglip-so400m-26")
+    assert model.connector.config.num_layers == 26
+    assert (model.connector.config.vision_dim, model.connector.config.llm_dim) == (VISION, LLM)
+    message = r"connector num_layers=27 does not match the vision tower's num_hidden_layers \(26\)"
+    for preset in ("dc-dci-siglip-so400m", "baseline+onevision-pool-siglip-so400m"):
+        with pytest.raises(ValueError, match=message):
+            from_llava_onevision(stock, preset)
 
 
 def test_connector_width_mismatch(hf_model):
