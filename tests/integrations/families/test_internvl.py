@@ -644,6 +644,14 @@ def test_processor_save_and_load_keep_the_connector(tmp_path) -> None:
     assert int((batch["input_ids"] == IMG_CONTEXT).sum()) == 5 * 16
 
 
+def test_processor_tells_serving_engines_the_connector_count() -> None:
+    """``_get_num_multimodal_tokens``: ``<img>`` + tiles x the connector's count + ``</img>``."""
+    processor = toys.dense_processor(CONNECTORS["dci"])
+    counts = processor._get_num_multimodal_tokens(image_sizes=[[56, 56], [100, 100]])
+    assert counts.num_image_patches == [1, 5]
+    assert counts.num_image_tokens == [2 + 16, 2 + 5 * 16]
+
+
 # ---------------------------------------------------------------------------- contract
 
 
