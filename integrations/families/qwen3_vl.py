@@ -74,7 +74,6 @@ from mmconnect.integrations.families.base import (
     DenseGenerationMixin,
     DenseInitMixin,
     check_connector_fits,
-    processor_connector,
 )
 from mmconnect.integrations.families.packed_vision import (
     PackedImages,
@@ -445,8 +444,7 @@ class DenseQwen3VLModel(DenseInitMixin, CheckedLoadingMixin, DenseFamilyModel, Q
     def _visual_features(
         self, pixel_values: Tensor, grid_thw: Tensor, modality: str, kwargs: dict[str, Any]
     ) -> BaseModelOutputWithDeepstackFeatures:
-        grids = self.check_visual_inputs(pixel_values, grid_thw, modality=modality)
-        del grids  # checked; PackedImages reads the tensor itself
+        self.check_visual_inputs(pixel_values, grid_thw, modality=modality)
         kwargs = dict(kwargs)
         kwargs.pop("return_dict", None)
         hidden = kwargs.pop("output_hidden_states", None)
@@ -681,8 +679,10 @@ class DenseQwen3VLProcessor(Qwen3VLProcessor):
     timestamp, as the stock processor does).
 
     Args:
-        image_processor, tokenizer, video_processor, chat_template: as for
-            ``Qwen3VLProcessor``.
+        image_processor: Qwen3-VL's image processor (``Qwen2VLImageProcessor``).
+        tokenizer: the tokenizer, with Qwen's vision tokens.
+        video_processor: ``Qwen3VLVideoProcessor``.
+        chat_template: as for ``Qwen3VLProcessor`` (saved and reloaded with the processor).
         connector: the connector config as a dict (``ConnectorConfig.to_dict()``) or a
             :class:`ConnectorConfig`; saved with the processor.
     """
@@ -697,9 +697,16 @@ class DenseQwen3VLProcessor(Qwen3VLProcessor):
         connector: dict | ConnectorConfig | None = None,
         **kwargs: Any,
     ) -> None:
-        # processor_connector needs a patch size for other families; the grids come with the
-        # pixels here, so any positive value satisfies it.
-        self._connector_config = processor_connector(connector, 1, "DenseQwen3VLProcessor")
+        if connector is None:
+            raise ValueError(
+                "DenseQwen3VLProcessor needs connector= (the model's connector config, e.g. "
+                "model.connector.config): it inserts that connector's token count per image"
+            )
+        self._connector_config = (
+            connector
+            if isinstance(connector, ConnectorConfig)
+            else ConnectorConfig.from_dict(connector)
+        )
         self.connector = self._connector_config.to_dict()
         super().__init__(
             image_processor, tokenizer, video_processor, chat_template=chat_template, **kwargs

@@ -636,3 +636,38 @@ def test_two_stages_on_the_trainer_and_auto_reload(tmp_path) -> None:
     with torch.no_grad():
         expected = second.model.eval()(**batch).logits
         torch.testing.assert_close(loaded(**batch).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["unmerged", "video"])
+def test_generate_equals_greedy_full_forwards(stock, kind) -> None:
+    """Greedy ``generate`` (cache, M-RoPE deltas, DeepStack at prefill) picks the tokens that
+    full forwards of the growing sequence pick: for DCI into mlp2x_gelu (one token per patch,
+    positions on the unmerged grid) and for a video through Qwen3-VL's own connector."""
+    if kind == "unmerged":
+        connector = toys.dci_connector(projector="mlp")
+        inputs = _batch(
+            toys.dense_processor(connector),
+            images=[toys.sample_image((48, 64), 1)],
+            texts=[toys.IMAGE_PROMPT],
+        )
+    else:
+        connector = native_connector(stock.config)
+        inputs = _batch(
+            toys.dense_processor(connector),
+            videos=[toys.sample_video(4, (32, 48), 5)],
+            texts=[toys.VIDEO_PROMPT],
+        )
+    model = from_qwen3_vl(stock, connector)
+    generated = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    ids = inputs["input_ids"]
+    for _ in range(3):
+        step = inputs | {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "mm_token_type_ids": torch.nn.functional.pad(
+                inputs["mm_token_type_ids"], (0, ids.shape[1] - inputs["input_ids"].shape[1])
+            ),
+        }
+        next_id = _logits(model, step)[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, next_id], dim=1)
+    assert torch.equal(generated, ids)
