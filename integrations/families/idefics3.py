@@ -477,7 +477,9 @@ class TiledDenseModelMixin(DenseFamilyModel):
         then runs in full; otherwise it stops after the deepest layer the connector reads).
 
         Raises:
-            ValueError: see :meth:`_checked_tiles`, or ``interpolate_pos_encoding``.
+            ValueError: bad ``pixel_values`` (as in ``forward``), only padding tiles, a
+                ``pixel_attention_mask`` of another shape or marking padding inside a real tile,
+                or ``interpolate_pos_encoding``.
         """
         reject_interpolation(kwargs)
         tiles, per_row = self._checked_tiles(pixel_values, pixel_attention_mask)
