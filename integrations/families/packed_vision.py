@@ -326,8 +326,11 @@ class PackedImages:
 # ---------------------------------------------------------------------------- token counts, M-RoPE
 
 
-def _connector(connector: DenseConnector | ConnectorConfig) -> DenseConnector | ConnectorConfig:
-    if not isinstance(connector, DenseConnector | ConnectorConfig):
+def _connector(connector: Any) -> Any:
+    """``connector`` when it counts tokens as a :class:`mmconnect.DenseConnector` or
+    :class:`mmconnect.ConnectorConfig` does (PEFT's ``modules_to_save`` wrapper of a connector
+    forwards these)."""
+    if not all(hasattr(connector, name) for name in ("num_tokens", "token_grid", "extra_tokens")):
         raise TypeError(
             f"connector must be a DenseConnector or ConnectorConfig, got {type(connector).__name__}"
         )
@@ -423,3 +426,54 @@ def window_index(grid_thw: Tensor, vision_config: Any) -> Tensor:
         patch_size=vision_config.patch_size,
     )
     return index
+
+
+def packed_tower_features(
+    connector: DenseConnector,
+    tower: Any,
+    pixel_values: Tensor,
+    grid_thw: Tensor,
+    *,
+    output_hidden_states: Any = None,
+    output_attentions: Any = None,
+) -> tuple[LayerFeatures, Any]:
+    """Tap a packed tower (``tower(pixel_values, grid_thw=...)``) for ``connector``.
+
+    Without ``output_hidden_states`` / ``output_attentions`` (arguments, else the tower config's
+    fields) the tower stops after the deepest layer the connector reads (early exit); with
+    either it runs in full under the same tap and returns its own ``hidden_states`` /
+    ``attentions`` (block order, as HF's).
+
+    Returns:
+        The tapped features (``[1, seq, C]`` per layer, block order) and a
+        ``BaseModelOutputWithPooling`` whose ``last_hidden_state`` is the connector's final
+        layer, ``[seq, C]`` in block order (the stock tower's own ``last_hidden_state`` when
+        that layer is its last block), with ``hidden_states`` / ``attentions`` when asked for.
+    """
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    config = tower.config
+    hidden = (
+        output_hidden_states if output_hidden_states is not None else config.output_hidden_states
+    )
+    attentions = output_attentions if output_attentions is not None else config.output_attentions
+    tap = connector.make_tap(tower, keep_prefix=False)
+    outputs = None
+    if hidden or attentions:
+        with tap:
+            outputs = tower(
+                pixel_values,
+                grid_thw=grid_thw,
+                output_hidden_states=bool(hidden),
+                output_attentions=bool(attentions),
+                return_dict=True,
+            )
+        features = tap.features
+    else:
+        features = tap(pixel_values, grid_thw=grid_thw)
+    final = features[connector.individual_layers[0]][0]
+    return features, BaseModelOutputWithPooling(
+        last_hidden_state=final,
+        hidden_states=outputs.hidden_states if outputs is not None and hidden else None,
+        attentions=outputs.attentions if outputs is not None and attentions else None,
+    )
