@@ -241,6 +241,19 @@ def test_dense_processor_with_the_native_connector_is_the_stock_processor(
         assert all(torch.equal(ours[key], theirs[key]) for key in ours)
 
 
+def test_frames_are_preprocessed_as_the_video_processor_does(native) -> None:
+    """The protocol's frame path (training-free video answering) gives the stock video
+    processor's pixels: one tile per frame, the same resize and normalisation."""
+    from PIL import Image
+
+    video = toys.video(3)
+    frames = [Image.fromarray(frame) for frame in video]
+    ours = native.model.frame_pixel_values(toys.image_processor(), frames)
+    theirs = toys.video_processor()(videos=[video], return_tensors="pt")["pixel_values_videos"][0]
+    assert ours.shape == (3, 3, TILE, TILE)
+    assert torch.equal(ours, theirs)
+
+
 # ---------------------------------------------------------------------------- Dense connectors
 
 
