@@ -149,8 +149,9 @@ def split_layout(
         ValueError, TypeError: ``image_size`` is not two positive ints, or a size is not a
             positive int.
     """
+    values = image_size.tolist() if hasattr(image_size, "tolist") else image_size
     height, width = check_int_pair(
-        list(image_size) if not isinstance(image_size, list) else image_size,
+        values,
         "image_size",
         hint="the original (height, width) in pixels",
     )
@@ -510,7 +511,9 @@ class TiledDenseModelMixin(DenseFamilyModel):
     def frame_features(self, pixel_values: Tensor) -> Tensor:
         """Every frame (one tile each) through tower -> tap -> connector:
         ``[T, 3, S, S] -> [T, image_seq_len, llm_dim]``."""
-        self.check_pixel_values(pixel_values[None] if isinstance(pixel_values, Tensor) else None)
+        self.check_pixel_values(
+            pixel_values[None] if isinstance(pixel_values, Tensor) else pixel_values
+        )
         tap = self.connector.make_tap(
             self.vision_model, final_norm=self.vision_model.post_layernorm
         )

@@ -179,7 +179,12 @@ def test_split_layout_without_splitting():
 def test_image_token_count_per_image_size(dense):
     inner = dense.model
     assert [inner.image_token_count(size) for size in SIZES] == [68, 20, 36]
+    assert inner.image_token_count(torch.tensor([30, 120])) == 20
     assert inner.image_token_count() == 4
+    with pytest.raises(ValueError, match=r"image_size must be a \(height, width\) pair"):
+        inner.image_token_count((0, 120))
+    with pytest.raises(TypeError, match=r"image_size must be a \(height, width\) pair"):
+        inner.image_token_count("30x120")
 
 
 @pytest.mark.parametrize("name", ["sci", "dci", "mlp", "sti"])
