@@ -22,7 +22,8 @@ once per distinct grid and puts its tokens where the stock model puts its merger
 :func:`from_qwen2_5_vl` converts an existing model.
 
 Examples:
-    >>> dense = from_qwen2_5_vl(qwen, "qwen2.5-vl-dci+merger")  # doctest: +SKIP
+    >>> qwen = Qwen2_5_VLForConditionalGeneration.from_pretrained(path)  # doctest: +SKIP
+    >>> dense = from_qwen2_5_vl(qwen, "dc-dci+qwen2.5-merger-qwen2.5-vl-448")  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -499,8 +500,8 @@ def from_qwen2_5_vl(
     Args:
         model: a stock ``Qwen2_5_VLForConditionalGeneration``.
         connector: a :class:`mmconnect.ConnectorConfig` or a preset name
-            (``"qwen2.5-vl-native"``, ``"qwen2.5-vl-dci+merger"``, ...; widths taken from
-            ``model``).
+            (``"qwen2.5-vl-7b-merger-448"``, ``"dc-dci+qwen2.5-merger-qwen2.5-vl-448"``, ...
+            of :mod:`mmconnect.tower_presets.qwen2_5_vl`; widths taken from ``model``).
 
     Raises:
         TypeError: ``model`` is not a stock Qwen2.5-VL, or ``connector`` neither a config nor a
