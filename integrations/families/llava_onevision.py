@@ -97,7 +97,9 @@ VIDEO_POOL_STRIDE = 2
 # ---------------------------------------------------------------------------- video pooling
 
 
-def video_frame_grid(connector: DenseConnector | ConnectorConfig, encoder_grid: tuple[int, int]):
+def video_frame_grid(
+    connector: DenseConnector | ConnectorConfig, encoder_grid: tuple[int, int]
+) -> tuple[int, int]:
     """The ``(rows, columns)`` of one video frame's tokens: the connector's token grid for
     ``encoder_grid``, pooled to ``ceil(h / 2) x ceil(w / 2)`` (27x27 -> 14x14)."""
     config = connector.config if isinstance(connector, DenseConnector) else connector
@@ -652,6 +654,13 @@ def _reuse_pooled_projector(
             "not reusing the projector weights (%s); the connector starts from its initialisation",
             error,
         )
+        return
+    # The shared converter has just warned that it does not reuse them (it knows LLaVA's MLP
+    # only); at the same level, say that they were reused after all.
+    logger.warning(
+        "reused the stock projector's Linears in the connector's onevision_pool projector after "
+        "all (the warning before concerns LLaVA's mlp2x_gelu path only)"
+    )
 
 
 # ---------------------------------------------------------------------------- processor
