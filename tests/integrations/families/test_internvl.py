@@ -189,6 +189,29 @@ def test_native_connector_logits_equal_stock(stock, native, stock_processor, siz
     assert ours.pooler_output.shape == (inputs["pixel_values"].shape[0], TOKENS_PER_TILE, LLM)
 
 
+def test_native_generate_equals_stock_generate(stock, native, stock_processor) -> None:
+    """Greedy decoding of a left-padded batch with tiled images: the same tokens and scores."""
+    inputs = dict(
+        stock_processor(
+            images=_images((60, 150), (56, 56), (100, 100)),
+            text=[PROMPT, f"{PROMPT} and <IMG_CONTEXT>"],
+            return_tensors="pt",
+            padding=True,
+        )
+    )
+    options = {
+        "max_new_tokens": 3,
+        "min_new_tokens": 3,
+        "do_sample": False,
+        "output_logits": True,
+        "return_dict_in_generate": True,
+    }
+    theirs = stock.generate(**inputs, **options)
+    ours = native.generate(**inputs, **options)
+    assert torch.equal(ours.sequences, theirs.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(ours.logits, theirs.logits, strict=True))
+
+
 @pytest.mark.parametrize("feature_layer", [-1, -2, 2])
 def test_native_parity_on_a_tower_with_a_final_layernorm(stock_processor, feature_layer) -> None:
     """Without mean pooling InternViT ends in a LayerNorm: HF's vision_feature_layer=-1 reads
