@@ -201,8 +201,8 @@ class DenseGemma3Model(DenseInitMixin, CheckedLoadingMixin, DenseFamilyModel, Ge
         """Image tokens one crop fills: the connector's count at the tower's grid.
 
         An image is one crop unless the processor's pan-and-scan adds crops (then it fills
-        this count per crop, see :meth:`DenseGemma3Processor.image_token_count`); every crop is
-        resized to the tower's size, so ``image_size`` is not used here.
+        this count per crop, see :meth:`DenseGemma3Processor.image_token_count`); every crop
+        is resized to the tower's size, so ``image_size`` is not used here.
         """
         return self.connector.num_tokens(native_grid(self.config.vision_config))
 
@@ -274,7 +274,8 @@ class DenseGemma3Model(DenseInitMixin, CheckedLoadingMixin, DenseFamilyModel, Ge
         return torch.as_tensor(pixels["pixel_values"])
 
     def image_features(self, image_processor: Any, image: Any) -> Tensor:
-        """One image as one crop (no pan-and-scan, the count of :meth:`image_token_count`):
+        """One image as one crop (no pan-and-scan, the count of
+        :meth:`DenseGemma3Model.image_token_count`):
         ``[1, N, llm_dim]``."""
         pixels = self.frame_pixel_values(image_processor, [image]).to(self.vision_tower.device)
         return self.get_image_features(pixels).pooler_output[:1]
@@ -429,7 +430,9 @@ class DenseGemma3Processor(Gemma3Processor):
     processor, and ``token_type_ids`` mark the N tokens of every crop.
 
     Args:
-        image_processor, tokenizer, chat_template: as for ``Gemma3Processor``.
+        image_processor: a ``Gemma3ImageProcessor`` (its ``size`` is the crop size).
+        tokenizer: Gemma 3's tokenizer (``image_token``, ``boi_token``, ``eoi_token``).
+        chat_template: as for ``Gemma3Processor`` (saved and reloaded with the processor).
         patch_size: the vision tower's patch size.
         connector: the connector config (dict or :class:`ConnectorConfig`); saved with the
             processor.
