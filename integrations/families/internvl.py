@@ -40,7 +40,7 @@ from transformers import (
     InternVLProcessor,
 )
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.models.got_ocr2.image_processing_got_ocr2 import get_optimal_tiled_canvas
+from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
 from transformers.models.internvl.modeling_internvl import InternVLPreTrainedModel
 from transformers.utils.generic import can_return_tuple
 
