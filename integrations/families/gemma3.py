@@ -68,6 +68,7 @@ from mmconnect.integrations.families.protocol import (
     register_family,
     vision_config_geometry,
 )
+from mmconnect.validation import check_int_pair
 from mmconnect.zoo.pooled import Gemma3PoolSpec, gemma3_pool_state_from_hf
 
 logger = logging.getLogger(__name__)
@@ -405,11 +406,15 @@ def pan_and_scan_crops(image_processor: Any, image_size: Sequence[int], **option
             processor merges them.
 
     Raises:
-        ValueError: ``image_size`` is not two positive ints.
+        TypeError: ``image_size`` is not a pair of ints.
+        ValueError: ``image_size`` has a side below 1 or not two sides.
     """
-    height, width = (int(side) for side in image_size)
-    if height < 1 or width < 1:
-        raise ValueError(f"image_size must be a positive (height, width), got {list(image_size)}")
+    values = image_size.tolist() if hasattr(image_size, "tolist") else image_size
+    height, width = check_int_pair(
+        list(values) if isinstance(values, Sequence) else values,
+        "image_size",
+        hint="the original image size in pixels",
+    )
     if not options.get("do_pan_and_scan"):
         return 0
     crops = image_processor.pan_and_scan_batched(

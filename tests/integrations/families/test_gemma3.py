@@ -318,6 +318,20 @@ def test_processor_counts_are_what_it_inserts(processor):
     ]
 
 
+@pytest.mark.parametrize(
+    ("size", "error", "message"),
+    [
+        ((0, 60), ValueError, r"image_size"),
+        ((56,), ValueError, r"image_size"),
+        ((56.0, 60), TypeError, r"image_size"),
+        ("56x60", TypeError, r"image_size"),
+    ],
+)
+def test_image_token_count_of_a_size_that_is_not_one(processor, size, error, message):
+    with pytest.raises(error, match=message):
+        processor.image_token_count(size, **PAN_AND_SCAN)
+
+
 def test_processor_with_a_one_token_pool():
     connector = toys.connector("dci").replace(projector=Gemma3PoolSpec(grid=(1, 1)))
     processor = _processor(connector)
