@@ -673,12 +673,16 @@ class DenseLlavaOnevisionProcessor(LlavaOnevisionProcessor):
     video.
 
     Args:
-        image_processor, tokenizer, video_processor: as for ``LlavaOnevisionProcessor``.
+        image_processor: as for ``LlavaOnevisionProcessor`` (its ``size`` is the crop side).
+        tokenizer: as for ``LlavaOnevisionProcessor``.
+        video_processor: as for ``LlavaOnevisionProcessor``.
         patch_size: the vision tower's patch size.
         connector: the connector config (dict or :class:`ConnectorConfig`); saved with the
             processor.
-        chat_template, image_token, video_token, vision_aspect_ratio: as for
-            ``LlavaOnevisionProcessor`` (saved and reloaded with the processor).
+        chat_template: as for ``LlavaOnevisionProcessor`` (saved and reloaded with it).
+        image_token: the image placeholder (``"<image>"``).
+        video_token: the video placeholder (``"<video>"``).
+        vision_aspect_ratio: ``"anyres_max_N"``, the cap the model's config uses.
 
     Raises:
         ValueError: ``connector`` or ``patch_size`` missing, or ``vision_aspect_ratio`` not
