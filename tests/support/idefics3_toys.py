@@ -191,3 +191,37 @@ def sample_video(frames: int, size: tuple[int, int], seed: int) -> np.ndarray:
     """``[frames, height, width, 3]`` uint8 noise (a decoded video)."""
     rng = np.random.default_rng(seed)
     return rng.integers(0, 256, (frames, *size, 3), dtype=np.uint8)
+
+
+# ---------------------------------------------------------------------------- training
+
+
+class TileDataset(torch.utils.data.Dataset):
+    """Four one-tile (unsplit) samples: ``<s> w <image> * per_tile w answer </s>``, labels on
+    the answer and ``</s>`` only; pixels ``[1, 3, tile, tile]`` (seeded noise)."""
+
+    def __init__(self, per_tile: int, tile: int) -> None:
+        generator = torch.Generator().manual_seed(0)
+        self.items = []
+        for index in range(4):
+            ids = [BOS, 5, *[IMAGE] * per_tile, 6, 45 + index, EOS]
+            labels = [-100] * (len(ids) - 2) + ids[-2:]
+            pixels = torch.randn(1, 3, tile, tile, generator=generator)
+            self.items.append((torch.tensor(ids), torch.tensor(labels), pixels))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        return self.items[index]
+
+
+def collate_tiles(items) -> dict[str, torch.Tensor]:
+    """Stack :class:`TileDataset` samples (all of one length) into model inputs."""
+    ids, labels, pixels = zip(*items, strict=True)
+    return {
+        "input_ids": torch.stack(ids),
+        "attention_mask": torch.ones(len(ids), ids[0].shape[0], dtype=torch.long),
+        "labels": torch.stack(labels),
+        "pixel_values": torch.stack(pixels),
+    }

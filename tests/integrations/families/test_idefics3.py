@@ -361,35 +361,6 @@ def test_streaming_group_sums_equal_the_member_layers(stock):
 # ---------------------------------------------------------------------------- training
 
 
-class _Dataset(torch.utils.data.Dataset):
-    """Four one-tile (unsplit) samples: prompt with the tile's tokens, labels on the answer."""
-
-    def __init__(self, per_tile: int) -> None:
-        generator = torch.Generator().manual_seed(0)
-        self.items = []
-        for index in range(4):
-            ids = [toys.BOS, 5, *[toys.IMAGE] * per_tile, 6, 45 + index, toys.EOS]
-            labels = [-100] * (len(ids) - 2) + ids[-2:]
-            pixels = torch.randn(1, 3, 56, 56, generator=generator)
-            self.items.append((torch.tensor(ids), torch.tensor(labels), pixels))
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int):
-        return self.items[index]
-
-
-def _collate(items) -> dict[str, torch.Tensor]:
-    ids, labels, pixels = zip(*items, strict=True)
-    return {
-        "input_ids": torch.stack(ids),
-        "attention_mask": torch.ones(len(ids), ids[0].shape[0], dtype=torch.long),
-        "labels": torch.stack(labels),
-        "pixel_values": torch.stack(pixels),
-    }
-
-
 def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().clone() for name, tensor in module.state_dict().items()}
 
@@ -418,7 +389,7 @@ def test_two_stages_train_the_connector_then_lora(tmp_path):
     connector = _snapshot(model.connector)
     common = {"per_device_train_batch_size": 2, "max_steps": 2, "disable_tqdm": True}
     align = StageConfig(stage="align", output_dir=str(tmp_path / "align"), **common)
-    train_stage(model, _Dataset(4), _collate, align)
+    train_stage(model, toys.TileDataset(4, 56), toys.collate_tiles, align)
     assert _changed(tower, model.model.vision_model) == set()
     assert _changed(llm, model.model.text_model) == set()
     assert _changed(connector, model.connector) == {"projector.proj.weight"}
@@ -432,12 +403,12 @@ def test_two_stages_train_the_connector_then_lora(tmp_path):
         **common,
     )
     tower = _snapshot(stage1.model.vision_model)
-    result = train_stage(stage1, _Dataset(4), _collate, instruct)
+    result = train_stage(stage1, toys.TileDataset(4, 56), toys.collate_tiles, instruct)
     groups = parameter_groups(result.model)
     assert groups["vision_tower"][0] == 0
     assert _changed(tower, result.model.model.vision_model) == set()
     loaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "instruct")
-    batch = _collate([_Dataset(4)[0]])
+    batch = toys.collate_tiles([toys.TileDataset(4, 56)[0]])
     with torch.no_grad():
         torch.testing.assert_close(
             loaded(**batch).logits, result.model(**batch).logits, atol=1e-5, rtol=1e-5
@@ -446,7 +417,7 @@ def test_two_stages_train_the_connector_then_lora(tmp_path):
 
 def test_loss_reaches_only_the_trainable_connector(stock):
     model = from_idefics3(stock, toys.connectors("idefics3")["sci"])
-    batch = _collate([_Dataset(4)[0]])
+    batch = toys.collate_tiles([toys.TileDataset(4, 56)[0]])
     model.requires_grad_(False)
     model.connector.requires_grad_(True)
     model(**batch).loss.backward()

@@ -196,6 +196,36 @@ def test_processor_save_and_reload_keeps_the_connector(tmp_path):
     assert loaded.image_seq_len == 4
 
 
+# ---------------------------------------------------------------------------- training
+
+
+@pytest.mark.slow
+def test_stage_one_trains_exactly_the_connector(tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    from mmconnect.integrations.training.stages import StageConfig, train_stage
+
+    model = from_smolvlm(toys.stock_smolvlm(), toys.connectors("smolvlm")["dci"])
+    before = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    align = StageConfig(
+        stage="align",
+        output_dir=str(tmp_path / "align"),
+        per_device_train_batch_size=2,
+        max_steps=2,
+        disable_tqdm=True,
+    )
+    train_stage(model, toys.TileDataset(4, 84), toys.collate_tiles, align)
+    changed = {
+        name for name, tensor in model.state_dict().items() if not torch.equal(tensor, before[name])
+    }
+    assert changed == {"model.connector.projector.proj.weight"}
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "align")
+    assert type(loaded) is DenseSmolVLMForConditionalGeneration
+    batch = toys.collate_tiles([toys.TileDataset(4, 84)[0]])
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, model.eval()(**batch).logits)
+
+
 # ---------------------------------------------------------------------------- bad input
 
 
