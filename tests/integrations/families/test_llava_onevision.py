@@ -596,6 +596,19 @@ def test_generate_with_images_and_videos(dense, name):
         assert out[0, length] == _logits(model, inputs)[0, -1].argmax()
 
 
+def test_chat_answers_an_image_and_frames_through_the_protocol(dense, tokenizer):
+    """Chat's image path packs the AnyRes crops (137 tokens for 60 x 150); its training-free
+    video path takes each frame's unpooled base crop (4 frames x 25 tokens)."""
+    from mmconnect.integrations.chat.answering import answer_image, answer_video
+
+    model, processor = dense["dci"], _processor(tokenizer, "dci")
+    image = answer_image(model, processor, toys.pil((60, 150)), "w1 w2", max_new_tokens=2)
+    assert image.num_visual_tokens == model.model.image_token_count((60, 150)) == 137
+    frames = [toys.pil((60, 80), seed) for seed in range(4)]
+    video = answer_video(model, processor, frames, "w1", max_new_tokens=2)
+    assert (video.num_visual_tokens, video.frame_indices) == (4 * 25, (0, 1, 2, 3))
+
+
 def test_save_and_auto_load_identical_logits(dense, tmp_path):
     dense["pool"].save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
