@@ -78,7 +78,7 @@ from mmconnect.integrations.families.protocol import (
     vision_config_geometry,
 )
 from mmconnect.layers import normalize_layers
-from mmconnect.validation import check_int_pair, check_positive_int
+from mmconnect.validation import check_int_pair, check_positive_int, check_size_pair
 from mmconnect.zoo.pixel_shuffle import PixelShuffleSpec, idefics3_state_from_hf
 
 MODEL_TYPE = "dense_idefics3"
@@ -198,6 +198,22 @@ def _round_to_tiles(height: int, width: int, tile: int) -> tuple[int, int]:
     return height, width
 
 
+def tile_side(vision_config: Any) -> int:
+    """The side of the square tiles the tower takes: its ``image_size`` (an int or a square
+    ``(height, width)`` pair).
+
+    Raises:
+        ValueError: a non-square ``image_size`` (the processors cut square tiles).
+    """
+    height, width = check_size_pair(vision_config.image_size, "vision_config.image_size")
+    if height != width:
+        raise ValueError(
+            f"vision_config.image_size={[height, width]} is not square; Idefics3 and SmolVLM "
+            "tiles are square (max_image_size x max_image_size)"
+        )
+    return height
+
+
 def tiles_per_image(layout: tuple[int, int]) -> int:
     """Tiles one image becomes: ``rows * cols`` plus the global tile when split, else 1."""
     rows, cols = layout
@@ -236,7 +252,7 @@ class TiledConfigMixin(ConnectorConfigMixin):
             "residual path)",
         )
         self.image_seq_len = connector.num_tokens(native_grid(self.vision_config))
-        tile = self.vision_config.image_size
+        tile = tile_side(self.vision_config)
         if self.resize_longest_edge is None:
             self.resize_longest_edge = 4 * tile
         check_positive_int(
@@ -382,7 +398,7 @@ class TiledDenseModelMixin(DenseFamilyModel):
         layout = split_layout(
             image_size,
             self.config.resize_longest_edge,
-            self.config.vision_config.image_size,
+            tile_side(self.config.vision_config),
             do_image_splitting=self.config.do_image_splitting,
         )
         return tiles_per_image(layout) * per_tile
@@ -402,7 +418,7 @@ class TiledDenseModelMixin(DenseFamilyModel):
         """``pixel_values`` must be ``[batch, tiles, 3, S, S]`` at the tower's ``image_size``."""
         vision = self.config.vision_config
         check_tiled_pixel_values(
-            pixel_values, vision.image_size, getattr(vision, "num_channels", 3)
+            pixel_values, tile_side(vision), getattr(vision, "num_channels", 3)
         )
 
     def check_image_tokens(

@@ -458,6 +458,18 @@ def test_convert_to_dense_finds_the_family(stock):
     )
 
 
+def test_non_square_tiles_are_refused():
+    data = toys.idefics3_config().to_dict()
+    for key in ("model_type", "architectures", "transformers_version"):
+        data.pop(key, None)
+    data["vision_config"]["image_size"] = [56, 84]
+    with pytest.raises(ValueError, match=r"image_size=\[56, 84\] is not square"):
+        DenseIdefics3Config(**data)
+    data["vision_config"]["image_size"] = [56, 56]  # a square pair is one tile side
+    config = DenseIdefics3Config(**data)
+    assert (config.image_seq_len, config.resize_longest_edge) == (4, 224)
+
+
 def test_deepstack_connector_is_refused():
     connector = toys.connectors("idefics3")["native"].replace(
         injection=DeepStackSpec(layers=(1, 2))
