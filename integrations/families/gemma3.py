@@ -291,6 +291,27 @@ class DenseGemma3ForConditionalGeneration(
 
     base_model_class = DenseGemma3Model
 
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: Tensor,
+        inputs_embeds: Tensor | None = None,
+        use_cache: bool = True,
+        is_first_iteration: bool = False,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """Gemma 3's own, with ``inputs_embeds`` named so that ``generate(inputs_embeds=...)``
+        is accepted: the family protocol's chat path places the visual tokens in the
+        embeddings itself. HF's Gemma 3 passes ``inputs_embeds`` on through ``**kwargs``
+        already, but ``generate`` looks for the name in the signature and refuses without it.
+        """
+        return super().prepare_inputs_for_generation(
+            input_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            is_first_iteration=is_first_iteration,
+            **kwargs,
+        )
+
 
 # ---------------------------------------------------------------------------- conversion
 

@@ -488,6 +488,29 @@ def test_generate_equals_stock_generate(stock, dense, batch):
     assert torch.equal(dense.generate(**batch, **options), expected)
 
 
+def test_generate_from_inputs_embeds_equals_generate_from_input_ids(dense):
+    """The chat path's ``generate(inputs_embeds=...)``, which HF's Gemma 3 refuses, gives the
+    tokens of ``generate(input_ids=...)``."""
+    ids = torch.tensor([[toys.BOS, 7, 9, 10, 11]])
+    options = {"max_new_tokens": 4, "do_sample": False}
+    from_ids = dense.generate(input_ids=ids, **options)
+    from_embeddings = dense.generate(inputs_embeds=dense.get_input_embeddings()(ids), **options)
+    assert torch.equal(from_embeddings, from_ids[:, ids.shape[1] :])
+
+
+def test_chat_answers_about_an_image(dense, processor):
+    """The family protocol's chat path (one crop's tokens in the embeddings) runs."""
+    from mmconnect.integrations.chat.answering import generate_answer, prompt_embeddings
+
+    visual = dense.model.image_features(processor.image_processor, toys.sample_image((60, 80), 0))
+    assert visual.shape == (1, 4, toys.LLM)
+    embeddings, mask = prompt_embeddings(
+        dense, processor.tokenizer, "what is in the image ?", visual
+    )
+    answer = generate_answer(dense, processor.tokenizer, embeddings, mask, max_new_tokens=3)
+    assert isinstance(answer, str) and answer
+
+
 # ---------------------------------------------------------------------------- training
 
 
