@@ -242,8 +242,8 @@ class DenseQwen2_5_VLModel(DenseInitMixin, CheckedLoadingMixin, DenseFamilyModel
         return self.connector.num_tokens((height // patch, width // patch))
 
     # ------------------------------------------------------------------ input checks
-    def _packed(self, pixel_values: Any, grid_thw: Any, kind: str) -> PackedImages:
-        """The checked packed layout of ``pixel_values`` / ``grid_thw`` (``kind``: ``"image"``
+    def _check_packed(self, pixel_values: Any, grid_thw: Any, kind: str) -> None:
+        """``pixel_values`` / ``grid_thw`` as the processor makes them (``kind``: ``"image"``
         or ``"video"``, naming the arguments)."""
         vision = self.config.vision_config
         pixels_name = "pixel_values" if kind == "image" else "pixel_values_videos"
@@ -258,11 +258,17 @@ class DenseQwen2_5_VLModel(DenseInitMixin, CheckedLoadingMixin, DenseFamilyModel
         check_packed_pixels(
             pixel_values, grids, patch_width=width, argument=pixels_name, grid_argument=grid_name
         )
+
+    def _packed(self, pixel_values: Any, grid_thw: Any, kind: str) -> PackedImages:
+        """The checked packed layout of ``pixel_values`` / ``grid_thw``, with the tower's
+        window permutation."""
+        self._check_packed(pixel_values, grid_thw, kind)
+        vision = self.config.vision_config
         return PackedImages(
             grid_thw,
             merge_size=vision.spatial_merge_size,
             window_index=window_index(grid_thw.cpu(), vision),
-            argument=grid_name,
+            argument=f"{kind}_grid_thw",
         )
 
     def visual_token_counts(self, grid_thw: Tensor, kind: str = "image") -> list[int]:
@@ -289,7 +295,7 @@ class DenseQwen2_5_VLModel(DenseInitMixin, CheckedLoadingMixin, DenseFamilyModel
             if pixels is None:
                 continue
             grid_thw = arguments.get(f"{kind}_grid_thw")
-            self._packed(pixels, grid_thw, kind)
+            self._check_packed(pixels, grid_thw, kind)
             if input_ids is None:
                 continue
             per_item = self.visual_token_counts(grid_thw, kind)

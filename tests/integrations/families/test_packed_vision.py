@@ -140,12 +140,21 @@ def test_window_index_is_the_towers() -> None:
     assert torch.equal(window_index(GRID_THW, config), expected)
 
 
-def test_zoo_merger_on_raster_tokens_equals_the_stock_merger() -> None:
+@pytest.mark.parametrize(
+    ("window_size", "grid_thw", "counts"),
+    [
+        (56, GRID_THW, [6, 12, 8, 6]),
+        # Qwen2.5-VL's real 112 px windows (4 x 4 merge units) on a 280 x 392 px image, whose
+        # 10 x 14 merge units leave partial windows at the right and bottom edges.
+        (112, torch.tensor([[1, 20, 28], [2, 8, 12]]), [140, 48]),
+    ],
+)
+def test_zoo_merger_on_raster_tokens_equals_the_stock_merger(window_size, grid_thw, counts):
     """The tiny tower's last block tapped (block order), put in raster order per slice, through
     the zoo's Qwen2.5-VL merger with the stock weights == the stock tower's pooler_output."""
-    model = toys.qwen2_5_vl_model()
+    model = toys.qwen2_5_vl_model(window_size=window_size)
     tower = model.model.visual
-    pixels = toys.packed_pixels(GRID_THW)
+    pixels = toys.packed_pixels(grid_thw)
     merger = DenseConnector(
         ConnectorConfig(
             fusion=SingleLayerSpec(final_layer=-1),
@@ -160,12 +169,12 @@ def test_zoo_merger_on_raster_tokens_equals_the_stock_merger() -> None:
     )
     tap = merger.make_tap(tower)
     images = PackedImages(
-        GRID_THW, merge_size=MERGE, window_index=window_index(GRID_THW, tower.config)
+        grid_thw, merge_size=MERGE, window_index=window_index(grid_thw, tower.config)
     )
     with torch.no_grad():
-        stock = tower(pixels, grid_thw=GRID_THW).pooler_output
-        (tokens,) = images.run(tap(pixels, grid_thw=GRID_THW), lambda f, g: (merger(f, g),))
-    assert [token.shape[0] for token in tokens] == [6, 12, 8, 6]
+        stock = tower(pixels, grid_thw=grid_thw).pooler_output
+        (tokens,) = images.run(tap(pixels, grid_thw=grid_thw), lambda f, g: (merger(f, g),))
+    assert [token.shape[0] for token in tokens] == counts
     torch.testing.assert_close(torch.cat(tokens), stock, atol=1e-6, rtol=0)
     assert not tower._forward_hooks and not any(block._forward_hooks for block in tower.blocks)
 
