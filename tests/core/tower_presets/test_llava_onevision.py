@@ -85,26 +85,29 @@ def test_a_27_block_tower_is_not_onevisions() -> None:
 
 
 @pytest.mark.parametrize(
-    ("tiles", "per_crop", "tokens"),
+    ("name", "tiles", "tokens"),
     [
-        # (rows, columns) of 384 px tiles of a square image: the stitched map is 27 * rows
-        # square, nothing to unpad; anyres_max_9 caps it at 9 crops of tokens (81 x 81).
-        ((1, 1), 729, 729 + 27 * 28),  # 384 x 384: 1485
-        ((2, 2), 729, 729 + 54 * 55),  # 768 x 768: 3699
-        ((3, 3), 729, 729 + 81 * 82),  # 1152 x 1152: ratio 1, not capped: 7371
-        ((6, 6), 729, 729 + 81 * 82),  # 2304 x 2304: 162 x 162, ratio 2 -> 81 x 81: 7371
-        ((3, 3), 196, 196 + 42 * 43),  # pooled projector, 1152 x 1152: 42 x 42 map: 2002
-        ((6, 6), 196, 196 + 42 * 43),  # pooled, 84 x 84 map, ratio 2 -> 42 x 42: 2002
+        # (rows, columns) of 384 px tiles of a square image: the stitched map is rows x columns
+        # crop grids, nothing to unpad; anyres_max_9 caps it near 9 crops' tokens.
+        (DCI, (1, 1), 729 + 27 * 28),  # 384 x 384: 1485
+        (DCI, (2, 2), 729 + 54 * 55),  # 768 x 768: 3699
+        (NATIVE, (3, 3), 729 + 81 * 82),  # 1152 x 1152: ratio 1, not capped: 7371
+        (NATIVE, (6, 6), 729 + 81 * 82),  # 2304 x 2304: 162 x 162, ratio 2 -> 81 x 81: 7371
+        (POOLED, (3, 3), 196 + 42 * 43),  # 14 x 14 per crop, 42 x 42 map: 2002
+        (POOLED, (6, 6), 196 + 42 * 43),  # 84 x 84 map, ratio 2 -> 42 x 42: 2002
     ],
 )
-def test_tokens_per_square_image(tiles, per_crop, tokens) -> None:
-    """The count rule by hand: base crop + H * (W + 1) of the capped map."""
-    side = math.isqrt(per_crop)
-    height, width = tiles[0] * side, tiles[1] * side
-    ratio = math.sqrt(height * width / (9 * per_crop))
+def test_tokens_per_square_image(name, tiles, tokens) -> None:
+    """The documented per-image counts from the presets' crop grids and the count rule written
+    out here: base crop + H * (W + 1) of the capped map (the family tests check the same
+    numbers against the packing code and the stock processor)."""
+    config = ConnectorConfig.from_preset(name)
+    rows, columns = config.token_grid((27, 27))
+    height, width = tiles[0] * rows, tiles[1] * columns
+    ratio = math.sqrt(height * width / (9 * rows * columns))
     if ratio > 1.1:
         height, width = int(height // ratio), int(width // ratio)
-    assert per_crop + height * (width + 1) == tokens
+    assert config.num_tokens((27, 27)) + height * (width + 1) == tokens
 
 
 def test_module_doctest() -> None:
