@@ -81,6 +81,7 @@ from mmconnect.integrations.families.packed_vision import (
     check_packed_pixels,
     check_positional_connector,
     connector_token_count,
+    packed_tower_features,
     rope_grid_thw,
 )
 from mmconnect.integrations.families.protocol import (
@@ -343,12 +344,6 @@ class DenseQwen3VLModel(DenseInitMixin, CheckedLoadingMixin, DenseFamilyModel, Q
         return self.get_image_features(pixels, grid).pooler_output[0][None]
 
     # ------------------------------------------------------------------ checks
-    def _token_layout(self) -> DenseConnector | ConnectorConfig:
-        """What answers the token-count questions: the connector, or its config while PEFT
-        wraps the connector (LoRA's ``modules_to_save``); both give the same counts."""
-        connector = self.multi_modal_projector
-        return connector if isinstance(connector, DenseConnector) else self.config.connector_config
-
     def _grids(self, grid_thw: Any, argument: str) -> tuple[tuple[int, int, int], ...]:
         return check_grid_thw(
             grid_thw, merge_size=self.config.vision_config.spatial_merge_size, argument=argument
@@ -401,8 +396,7 @@ class DenseQwen3VLModel(DenseInitMixin, CheckedLoadingMixin, DenseFamilyModel, Q
     def visual_token_counts(self, grid_thw: Any, argument: str = "image_grid_thw") -> list[int]:
         """Tokens the connector makes for each image (or video) of ``grid_thw``."""
         return [
-            connector_token_count(self._token_layout(), grid)
-            for grid in self._grids(grid_thw, argument)
+            connector_token_count(self.connector, grid) for grid in self._grids(grid_thw, argument)
         ]
 
     def check_visual_tokens(
@@ -430,7 +424,7 @@ class DenseQwen3VLModel(DenseInitMixin, CheckedLoadingMixin, DenseFamilyModel, Q
             grids = self.check_visual_inputs(pixels, grid_thw, modality=modality)
             if input_ids is None:
                 continue
-            per_item = [connector_token_count(self._token_layout(), grid) for grid in grids]
+            per_item = [connector_token_count(self.connector, grid) for grid in grids]
             found = int((input_ids == token_id).sum())
             if found != sum(per_item):
                 raise ValueError(
@@ -445,29 +439,14 @@ class DenseQwen3VLModel(DenseInitMixin, CheckedLoadingMixin, DenseFamilyModel, Q
         self, pixel_values: Tensor, grid_thw: Tensor, modality: str, kwargs: dict[str, Any]
     ) -> BaseModelOutputWithDeepstackFeatures:
         self.check_visual_inputs(pixel_values, grid_thw, modality=modality)
-        kwargs = dict(kwargs)
-        kwargs.pop("return_dict", None)
-        hidden = kwargs.pop("output_hidden_states", None)
-        attentions = kwargs.pop("output_attentions", None)
-        config = self.visual.config
-        hidden = hidden if hidden is not None else config.output_hidden_states
-        attentions = attentions if attentions is not None else config.output_attentions
-        pixel_values = pixel_values.type(self.visual.dtype)
-        tap = self.connector.make_tap(self.visual, num_prefix_tokens=0)
-        outputs = None
-        if hidden or attentions:  # the tower's own outputs were asked for: run it in full
-            with tap:
-                outputs = self.visual(
-                    pixel_values,
-                    grid_thw=grid_thw,
-                    output_hidden_states=bool(hidden),
-                    output_attentions=bool(attentions),
-                    return_dict=True,
-                    **kwargs,
-                )
-            features = tap.features
-        else:  # stop after the deepest layer the connector reads
-            features = tap(pixel_values, grid_thw=grid_thw, **kwargs)
+        features, outputs = packed_tower_features(
+            self.connector,
+            self.visual,
+            pixel_values.type(self.visual.dtype),
+            grid_thw,
+            output_hidden_states=kwargs.get("output_hidden_states"),
+            output_attentions=kwargs.get("output_attentions"),
+        )
         packed = PackedImages(
             grid_thw,
             merge_size=self.config.vision_config.spatial_merge_size,
@@ -479,12 +458,11 @@ class DenseQwen3VLModel(DenseInitMixin, CheckedLoadingMixin, DenseFamilyModel, Q
             return (tokens, *residuals)
 
         tokens, *levels = packed.run(features, connect)
-        final = features[self.connector.individual_layers[0]]
         return BaseModelOutputWithDeepstackFeatures(
-            last_hidden_state=final[0],
+            last_hidden_state=outputs.last_hidden_state,
             pooler_output=tuple(tokens),
-            hidden_states=outputs.hidden_states if outputs is not None and hidden else None,
-            attentions=outputs.attentions if outputs is not None and attentions else None,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
             deepstack_features=[tuple(level) for level in levels],
         )
 
@@ -536,19 +514,18 @@ class DenseQwen3VLModel(DenseInitMixin, CheckedLoadingMixin, DenseFamilyModel, Q
         tokens otherwise.
         """
         merge = self.config.vision_config.spatial_merge_size
-        layout = self._token_layout()
         return super().get_rope_index(
             input_ids,
             mm_token_type_ids,
             image_grid_thw=(
                 None
                 if image_grid_thw is None
-                else rope_grid_thw(image_grid_thw, layout, merge_size=merge)
+                else rope_grid_thw(image_grid_thw, self.connector, merge_size=merge)
             ),
             video_grid_thw=(
                 None
                 if video_grid_thw is None
-                else rope_grid_thw(video_grid_thw, layout, merge_size=merge)
+                else rope_grid_thw(video_grid_thw, self.connector, merge_size=merge)
             ),
             attention_mask=attention_mask,
             **kwargs,

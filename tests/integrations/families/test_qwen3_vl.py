@@ -671,3 +671,26 @@ def test_generate_equals_greedy_full_forwards(stock, kind) -> None:
         next_id = _logits(model, step)[:, -1].argmax(-1, keepdim=True)
         ids = torch.cat([ids, next_id], dim=1)
     assert torch.equal(generated, ids)
+
+
+def test_output_hidden_states_runs_the_tower_in_full(processor) -> None:
+    """Asked for the tower's hidden states, the tower runs every block under the same tap: the
+    tokens are the early-exit ones and the states are the stock tower's.
+
+    Fresh models: HF records hidden states with hooks it installs once per model on the blocks,
+    so blocks shared by a converted model and its source, both asked for hidden states, record
+    each state twice."""
+    native = from_qwen3_vl(toys.stock_model(), native_connector(toys.stock_config()))
+    stock = toys.stock_model()  # the same weights (seed 0), its own blocks
+    inputs = _batch(processor, images=_images(2), texts=[toys.IMAGE_PROMPT] * 2)
+    pixels, grid = inputs["pixel_values"], inputs["image_grid_thw"]
+    with torch.no_grad():
+        full = native.model.get_image_features(pixels, grid, output_hidden_states=True)
+        early = native.model.get_image_features(pixels, grid)
+        reference = stock.model.visual(pixels, grid_thw=grid, output_hidden_states=True)
+    assert early.hidden_states is None
+    assert len(full.hidden_states) == toys.DEPTH + 1
+    for ours, theirs in zip(full.hidden_states, reference.hidden_states, strict=True):
+        assert torch.equal(ours, theirs)
+    for mine, expected in zip(full.pooler_output, early.pooler_output, strict=True):
+        assert torch.equal(mine, expected)
