@@ -27,9 +27,12 @@ Examples:
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -159,6 +162,29 @@ def _output_norm(tower: nn.Module) -> nn.Module:
     return norm
 
 
+def _warning_without_token_types(stock_forward: Callable) -> Callable:
+    """``stock_forward`` (HF ``Gemma3Model.forward``) warning when images come without
+    ``token_type_ids``: the stock model then silently gives the image tokens a causal mask,
+    not the both-ways attention within an image that Gemma 3 is trained with. The wrapper keeps
+    the stock signature."""
+    signature = inspect.signature(stock_forward)
+
+    @functools.wraps(stock_forward)
+    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        arguments = signature.bind_partial(self, *args, **kwargs).arguments
+        if arguments.get("pixel_values") is not None and arguments.get("token_type_ids") is None:
+            warnings.warn(
+                "pixel_values without token_type_ids: the image tokens attend causally, not both "
+                "ways within each image as Gemma 3 does; pass the token_type_ids "
+                "DenseGemma3Processor returns",
+                UserWarning,
+                stacklevel=2,
+            )
+        return stock_forward(self, *args, **kwargs)
+
+    return forward
+
+
 class DenseGemma3Model(DenseInitMixin, CheckedLoadingMixin, DenseFamilyModel, Gemma3Model):
     """HF ``Gemma3Model`` whose ``multi_modal_projector`` is a :class:`mmconnect.DenseConnector`.
 
@@ -234,7 +260,7 @@ class DenseGemma3Model(DenseInitMixin, CheckedLoadingMixin, DenseFamilyModel, Ge
                 "DenseGemma3Processor so the counts agree"
             )
 
-    forward = checked_forward(Gemma3Model.forward)
+    forward = checked_forward(_warning_without_token_types(Gemma3Model.forward))
 
     @can_return_tuple
     def get_image_features(

@@ -8,6 +8,7 @@ window of 4 and a word-level tokenizer with Gemma 3's image tokens.
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import subprocess
 import sys
@@ -200,18 +201,23 @@ def test_image_features_equal_stock(stock, dense, batch):
 
 
 def test_image_blocks_attend_both_ways_as_in_stock(stock, dense, single):
-    """Without token_type_ids both models fall back to a causal mask; with them the image tokens
-    see each other (the logits at the image positions change)."""
+    """Without token_type_ids both models fall back to a causal mask (the Dense one warns); with
+    them the image tokens see each other (the logits at the image positions change)."""
     causal = {key: value for key, value in single.items() if key != "token_type_ids"}
     with torch.no_grad():
         both_ways = dense(**single).logits
-        dense_causal = dense(**causal).logits
+        with pytest.warns(UserWarning, match=r"pixel_values without token_type_ids"):
+            dense_causal = dense(**causal).logits
         stock_causal = stock(**causal).logits
     assert torch.equal(dense_causal, stock_causal)
     image = single["input_ids"][0] == toys.IMAGE
     first = int(image.nonzero()[0, 0])
     assert (both_ways[0, first] - dense_causal[0, first]).abs().max() > 1e-3
     assert torch.equal(both_ways[0, :first], dense_causal[0, :first])
+
+
+def test_forward_keeps_the_stock_signature():
+    assert inspect.signature(DenseGemma3Model.forward) == inspect.signature(Gemma3Model.forward)
 
 
 def test_bf16_logits_within_the_measured_bound(stock, batch):
