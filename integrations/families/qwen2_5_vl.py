@@ -94,10 +94,14 @@ REFERENCE_PATCHES = 32
 # ---------------------------------------------------------------------------- config
 
 
-def native_connector(vision_config: Any, text_config: Any) -> ConnectorConfig:
-    """Qwen2.5-VL's own connector as a Dense Connector config: the last block's output through
-    the zoo's Qwen2.5-VL merger (RMSNorm, ``m x m`` concat, Linear-GELU-Linear) into the LLM
-    width."""
+def native_connector(config: Any) -> ConnectorConfig:
+    """Qwen2.5-VL's own connector as a Dense Connector config, for a ``Qwen2_5_VLConfig`` (stock
+    or Dense): the last block's output through the zoo's Qwen2.5-VL merger (RMSNorm, ``m x m``
+    concat, Linear-GELU-Linear) into the LLM width."""
+    return _native_connector(config.vision_config, config.text_config)
+
+
+def _native_connector(vision_config: Any, text_config: Any) -> ConnectorConfig:
     return ConnectorConfig(
         fusion=SingleLayerSpec(final_layer=-1),
         projector=PatchMergerSpec(norm="rmsnorm", merge_size=vision_config.spatial_merge_size),
@@ -132,7 +136,7 @@ class DenseQwen2_5_VLConfig(ConnectorConfigMixin, Qwen2_5_VLConfig):
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
         if self.connector is None:
-            self.connector = native_connector(self.vision_config, self.text_config).to_dict()
+            self.connector = _native_connector(self.vision_config, self.text_config).to_dict()
         if not isinstance(self.connector, ConnectorConfig):
             self.connector = ConnectorConfig.from_dict(self.connector)
         connector = self.connector
@@ -561,7 +565,7 @@ def from_qwen2_5_vl(
 
 def _reuse_merger(model: Qwen2_5_VLForConditionalGeneration, connector: DenseConnector) -> bool:
     """Load the stock merger into the connector's projector when it is the same merger."""
-    native = native_connector(model.config.vision_config, model.config.text_config)
+    native = native_connector(model.config)
     if connector.config.projector != native.projector or connector.fused_dim != native.vision_dim:
         logger.info(
             "not reusing Qwen2.5-VL's merger weights: the connector's projector is %r on %d "

@@ -87,7 +87,7 @@ def _logits(model: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def test_native_connector_is_the_stock_merger_through_the_zoo(stock, native) -> None:
     config = native.config
-    assert native.connector.config == native_connector(config.vision_config, config.text_config)
+    assert native.connector.config == native_connector(config)
     assert native.model.visual.blocks is stock.model.visual.blocks  # shared, not copied
     assert native.model.language_model is stock.model.language_model
     assert native.lm_head is stock.lm_head
