@@ -71,7 +71,7 @@ from mmconnect.integrations.families.protocol import (
     register_family,
     vision_config_geometry,
 )
-from mmconnect.validation import check_int_pair
+from mmconnect.validation import check_int_pair, check_positive_int
 from mmconnect.zoo.pooled import Gemma3PoolSpec, gemma3_pool_state_from_hf
 
 logger = logging.getLogger(__name__)
@@ -473,6 +473,11 @@ def pan_and_scan_crops(image_processor: Any, image_size: Sequence[int], **option
     return len(crops)
 
 
+#: The tokenizer attributes Gemma 3's processor reads: the placeholder the connector's tokens
+#: replace, and the markers around each crop.
+_IMAGE_TOKENS = ("image_token", "boi_token", "eoi_token")
+
+
 class DenseGemma3Processor(Gemma3Processor):
     """``Gemma3Processor`` whose image sequence holds the connector's token count per crop.
 
@@ -492,8 +497,9 @@ class DenseGemma3Processor(Gemma3Processor):
             left out (a saved processor passes it back: it must agree).
 
     Raises:
-        ValueError: ``connector`` or ``patch_size`` missing, or an ``image_seq_length`` other
-            than the connector's count.
+        ValueError: ``connector`` or ``patch_size`` missing or not positive, a tokenizer
+            without Gemma 3's image tokens, or an ``image_seq_length`` other than the
+            connector's count.
     """
 
     # Every argument that must survive save_pretrained -> from_pretrained is named here: HF
@@ -510,7 +516,14 @@ class DenseGemma3Processor(Gemma3Processor):
     ) -> None:
         self._connector_config = processor_connector(connector, patch_size, "DenseGemma3Processor")
         self.connector = self._connector_config.to_dict()  # saved with the processor
-        self.patch_size = patch_size
+        self.patch_size = check_positive_int(patch_size, "patch_size")
+        missing = [name for name in _IMAGE_TOKENS if getattr(tokenizer, name, None) is None]
+        if missing:
+            raise ValueError(
+                f"tokenizer ({type(tokenizer).__name__}) lacks Gemma 3's {', '.join(missing)}; "
+                f"DenseGemma3Processor needs {', '.join(_IMAGE_TOKENS)} (Gemma 3's tokenizer "
+                "names <image_soft_token>, <start_of_image> and <end_of_image> so)"
+            )
         size = image_processor.size
         tokens = self._connector_config.num_tokens(
             (size["height"] // patch_size, size["width"] // patch_size)

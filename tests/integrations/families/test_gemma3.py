@@ -360,6 +360,26 @@ def test_processor_refuses_another_image_seq_length_and_a_missing_connector():
         DenseGemma3Processor(
             image_processor=toys.image_processor(), tokenizer=toys.tokenizer(), patch_size=14
         )
+    with pytest.raises(ValueError, match=r"patch_size"):
+        DenseGemma3Processor(
+            image_processor=toys.image_processor(),
+            tokenizer=toys.tokenizer(),
+            patch_size=0,
+            connector=toys.connector("native"),
+        )
+
+
+def test_processor_refuses_a_tokenizer_without_gemma3s_image_tokens():
+    from mmconnect.integrations.applications.tiny_models import tiny_llava_tokenizer
+
+    message = r"lacks Gemma 3's boi_token, eoi_token; DenseGemma3Processor needs image_token"
+    with pytest.raises(ValueError, match=message):
+        DenseGemma3Processor(
+            image_processor=toys.image_processor(),
+            tokenizer=tiny_llava_tokenizer(),
+            patch_size=toys.PATCH,
+            connector=toys.connector("native"),
+        )
 
 
 # ---------------------------------------------------------------------------- bad input
