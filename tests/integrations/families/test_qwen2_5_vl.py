@@ -162,6 +162,44 @@ def test_generate_equals_the_stock_generate(stock, native) -> None:
     assert torch.equal(native.generate(**inputs, **options), expected)
 
 
+def test_batched_generate_with_left_padding_equals_the_stock_generate(stock, native) -> None:
+    """Two prompts with images of different sizes, left-padded: the M-RoPE index skips the
+    padding as the stock one does, and the generated tokens are the stock model's."""
+    requests = stock_processor()
+    requests.tokenizer.padding_side = "left"
+    inputs = dict(
+        requests(
+            images=[sample_image((56, 56), 5), sample_image((112, 140), 6)],
+            text=[toys.IMAGE_PROMPT, toys.IMAGE_PROMPT],
+            padding=True,
+            return_tensors="pt",
+        )
+    )
+    assert inputs["attention_mask"][0, 0] == 0  # the first prompt is padded on the left
+    options = {"max_new_tokens": 3, "do_sample": False, "pad_token_id": toys.PAD}
+    assert torch.equal(native.generate(**inputs, **options), stock.generate(**inputs, **options))
+
+
+def test_tower_outputs_on_request(native) -> None:
+    """``output_hidden_states=True`` runs the tower in full under the same tap: the same tokens,
+    and the stock tower's hidden states (block order); ``return_dict=False`` gives a tuple."""
+    grid = torch.tensor([[1, 4, 6], [1, 8, 6]])
+    pixels = toys.packed_pixels(grid)
+    model = native.model
+    with torch.no_grad():
+        early = model.get_image_features(pixels, grid)
+        full = model.get_image_features(pixels, grid, output_hidden_states=True)
+        stock = model.visual(pixels, grid_thw=grid, output_hidden_states=True)
+        as_tuple = model.get_image_features(pixels, grid, return_dict=False)
+    assert early.hidden_states is None and len(full.hidden_states) == 5
+    for one, other in zip(early.pooler_output, full.pooler_output, strict=True):
+        assert torch.equal(one, other)
+    assert torch.equal(full.last_hidden_state, stock.last_hidden_state)
+    for ours, theirs in zip(full.hidden_states, stock.hidden_states, strict=True):
+        assert torch.equal(ours, theirs)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], early.last_hidden_state)
+
+
 def test_convert_to_dense_finds_the_family(stock) -> None:
     dense = convert_to_dense(stock, DCI_MERGER)
     assert type(dense) is DenseQwen2_5_VLForConditionalGeneration
