@@ -564,6 +564,45 @@ def check_resume_checkpoint(
     )
 
 
+def _warn_if_sharding_dropped(trainer: Trainer) -> None:
+    """Log a warning when the arguments ask for FSDP or DeepSpeed but accelerate runs without it.
+
+    accelerate turns FSDP and DeepSpeed on only for accelerator devices: on the CPU (``use_cpu``,
+    or no GPU) it drops them and trains with DDP (several processes) or in one process. The
+    result is the same training, but nothing is sharded, which a CPU smoke run of a sharded
+    recipe should say rather than hide.
+    """
+    args = trainer.args
+    dropped = [
+        name
+        for name, requested, enabled in (
+            ("FSDP", args.fsdp, trainer.is_fsdp_enabled),
+            ("DeepSpeed", args.deepspeed, trainer.is_deepspeed_enabled),
+        )
+        if requested and not enabled
+    ]
+    if dropped:
+        logger.warning(
+            "%s requested but accelerate runs without it (distributed type %s): accelerate "
+            "shards only on accelerator devices, so this run trains unsharded (DDP across "
+            "processes, or one process) with the same updates",
+            " and ".join(dropped),
+            trainer.accelerator.distributed_type.value,
+        )
+
+
+def _gathered_state_dict(trainer: Trainer, model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The full state dict of ``model`` when FSDP shards it (gathered from every rank, on the CPU
+    of rank 0), else ``None``: ``save_pretrained`` then reads the model's own parameters.
+
+    Under FSDP each rank holds only its shard of every parameter (FSDP2: ``DTensor``), which
+    ``save_pretrained`` cannot write; the gather is a collective, so every rank must call it.
+    """
+    if not getattr(trainer, "is_fsdp_enabled", False):
+        return None
+    return trainer.accelerator.get_state_dict(model)
+
+
 def train_stage(
     model: nn.Module,
     dataset: torch.utils.data.Dataset,
@@ -618,13 +657,15 @@ def train_stage(
         callbacks=[history, _BaseFingerprintCallback(fingerprint), *(callbacks or [])],
         connector_learning_rate=stage.rates[1],
     )
+    _warn_if_sharding_dropped(trainer)
     trainer.train(
         resume_from_checkpoint=str(resume_from_checkpoint) if resume_from_checkpoint else None
     )
     trained = trainable.merge_and_unload() if hasattr(trainable, "merge_and_unload") else trainable
+    gathered = _gathered_state_dict(trainer, trained)  # collective: every rank takes part
     if trainer.is_world_process_zero():
         with atomic_save_directory(output_dir) as staging:
-            trained.save_pretrained(staging)
+            trained.save_pretrained(staging, state_dict=gathered)
             if processor is not None:
                 processor.save_pretrained(staging)
             _write_base_fingerprint(staging, fingerprint)
