@@ -416,6 +416,13 @@ def from_gemma3(
         data.pop(key, None)
     data["connector"] = connector.to_dict()
     dense_config = DenseGemma3Config(**data)
+    # The attention implementation is not in to_dict(); the masks are built from the Dense
+    # config for the source's layers, so both must name the same one (eager vs sdpa masks).
+    dense_config._attn_implementation = {
+        "": config._attn_implementation,
+        "text_config": config.text_config._attn_implementation,
+        "vision_config": config.vision_config._attn_implementation,
+    }
     with torch.device("meta"):  # the skeleton, without allocating a second LLM
         dense = DenseGemma3ForConditionalGeneration(dense_config)
     tower = model.model.vision_tower

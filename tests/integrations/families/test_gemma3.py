@@ -239,6 +239,21 @@ def test_bf16_logits_within_the_measured_bound(stock, batch):
 # ---------------------------------------------------------------------------- conversion
 
 
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+def test_conversion_keeps_the_attention_implementation(single, attention):
+    """The masks are built from the Dense config for the stock layers: an eager stock model
+    converts to an eager Dense one with the same logits."""
+    torch.manual_seed(0)
+    stock = Gemma3ForConditionalGeneration._from_config(
+        toys.stock_config(), attn_implementation=attention
+    ).eval()
+    dense = from_gemma3(stock, native_connector(stock.config)).eval()
+    for config in (dense.config, dense.config.text_config, dense.config.vision_config):
+        assert config._attn_implementation == attention
+    with torch.no_grad():
+        assert torch.equal(dense(**single).logits, stock(**single).logits)
+
+
 def test_conversion_shares_the_stock_parts_and_reuses_the_projector(stock, dense):
     assert dense.model.vision_tower is stock.model.vision_tower
     assert dense.model.language_model is stock.model.language_model
