@@ -17,7 +17,10 @@ One module per command, each with ``add_arguments(subparsers)`` and ``run(argume
   training stages from one file;
 * ``mmconnect chat --model DIR --video FILE "question"`` (or ``--image FILE``)
   (:mod:`~mmconnect.integrations.cli.chat`) asks a saved Dense model (any registered family) about a video
-  without video training, or about an image.
+  without video training, or about an image;
+* ``mmconnect export MODEL_DIR OUT_DIR`` (:mod:`~mmconnect.integrations.cli.export`) writes the
+  stock HF LLaVA / LLaVA-NeXT checkpoint of a saved Dense model (baseline, SCI or DCI connector)
+  with its processor, which loads without mmconnect.
 
 The core (``mmconnect``) never imports this package. Each command imports its heavy packages
 when it runs; when one is not installed, :func:`main` prints which extra installs it, e.g.
@@ -33,7 +36,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from mmconnect.integrations.cli import chat, demo, inspect_encoder, lab, presets, train
+from mmconnect.integrations.cli import chat, demo, export, inspect_encoder, lab, presets, train
 from mmconnect.integrations.cli.common import missing_extra
 
 #: Each command's name and its module, in the order ``--help`` lists them.
@@ -44,6 +47,7 @@ COMMANDS = {
     "lab": lab,
     "train": train,
     "chat": chat,
+    "export": export,
 }
 
 
