@@ -281,6 +281,7 @@ def test_dense_connectors_fill_the_pools_tokens(stock, batch, kind):
     assert not torch.allclose(logits, native)
 
 
+@pytest.mark.slow
 def test_a_preset_of_the_real_tower_runs_on_a_tower_of_its_depth():
     """``dc-dci+gemma3-pool-64-siglip-so400m-896`` (DCI over 27 blocks, 8x8 pool) on a 27-block
     tiny tower at 224 px (a 16x16 grid): 64 tokens per crop, through the processor."""
