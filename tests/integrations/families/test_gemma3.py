@@ -35,7 +35,11 @@ from mmconnect.integrations.families.gemma3 import (
     from_gemma3,
     native_connector,
 )
-from mmconnect.integrations.families.protocol import TowerGeometry, family_model
+from mmconnect.integrations.families.protocol import (
+    TowerGeometry,
+    convert_to_dense,
+    family_model,
+)
 from mmconnect.integrations.training.stages import (
     LoraSettings,
     StageConfig,
@@ -265,6 +269,10 @@ def test_conversion_shares_the_stock_parts_and_reuses_the_projector(stock, dense
     assert dense.config.mm_tokens_per_image == 4
     assert dense.config.connector_config == native_connector(stock.config)
     assert isinstance(dense, DenseGemma3ForConditionalGeneration)
+    # the protocol's converter finds this family from the stock class
+    converted = convert_to_dense(stock, toys.connector("dci"))
+    assert isinstance(converted, DenseGemma3ForConditionalGeneration)
+    assert converted.model.vision_tower is stock.model.vision_tower
 
 
 @pytest.mark.parametrize("kind", ["dci", "sci"])
