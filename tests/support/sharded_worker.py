@@ -3,8 +3,10 @@ sharded-training tests (``tests/integrations/training/test_fsdp.py``) compare th
 
 Usage: ``python sharded_worker.py OUTPUT_DIR PER_DEVICE_BATCH ENGINE:STAGE [ENGINE:STAGE ...]``
 where ENGINE is ``none`` (plain: one process, or DDP under torchrun), ``fsdp`` (FSDP2 through the
-Trainer's ``fsdp`` / ``fsdp_config`` arguments) or ``fsdp-requested`` (the same arguments without
-the CPU shim below, so accelerate falls back to DDP; it must come before any ``fsdp`` run) and
+Trainer's ``fsdp`` / ``fsdp_config`` arguments), ``fsdp-requested`` (the same arguments without
+the CPU shim below, so accelerate falls back to DDP; it must come before any ``fsdp`` run) or
+``deepspeed`` (ZeRO-2 through the Trainer's ``deepspeed`` argument, on the GPUs: only
+``scripts/deepspeed_zero2_check.sh`` runs it, accelerate runs DeepSpeed only on accelerators) and
 STAGE is ``align``, ``instruct`` or ``instruct-lora``. Each run trains the same toy model into
 ``OUTPUT_DIR/ENGINE-STAGE``, in the order given. torchrun sets the process group. The global
 batch is PER_DEVICE_BATCH x processes; data are read in order so that one process with batch 4
@@ -64,7 +66,7 @@ def stage_config(output_dir: Path, per_device_batch: int, engine: str, stage: st
     """Three steps of ``stage`` (constant learning rate 1e-3, no warm-up) with a trainer
     checkpoint after the last step."""
     options = {"train_sampling_strategy": "sequential", "use_cpu": True}
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and engine != "deepspeed":
         options["ddp_backend"] = "gloo"
     if engine in ("fsdp", "fsdp-requested"):
         options["fsdp"] = True

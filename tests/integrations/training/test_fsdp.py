@@ -4,9 +4,9 @@ in one process with the same global batch, and its checkpoints reload in a singl
 One single-process run and one torchrun run (``tests/support/sharded_worker.py``) train stage 1
 (connector), stage 2 full and stage 2 LoRA for three steps each; the tests compare their losses,
 final parameters, saved checkpoints and logits. Measured on this machine: the parameters of the
-two runs differ by at most 2.6e-7 (stage 2 full), 1.1e-8 (stage 1) and 7.5e-9 (stage 2 LoRA),
-the losses by at most 4.8e-7: the sums of the sharded gradients are reduced in another order,
-and Adam's first step (update ~ lr x sign(gradient)) carries rounding differences of tiny
+two runs differ by at most 2.5e-7 (stage 2 full), 1.3e-8 (stage 1) and 7.5e-9 (stage 2 LoRA),
+the losses by at most 4.8e-7 (stage 1: not at all): the sharded gradients are reduced in another
+order, and Adam (update ~ lr x gradient / sqrt(its square)) carries rounding differences of tiny
 gradients into the parameters. The bound 1e-5 is 1 % of one step at lr 1e-3 and 40 times the
 largest difference measured.
 """
