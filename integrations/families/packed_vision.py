@@ -119,7 +119,8 @@ def check_packed_pixels(
         pixel_values: ``[sum(t*h*w), patch_width]`` (``patch_width = 3 * T * P * P``).
         grids: the checked ``(t, h, w)`` of each image (:func:`check_grid_thw`).
         patch_width: the values per flattened patch.
-        argument, grid_argument: the arguments' names in messages.
+        argument: the name of ``pixel_values`` in messages.
+        grid_argument: the name of ``grids`` in messages.
 
     Raises:
         TypeError: ``pixel_values`` is not a floating tensor.

@@ -592,8 +592,10 @@ class DenseQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
     Args:
         connector: the connector config (dict or :class:`ConnectorConfig`); saved with the
             processor.
-        image_processor, tokenizer, video_processor, chat_template: as for
-            ``Qwen2_5_VLProcessor``.
+        image_processor: as for ``Qwen2_5_VLProcessor``.
+        tokenizer: as for ``Qwen2_5_VLProcessor``.
+        video_processor: as for ``Qwen2_5_VLProcessor``.
+        chat_template: as for ``Qwen2_5_VLProcessor``.
 
     Raises:
         ValueError: ``connector`` is missing.

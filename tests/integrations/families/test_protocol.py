@@ -32,8 +32,24 @@ def families(monkeypatch):
     monkeypatch.setattr(protocol, "_FAMILIES", protocol._FAMILIES.copy())
 
 
-def test_the_three_families_are_registered_on_import():
-    assert list_families()[:3] == ["dense_llava", "dense_llava_next", "dense_mgm"]
+#: Every family module of the package and the model_type it registers.
+EXPECTED_FAMILIES = {
+    "dense_gemma3",
+    "dense_idefics3",
+    "dense_internvl",
+    "dense_llava",
+    "dense_llava_next",
+    "dense_llava_onevision",
+    "dense_mgm",
+    "dense_qwen2_5_vl",
+    "dense_qwen3_vl",
+    "dense_smolvlm",
+}
+
+
+def test_every_family_module_registers_its_family_on_import():
+    assert set(list_families()) == EXPECTED_FAMILIES
+    assert len(list_families()) == len(EXPECTED_FAMILIES)
     assert get_family("dense_llava") is llava.FAMILY
     assert get_family("dense_mgm").source_class is None
     assert get_family("dense_llava_next").fixed_image_tokens is False
