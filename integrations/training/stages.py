@@ -623,6 +623,11 @@ def train_stage(
     A ``processor`` (anything with ``save_pretrained``) is saved in the same atomic step, so the
     folder never pairs a new model with an old processor.
 
+    Under FSDP every rank takes part in gathering the full weights and rank 0 saves them; the
+    returned model is then still sharded (load the stage folder for a plain one). When the
+    training arguments ask for FSDP or DeepSpeed but accelerate runs without it (on the CPU),
+    a warning says so.
+
     Raises:
         FileNotFoundError: ``resume_from_checkpoint`` or its ``trainer_state.json`` is missing.
         ValueError: the output directory cannot be written, or ``resume_from_checkpoint`` is

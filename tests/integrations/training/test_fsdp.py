@@ -1,7 +1,10 @@
 """Two-process FSDP (FSDP2 through the HF Trainer and accelerate, gloo on the CPU) equals training
 in one process with the same global batch, and its checkpoints reload in a single process.
 
-One single-process run and one torchrun run (``tests/support/sharded_worker.py``) train stage 1
+accelerate (1.16) enables FSDP only on accelerator devices and trains a CPU run with DDP instead
+(with the warning :func:`train_stage` logs, tested below); the worker switches accelerate's CPU
+state to its FSDP state with the Trainer's own plugin, so the Trainer's and accelerate's FSDP2
+code runs unchanged on gloo. One single-process run and one torchrun run (``tests/support/sharded_worker.py``) train stage 1
 (connector), stage 2 full and stage 2 LoRA for three steps each; the tests compare their losses,
 final parameters, saved checkpoints and logits. Measured on this machine: the parameters of the
 two runs differ by at most 2.5e-7 (stage 2 full), 1.3e-8 (stage 1) and 7.5e-9 (stage 2 LoRA),
