@@ -31,7 +31,7 @@ more than one prefix token (``"default"`` drops exactly one).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -148,7 +148,7 @@ def stock_projection(config: ConnectorConfig, prefix_tokens: int) -> StockProjec
     )
 
 
-def _unique_in_order(layers: Sequence[int] | object) -> tuple[int, ...]:
+def _unique_in_order(layers: Iterable[int]) -> tuple[int, ...]:
     return tuple(dict.fromkeys(layers))
 
 
