@@ -480,7 +480,7 @@ def _check_checkpoint_files(checkpoint: Path) -> None:
             checkpoint,
         )
     for file in sorted(checkpoint.iterdir()):
-        if file.suffix in (".pt", ".pth"):
+        if file.suffix in (".pt", ".pth", ".bin"):  # .bin: FSDP model and optimizer states
             check_torch_archive(file)
         elif file.suffix == ".safetensors":
             with open_safetensors(file):

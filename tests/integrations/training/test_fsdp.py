@@ -139,3 +139,21 @@ def test_fsdp_checkpoints_reload_in_one_process(runs, stage):
     else:
         resumed = DenseLlavaForConditionalGeneration.from_pretrained(checkpoint)
         assert torch.equal(_logits(resumed), logits)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_fsdp_checkpoints_pass_the_resume_check(runs, stage, tmp_path):
+    """``check_resume_checkpoint`` accepts a ``checkpoint-N`` written under FSDP (its
+    ``torch.save`` files are ``.bin``) and refuses one whose FSDP optimizer state is truncated."""
+    import shutil
+
+    from mmconnect.integrations.training.stages import check_resume_checkpoint
+
+    folder, _ = runs
+    checkpoint = folder / f"fsdp-{stage}" / "checkpoint-3"
+    check_resume_checkpoint(checkpoint, build_model())
+    broken = shutil.copytree(checkpoint, tmp_path / "checkpoint-3")
+    optimizer = broken / "optimizer.bin"
+    optimizer.write_bytes(optimizer.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=r"optimizer\.bin.* is not a complete torch\.save file"):
+        check_resume_checkpoint(broken, build_model())
