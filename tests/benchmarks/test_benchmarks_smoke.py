@@ -25,6 +25,18 @@ from tests.support.paths import REPO_ROOT
 ROOT = REPO_ROOT
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ZOO_IMPLEMENTATIONS = ("bare-matmuls", "connector", "llava-mlp")
+#: Today's MLLM families and towers of ``test_family_prefill.py`` / ``test_family_tap.py``.
+FAMILIES = (
+    "qwen2_5_vl",
+    "qwen3_vl",
+    "idefics3",
+    "smolvlm",
+    "llava_onevision",
+    "internvl",
+    "gemma3",
+)
+TAP_TOWERS = ("qwen2.5-vl-448", "siglip-so400m-384", "siglip-so400m-896")
+CAPTURE_VARIANTS = ("output-hidden-states", "plain-forward", "tap-dci-streaming")
 
 
 def _zoo_presets() -> list[str]:
@@ -102,6 +114,17 @@ def test_every_benchmark_runs_at_tiny_size(tiny_results):
             for connector in clip_presets
             for stage in ("stage1-align", "stage2-instruct-full")
         ),
+        *(
+            ("family-tap", (("tap_tower", tower), ("variant", variant)))
+            for tower in TAP_TOWERS
+            for variant in CAPTURE_VARIANTS
+        ),
+        *(
+            ("family-prefill", (("connector", connector), ("family", family)))
+            for family in FAMILIES
+            for connector in ("dense", "native")
+        ),
+        *(("family-prefill", (("family", family),)) for family in FAMILIES),
     }
     assert found == expected
     for entry in entries:
@@ -132,6 +155,16 @@ def test_every_benchmark_runs_at_tiny_size(tiny_results):
         assert connector["tokens_per_image"] == bare["tokens_per_image"] == tokens, preset
         assert bare["gemm_calls"] >= 1 and 0 < bare["parameters"] <= connector["parameters"]
         assert 0 < bare["gflop"] <= connector["gflop"], preset
+    # Each family's Dense preset keeps its native connector's visual tokens per unit.
+    family_tokens: dict[str, set[int]] = {}
+    for entry in entries:
+        if entry["group"] == "family-prefill":
+            family_tokens.setdefault(entry["params"]["family"], set()).add(
+                entry["extra_info"]["visual_tokens"]
+            )
+    assert {family: len(counts) for family, counts in family_tokens.items()} == dict.fromkeys(
+        FAMILIES, 1
+    )
     machine = tiny_results["json"]["machine_info"]["mmconnect"]
     assert machine["device"] == "cpu" and machine["torch"] and machine["cpu_model"]
 
@@ -156,6 +189,8 @@ def test_report_renders_a_table_and_a_png_per_group(tiny_results, tmp_path):
     charts = sorted((tmp_path / "docs" / "images").glob("bench_*.png"))
     assert [chart.name for chart in charts] == [
         "bench_connector.png",
+        "bench_family_prefill.png",
+        "bench_family_tap.png",
         "bench_prefill.png",
         "bench_tap_capture.png",
         "bench_training_step.png",
@@ -164,7 +199,16 @@ def test_report_renders_a_table_and_a_png_per_group(tiny_results, tmp_path):
     for chart in charts:
         assert chart.read_bytes()[:8] == PNG_SIGNATURE
         assert f"(images/{chart.name})" in text
-    for preset in list_presets():
+    # A row for every preset the page promises one to: the paper's (connector table), the zoo's
+    # and CLIP-L/336's (training steps). The presets of today's family towers with the paper's
+    # own projectors (e.g. dc-dci-qwen2.5-vl-448) have no throughput benchmark (yet).
+    clip = preset_geometry("baseline-clip-l-336")
+    promised = {
+        *PUBLISHED_PRESETS,
+        *_zoo_presets(),
+        *(name for name in list_presets() if preset_geometry(name) == clip),
+    }
+    for preset in promised:
         assert f"| `{preset}` |" in text
     # Every zoo preset has its row in the zoo table, with all three implementations' figures.
     zoo_section = text[text.index("## Connector zoo") :].split("\n## ")[0]
@@ -175,7 +219,6 @@ def test_report_renders_a_table_and_a_png_per_group(tiny_results, tmp_path):
         assert len(cells) == 12 and all(cells), row
         connector_ms, bare_ms, mlp_ms = (float(cell.replace(",", "")) for cell in cells[6:9])
         assert connector_ms > 0 and bare_ms > 0 and mlp_ms > 0, row
-    clip = preset_geometry("baseline-clip-l-336")
     clip_presets = [name for name in list_presets() if preset_geometry(name) == clip]
     assert text.count("| stage1-align |") == len(clip_presets)
     assert text.count("| stage2-instruct-full |") == len(clip_presets)
