@@ -42,7 +42,6 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from mmconnect import DenseConnector
 from mmconnect.checkpoint import (
     atomic_save_directory,
     check_torch_archive,
@@ -526,8 +525,13 @@ def check_resume_checkpoint(
     if not checkpoint.is_dir():
         raise FileNotFoundError(f"resume checkpoint {str(checkpoint)!r} does not exist")
     _check_checkpoint_files(checkpoint)
-    connector: DenseConnector = family_model(model).connector
-    check_checkpoint_connector(checkpoint, connector.config)
+    inner = family_model(model)
+    # Where the family keeps its connector in a saved state dict (Idefics3: ``model.connector.``).
+    prefixes = getattr(type(inner), "connector_prefixes", None)
+    if prefixes is None:
+        check_checkpoint_connector(checkpoint, inner.connector.config)
+    else:
+        check_checkpoint_connector(checkpoint, inner.connector.config, prefixes)
     record = checkpoint / BASE_FINGERPRINT_NAME
     if not record.is_file():
         logger.warning(

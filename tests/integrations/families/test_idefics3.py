@@ -380,6 +380,7 @@ def test_two_stages_train_the_connector_then_lora(tmp_path):
     from mmconnect.integrations.training.stages import (
         LoraSettings,
         StageConfig,
+        check_resume_checkpoint,
         parameter_groups,
         train_stage,
     )
@@ -388,8 +389,14 @@ def test_two_stages_train_the_connector_then_lora(tmp_path):
     tower, llm = _snapshot(model.model.vision_model), _snapshot(model.model.text_model)
     connector = _snapshot(model.connector)
     common = {"per_device_train_batch_size": 2, "max_steps": 2, "disable_tqdm": True}
-    align = StageConfig(stage="align", output_dir=str(tmp_path / "align"), **common)
+    align = StageConfig(stage="align", output_dir=str(tmp_path / "align"), save_steps=2, **common)
     train_stage(model, toys.TileDataset(4, 56), toys.collate_tiles, align)
+    # The checkpoint keeps the connector under Idefics3's own child name (model.connector.):
+    # resuming from it is checked against that prefix, not LLaVA's multi_modal_projector.
+    check_resume_checkpoint(tmp_path / "align" / "checkpoint-2", model)
+    other = from_idefics3(toys.stock_idefics3(), toys.connectors("idefics3")["sci"])
+    with pytest.raises(ValueError, match=r"do not match the connector config"):
+        check_resume_checkpoint(tmp_path / "align" / "checkpoint-2", other)
     assert _changed(tower, model.model.vision_model) == set()
     assert _changed(llm, model.model.text_model) == set()
     assert _changed(connector, model.connector) == {"projector.proj.weight"}
