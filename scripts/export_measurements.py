@@ -5,15 +5,17 @@ Builds a Dense LLaVA of real CLIP-L/336 shape (24 blocks, width 1024, 16 heads, 
 layer ``hidden_states[-2]`` and the means of blocks 0-11 and 12-23) projecting to a 4096-wide LLM
 (one Llama layer of LLaMA-7B's shape, vocabulary 1000, so that the model fits a small machine),
 random weights (seed 0), exports it in memory (:func:`mmconnect.integrations.export.stock_model.stock_model`)
-and prints one JSON object:
+and prints one JSON line per measurement as soon as it has it:
 
 * ``parameters`` and ``gflop_per_image``: the first projector Linear and the whole projector of
-  the Dense model and of the export (GFLOP counted by ``torch.utils.flop_counter`` on one image);
-* ``seconds``: median wall time of the projector alone and of the whole image path
+  the Dense model and of the export, and the tower (Dense: stopped after the deepest layer it
+  reads; export: the layers HF computes), GFLOP counted by ``torch.utils.flop_counter`` on one
+  image;
+* ``*_seconds`` and ``*_ratio``: median wall time of the projector alone and of the whole image path
   (``get_image_features``: tower + fusion + projector; the Dense tower stops after the deepest
   layer it reads, the stock one runs every block), Dense and export measured in alternation,
-  and their ratios;
-* ``difference``: for fp32 and bf16 models, ``max |export - Dense|`` of the visual tokens and of
+  and export / Dense;
+* ``*_difference``: for fp32 and bf16 models, ``max |export - Dense|`` of the visual tokens and of
   the logits of one prompt (576 image tokens and 6 words), absolute and relative to the Dense
   values' largest magnitude.
 
@@ -96,8 +98,13 @@ def difference(got: torch.Tensor, expected: torch.Tensor) -> dict[str, float]:
     return {"max_abs": delta, "relative": delta / expected.float().abs().max().item()}
 
 
+def emit(section: str, value: object) -> None:
+    """Print one section as a JSON line as soon as it is measured (long runs keep what they did)."""
+    print(json.dumps({section: value}), flush=True)
+
+
 @torch.no_grad()
-def measure(repeats: int) -> dict:
+def measure(repeats: int) -> None:
     dense = build_dense()
     stock = stock_model(dense)
     pixels = torch.randn(1, 3, 336, 336, generator=torch.Generator().manual_seed(0))
@@ -113,56 +120,92 @@ def measure(repeats: int) -> dict:
     projector = stock.model.multi_modal_projector
     dense_first = connector.projector[0]
 
-    calls = {
-        "projector_dense": lambda: connector(features),
-        "projector_export": lambda: projector(stacked),
-        "image_path_dense": lambda: dense.model.get_image_features(pixels),
-        "image_path_export": lambda: stock.model.get_image_features(pixels),
-    }
-    seconds = median_seconds(calls, repeats)
-    result = {
-        "shape": "CLIP-L/336 tower (24 blocks, 1024 wide, 24x24 grid), dc-dci-clip-l-336, LLM width 4096",
-        "stock_vision_feature_layer": layers,
-        "parameters": {
+    emit(
+        "shape",
+        "CLIP-L/336 tower (24 blocks, 1024 wide, 24x24 grid), dc-dci-clip-l-336, LLM width 4096",
+    )
+    emit("stock_vision_feature_layer", layers)
+    emit(
+        "parameters",
+        {
             "first_linear_dense": sum(p.numel() for p in dense_first.parameters()),
             "first_linear_export": sum(p.numel() for p in projector.linear_1.parameters()),
             "projector_dense": sum(p.numel() for p in connector.projector.parameters()),
             "projector_export": sum(p.numel() for p in projector.parameters()),
         },
-        "gflop_per_image": {
+    )
+    emit(
+        "gflop_per_image",
+        {
             "projector_dense": gflop(lambda: connector.projector(connector.fuse(features))),
             "projector_export": gflop(lambda: projector(stacked)),
+            "tower_dense": gflop(lambda: tap(pixels)),
+            "tower_export": gflop(
+                lambda: dense.model.vision_tower(pixels, output_hidden_states=layers)
+            ),
         },
-        "seconds": seconds,
-        "ratios": {
-            "projector": seconds["projector_export"] / seconds["projector_dense"],
-            "image_path": seconds["image_path_export"] / seconds["image_path_dense"],
+    )
+    emit(
+        "float32_difference",
+        {
+            "visual_tokens": difference(
+                stock.model.get_image_features(pixels).pooler_output[0],
+                dense.model.get_image_features(pixels).pooler_output[0],
+            ),
+            "logits": difference(
+                stock(input_ids=input_ids, pixel_values=pixels).logits,
+                dense(input_ids=input_ids, pixel_values=pixels).logits,
+            ),
         },
-        "difference": {},
-    }
-    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
-        model = dense.to(dtype)
-        exported = stock_model(model)  # exported from the model in that dtype, as users would
-        images = pixels.to(dtype)
-        result["difference"][name] = {
+    )
+    projector_seconds = median_seconds(
+        {
+            "projector_dense": lambda: connector(features),
+            "projector_export": lambda: projector(stacked),
+        },
+        repeats,
+    )
+    emit("projector_seconds", projector_seconds)
+    emit(
+        "projector_ratio",
+        projector_seconds["projector_export"] / projector_seconds["projector_dense"],
+    )
+    path_seconds = median_seconds(
+        {
+            "image_path_dense": lambda: dense.model.get_image_features(pixels),
+            "image_path_export": lambda: stock.model.get_image_features(pixels),
+        },
+        repeats,
+    )
+    emit("image_path_seconds", path_seconds)
+    emit("image_path_ratio", path_seconds["image_path_export"] / path_seconds["image_path_dense"])
+    emit("torch_threads", torch.get_num_threads())
+    model = dense.to(torch.bfloat16)
+    exported = stock_model(model)  # exported from the bf16 model, as users would
+    images = pixels.to(torch.bfloat16)
+    emit(
+        "bfloat16_difference",
+        {
             "visual_tokens": difference(
                 exported.model.get_image_features(images).pooler_output[0],
                 model.model.get_image_features(images).pooler_output[0],
             ),
-            "logits": difference(
-                exported(input_ids=input_ids, pixel_values=images).logits,
-                model(input_ids=input_ids, pixel_values=images).logits,
-            ),
-        }
-    result["torch_threads"] = torch.get_num_threads()
-    return result
+        },
+    )
+    emit(
+        "bfloat16_logits_difference",
+        difference(
+            exported(input_ids=input_ids, pixel_values=images).logits,
+            model(input_ids=input_ids, pixel_values=images).logits,
+        ),
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (after 1 warm-up)")
     arguments = parser.parse_args()
-    print(json.dumps(measure(arguments.repeats), indent=2))
+    measure(arguments.repeats)
 
 
 if __name__ == "__main__":
