@@ -802,8 +802,9 @@ def _dense_config_from(config: Any, connector: ConnectorConfig, model_class: typ
     return model_class.config_class(**data)
 
 
-def _reuse_projector_weights(source: nn.Module, connector: DenseConnector, act: str) -> bool:
-    """Copy the source projector into the connector's when names, shapes and activation fit."""
+def reuse_mlp_projector(source: nn.Module, connector: DenseConnector, act: str) -> bool:
+    """Copy LLaVA's two-Linear projector (``source``, activation ``act``) into the connector's
+    ``mlp2x_gelu`` when names, shapes and activation fit; warn and say ``False`` otherwise."""
     if act != "gelu" or connector.config.projector.name != "mlp2x_gelu":
         logger.warning(
             "not reusing the projector weights: the source uses %r activation, the connector %r",
@@ -870,7 +871,7 @@ def convert_model(
     reference = next(model.model.vision_tower.parameters())
     new_connector = DenseConnector(connector).to(device=reference.device, dtype=reference.dtype)
     if reuse_projector is None:
-        _reuse_projector_weights(
+        reuse_mlp_projector(
             model.model.multi_modal_projector, new_connector, config.projector_hidden_act
         )
     else:

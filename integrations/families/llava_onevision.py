@@ -74,6 +74,7 @@ from mmconnect.integrations.families.base import (
     refuse_injection,
     reject_feature_layer,
     reject_interpolation,
+    reuse_mlp_projector,
     tower_features,
 )
 from mmconnect.integrations.families.protocol import (
@@ -619,48 +620,40 @@ def from_llava_onevision(
                 "has no CLS token, so HF drops a patch token that a Dense Connector keeps; "
                 "LLaVA-OneVision uses 'full'"
             )
-    dense = convert_model(
+    return convert_model(
         model,
         connector,
         DenseLlavaOnevisionForConditionalGeneration,
         LlavaOnevisionForConditionalGeneration,
+        reuse_projector=functools.partial(
+            _reuse_projector, activation=model.config.projector_hidden_act
+        ),
     )
-    _reuse_pooled_projector(model, dense)
-    return dense
 
 
-def _reuse_pooled_projector(
-    model: LlavaOnevisionForConditionalGeneration,
-    dense: DenseLlavaOnevisionForConditionalGeneration,
-) -> None:
-    """Load the stock projector into a connector whose projector is the zoo's
-    ``onevision_pool`` (same Linears, same activation); warn and keep the initialisation when
-    they do not fit."""
-    spec = dense.connector.config.projector
+def _reuse_projector(source: nn.Module, connector: DenseConnector, *, activation: str) -> bool:
+    """Load the stock projector into the new connector: LLaVA's ``mlp2x_gelu`` as for every
+    LLaVA family, or the zoo's ``onevision_pool`` (the same two Linears, then the video pooling);
+    warn and keep the initialisation when they do not fit."""
+    spec = connector.config.projector
     if spec.kind != "onevision_pool":
-        return
-    if spec.activation != model.config.projector_hidden_act:
+        return reuse_mlp_projector(source, connector, activation)
+    if spec.activation != activation:
         logger.warning(
             "not reusing the projector weights: the source uses %r activation, the connector %r",
-            model.config.projector_hidden_act,
+            activation,
             spec.activation,
         )
-        return
+        return False
     try:
-        state = onevision_pool_state_from_hf(model.model.multi_modal_projector.state_dict())
-        dense.connector.projector.load_state_dict(state)
+        connector.projector.load_state_dict(onevision_pool_state_from_hf(source.state_dict()))
     except (ValueError, RuntimeError) as error:
         logger.warning(
             "not reusing the projector weights (%s); the connector starts from its initialisation",
             error,
         )
-        return
-    # The shared converter has just warned that it does not reuse them (it knows LLaVA's MLP
-    # only); at the same level, say that they were reused after all.
-    logger.warning(
-        "reused the stock projector's Linears in the connector's onevision_pool projector after "
-        "all (the warning before concerns LLaVA's mlp2x_gelu path only)"
-    )
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------- processor

@@ -128,11 +128,14 @@ def test_conversion_shares_the_stock_parts_and_reuses_the_projector(hf_model, de
     assert torch.equal(model.connector.projector[2].bias, stock.linear_2.bias)
 
 
-def test_conversion_reuses_the_stock_projector_in_the_zoos_onevision_pool(hf_model):
+def test_conversion_reuses_the_stock_projector_in_the_zoos_onevision_pool(hf_model, caplog):
     """A connector reading H[-1] through the zoo's onevision_pool gets the stock Linears
-    (through ``onevision_pool_state_from_hf``); its video tokens are then the stock ones."""
+    (through ``onevision_pool_state_from_hf``), without a warning that they were not reused;
+    its video tokens are then the stock ones."""
     connector = CONNECTORS["native"].replace(projector=OnevisionPoolSpec())
-    model = from_llava_onevision(hf_model, connector).eval()
+    with caplog.at_level("WARNING"):
+        model = from_llava_onevision(hf_model, connector).eval()
+    assert "not reusing" not in caplog.text
     stock = hf_model.model.multi_modal_projector
     assert torch.equal(model.connector.projector.linear_1.weight, stock.linear_1.weight)
     assert torch.equal(model.connector.projector.linear_2.bias, stock.linear_2.bias)
