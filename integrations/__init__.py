@@ -3,18 +3,22 @@
 Sub-packages by role, each saying in its docstring which extra it needs:
 
 * :mod:`~mmconnect.integrations.families` — Hugging Face model families with a Dense Connector
-  (``hf``): LLaVA, LLaVA-NeXT + AnyRes, Mini-Gemini, on one shared base;
+  (``hf``): LLaVA, LLaVA-NeXT + AnyRes, LLaVA-OneVision, Mini-Gemini, Qwen2.5-VL, Qwen3-VL,
+  Idefics3, SmolVLM, InternVL and Gemma 3, on one family protocol and shared base;
 * :mod:`~mmconnect.integrations.codebases` — swaps for code derived from original research
   repositories (core dependencies only);
 * :mod:`~mmconnect.integrations.training` — the two training stages, YAML run files and the data
   pipeline (``hf``);
 * :mod:`~mmconnect.integrations.chat` — image and video answering (``hf``; video files ``video``);
+* :mod:`~mmconnect.integrations.export` — stock LLaVA / LLaVA-NeXT checkpoints for serving
+  engines (``hf``);
 * :mod:`~mmconnect.integrations.applications` — the demo, the lab, synthetic data, tiny test
   models, output folders (``hf``), and :mod:`~mmconnect.integrations.cli`, the command line.
 
 Importing ``mmconnect`` never imports this subpackage or those packages. Importing this
 subpackage registers the Dense model types (``dense_llava``, ``dense_llava_next``,
-``dense_mgm``) with the Hugging Face Auto classes, so that a saved Dense model loads in a fresh
+``dense_mgm``, ``dense_qwen2_5_vl``, ...: every module of the families package) with the
+Hugging Face Auto classes, so that a saved Dense model loads in a fresh
 process with ``AutoConfig`` / ``AutoModel`` / ``AutoModelForImageTextToText`` /
 ``AutoProcessor`` after nothing more than ``import mmconnect.integrations``.
 
