@@ -26,11 +26,16 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import multiprocessing
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,10 +50,12 @@ from mmconnect.integrations.applications.lab_encoder import (
     probe_accuracy,
     probe_data,
 )
+from mmconnect.integrations.applications.paired_statistics import holm_adjust, paired_comparison
 from mmconnect.projectors import ProjectorSpec, parse_projector
 from mmconnect.validation import (
     check_bool,
     check_int,
+    check_optional_int,
     check_positive_float,
     check_positive_int,
     check_sequence,
@@ -180,8 +187,8 @@ def lab_preset(name: str) -> str:
 
 @dataclass(frozen=True, kw_only=True)
 class LabConfig:
-    """Everything the lab does; the defaults take about twenty minutes of one CPU core
-    (measured: 1200 s of CPU time, 1627 s of wall time on two cores shared with other jobs).
+    """Everything the lab does; the defaults (five seeds, the five presets, 1000 stage-2 steps)
+    are sized to stay under 30 minutes on two cores (docs/lab.md gives the measured time).
 
     Attributes:
         output_dir: data, encoder, per-run checkpoints and the reports go here.
@@ -197,19 +204,29 @@ class LabConfig:
             24, the presets' depth).
         llm_width, llm_blocks: the random Llama-style LLM.
         stage1_steps, stage2_steps, batch_size, stage1_learning_rate, stage2_learning_rate: the
-            training budget of every run (cosine schedule with 3 % warm-up, as the demo).
+            training budget of every run (cosine schedule with 3 % warm-up, as the demo). At
+            320 stage-2 steps (the earlier default) the LLM learned shape, count and position
+            barely above the text-only prior; 1000 steps is where shape rises clearly above it
+            (docs/lab.md, the diagnosis).
+        stage1_trains_llm: stage 1 (captions) trains the LLM too, not only the connector
+            (LLaVA's stage 1 freezes a pretrained LLM; the lab's is random). Measured without
+            effect on colour at 320 + 320 steps; off by default.
         num_threads: torch intra-op threads while the lab runs (restored after). The models are
             tiny: a second thread gains little on idle cores and, when other processes share
             the cores, makes every small operation wait for a descheduled thread (measured: 20x
             slower on a loaded 2-core machine).
-        show_progress: progress bars.
+        jobs: training runs (one seed, one connector) at the same time, each in its own
+            process with ``num_threads`` threads; ``None``: one per available core, at most one
+            per run. Single-threaded processes use every core without waiting for one another;
+            a run's result does not depend on ``jobs`` (each run seeds itself).
+        show_progress: progress bars (one process) or one line per finished run (several).
         overwrite: write into a non-empty ``output_dir`` that no lab created (only the files
             the lab writes are replaced; nothing else is deleted). Without it such a folder is
             refused (:mod:`mmconnect.integrations.applications.output_folders`).
     """
 
     output_dir: str = "mmconnect-lab"
-    seeds: tuple[int, ...] = (0, 1, 2)
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     connectors: tuple[str, ...] = tuple(LAB_PRESETS)
     data_seed: int = 0
     num_train_images: int = 1000
@@ -218,11 +235,13 @@ class LabConfig:
     llm_width: int = 64
     llm_blocks: int = 2
     stage1_steps: int = 40
-    stage2_steps: int = 320
+    stage2_steps: int = 1000
     batch_size: int = 8
     stage1_learning_rate: float = 1e-3
     stage2_learning_rate: float = 2e-3
+    stage1_trains_llm: bool = False
     num_threads: int = 1
+    jobs: int | None = None
     show_progress: bool = True
     overwrite: bool = False
 
@@ -264,9 +283,10 @@ class LabConfig:
         ):
             check_positive_int(getattr(self, name), name)
         check_int(self.data_seed, "data_seed")
+        check_optional_int(self.jobs, "jobs", minimum=1, hint="or None (one per core)")
         for name in ("stage1_learning_rate", "stage2_learning_rate"):
             check_positive_float(getattr(self, name), name)
-        for name in ("show_progress", "overwrite"):
+        for name in ("stage1_trains_llm", "show_progress", "overwrite"):
             check_bool(getattr(self, name), name)
         for name in self.connectors:  # each connector at the lab's widths and grid, before any work
             lab_connector(
@@ -302,6 +322,7 @@ class LabConfig:
             stage2_learning_rate=self.stage2_learning_rate,
             vision_path=str(encoder_dir),
             show_progress=self.show_progress,
+            num_threads=self.num_threads,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -325,7 +346,6 @@ def quick_config(**overrides: Any) -> LabConfig:
         "stage1_steps": 2,
         "stage2_steps": 3,
         "batch_size": 4,
-        "show_progress": False,
     }
     return LabConfig(**{**settings, **overrides})
 
@@ -474,6 +494,123 @@ def summarize(runs: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str,
     return summary
 
 
+#: Significance level of the lab's paired tests, after Holm's correction over the family of
+#: every (connector, question type) comparison with the reference.
+SIGNIFICANCE_LEVEL = 0.05
+
+
+def reference_connector(connectors: tuple[str, ...] | list[str]) -> str:
+    """The connector every other one is compared with: ``"baseline"`` when it runs, else the
+    first one named."""
+    return "baseline" if "baseline" in connectors else connectors[0]
+
+
+def compare_connectors(
+    summary: dict[str, dict[str, dict[str, Any]]], reference: str
+) -> dict[str, Any] | None:
+    """Paired tests of every connector against ``reference``, per question type and overall.
+
+    The per-seed accuracies of :func:`summarize` are paired by seed (a seed fixes the initial LLM
+    and the data order for every connector): for each connector and question type a paired
+    t-test and the exact sign-flip test of the per-seed differences
+    (:func:`~mmconnect.integrations.applications.paired_statistics.paired_comparison`); the
+    t-test p-values of the whole family (every connector but the reference, every question
+    type and ``"all"``) are Holm-adjusted (:func:`~mmconnect.integrations.applications.
+    paired_statistics.holm_adjust`), and ``significant`` says whether the adjusted value is at
+    most :data:`SIGNIFICANCE_LEVEL`.
+
+    Returns:
+        ``None`` with fewer than two seeds (nothing to test) or no other connector; else
+        ``{"reference", "level", "family_size", "comparisons": {connector: {question type:
+        {differences, mean_difference, std_difference, t_statistic, t_p_value,
+        sign_flip_p_value, holm_p_value, significant}}}}`` (differences in accuracy fractions,
+        ``other - reference``).
+    """
+    if reference not in summary:
+        raise ValueError(f"reference {reference!r} is not one of the connectors {list(summary)}")
+    others = [kind for kind in summary if kind != reference]
+    seeds = len(next(iter(summary[reference].values()))["values"])
+    if seeds < 2 or not others:
+        return None
+    comparisons: dict[str, dict[str, dict[str, Any]]] = {}
+    family: list[tuple[str, str]] = []
+    for kind in others:
+        comparisons[kind] = {}
+        for question_type, entry in summary[kind].items():
+            base = summary[reference][question_type]["values"]
+            comparisons[kind][question_type] = paired_comparison(base, entry["values"]).to_dict()
+            family.append((kind, question_type))
+    adjusted = holm_adjust([comparisons[k][t]["t_p_value"] for k, t in family])
+    for (kind, question_type), p_value in zip(family, adjusted, strict=True):
+        comparisons[kind][question_type]["holm_p_value"] = p_value
+        comparisons[kind][question_type]["significant"] = p_value <= SIGNIFICANCE_LEVEL
+    return {
+        "reference": reference,
+        "level": SIGNIFICANCE_LEVEL,
+        "family_size": len(family),
+        "comparisons": comparisons,
+    }
+
+
+def _p(value: float) -> str:
+    return "< 0.0001" if value < 1e-4 else f"{value:.4f}"
+
+
+def comparison_table(statistics_: dict[str, Any]) -> str:
+    """Markdown: per connector and question type, the mean per-seed difference to the reference
+    (points, ± sample std), the t statistic, its p-value, Holm's adjusted p-value and the exact
+    sign-flip p-value; a bold row is significant."""
+    lines = [
+        f"| connector | question type | difference to {statistics_['reference']} (points) | t | "
+        "p (t-test) | p (Holm) | p (sign-flip) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for kind, by_type in statistics_["comparisons"].items():
+        for question_type in _question_types({kind: by_type}):
+            entry = by_type[question_type]
+            difference = (
+                f"{100 * entry['mean_difference']:+.1f} ± {100 * entry['std_difference']:.1f}"
+            )
+            cells = [
+                kind,
+                question_type,
+                difference,
+                f"{entry['t_statistic']:.2f}",
+                _p(entry["t_p_value"]),
+                _p(entry["holm_p_value"]),
+                _p(entry["sign_flip_p_value"]),
+            ]
+            if entry["significant"]:
+                cells = [f"**{cell}**" for cell in cells]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def significance_summary(statistics_: dict[str, Any]) -> str:
+    """The paired tests in words: which differences to the reference are significant after
+    Holm's correction, and that the others are not."""
+    reference = statistics_["reference"]
+    found = []
+    for kind, by_type in statistics_["comparisons"].items():
+        for question_type in _question_types({kind: by_type}):
+            entry = by_type[question_type]
+            if entry["significant"]:
+                direction = "above" if entry["mean_difference"] > 0 else "below"
+                found.append(
+                    f"{kind} is {direction} {reference} on {question_type} "
+                    f"({100 * entry['mean_difference']:+.1f} points, Holm-adjusted p = "
+                    f"{_p(entry['holm_p_value'])})"
+                )
+    seeds = len(next(iter(next(iter(statistics_["comparisons"].values())).values()))["differences"])
+    head = (
+        f"Paired over {seeds} seeds, {statistics_['family_size']} comparisons with {reference}, "
+        f"Holm-corrected at {statistics_['level']:g}: "
+    )
+    if not found:
+        return head + f"no connector differs significantly from {reference} on any question type."
+    return head + "; ".join(found) + ". No other difference is significant."
+
+
 def _cell(entry: dict[str, Any]) -> str:
     if entry["std"] is None:
         return f"{100 * entry['mean']:.1f}"
@@ -559,9 +696,31 @@ def _cpu_clause(results: dict[str, Any]) -> str:
     if "total_cpu" not in results["seconds"]:  # written before the lab recorded it
         return ""
     return (
-        f"; CPU time of the process {results['seconds']['total_cpu']:.0f} s with "
-        f"{results['config']['num_threads']} thread(s)"
+        f"; CPU time {results['seconds']['total_cpu']:.0f} s, the worker processes included "
+        f"({results.get('jobs', 1)} run(s) at a time, "
+        f"{results['config']['num_threads']} thread(s) each)"
     )
+
+
+def _statistics_section(results: dict[str, Any]) -> list[str]:
+    tests = results.get("statistics")
+    if tests is None:
+        return []
+    seeds = len(results["config"]["seeds"])
+    return [
+        f"## Paired tests against {tests['reference']}",
+        "",
+        significance_summary(tests),
+        "",
+        f"Per-seed differences (other - {tests['reference']}, the same seed's LLM and data order): "
+        f"paired t-test with {seeds - 1} degrees of freedom, its p-value Holm-adjusted over all "
+        f"{tests['family_size']} comparisons, and the exact sign-flip test (with {seeds} seeds it "
+        f"cannot go below {2 / 2**seeds:.4f}). Bold: significant at {tests['level']:g} after "
+        "Holm's correction.",
+        "",
+        comparison_table(tests),
+        "",
+    ]
 
 
 def results_markdown(results: dict[str, Any]) -> str:
@@ -580,6 +739,7 @@ def results_markdown(results: dict[str, Any]) -> str:
             "",
             accuracy_table(results),
             "",
+            *_statistics_section(results),
             "## Encoder",
             "",
             f"CLIP-style tower, {config['encoder']['blocks']} blocks, width "
@@ -726,7 +886,279 @@ def plot_probe(probe: dict[str, list[float]], path: str | Path) -> None:
     plt.close(figure)
 
 
+def lab_jobs(config: LabConfig) -> int:
+    """How many runs :func:`run_lab` trains at once (``config.jobs``, or one per available core),
+    never more than there are runs."""
+    from mmconnect.integrations.applications.demo import available_cores
+
+    wanted = config.jobs if config.jobs is not None else available_cores()
+    return max(1, min(wanted, len(config.seeds) * len(config.connectors)))
+
+
+def _stage_configs(config: LabConfig, seed: int, run_dir: Path) -> tuple[Any, Any]:
+    """Stage 1 and stage 2 of every run of ``seed`` (the same for every connector).
+
+    Stage 1 trains on the captions with the ``plain`` template, stage 2 on the questions with
+    ``vicuna_v1``; both use a cosine schedule with 3 % warm-up and the batch of ``config``. With
+    ``config.stage1_trains_llm`` stage 1 trains the LLM with the connector (the Trainer's
+    ``"instruct"`` parameter groups), else only the connector (``"align"``, LLaVA's recipe).
+    """
+    from mmconnect.integrations.training.stages import StageConfig
+
+    def stage(name: str, kind: str, steps: int, learning_rate: float) -> StageConfig:
+        return StageConfig(
+            stage=kind,
+            output_dir=str(run_dir / name),
+            max_steps=steps,
+            per_device_train_batch_size=config.batch_size,
+            learning_rate=learning_rate,
+            connector_learning_rate=learning_rate,
+            seed=seed,
+            logging_steps=max(1, steps // 30),
+            disable_tqdm=not config.show_progress,
+        )
+
+    first = "instruct" if config.stage1_trains_llm else "align"
+    return (
+        stage("stage1", first, config.stage1_steps, config.stage1_learning_rate),
+        stage("stage2", "instruct", config.stage2_steps, config.stage2_learning_rate),
+    )
+
+
+def exact_answers(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int) -> list[bool]:
+    """Per row: does the argmax of ``logits`` give every supervised token of ``labels``?
+
+    ``logits [B, L, V]`` at position ``t`` predict the token at ``t + 1``; ``labels [B, L]``
+    hold the supervised tokens (answer tokens and the end marker) and ``ignore_index``
+    elsewhere. A row without supervised tokens counts as wrong.
+    """
+    predictions = logits[:, :-1].argmax(dim=-1)
+    targets = labels[:, 1:]
+    supervised = targets != ignore_index
+    return [
+        bool(mask.any()) and bool((prediction[mask] == target[mask]).all())
+        for prediction, target, mask in zip(predictions, targets, supervised, strict=True)
+    ]
+
+
+@torch.no_grad()
+def exact_answer_accuracy(
+    model: torch.nn.Module, dataset: Any, question_types: list[str], batch_size: int = 32
+) -> dict[str, float]:
+    """Exact-answer accuracy per question type (and ``"all"``) of single-turn ``dataset``.
+
+    An answer counts when the model's argmax at every supervised position equals the
+    reference: every answer token *and the end marker* after it, which is what greedy decoding
+    must produce to give exactly the answer and stop. The end marker matters because the word
+    tokenizer splits hyphenated answers (``bottom-right`` is ``bottom``, ``-``, ``right``):
+    without it, a model that would answer ``bottom-right`` scores on every ``bottom`` question
+    (the demo's :func:`~mmconnect.integrations.applications.demo.answer_accuracy` leaves the end
+    marker out; on position questions that gave one constant answer 28.3 % where the text-only
+    prior is 11.7 %).
+
+    Args:
+        model: the Dense LLaVA, ``[B, L]`` token ids and ``[B, 3, S, S]`` pixels in.
+        dataset: a :class:`~mmconnect.integrations.training.data.LlavaDataset` of one question
+            per record.
+        question_types: the type of each record, in order.
+    """
+    from mmconnect.integrations.training.data import IGNORE_INDEX, DataCollator
+
+    model.eval()
+    collator = DataCollator.from_tokenizer(dataset.encoder.tokenizer)
+    correct: dict[str, list[bool]] = {}
+    for start in range(0, len(dataset), batch_size):
+        indices = range(start, min(start + batch_size, len(dataset)))
+        batch = collator([dataset[index] for index in indices])
+        logits = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=batch["pixel_values"],
+        ).logits
+        rights = exact_answers(logits, batch["labels"], ignore_index=IGNORE_INDEX)
+        for right, index in zip(rights, indices, strict=True):
+            for key in (question_types[index], "all"):
+                correct.setdefault(key, []).append(right)
+    return {kind: sum(values) / len(values) for kind, values in sorted(correct.items())}
+
+
+def train_lab_run(
+    kind: str,
+    config: LabConfig,
+    seed: int,
+    encoder_dir: Path,
+    tokenizer: Any,
+    files: Any,
+    connector: ConnectorConfig,
+) -> dict[str, Any]:
+    """One run: the small Dense LLaVA of ``connector`` on the lab's tower
+    (:func:`~mmconnect.integrations.applications.demo.build_demo_model`: the seed's LLM, the same
+    for every connector), both stages (:func:`_stage_configs`) and the held-out score
+    (:func:`exact_answer_accuracy`: every answer token and the end marker).
+
+    Returns:
+        ``{"visual_tokens", "accuracy": {question type | "all": fraction}, "stage1_losses",
+        "stage2_losses": [(step, loss), ...], "model_dir", "stage_configs", "connector",
+        "seconds"}``.
+    """
+    from transformers import CLIPImageProcessor
+
+    from mmconnect.integrations.applications.demo import build_demo_model
+    from mmconnect.integrations.families.llava import DenseLlavaProcessor
+    from mmconnect.integrations.families.protocol import family_model
+    from mmconnect.integrations.training.data import DataCollator, LlavaDataset
+    from mmconnect.integrations.training.stages import train_stage
+
+    started = time.monotonic()
+    demo = config.demo_config(seed, encoder_dir)
+    model = build_demo_model(kind, demo, tokenizer, connector=connector)
+    tokens = family_model(model).image_token_count()
+    side = config.encoder.image_size
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": side}, crop_size={"height": side, "width": side}
+    )
+    data = {
+        "image_folder": files.root,
+        "tokenizer": tokenizer,
+        "image_processor": image_processor,
+        "image_tokens": tokens,
+        "image_token_id": model.config.image_token_id,
+    }
+    collator = DataCollator.from_tokenizer(tokenizer)
+    first, second = _stage_configs(config, seed, Path(demo.output_dir) / kind)
+    # Saved with each stage's model in one atomic step: each stage folder loads alone.
+    processor = DenseLlavaProcessor(
+        image_processor,
+        tokenizer,
+        patch_size=config.encoder.patch_size,
+        connector=model.connector.config,
+    )
+    stage1 = train_stage(
+        model,
+        LlavaDataset.from_json(files.stage1, template="plain", **data),
+        collator,
+        first,
+        processor=processor,
+    )
+    stage2 = train_stage(
+        stage1.model,
+        LlavaDataset.from_json(files.stage2, template="vicuna_v1", **data),
+        collator,
+        second,
+        processor=processor,
+    )
+    eval_records = json.loads(Path(files.eval).read_text())
+    accuracy = exact_answer_accuracy(
+        stage2.model,
+        LlavaDataset.from_json(files.eval, template="vicuna_v1", **data),
+        [record["question_type"] for record in eval_records],
+    )
+    return {
+        "visual_tokens": tokens,
+        "accuracy": accuracy,
+        "stage1_losses": stage1.losses,
+        "stage2_losses": stage2.losses,
+        "model_dir": str(stage2.output_dir),
+        "stage_configs": [first.to_dict(), second.to_dict()],
+        "connector": connector.to_dict(),
+        "seconds": round(time.monotonic() - started, 1),
+    }
+
+
+def _train_run(
+    kind: str,
+    config: LabConfig,
+    seed: int,
+    encoder_dir: Path,
+    tokenizer: Any,
+    files: Any,
+    connector: ConnectorConfig,
+) -> dict[str, Any]:
+    """:func:`train_lab_run` in a worker process: threads are per process, and the Trainer's
+    stdout log lines, which would interleave unlabelled with other workers', are dropped (the
+    parent prints one labelled line per finished run instead)."""
+    from transformers.utils import logging as hf_logging
+
+    torch.set_num_threads(config.num_threads)
+    hf_logging.disable_progress_bar()
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        return train_lab_run(kind, config, seed, encoder_dir, tokenizer, files, connector)
+
+
+def train_all(
+    config: LabConfig,
+    connectors: dict[str, ConnectorConfig],
+    encoder_dir: Path,
+    tokenizer: Any,
+    files: Any,
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Every (seed, connector) run of ``config``, :func:`lab_jobs` at a time.
+
+    Returns:
+        ``{connector: {seed (str): run}}`` in ``config``'s connector and seed order, whatever
+        order the runs finished in.
+    """
+    tasks = [(seed, kind) for seed in config.seeds for kind in config.connectors]
+    jobs = lab_jobs(config)
+    done: dict[tuple[int, str], dict[str, Any]] = {}
+
+    def report(seed: int, kind: str, entry: dict[str, Any]) -> None:
+        done[seed, kind] = entry
+        if config.show_progress:
+            elapsed = time.monotonic() - started
+            print(
+                f"lab: run {len(done)}/{len(tasks)} done ({kind}, seed {seed}: "
+                f"{entry['seconds']:.0f} s, all questions {100 * entry['accuracy']['all']:.1f} %); "
+                f"{elapsed:.0f} s of runs so far",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    started = time.monotonic()
+    if jobs == 1:
+        for seed, kind in tasks:
+            entry = train_lab_run(
+                kind, config, seed, encoder_dir, tokenizer, files, connectors[kind]
+            )
+            report(seed, kind, entry)
+    else:
+        if config.show_progress:
+            print(
+                f"lab: {len(tasks)} runs, {jobs} at a time in separate processes "
+                f"({config.num_threads} thread(s) each)",
+                file=sys.stderr,
+                flush=True,
+            )
+        # Plain dicts instead of read-only mapping proxies: the files go to other processes.
+        counts = {split: dict(values) for split, values in files.question_type_counts.items()}
+        files = dataclasses.replace(files, question_type_counts=counts)
+        quiet = dataclasses.replace(config, show_progress=False)  # no bars: a line per run
+        # "spawn": a fresh interpreter per worker (forking a process that holds torch threads
+        # can deadlock).
+        with ProcessPoolExecutor(
+            max_workers=jobs, mp_context=multiprocessing.get_context("spawn")
+        ) as pool:
+            futures = {
+                pool.submit(
+                    _train_run, kind, quiet, seed, encoder_dir, tokenizer, files, connectors[kind]
+                ): (seed, kind)
+                for seed, kind in tasks
+            }
+            for future in as_completed(futures):
+                report(*futures[future], future.result())
+    return {
+        kind: {str(seed): done[seed, kind] for seed in config.seeds} for kind in config.connectors
+    }
+
+
 # ---------------------------------------------------------------------------- the run
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds of this process and of its children that have ended (the worker processes,
+    once their pool has shut down)."""
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
 
 
 def run_lab(config: LabConfig) -> dict[str, Any]:
@@ -744,14 +1176,13 @@ def run_lab(config: LabConfig) -> dict[str, Any]:
 def _run_lab(config: LabConfig) -> dict[str, Any]:
     from mmconnect.integrations.applications.demo import (
         _all_texts,
-        train_connector,
         write_demo_data,
     )
     from mmconnect.integrations.applications.output_folders import claim_output_folder
     from mmconnect.integrations.applications.tiny_models import build_word_tokenizer
 
     started = time.monotonic()
-    started_cpu = time.process_time()
+    started_cpu = _cpu_seconds()
     # A non-empty folder no lab created is refused before anything is written; the data set
     # replaces only the files a lab wrote.
     folder = claim_output_folder(
@@ -788,24 +1219,16 @@ def _run_lab(config: LabConfig) -> dict[str, Any]:
     input_probe = connector_input_probes(data, connectors)
     encoder_seconds = time.monotonic() - encoder_started
 
-    runs: dict[str, dict[str, dict[str, Any]]] = {kind: {} for kind in config.connectors}
-    visual_tokens: dict[str, int] = {}
     runs_started = time.monotonic()
-    for seed in config.seeds:
-        demo = config.demo_config(seed, encoder_dir)
-        for kind, connector in connectors.items():
-            run_started = time.monotonic()
-            entry = train_connector(kind, demo, tokenizer, files, connector=connector)
-            entry["seconds"] = round(time.monotonic() - run_started, 1)
-            entry["connector"] = connector.to_dict()
-            visual_tokens[kind] = entry["visual_tokens"]
-            runs[kind][str(seed)] = entry
+    runs = train_all(config, connectors, encoder_dir, tokenizer, files)
+    visual_tokens = {kind: runs[kind][str(config.seeds[0])]["visual_tokens"] for kind in runs}
     eval_records = json.loads(Path(files.eval).read_text())
     question_counts: dict[str, int] = {}
     for record in eval_records:
         question_counts[record["question_type"]] = (
             question_counts.get(record["question_type"], 0) + 1
         )
+    summary = summarize(runs)
     results: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "config": config.to_dict(),
@@ -824,14 +1247,17 @@ def _run_lab(config: LabConfig) -> dict[str, Any]:
             "checkpoint": str(encoder_dir),
         },
         "runs": runs,
-        "summary": summarize(runs),
+        "jobs": lab_jobs(config),
+        "summary": summary,
+        "statistics": compare_connectors(summary, reference_connector(config.connectors)),
         "seconds": {
             "encoder": round(encoder_seconds, 1),
             "runs": round(time.monotonic() - runs_started, 1),
             "total": round(time.monotonic() - started, 1),
-            # CPU time of this process: with one thread, what the wall time would be on an idle
-            # core; far below the wall time when other processes share the cores.
-            "total_cpu": round(time.process_time() - started_cpu, 1),
+            # CPU time of this process and its finished workers: what the wall time would be on
+            # one idle core with one thread; far below jobs x wall time when other processes
+            # share the cores.
+            "total_cpu": round(_cpu_seconds() - started_cpu, 1),
         },
     }
     (output / "results.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -30,6 +30,13 @@ def add_arguments(subparsers: argparse._SubParsersAction) -> None:
     )
     lab.add_argument("--quick", action="store_true", help="a one-minute smoke run, two seeds")
     lab.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="training runs at the same time, one process each (default: one per available "
+        "core); results do not depend on it",
+    )
+    lab.add_argument(
         "--overwrite",
         action="store_true",
         help="write into a non-empty --output folder that no lab created (only the lab's own "
@@ -44,6 +51,7 @@ def run(arguments: argparse.Namespace) -> int:
         accuracy_table,
         quick_config,
         run_lab,
+        significance_summary,
     )
 
     options: dict = {"output_dir": arguments.output, "overwrite": arguments.overwrite}
@@ -57,6 +65,8 @@ def run(arguments: argparse.Namespace) -> int:
                 ) from None
         if arguments.connectors is not None:
             options["connectors"] = comma_list(arguments.connectors)
+        if arguments.jobs is not None:
+            options["jobs"] = arguments.jobs
         config = quick_config(**options) if arguments.quick else LabConfig(**options)
         results = run_lab(config)
     except (ValueError, TypeError, FileNotFoundError, FileExistsError) as error:
@@ -64,6 +74,8 @@ def run(arguments: argparse.Namespace) -> int:
         return 2
     print("\nHeld-out answer accuracy (%), mean +- std over seeds:\n")
     print(accuracy_table(results))
+    if results["statistics"] is not None:
+        print("\n" + significance_summary(results["statistics"]))
     print(
         f"\n{results['seconds']['total']:.0f} s; results.md, results.json, accuracy.png, "
         f"overall.png and encoder_probe.png are in {arguments.output}"

@@ -9,6 +9,8 @@ import pkgutil
 import random
 import re
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,11 +33,16 @@ from mmconnect.integrations.applications.lab import (
     LAB_PROJECTOR_SPECS,
     LabConfig,
     accuracy_table,
+    compare_connectors,
+    comparison_table,
     lab_connector,
+    lab_jobs,
     lab_projector_spec,
     parse_lab_connector,
     quick_config,
+    reference_connector,
     run_lab,
+    significance_summary,
     summarize,
     text_prior_accuracy,
 )
@@ -138,9 +145,25 @@ def test_demo_config_of_a_seed_is_the_same_for_every_connector(tmp_path):
     config = LabConfig(output_dir=str(tmp_path), seeds=(3, 4))
     demo = config.demo_config(4, tmp_path / "encoder")
     assert demo.seed == 4 and demo.vision_path == str(tmp_path / "encoder")
-    assert (demo.stage1_steps, demo.stage2_steps, demo.batch_size) == (40, 320, 8)
+    assert (demo.stage1_steps, demo.stage2_steps, demo.batch_size) == (40, 1000, 8)
     assert demo.output_dir == str(tmp_path / "runs" / "seed-4")
     assert demo.connectors == tuple(LAB_PRESETS)
+
+
+def test_stage_configs_are_the_same_for_every_connector_and_follow_stage1_trains_llm(tmp_path):
+    from mmconnect.integrations.applications.lab import _stage_configs
+
+    config = LabConfig(output_dir=str(tmp_path), stage2_steps=700, batch_size=4)
+    first, second = _stage_configs(config, 3, tmp_path / "dci")
+    assert (first.stage, first.max_steps, first.learning_rate) == ("align", 40, 1e-3)
+    assert (second.stage, second.max_steps, second.learning_rate) == ("instruct", 700, 2e-3)
+    assert second.connector_learning_rate == 2e-3 and second.seed == 3
+    assert first.per_device_train_batch_size == second.per_device_train_batch_size == 4
+    assert second.output_dir == str(tmp_path / "dci" / "stage2")
+    trained = dataclasses.replace(config, stage1_trains_llm=True)
+    assert _stage_configs(trained, 3, tmp_path / "dci")[0].stage == "instruct"
+    with pytest.raises(TypeError, match="stage1_trains_llm must be a bool"):
+        LabConfig(stage1_trains_llm=1)
 
 
 def test_quick_config_takes_overrides_and_checks_them():
@@ -445,6 +468,106 @@ def test_summarize_refuses_runs_with_different_question_types():
         summarize(runs)
 
 
+def _summary(values: dict[str, dict[str, list[float]]]) -> dict:
+    runs = {
+        kind: {
+            str(seed): {"accuracy": {t: per_seed[seed] for t, per_seed in by_type.items()}}
+            for seed in range(len(next(iter(by_type.values()))))
+        }
+        for kind, by_type in values.items()
+    }
+    return summarize(runs)
+
+
+def test_compare_connectors_pairs_by_seed_and_holm_adjusts_the_family():
+    summary = _summary(
+        {
+            "baseline": {"colour": [0.2, 0.2, 0.2, 0.2, 0.2], "all": [0.4, 0.5, 0.4, 0.5, 0.4]},
+            # colour: differences 0.1, 0.2, 0.3, 0.4, 0.5 -> mean 0.3, t = sqrt(18)
+            "dci": {"colour": [0.3, 0.4, 0.5, 0.6, 0.7], "all": [0.4, 0.5, 0.4, 0.5, 0.4]},
+            # all: one seed better, one worse -> mean 0
+            "sci": {"colour": [0.2, 0.2, 0.2, 0.2, 0.2], "all": [0.5, 0.4, 0.4, 0.5, 0.4]},
+        }
+    )
+    tests = compare_connectors(summary, "baseline")
+    assert tests["reference"] == "baseline" and tests["family_size"] == 4
+    assert list(tests["comparisons"]) == ["dci", "sci"]
+    colour = tests["comparisons"]["dci"]["colour"]
+    assert colour["mean_difference"] == pytest.approx(0.3, abs=1e-12)
+    assert colour["t_statistic"] == pytest.approx(18**0.5, abs=1e-9)
+    # t = sqrt(18) with 4 degrees of freedom: closed form 2 * (1 - F(t)) = 0.013236...
+    u = 1 + 18 / 4
+    p_value = 2 * (1 - (0.5 + 3 / 8 * (18**0.5 / u**0.5) * (1 - 18 / (12 * u))))
+    assert colour["t_p_value"] == pytest.approx(p_value, abs=1e-12)
+    assert colour["sign_flip_p_value"] == 2 / 32
+    # Holm over 4: the smallest p (this one; the others are 1) times 4 = 0.0529: above 0.05.
+    assert colour["holm_p_value"] == pytest.approx(4 * p_value, abs=1e-12)
+    assert 0.05 < colour["holm_p_value"] < 0.06 and colour["significant"] is False
+    assert tests["comparisons"]["dci"]["all"]["t_p_value"] == 1.0  # identical accuracies
+    overall = tests["comparisons"]["sci"]["all"]
+    assert overall["differences"] == pytest.approx([0.1, -0.1, 0.0, 0.0, 0.0])
+    assert overall["t_statistic"] == pytest.approx(0.0, abs=1e-12)
+    assert overall["sign_flip_p_value"] == 1.0 and overall["significant"] is False
+    assert significance_summary(tests).endswith(
+        "no connector differs significantly from baseline on any question type."
+    )
+    table = comparison_table(tests)
+    assert "| dci | colour | +30.0 ± 15.8 | 4.24 | 0.0132 | 0.0529 | 0.0625 |" in table
+    assert "| sci | all | +0.0 ± 7.1 | 0.00 | 1.0000 | 1.0000 | 1.0000 |" in table
+
+    # Without sci the family has two members: Holm doubles p to 0.0265, significant.
+    pair = compare_connectors({k: summary[k] for k in ("baseline", "dci")}, "baseline")
+    assert pair["family_size"] == 2
+    assert pair["comparisons"]["dci"]["colour"]["holm_p_value"] == pytest.approx(2 * p_value)
+    assert pair["comparisons"]["dci"]["colour"]["significant"] is True
+    words = significance_summary(pair)
+    assert words == (
+        "Paired over 5 seeds, 2 comparisons with baseline, Holm-corrected at 0.05: dci is above "
+        "baseline on colour (+30.0 points, Holm-adjusted p = 0.0265). No other difference is "
+        "significant."
+    )
+    assert "| **dci** | **colour** | **+30.0 ± 15.8** | **4.24** |" in comparison_table(pair)
+
+
+def test_compare_connectors_needs_two_seeds_and_another_connector():
+    one_seed = _summary({"baseline": {"all": [0.4]}, "dci": {"all": [0.5]}})
+    assert compare_connectors(one_seed, "baseline") is None
+    alone = _summary({"baseline": {"all": [0.4, 0.5]}})
+    assert compare_connectors(alone, "baseline") is None
+    with pytest.raises(ValueError, match="reference 'sci' is not one of the connectors"):
+        compare_connectors(alone, "sci")
+    assert reference_connector(("dci", "baseline")) == "baseline"
+    assert reference_connector(("dci", "sci")) == "dci"
+
+
+def test_exact_answers_need_every_answer_token_and_the_end_marker():
+    from mmconnect.integrations.applications.lab import exact_answers
+
+    # Vocabulary: 0 pad, 1 "bottom", 2 "-", 3 "right", 4 end marker. Labels: -100 outside the
+    # answer; position t of the logits predicts token t + 1.
+    def logits_for(tokens: list[int]) -> torch.Tensor:
+        return torch.nn.functional.one_hot(torch.tensor(tokens), 5).float()
+
+    ignore = -100
+    labels = torch.tensor(
+        [
+            [0, 1, 4, ignore, ignore],  # gold "bottom" + end
+            [0, 1, 4, ignore, ignore],  # gold "bottom" + end
+            [0, 1, 2, 3, 4],  # gold "bottom-right" + end
+            [0, ignore, ignore, ignore, ignore],  # nothing supervised
+        ]
+    )
+    logits = torch.stack(
+        [
+            logits_for([1, 4, 0, 0, 0]),  # "bottom", end: right
+            logits_for([1, 2, 0, 0, 0]),  # "bottom" then "-" (would say bottom-...): wrong
+            logits_for([1, 2, 3, 4, 0]),  # "bottom-right", end: right
+            logits_for([1, 4, 0, 0, 0]),
+        ]
+    )
+    assert exact_answers(logits, labels, ignore_index=ignore) == [True, False, True, False]
+
+
 def test_text_prior_answers_each_question_with_its_most_frequent_training_answer(tmp_path):
     def turn(human, gpt):
         return [{"from": "human", "value": human}, {"from": "gpt", "value": gpt}]
@@ -548,8 +671,20 @@ def test_probe_layers_reports_every_hidden_state():
 
 @pytest.fixture(scope="module")
 def quick_lab(tmp_path_factory) -> Path:
+    """``mmconnect lab --quick`` in a fresh process, as a user runs it (two worker processes,
+    the lab's default on two cores); its stdout and stderr are kept beside the results."""
     output = tmp_path_factory.mktemp("lab")
-    assert main(["lab", "--quick", "--output", str(output)]) == 0
+    command = [sys.executable, "-m", "mmconnect.integrations.cli", "lab", "--quick"]
+    finished = subprocess.run(
+        [*command, "--jobs", "2", "--output", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    (output / "stdout.txt").write_text(finished.stdout)
+    (output / "stderr.txt").write_text(finished.stderr)
     return output
 
 
@@ -622,6 +757,50 @@ def test_quick_lab_writes_the_markdown_table_and_charts(quick_lab):
 
 
 @pytest.mark.slow
+def test_quick_lab_tests_every_connector_against_the_baseline(quick_lab):
+    results = json.loads((quick_lab / "results.json").read_text())
+    tests = results["statistics"]
+    assert tests["reference"] == "baseline" and tests["level"] == 0.05
+    assert list(tests["comparisons"]) == ["sti", "sci", "dci", "dci-efficient"]
+    assert tests["family_size"] == 4 * len(QUESTION_TYPES)
+    # What results.json holds is what the paired tests give on the per-seed accuracies.
+    expected = compare_connectors(results["summary"], "baseline")
+    assert json.loads(json.dumps(expected)) == tests
+    markdown = (quick_lab / "results.md").read_text()
+    assert "## Paired tests against baseline" in markdown
+    assert significance_summary(tests) in markdown
+    assert comparison_table(tests) in markdown
+    assert significance_summary(tests) in (quick_lab / "stdout.txt").read_text()
+
+
+@pytest.mark.slow
+def test_quick_lab_trains_in_worker_processes_and_shows_progress(quick_lab):
+    results = json.loads((quick_lab / "results.json").read_text())
+    assert results["jobs"] == 2
+    stderr = (quick_lab / "stderr.txt").read_text()
+    assert "lab: 10 runs, 2 at a time in separate processes (1 thread(s) each)" in stderr
+    finished = re.findall(r"lab: run (\d+)/10 done \(([\w-]+), seed (\d)", stderr)
+    assert [int(count) for count, _, _ in finished] == list(range(1, 11))
+    assert {(kind, int(seed)) for _, kind, seed in finished} == {
+        (kind, seed) for kind in LAB_PRESETS for seed in (0, 1)
+    }
+    assert results["seconds"]["total_cpu"] > 0
+
+
+def test_lab_jobs_is_one_per_core_at_most_one_per_run(monkeypatch):
+    from mmconnect.integrations.applications import demo
+
+    monkeypatch.setattr(demo, "available_cores", lambda: 2)
+    assert lab_jobs(quick_config()) == 2
+    assert lab_jobs(quick_config(jobs=5)) == 5
+    assert lab_jobs(quick_config(jobs=5, seeds=(0,), connectors=("dci",))) == 1
+    with pytest.raises(
+        ValueError, match=r"jobs must be a positive int, got 0; or None \(one per core\)"
+    ):
+        quick_config(jobs=0)
+
+
+@pytest.mark.slow
 def test_pretraining_makes_the_last_layers_lose_colour_that_shallow_layers_keep():
     """The property the lab rests on, at small size: after pretraining, a linear probe reads
     colour from H[0] far better than from hidden_states[-2]; a random tower shows no such drop."""
@@ -657,6 +836,8 @@ def test_a_tiny_lab_run_with_two_zoo_connectors_reports_them(tmp_path):
         num_eval_images=4,
         stage1_steps=1,
         stage2_steps=1,
+        jobs=1,  # in this process (the quick run above covers the worker processes)
+        show_progress=False,
     )
     returned = run_lab(config)
     results = json.loads((output / "results.json").read_text())
