@@ -145,7 +145,7 @@ def test_demo_config_of_a_seed_is_the_same_for_every_connector(tmp_path):
     config = LabConfig(output_dir=str(tmp_path), seeds=(3, 4))
     demo = config.demo_config(4, tmp_path / "encoder")
     assert demo.seed == 4 and demo.vision_path == str(tmp_path / "encoder")
-    assert (demo.stage1_steps, demo.stage2_steps, demo.batch_size) == (40, 1000, 8)
+    assert (demo.stage1_steps, demo.stage2_steps, demo.batch_size) == (40, 320, 8)
     assert demo.output_dir == str(tmp_path / "runs" / "seed-4")
     assert demo.connectors == tuple(LAB_PRESETS)
 
