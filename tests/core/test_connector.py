@@ -548,7 +548,9 @@ def test_format1_connector_loads_with_its_weights_and_outputs():
     recorded = load_file(V1 / "connector_dci_resample_io.safetensors")
     features = {int(key.split(".")[1]): value for key, value in recorded.items() if key != "output"}
     with torch.no_grad():
-        assert torch.equal(connector(features, (4, 4)), recorded["output"])
+        output = connector(features, (4, 4))
+    # Recorded on another CPU: the same weights and inputs, the matrix kernels' bits may differ.
+    torch.testing.assert_close(output, recorded["output"], atol=1e-6, rtol=1e-5)
 
 
 def test_format1_connector_saved_again_is_format2_and_loads(tmp_path):

@@ -3,9 +3,18 @@
 ``tests/fixtures/goldens/dense_connector_official.safetensors`` (see the README beside it) holds
 the official ``dense_connector()`` outputs for a tiny CLIP (24 blocks) and SigLIP (27 blocks)
 tower in fp32, bf16 and fp16. Each CLIP-L/336 and SigLIP-SO400M preset, rebuilt at the towers'
-width, must give every ``fused`` tensor with ``torch.equal`` through the three ways mmconnect
-reads layers: the streaming tap (DCI groups averaged as they stream by), the non-streaming tap
-(every member layer kept, averaged by the fusion) and ``LayerFeatures.from_hidden_states``.
+width, must give every ``fused`` tensor through the three ways mmconnect reads layers: the
+streaming tap (DCI groups averaged as they stream by), the non-streaming tap (every member layer
+kept, averaged by the fusion) and ``LayerFeatures.from_hidden_states``.
+
+The fused tensors depend on the tower's forward, whose bits depend on the CPU's matrix kernels:
+on a CPU that computes the golden tower's hidden states bit for bit (checked directly: SCI's
+fused tensor is three hidden states side by side) every ``fused`` tensor must be ``torch.equal``
+to its golden; on another CPU (measured on an AMD EPYC without AVX-512: fp32 within 8.6e-6,
+fp16 still bit for bit, bf16 up to 0.31 after 27 blocks of bf16 rounding) the three reading
+paths must still agree with each other bit for bit and with the goldens within
+:data:`DRIFT`. The fusion's own semantics are checked exactly on every CPU from hidden states
+the goldens themselves hold (:func:`test_sti_pools_the_goldens_own_layers_exactly`).
 """
 
 from __future__ import annotations
@@ -88,6 +97,38 @@ def tower(family: str, kind: str, dtype: torch.dtype) -> torch.nn.Module:
     raise AssertionError(f"no golden for {kind} in {dtype}")
 
 
+#: ``(atol, rtol)`` between the fused tensors and the goldens on a CPU whose matrix kernels give
+#: the tower other bits than the machine that made the goldens (see the module docstring).
+DRIFT = {
+    torch.float32: (2e-5, 1e-4),
+    torch.bfloat16: (0.5, 0.05),
+    torch.float16: (0.05, 0.01),
+}
+
+
+@cache
+def reproduces_the_golden_tower(family: str, dtype: torch.dtype) -> bool:
+    """Whether this CPU computes the golden tower's hidden states bit for bit in ``dtype``.
+
+    SCI's fused tensor is ``[H[F], H[7], H[15]]`` side by side, copies of three hidden states, so
+    comparing it with its golden compares the tower's forward and nothing of the fusion.
+    """
+    name = str(dtype).removeprefix("torch.")
+    return torch.equal(
+        fused(family, "sci", dtype, "hidden-states"), golden(f"{family}.sci.{name}.fused")
+    )
+
+
+def assert_golden(actual: torch.Tensor, expected: torch.Tensor, family: str) -> None:
+    """``torch.equal`` where this CPU reproduces the golden tower, within :data:`DRIFT` elsewhere."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    if reproduces_the_golden_tower(family, actual.dtype):
+        assert torch.equal(actual, expected)
+    else:
+        atol, rtol = DRIFT[actual.dtype]
+        torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol)
+
+
 def connector(family: str, kind: str) -> DenseConnector:
     config = ConnectorConfig.from_preset(
         f"dc-{kind}-{PRESETS[family]}", vision_dim=WIDTH, llm_dim=LLM_DIM
@@ -120,6 +161,11 @@ def test_the_goldens_follow_the_cast_history_of_one_tower(dtype):
     """A tower cast straight from the stored fp32 weights gives the SCI goldens only in bf16 (a
     bf16 rounding of bf16-rounded weights changes nothing); in fp32 and fp16 only the replayed
     cast history does."""
+    if not reproduces_the_golden_tower("clip", dtype):
+        pytest.skip(
+            "this CPU's matrix kernels give the golden tower other bits than the machine that "
+            "made the goldens, so which cast history made them cannot be told apart here"
+        )
     straight = copy.deepcopy(stored_tower("clip")).to(dtype)
     pixels = golden("input.pixel_values").to(dtype)
     name = str(dtype).removeprefix("torch.")
@@ -146,8 +192,34 @@ def test_every_preset_reproduces_the_official_fused_features(family, kind, dtype
     expected = golden(f"{family}.{kind}.{name}.fused")
     actual = fused(family, kind, dtype, path)
     assert actual.dtype == expected.dtype == dtype
-    assert actual.shape == expected.shape
-    assert torch.equal(actual, expected)
+    # The three ways of reading layers agree bit for bit on every CPU ...
+    assert torch.equal(actual, fused(family, kind, dtype, "hidden-states"))
+    # ... and give the goldens (bit for bit where this CPU reproduces the golden tower).
+    assert_golden(actual, expected, family)
+
+
+@pytest.mark.parametrize(
+    ("family", "dtype"),
+    [("clip", torch.bfloat16), ("clip", torch.float16), ("siglip", torch.float16)],
+    ids=["clip-bfloat16", "clip-float16", "siglip-float16"],
+)
+def test_sti_pools_the_goldens_own_layers_exactly(family, dtype):
+    """On every CPU: the official SCI tensor holds ``H[F]``, ``H[7]``, ``H[15]`` of the golden
+    machine's tower; STI built from exactly those layers is the official STI tensor, bit for bit
+    (the pooled tokens of ``H[7]`` and ``H[15]`` after ``H[F]``'s). Only where the STI and SCI
+    goldens come from the same hidden states (the cast history rounds the others' weights
+    differently): their ``H[F]`` parts are checked to be one tensor."""
+    name = str(dtype).removeprefix("torch.")
+    sci = golden(f"{family}.sci.{name}.fused")
+    sti = connector(family, "sti")
+    final = sti.individual_layers[0]
+    layers = {final: sci[..., :WIDTH], 7: sci[..., WIDTH : 2 * WIDTH], 15: sci[..., 2 * WIDTH :]}
+    assert sorted(layers) == sorted(sti.captured_layers)
+    official = golden(f"{family}.sti.{name}.fused")
+    assert torch.equal(official[:, : 16 * 16], layers[final])  # the same tower's H[F]
+    with torch.no_grad():
+        actual = sti.fuse(LayerFeatures(layers, grids=dict.fromkeys(layers, (16, 16))))
+    assert torch.equal(actual, official)
 
 
 @pytest.mark.parametrize("kind", ["sti", "sci", "dci"])
@@ -167,7 +239,7 @@ def test_fp32_projector_output_equals_the_golden(family, kind):
     model = tower(family, kind, torch.float32)
     with torch.no_grad():
         projected = dense(dense.make_tap(model)(golden("input.pixel_values")))
-    assert torch.equal(projected, golden(f"{family}.{kind}.float32.projected"))
+    assert_golden(projected, golden(f"{family}.{kind}.float32.projected"), family)
 
 
 def test_upcast_accumulation_is_an_explicit_departure_from_the_goldens():
@@ -178,7 +250,8 @@ def test_upcast_accumulation_is_an_explicit_departure_from_the_goldens():
     config = ConnectorConfig.from_preset("dc-dci-clip-l-336", vision_dim=WIDTH, llm_dim=LLM_DIM)
     config = config.replace(fusion=config.fusion.replace(accumulate_dtype="float32"))
     dense = DenseConnector(config)
-    expected = golden("clip.dci.bfloat16.fused")
+    # The official rounding on this CPU's tower (the golden itself where the CPU reproduces it).
+    expected = fused("clip", "dci", torch.bfloat16, "streaming-tap")
     with torch.no_grad():
         streamed = dense.fuse(dense.make_tap(model)(pixels))
         kept = dense.fuse(dense.make_tap(model, streaming=False)(pixels))

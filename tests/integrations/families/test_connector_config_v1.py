@@ -41,7 +41,8 @@ def test_format1_dense_llava_loads_with_its_weights_and_outputs(load):
         logits = model(
             input_ids=recorded["input_ids"], pixel_values=recorded["pixel_values"]
         ).logits
-    assert torch.equal(logits, recorded["logits"])
+    # Recorded on another CPU: the same weights and inputs, the matrix kernels' bits may differ.
+    torch.testing.assert_close(logits, recorded["logits"], atol=1e-5, rtol=1e-5)
 
 
 def test_format1_dense_llava_saved_again_is_format2(tmp_path):
