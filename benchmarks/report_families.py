@@ -166,6 +166,12 @@ def family_prefill_table(cpu: Run, gpu: Run | None = None) -> list[str]:
     """Markdown lines of the family prefill group (see :func:`family_prefill_rows`), then the
     LLM each family's prefill ran on; CPU only."""
     rows = family_prefill_rows(cpu)
+    incomplete = incomplete_families(cpu)
+    if not rows:
+        missing = "; ".join(
+            f"{family} (no {', '.join(parts)})" for family, parts in incomplete.items()
+        )
+        return [f"No family timed all three parts in this run (measured in part: {missing})."]
     cells = [
         [
             f"{row['model']}: {row['unit']}",
@@ -199,7 +205,6 @@ def family_prefill_table(cpu: Run, gpu: Run | None = None) -> list[str]:
     )
     llms = [f"- {row['model']}: {row['llm']}; {row['total_tokens']} tokens" for row in rows]
     lines = [*table, "", "The LLM of each prefill (random weights, eval mode, SDPA):", "", *llms]
-    incomplete = incomplete_families(cpu)
     if incomplete:
         missing = "; ".join(
             f"{family} (no {', '.join(parts)})" for family, parts in incomplete.items()
@@ -274,14 +279,15 @@ def family_prefill_chart(cpu: Run, path: Path) -> Path:
 
 
 _CHARTS = {FAMILY_TAP: family_tap_chart, FAMILY_PREFILL: family_prefill_chart}
+_ROWS = {FAMILY_TAP: family_tap_rows, FAMILY_PREFILL: family_prefill_rows}
 
 
 def write_family_charts(sources: dict[str, Run], directory: Path) -> dict[str, Path]:
     """Write the chart of each family group into ``directory`` from the run ``sources`` names
-    for it (groups without a run, or whose run lacks them, get none); ``{group: path}``."""
+    for it (groups without a run, or without a complete row in it, get none); ``{group: path}``."""
     directory.mkdir(parents=True, exist_ok=True)
     return {
         group: chart(sources[group], directory / FAMILY_CHART_FILES[group])
         for group, chart in _CHARTS.items()
-        if group in sources and sources[group].group(group)
+        if group in sources and sources[group].group(group) and _ROWS[group](sources[group])
     }

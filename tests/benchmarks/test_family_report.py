@@ -149,3 +149,14 @@ def test_report_refuses_a_families_run_without_family_groups(tmp_path):
             family_results=[tmp_path / "other.json"],
             charts=False,
         )
+
+
+def test_prefill_table_of_a_run_without_a_complete_family_says_so(tmp_path):
+    results = _family_results()
+    results["benchmarks"] = [entry for entry in results["benchmarks"] if "beta" in entry["name"]]
+    run = load_run(results)
+    assert report_families.family_prefill_rows(run) == []
+    assert report_families.family_prefill_table(run) == [
+        "No family timed all three parts in this run (measured in part: beta (no image-dense, llm))."
+    ]
+    assert report_families.write_family_charts({"family-prefill": run}, tmp_path) == {}
