@@ -993,7 +993,7 @@ def train_lab_run(
 ) -> dict[str, Any]:
     """One run: the small Dense LLaVA of ``connector`` on the lab's tower
     (:func:`~mmconnect.integrations.applications.demo.build_demo_model`: the seed's LLM, the same
-    for every connector), both stages (:func:`_stage_configs`) and the held-out score
+    for every connector), both stages (built by the private ``_stage_configs``) and the held-out score
     (:func:`exact_answer_accuracy`: every answer token and the end marker).
 
     Returns:
