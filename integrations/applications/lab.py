@@ -5,9 +5,10 @@ efficient Dense Connector of docs/concepts.md; the paper's figures in docs/lab.m
 
 1. writes the synthetic VQA data set (:mod:`mmconnect.integrations.applications.synthetic`) and its word
    tokenizer, once;
-2. pretrains a CLIP-style tower of CLIP-L's depth (24 blocks, small width) on a task whose last
-   layers lose colour while shallow layers keep it, measures that with linear probes per layer
-   and freezes it (:mod:`mmconnect.integrations.applications.lab_encoder`);
+2. pretrains a CLIP-style tower of CLIP-L's depth (24 blocks, small width) whose last layers
+   hold colour as a smaller share of their features than its shallow layers, measures that with
+   linear probes and colour shares per layer and freezes it
+   (:mod:`mmconnect.integrations.applications.lab_encoder`);
 3. for every seed and every connector (``baseline``, ``sti``, ``sci``, ``dci``,
    ``dci-efficient``: the ``*-clip-l-336`` presets at the tower's width, the efficient grid
    halved per side as 24x24 -> 12x12 is; or ``<fusion>+<projector kind>``, one of those
@@ -49,8 +50,10 @@ from mmconnect.integrations.applications.lab_encoder import (
     pretrain_encoder,
     probe_accuracy,
     probe_data,
+    variance_share,
 )
 from mmconnect.integrations.applications.paired_statistics import holm_adjust, paired_comparison
+from mmconnect.integrations.training.data import get_template
 from mmconnect.projectors import ProjectorSpec, parse_projector
 from mmconnect.validation import (
     check_bool,
@@ -76,6 +79,11 @@ LAB_PRESETS: dict[str, str] = {
     "dci": "dc-dci-clip-l-336",
     "dci-efficient": "dc-dci-clip-l-336-efficient",
 }
+#: Stage 2 and the held-out questions: LLaVA-1.5's ``vicuna_v1`` turns without its system prompt.
+#: The prompt's 36 words are a fixed prefix of every conversation, a quarter of its text tokens;
+#: the lab's random LLM learns nothing from them, and leaving them out makes a run about 10 %
+#: cheaper (docs/lab.md, the diagnosis).
+LAB_TEMPLATE = dataclasses.replace(get_template("vicuna_v1"), name="vicuna_v1_no_system", system="")
 #: Tower depth of the CLIP-L/336 presets.
 PRESET_BLOCKS = 24
 #: The fusions a ``<fusion>+<projector kind>`` lab connector may name: those of the presets
@@ -204,13 +212,13 @@ class LabConfig:
             24, the presets' depth).
         llm_width, llm_blocks: the random Llama-style LLM.
         stage1_steps, stage2_steps, batch_size, stage1_learning_rate, stage2_learning_rate: the
-            training budget of every run (cosine schedule with 3 % warm-up, as the demo). Stage-2
-            steps are the one lever measured to matter: 1000 instead of 320 lifted shape from
-            about 42 % to 62-67 % in single-seed runs (docs/lab.md, the diagnosis), at about 2.5
-            times the cost, which does not fit the 30-minute default with five seeds.
+            training budget of every run (cosine schedule with 3 % warm-up, as the demo). 400
+            stage-2 steps of 32 conversations are what fits five seeds of the five presets in
+            30 minutes on two cores; colour is learned late in a run and at a step that varies
+            from run to run (docs/lab.md, the diagnosis), so longer runs separate more.
         stage1_trains_llm: stage 1 (captions) trains the LLM too, not only the connector
             (LLaVA's stage 1 freezes a pretrained LLM; the lab's is random). Measured without
-            effect on colour at 320 + 320 steps; off by default.
+            effect on colour; off by default.
         num_threads: torch intra-op threads while the lab runs (restored after). The models are
             tiny: a second thread gains little on idle cores and, when other processes share
             the cores, makes every small operation wait for a descheduled thread (measured: 20x
@@ -229,14 +237,14 @@ class LabConfig:
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     connectors: tuple[str, ...] = tuple(LAB_PRESETS)
     data_seed: int = 0
-    num_train_images: int = 1000
+    num_train_images: int = 4000
     num_eval_images: int = 120
     encoder: EncoderPretraining = field(default_factory=EncoderPretraining)
     llm_width: int = 64
     llm_blocks: int = 2
     stage1_steps: int = 40
-    stage2_steps: int = 320
-    batch_size: int = 8
+    stage2_steps: int = 400
+    batch_size: int = 32
     stage1_learning_rate: float = 1e-3
     stage2_learning_rate: float = 2e-3
     stage1_trains_llm: bool = False
@@ -400,7 +408,9 @@ def connector_input_probes(
         connectors: ``{name: config}``.
 
     Returns:
-        ``{name: {"colour": accuracy, "shape": accuracy} or None}``.
+        ``{name: {"colour": accuracy, "shape": accuracy, "colour_share": share} or None}``:
+        the probes' held-out accuracy and the share of the input's variance that the six
+        colours explain (:func:`~mmconnect.integrations.applications.lab_encoder.variance_share`).
     """
     depth = data.features.shape[0]  # L + 1 hidden states
 
@@ -426,6 +436,7 @@ def connector_input_probes(
         probed[key] = {
             "colour": probe_accuracy(features, data.colour, data.train)[0],
             "shape": probe_accuracy(features, data.shape, data.train)[0],
+            "colour_share": variance_share(features, data.colour)[0],
         }
         results[name] = dict(probed[key])
     return results
@@ -653,7 +664,7 @@ def accuracy_table(results: dict[str, Any]) -> str:
 
 def probe_table(probe: dict[str, list[float]], layers: list[int] | None = None) -> str:
     """Linear-probe accuracy (%) per ``hidden_states`` index (default: every fourth and the last
-    two)."""
+    two), and the share of the variance the colours explain where ``probe`` has it."""
     count = len(probe["colour"])
     if layers is None:
         layers = sorted({*range(0, count, 4), count - 2, count - 1})
@@ -662,32 +673,36 @@ def probe_table(probe: dict[str, list[float]], layers: list[int] | None = None) 
         "| " + " | ".join(header) + " |",
         "| " + " | ".join(["---"] + ["---:"] * len(layers)) + " |",
     ]
-    for name in ("colour", "shape"):
-        cells = [f"{100 * probe[name][layer]:.1f}" for layer in layers]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    rows = {"colour": "colour", "shape": "shape", "colour_share": "colour share of the variance"}
+    for key, label in rows.items():
+        if key in probe:  # results written before the share was measured lack it
+            cells = [f"{100 * probe[key][layer]:.1f}" for layer in layers]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def input_probe_table(results: dict[str, Any]) -> str:
-    """Linear-probe accuracy (%) of colour and shape on each connector's per-patch input."""
+    """Linear-probe accuracy (%) of colour and shape on each connector's per-patch input, and
+    the share of its variance the colours explain (%)."""
     lines = [
-        "| connector | per-patch projector input | colour probe | shape probe |",
-        "| --- | --- | ---: | ---: |",
+        "| connector | per-patch projector input | colour probe | shape probe | colour share |",
+        "| --- | --- | ---: | ---: | ---: |",
     ]
     for kind, entry in results["encoder"]["connector_input_probe"].items():
         config = ConnectorConfig.from_dict(
             results["runs"][kind][str(results["config"]["seeds"][0])]["connector"]
         )
         if entry is None:
-            lines.append(f"| {kind} | not per patch | – | – |")
+            lines.append(f"| {kind} | not per patch | – | – | – |")
             continue
         fusion = config.fusion
         extra = getattr(fusion, "extra_layers", ())
         parts = [f"H[{fusion.final_layer}]", *(f"H[{index}]" for index in extra)]
         parts += [f"mean H[{group[0]}..{group[-1]}]" for group in getattr(fusion, "groups", ())]
+        share = entry.get("colour_share")
         lines.append(
             f"| {kind} | {', '.join(parts)} | {100 * entry['colour']:.1f} | "
-            f"{100 * entry['shape']:.1f} |"
+            f"{100 * entry['shape']:.1f} | {'–' if share is None else f'{100 * share:.1f}'} |"
         )
     return "\n".join(lines)
 
@@ -865,7 +880,8 @@ def plot_overall(results: dict[str, Any], path: str | Path) -> None:
 
 
 def plot_probe(probe: dict[str, list[float]], path: str | Path) -> None:
-    """Linear-probe accuracy of colour and shape per ``hidden_states`` index, with chance."""
+    """Linear-probe accuracy of colour and shape per ``hidden_states`` index, with chance, and
+    the share of the variance the colours explain (dashed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -876,8 +892,11 @@ def plot_probe(probe: dict[str, list[float]], path: str | Path) -> None:
     for name, chance in (("colour", 1 / 6), ("shape", 1 / 3)):
         (line,) = axis.plot(layers, [100 * value for value in probe[name]], marker=".", label=name)
         axis.axhline(100 * chance, color=line.get_color(), linestyle=":", linewidth=1)
+    if "colour_share" in probe:
+        share = [100 * value for value in probe["colour_share"]]
+        axis.plot(layers, share, marker=".", linestyle="--", label="colour share of the variance")
     axis.set_xlabel("hidden_states index (H[k])")
-    axis.set_ylabel("linear probe accuracy (%)")
+    axis.set_ylabel("probe accuracy / colour share (%)")
     axis.set_ylim(0, 100)
     axis.set_title("Lab encoder: what each layer holds (dotted: chance)")
     axis.legend()
@@ -982,6 +1001,48 @@ def exact_answer_accuracy(
     return {kind: sum(values) / len(values) for kind, values in sorted(correct.items())}
 
 
+class CachedSamples(torch.utils.data.Dataset):
+    """``dataset[i]`` read once per run and kept: stage 2 passes over its conversations about
+    three times, and decoding the image and tokenizing the turns again each time costs about a
+    tenth of a step. The samples are the same tensors, so nothing a run computes changes.
+
+    Args:
+        dataset: any map-style dataset (a :class:`~mmconnect.integrations.training.data.LlavaDataset`).
+    """
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+        self._samples: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        if index not in self._samples:
+            self._samples[index] = self.dataset[index]
+        return self._samples[index]
+
+
+def torch_default_init(connector: torch.nn.Module, seed: int) -> None:
+    """Give every layer of ``connector`` that has a ``reset_parameters`` (its Linear, Conv and
+    norm layers) torch's default initialisation, drawn under ``seed``.
+
+    HF initialises the connector as the rest of the model, Linear weights from ``normal(0,
+    0.02)``; LLaVA's own training code builds its projector after loading the LLM, so there it
+    starts from torch's defaults (Kaiming-uniform weights), about three times larger on the
+    lab's widths. The lab follows LLaVA's training code.
+    Parameters without such a layer (learned queries, latents) keep their initialisation.
+    """
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        for module in connector.modules():
+            if module is not connector and callable(getattr(module, "reset_parameters", None)):
+                module.reset_parameters()
+    finally:
+        torch.random.set_rng_state(generator_state)
+
+
 def train_lab_run(
     kind: str,
     config: LabConfig,
@@ -1012,6 +1073,7 @@ def train_lab_run(
     started = time.monotonic()
     demo = config.demo_config(seed, encoder_dir)
     model = build_demo_model(kind, demo, tokenizer, connector=connector)
+    torch_default_init(model.connector, seed)
     tokens = family_model(model).image_token_count()
     side = config.encoder.image_size
     image_processor = CLIPImageProcessor(
@@ -1042,7 +1104,7 @@ def train_lab_run(
     )
     stage2 = train_stage(
         stage1.model,
-        LlavaDataset.from_json(files.stage2, template="vicuna_v1", **data),
+        CachedSamples(LlavaDataset.from_json(files.stage2, template=LAB_TEMPLATE, **data)),
         collator,
         second,
         processor=processor,
@@ -1050,7 +1112,7 @@ def train_lab_run(
     eval_records = json.loads(Path(files.eval).read_text())
     accuracy = exact_answer_accuracy(
         stage2.model,
-        LlavaDataset.from_json(files.eval, template="vicuna_v1", **data),
+        LlavaDataset.from_json(files.eval, template=LAB_TEMPLATE, **data),
         [record["question_type"] for record in eval_records],
     )
     return {
@@ -1197,7 +1259,7 @@ def _run_lab(config: LabConfig) -> dict[str, Any]:
         seed=config.data_seed,
     )
     tokenizer = build_word_tokenizer(
-        _all_texts([files.stage1, files.stage2, files.eval], ["plain", "vicuna_v1"])
+        _all_texts([files.stage1, files.stage2, files.eval], ["plain", LAB_TEMPLATE])
     )
 
     encoder_started = time.monotonic()
@@ -1208,6 +1270,7 @@ def _run_lab(config: LabConfig) -> dict[str, Any]:
     probe = {
         "colour": probe_accuracy(data.features, data.colour, data.train),
         "shape": probe_accuracy(data.features, data.shape, data.train),
+        "colour_share": variance_share(data.features, data.colour),
     }
     grid_side = config.encoder.grid_side
     connectors = {

@@ -1,23 +1,33 @@
-"""The connector lab's vision encoder: a CLIP-style ViT whose last layers forget colour.
+"""The connector lab's vision encoder: a CLIP-style ViT whose last layers hold less colour.
 
-The Dense Connector's claim is that an encoder's final layers keep high-level semantics but lose
-low-level detail that its shallow layers still hold, and that a connector reading many layers
-gives it back to the LLM. A tower with random weights loses nothing, so the lab
-(:mod:`mmconnect.integrations.applications.lab`) first pretrains one, in the same run, on a task with that
-property:
+The Dense Connector's claim is that an encoder's final layers keep high-level semantics but give
+up low-level detail that its shallow layers still hold, and that a connector reading many layers
+gives it back to the LLM. A tower with random weights keeps everything everywhere, so the lab
+(:mod:`mmconnect.integrations.applications.lab`) first pretrains one, in the same run, on a task
+with that property:
 
 * images are synthetic scenes (:func:`mmconnect.integrations.applications.synthetic.sample_scene`) whose every
   object gets a random colour (random hue, saturation and value), drawn afresh for each view;
-* every patch token of the last layer ``H[L]`` is classified as background or the shape of the
-  object covering it (:func:`patch_labels`), so the last layers must keep shape and position;
-* two views of each scene that differ only in their colours must give the same standardised
-  patch tokens at ``hidden_states[invariance_layer]`` (default ``-2``, the layer LLaVA and the
-  Dense Connector use as their final feature ``F``): the colour-jitter invariance of SimCLR / DINO
-  pretraining, which removes colour from that layer while shallow layers keep it.
+* every patch token of ``hidden_states[shape_layer]`` (default ``-2``, the layer LLaVA and the
+  Dense Connector use as their final feature ``F``) is classified, after the tower's
+  post-LayerNorm, as background or the shape of the object covering it (:func:`patch_labels`),
+  so the layers up to ``F`` must build shape and keep position;
+* a linear head reads every patch's colour (the colour of the object covering it, or the white
+  background) from the standardised patch tokens of ``hidden_states[colour_layer]`` (default
+  ``-2``, ``F`` again), a per-patch colour reconstruction as pixel-level objectives (MAE) ask
+  for. Without it the growing shape directions of the residual stream leave colour a few per
+  cent of what ``F`` holds, too little for the lab's LLM to learn to read (docs/lab.md, the
+  diagnosis); with it colour stays a large direction in every layer, largest in the shallow
+  ones and smaller towards ``F``, where the shape task takes over;
+* optionally (``invariance_weight > 0``, off by default), two views of each scene that differ
+  only in their colours must give the same standardised patch tokens at
+  ``hidden_states[invariance_layer]``: the colour-jitter invariance of SimCLR / DINO pretraining,
+  which removes colour from that layer while shallow layers keep it.
 
 :func:`probe_layers` measures the result with linear probes per layer: colour (six named colours,
-on the VQA images) and shape, per patch, on held-out scenes. The tower is then frozen and shared
-by every connector of the lab.
+on the VQA images) and shape, per patch, on held-out scenes; :func:`variance_share` says how
+large a share of each layer's variance colour is. The tower is then frozen and shared by every
+connector of the lab.
 
 Example:
     >>> config = EncoderPretraining(steps=2, batch_size=4, width=32, blocks=4)  # doctest: +SKIP
@@ -32,7 +42,7 @@ import dataclasses
 import math
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -64,11 +74,17 @@ class EncoderPretraining:
         image_size, patch_size: pixels; the token grid is ``image_size // patch_size`` square.
         width, blocks, heads: the CLIP vision transformer (``blocks=24`` is CLIP-L's depth, which
             the ``*-clip-l-336`` presets need); the MLP is ``4 * width`` wide as in CLIP.
-        steps, batch_size: optimiser steps and scenes per step (each scene is seen as two views).
+        steps, batch_size: optimiser steps and scenes per step (each scene is seen in two
+            colourings: the colour objective sees both, the invariance compares them).
         learning_rate, weight_decay, warmup_steps: AdamW with linear warm-up and cosine decay.
-        invariance_weight: weight of the colour-invariance loss (0 disables it).
-        invariance_layer: the ``hidden_states`` index made colour-invariant (HF convention,
-            negative from the end; ``-2`` is the layer LLaVA reads).
+        shape_layer: the ``hidden_states`` index the per-patch shape head reads (HF
+            convention, negative from the end).
+        colour_weight: weight of the per-patch colour reconstruction (0 disables it).
+        colour_layer: the ``hidden_states`` index whose standardised patch tokens must give each
+            patch's colour (HF convention, negative from the end; ``-2`` is the layer LLaVA
+            reads).
+        invariance_weight: weight of the colour-invariance loss (0, the default, disables it).
+        invariance_layer: the ``hidden_states`` index made colour-invariant.
         probe_images: held-out VQA-style scenes for the probes (three quarters train the probe,
             one quarter tests it).
         seed: seeds the tower's initialisation, the scenes, colours and probes.
@@ -84,7 +100,10 @@ class EncoderPretraining:
     learning_rate: float = 2e-3
     weight_decay: float = 0.05
     warmup_steps: int = 20
-    invariance_weight: float = 5.0
+    shape_layer: int = -2
+    colour_weight: float = 3.0
+    colour_layer: int = -2
+    invariance_weight: float = 0.0
     invariance_layer: int = -2
     probe_images: int = 400
     seed: int = 0
@@ -96,7 +115,8 @@ class EncoderPretraining:
         check_int(
             self.probe_images, "probe_images", minimum=8, hint="a quarter of them test the probe"
         )
-        check_int(self.invariance_layer, "invariance_layer", hint="a hidden_states index")
+        for name in ("shape_layer", "colour_layer", "invariance_layer"):
+            check_int(getattr(self, name), name, hint="a hidden_states index")
         check_int(self.seed, "seed")
         if self.image_size % self.patch_size:
             raise ValueError(
@@ -104,13 +124,14 @@ class EncoderPretraining:
             )
         if self.width % self.heads:
             raise ValueError(f"width={self.width} must be a multiple of heads={self.heads}")
-        if not -(self.blocks + 1) <= self.invariance_layer <= self.blocks:
-            raise ValueError(
-                f"invariance_layer={self.invariance_layer} must index hidden_states of a "
-                f"{self.blocks}-block tower (-{self.blocks + 1}..{self.blocks})"
-            )
+        for name in ("shape_layer", "colour_layer", "invariance_layer"):
+            if not -(self.blocks + 1) <= getattr(self, name) <= self.blocks:
+                raise ValueError(
+                    f"{name}={getattr(self, name)} must index hidden_states of a "
+                    f"{self.blocks}-block tower (-{self.blocks + 1}..{self.blocks})"
+                )
         check_positive_float(self.learning_rate, "learning_rate")
-        for name in ("weight_decay", "invariance_weight"):
+        for name in ("weight_decay", "colour_weight", "invariance_weight"):
             check_float(getattr(self, name), name, minimum=0)
         check_int(self.warmup_steps, "warmup_steps", minimum=0)
 
@@ -198,6 +219,22 @@ def recolour(masks: np.ndarray, colours: list[tuple[int, int, int]]) -> Image.Im
     return Image.fromarray(pixels)
 
 
+class RecolouredBatch(NamedTuple):
+    """What :func:`recoloured_batch` returns; rows ``i``, ``B + i``, ... of the per-view tensors
+    are the views of scene ``i`` (same layout, other colours).
+
+    Attributes:
+        pixel_values: ``[views * B, 3, S, S]``, processed for the tower.
+        shape_labels: ``[B, grid * grid]``: :func:`patch_labels`' shape per patch, raster order.
+        patch_colours: ``[views * B, grid * grid, 3]``: RGB in ``[-1, 1]`` of the object
+            covering each patch, white (``1, 1, 1``) for background patches.
+    """
+
+    pixel_values: Tensor
+    shape_labels: Tensor
+    patch_colours: Tensor
+
+
 def recoloured_batch(
     rng: random.Random,
     config: EncoderPretraining,
@@ -205,24 +242,27 @@ def recoloured_batch(
     spec: SceneSpec,
     *,
     views: int = 2,
-) -> tuple[Tensor, Tensor]:
-    """``batch_size`` scenes, each in ``views`` random colourings.
-
-    Returns:
-        ``(pixel_values [views * B, 3, S, S], shape_labels [B, grid * grid])``: rows ``i``,
-        ``B + i``, ... are the views of scene ``i`` (same layout, other colours).
-    """
+) -> RecolouredBatch:
+    """``batch_size`` scenes, each in ``views`` random colourings."""
+    check_positive_int(views, "views")
     images: list[list[Image.Image]] = [[] for _ in range(views)]
+    colours: list[list[Tensor]] = [[] for _ in range(views)]
     labels = []
     for _ in range(config.batch_size):
         scene = sample_scene(rng, spec)
         masks = object_masks(scene, config.image_size)
-        for view in images:
-            view.append(recolour(masks, [random_colour(rng) for _ in scene.objects]))
-        labels.append(patch_labels(scene, masks, config.patch_size, spec.shapes)[0])
+        shape, owner = patch_labels(scene, masks, config.patch_size, spec.shapes)
+        for view_images, view_colours in zip(images, colours, strict=True):
+            drawn = [random_colour(rng) for _ in scene.objects]
+            view_images.append(recolour(masks, drawn))
+            # owner -1 (background) picks the last row: the background's white
+            palette = torch.tensor([*drawn, BACKGROUND], dtype=torch.float32) / 127.5 - 1
+            view_colours.append(palette[owner])
+        labels.append(shape)
     flat = [image for view in images for image in view]
     pixels = processor(images=flat, return_tensors="pt")["pixel_values"]
-    return pixels, torch.stack(labels)
+    patch_colours = torch.stack([colour for view in colours for colour in view])
+    return RecolouredBatch(pixels, torch.stack(labels), patch_colours)
 
 
 # ---------------------------------------------------------------------------- pretraining
@@ -234,13 +274,13 @@ class PretrainedEncoder:
 
     Attributes:
         model: the trained ``CLIPVisionModel`` (eval mode, frozen).
-        losses: ``(step, shape loss, invariance loss)`` every tenth of the run.
+        losses: ``(step, shape loss, colour loss, invariance loss)`` every tenth of the run.
         shape_accuracy: per-patch shape accuracy (background or which shape) on held-out
             randomly coloured scenes; ``object_shape_accuracy``: the same on object patches only.
     """
 
     model: nn.Module
-    losses: list[tuple[int, float, float]]
+    losses: list[tuple[int, float, float, float]]
     shape_accuracy: float
     object_shape_accuracy: float
 
@@ -249,23 +289,26 @@ def _hidden_states(model: nn.Module, pixel_values: Tensor) -> tuple[Tensor, ...]
     return model(pixel_values=pixel_values, output_hidden_states=True).hidden_states
 
 
-def _shape_logits(model: nn.Module, head: nn.Linear, last: Tensor) -> Tensor:
+def _shape_logits(model: nn.Module, head: nn.Linear, hidden: Tensor) -> Tensor:
     """``[B, 1 + N, W] -> [B, N, classes]``: the head on the post-LayerNormed patch tokens."""
     core = getattr(model, "vision_model", model)  # transformers < 5.6 nests the modules
-    return head(core.post_layernorm(last[:, 1:]))
+    return head(core.post_layernorm(hidden[:, 1:]))
 
 
 def pretrain_encoder(
     config: EncoderPretraining, *, show_progress: bool = False
 ) -> PretrainedEncoder:
-    """Train a CLIP-style tower on per-patch shape classification of randomly coloured scenes,
-    with colour invariance at ``hidden_states[config.invariance_layer]``; deterministic by seed."""
+    """Train a CLIP-style tower on per-patch shape classification of randomly coloured scenes
+    at ``hidden_states[config.shape_layer]``, with per-patch colour reconstruction at ``hidden_states[config.colour_layer]`` and (if its
+    weight is not 0) colour invariance at ``hidden_states[config.invariance_layer]``;
+    deterministic by seed."""
     spec = SceneSpec()
     processor = image_processor(config.image_size)
-    # seeded with config.seed right before the tower is built, then the head
+    # seeded with config.seed right before the tower is built, then the heads
     model = tiny_vision_tower("clip", seed=config.seed, **config._tower_geometry())
     head = nn.Linear(config.width, 1 + len(spec.shapes))
-    parameters = [*model.parameters(), *head.parameters()]
+    colour_head = nn.Linear(config.width, 3)
+    parameters = [*model.parameters(), *head.parameters(), *colour_head.parameters()]
     optimizer = torch.optim.AdamW(
         parameters, lr=config.learning_rate, weight_decay=config.weight_decay
     )
@@ -274,35 +317,50 @@ def pretrain_encoder(
     )
     rng = random.Random(f"mmconnect.lab.encoder/{config.seed}/train")
     log_every = max(1, config.steps // 10)
-    losses: list[tuple[int, float, float]] = []
+    losses: list[tuple[int, float, float, float]] = []
     steps = range(1, config.steps + 1)
     if show_progress:
         from tqdm.auto import tqdm
 
         steps = tqdm(steps, desc="pretraining the lab encoder")
-    views = 2 if config.invariance_weight > 0 else 1  # the invariance compares two colourings
     model.train()
     for step in steps:
-        pixel_values, labels = recoloured_batch(rng, config, processor, spec, views=views)
-        hidden = _hidden_states(model, pixel_values)
-        logits = _shape_logits(model, head, hidden[-1])
-        shape_loss = _balanced_shape_loss(logits, labels.repeat(views, 1))
+        batch = recoloured_batch(rng, config, processor, spec)
+        hidden = _hidden_states(model, batch.pixel_values)
+        logits = _shape_logits(model, head, hidden[config.shape_layer])
+        shape_loss = _balanced_shape_loss(logits, batch.shape_labels.repeat(2, 1))
+        colour_loss = (
+            _colour_loss(hidden[config.colour_layer], colour_head, batch.patch_colours)
+            if config.colour_weight > 0
+            else torch.zeros(())
+        )
         invariance_loss = (
-            _invariance_loss(hidden[config.invariance_layer], labels, config.width)
-            if views == 2
+            _invariance_loss(hidden[config.invariance_layer], batch.shape_labels, config.width)
+            if config.invariance_weight > 0
             else torch.zeros(())
         )
         # Shape first: the invariance weight ramps up over the first half of the run, so the
         # invariance cannot be met by a representation that holds nothing.
         ramp = min(1.0, 2 * step / config.steps)
-        loss = shape_loss + ramp * config.invariance_weight * invariance_loss
+        loss = (
+            shape_loss
+            + config.colour_weight * colour_loss
+            + ramp * config.invariance_weight * invariance_loss
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
         schedule.step()
         if step % log_every == 0 or step == config.steps:
-            losses.append((step, round(shape_loss.item(), 5), round(invariance_loss.item(), 5)))
+            losses.append(
+                (
+                    step,
+                    round(shape_loss.item(), 5),
+                    round(colour_loss.item(), 5),
+                    round(invariance_loss.item(), 5),
+                )
+            )
     model.eval().requires_grad_(False)
     accuracy, object_accuracy = _shape_accuracy(model, head, config, processor, spec)
     return PretrainedEncoder(
@@ -325,6 +383,17 @@ def _balanced_shape_loss(logits: Tensor, labels: Tensor) -> Tensor:
     return sum(parts) / len(parts)
 
 
+def _colour_loss(hidden: Tensor, colour_head: nn.Linear, patch_colours: Tensor) -> Tensor:
+    """Mean squared error of every patch's colour read linearly from its standardised token,
+    ``[V * B, 1 + N, W], [V * B, N, 3] -> []``.
+
+    Standardised as the next block's LayerNorm sees the token, so colour must be a large part of
+    every token, not a small direction that a large head weight could still read.
+    """
+    tokens = F.layer_norm(hidden[:, 1:], hidden.shape[-1:])
+    return F.mse_loss(colour_head(tokens), patch_colours)
+
+
 def _invariance_loss(hidden: Tensor, labels: Tensor, width: int) -> Tensor:
     """Squared difference of the two views' object-patch tokens, ``[2B, 1 + N, W] -> []``.
 
@@ -345,9 +414,10 @@ def _shape_accuracy(
 ) -> tuple[float, float]:
     rng = random.Random(f"mmconnect.lab.encoder/{config.seed}/heldout")
     evaluation = dataclasses.replace(config, batch_size=64)
-    pixel_values, labels = recoloured_batch(rng, evaluation, processor, spec)
-    predictions = _shape_logits(model, head, _hidden_states(model, pixel_values)[-1]).argmax(-1)
-    labels = labels.repeat(2, 1)
+    batch = recoloured_batch(rng, evaluation, processor, spec)
+    hidden = _hidden_states(model, batch.pixel_values)
+    predictions = _shape_logits(model, head, hidden[config.shape_layer]).argmax(-1)
+    labels = batch.shape_labels.repeat(2, 1)
     right = predictions == labels
     return float(right.float().mean()), float(right[labels > 0].float().mean())
 
@@ -421,6 +491,34 @@ def probe_accuracy(features: Tensor, labels: Tensor, train: Tensor) -> list[floa
     rounded to 4 digits."""
     accuracy = linear_probe(features[:, train], labels[train], features[:, ~train], labels[~train])
     return [round(float(value), 4) for value in accuracy]
+
+
+def variance_share(features: Tensor, labels: Tensor) -> list[float]:
+    """Share of the variance of ``features`` that ``labels`` explain, per row, rounded to 4 digits.
+
+    Between-class variance over total variance (summed over the feature dimensions): 1 when the
+    features are one point per class, 0 when the class means coincide. A linear probe can read a
+    class from a direction that carries almost none of the variance; this says how large that
+    direction is, which is what an LLM trained through a projector has to find.
+
+    Args:
+        features: ``[rows, samples, D]`` (e.g. one row per layer) or ``[samples, D]``.
+        labels: ``[samples]`` class indices.
+
+    Returns:
+        One share per row (one value for ``[samples, D]``).
+    """
+    single = features.dim() == 2
+    features = features[None] if single else features
+    features = features.double()
+    centred = features - features.mean(1, keepdim=True)
+    total = centred.pow(2).sum((1, 2))
+    between = torch.zeros_like(total)
+    for label in labels.unique():
+        members = labels == label
+        between += members.sum() * centred[:, members].mean(1).pow(2).sum(-1)
+    shares = [round(float(value), 4) for value in between / total.clamp_min(1e-12)]
+    return shares[:1] if single else shares
 
 
 def probe_layers(model: nn.Module, config: EncoderPretraining) -> dict[str, list[float]]:

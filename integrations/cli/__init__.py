@@ -11,7 +11,7 @@ One module per command, each with ``add_arguments(subparsers)`` and ``run(argume
 * ``mmconnect demo`` (:mod:`~mmconnect.integrations.cli.demo`) trains the baseline and a Dense
   Connector LLaVA on synthetic VQA in minutes on a CPU and compares their held-out accuracy;
 * ``mmconnect lab`` (:mod:`~mmconnect.integrations.cli.lab`) trains the baseline, STI, SCI, DCI and
-  efficient-DCI connectors over seeds on a pretrained tower whose last layers lose colour and
+  efficient-DCI connectors over seeds on a pretrained tower whose last layers hold less colour and
   reports accuracy per question type as mean +- std;
 * ``mmconnect train --config FILE.yaml`` (:mod:`~mmconnect.integrations.cli.train`) runs both
   training stages from one file;

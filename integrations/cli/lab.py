@@ -1,6 +1,6 @@
 """``mmconnect lab``: train the baseline, STI, SCI, DCI and efficient-DCI connectors, and any
 ``<fusion>+<projector kind>`` of the connector zoo, over seeds on a pretrained tower whose last
-layers lose colour and report accuracy per question type as mean +- std
+layers hold less colour than its shallow ones and report accuracy per question type as mean +- std
 (:mod:`mmconnect.integrations.applications.lab`). Needs the ``hf`` extra."""
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ def add_arguments(subparsers: argparse._SubParsersAction) -> None:
     lab = subparsers.add_parser(
         "lab",
         help="compare connectors (the five presets, any zoo projector behind their fusions) over "
-        "seeds on a detail-losing pretrained tower",
+        "seeds on a pretrained tower whose last layers hold less colour than its shallow ones",
     )
     lab.add_argument("--output", default="mmconnect-lab", help="output directory")
-    lab.add_argument("--seeds", default=None, help="comma-separated seeds (default: 0,1,2)")
+    lab.add_argument("--seeds", default=None, help="comma-separated seeds (default: 0,1,2,3,4)")
     lab.add_argument(
         "--connectors",
         default=None,
