@@ -298,10 +298,13 @@ def _shape_logits(model: nn.Module, head: nn.Linear, hidden: Tensor) -> Tensor:
 def pretrain_encoder(
     config: EncoderPretraining, *, show_progress: bool = False
 ) -> PretrainedEncoder:
-    """Train a CLIP-style tower on per-patch shape classification of randomly coloured scenes
-    at ``hidden_states[config.shape_layer]``, with per-patch colour reconstruction at ``hidden_states[config.colour_layer]`` and (if its
-    weight is not 0) colour invariance at ``hidden_states[config.invariance_layer]``;
-    deterministic by seed."""
+    """Train a CLIP-style tower on randomly coloured scenes; deterministic by seed.
+
+    The objectives: per-patch shape classification at ``hidden_states[config.shape_layer]``,
+    per-patch colour reconstruction at ``hidden_states[config.colour_layer]`` (weight
+    ``config.colour_weight``) and, when ``config.invariance_weight`` is not 0, colour invariance
+    at ``hidden_states[config.invariance_layer]``.
+    """
     spec = SceneSpec()
     processor = image_processor(config.image_size)
     # seeded with config.seed right before the tower is built, then the heads
@@ -506,7 +509,7 @@ def variance_share(features: Tensor, labels: Tensor) -> list[float]:
         labels: ``[samples]`` class indices.
 
     Returns:
-        One share per row (one value for ``[samples, D]``).
+        One share per row (a one-element list for ``[samples, D]``).
     """
     single = features.dim() == 2
     features = features[None] if single else features
