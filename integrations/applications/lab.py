@@ -80,9 +80,9 @@ LAB_PRESETS: dict[str, str] = {
     "dci-efficient": "dc-dci-clip-l-336-efficient",
 }
 #: Stage 2 and the held-out questions: LLaVA-1.5's ``vicuna_v1`` turns without its system prompt.
-#: The prompt's 29 tokens are a fixed prefix of every conversation, a quarter of its text tokens;
-#: the lab's random LLM learns nothing from them, and leaving them out makes a run about 10 %
-#: cheaper (docs/lab.md, the diagnosis).
+#: The prompt's 29 tokens, a quarter of a conversation's text tokens, are the same in every
+#: conversation and tell the random LLM nothing; leaving them out makes a run about 10 % cheaper
+#: (docs/lab.md, the diagnosis).
 LAB_TEMPLATE = dataclasses.replace(get_template("vicuna_v1"), name="vicuna_v1_no_system", system="")
 #: Tower depth of the CLIP-L/336 presets.
 PRESET_BLOCKS = 24
