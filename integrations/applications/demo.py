@@ -600,6 +600,25 @@ def _train_in_processes(
         return {kind: future.result() for kind, future in futures.items()}
 
 
+def dataset_arguments(model: nn.Module, tokenizer: Any, files: Any) -> dict[str, Any]:
+    """The :class:`LlavaDataset` keyword arguments of a demo model on the synthetic data set
+    ``files``: its image folder, ``tokenizer``, a ``CLIPImageProcessor`` at the model's tower
+    size (a local tower may expect another size than the data's) and the model's image tokens.
+    """
+    from transformers import CLIPImageProcessor
+
+    side = model.config.vision_config.image_size
+    return {
+        "image_folder": files.root,
+        "tokenizer": tokenizer,
+        "image_processor": CLIPImageProcessor(
+            size={"shortest_edge": side}, crop_size={"height": side, "width": side}
+        ),
+        "image_tokens": family_model(model).image_token_count(),
+        "image_token_id": model.config.image_token_id,
+    }
+
+
 def train_connector(
     kind: str,
     config: DemoConfig,
@@ -619,23 +638,11 @@ def train_connector(
         "stage2_losses": [(step, loss), ...], "model_dir", "stage_configs": [stage 1's and
         stage 2's StageConfig as dicts]}``.
     """
-    from transformers import CLIPImageProcessor
-
     output = Path(config.output_dir)
     eval_records = json.loads(Path(files.eval).read_text())
     model = build_demo_model(kind, config, tokenizer, connector=connector)
-    tokens = family_model(model).image_token_count()
-    side = model.config.vision_config.image_size  # a local tower may expect another size
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": side}, crop_size={"height": side, "width": side}
-    )
-    data = {
-        "image_folder": files.root,
-        "tokenizer": tokenizer,
-        "image_processor": image_processor,
-        "image_tokens": tokens,
-        "image_token_id": model.config.image_token_id,
-    }
+    data = dataset_arguments(model, tokenizer, files)
+    tokens, image_processor = data["image_tokens"], data["image_processor"]
     collator = DataCollator.from_tokenizer(tokenizer)
     align = _stage(
         "align", output / kind / "stage1", config.stage1_steps, config, config.stage1_learning_rate

@@ -1062,11 +1062,8 @@ def train_lab_run(
         "stage2_losses": [(step, loss), ...], "model_dir", "stage_configs", "connector",
         "seconds"}``.
     """
-    from transformers import CLIPImageProcessor
-
-    from mmconnect.integrations.applications.demo import build_demo_model
+    from mmconnect.integrations.applications.demo import build_demo_model, dataset_arguments
     from mmconnect.integrations.families.llava import DenseLlavaProcessor
-    from mmconnect.integrations.families.protocol import family_model
     from mmconnect.integrations.training.data import DataCollator, LlavaDataset
     from mmconnect.integrations.training.stages import train_stage
 
@@ -1074,23 +1071,13 @@ def train_lab_run(
     demo = config.demo_config(seed, encoder_dir)
     model = build_demo_model(kind, demo, tokenizer, connector=connector)
     torch_default_init(model.connector, seed)
-    tokens = family_model(model).image_token_count()
-    side = config.encoder.image_size
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": side}, crop_size={"height": side, "width": side}
-    )
-    data = {
-        "image_folder": files.root,
-        "tokenizer": tokenizer,
-        "image_processor": image_processor,
-        "image_tokens": tokens,
-        "image_token_id": model.config.image_token_id,
-    }
+    data = dataset_arguments(model, tokenizer, files)
+    tokens = data["image_tokens"]
     collator = DataCollator.from_tokenizer(tokenizer)
     first, second = _stage_configs(config, seed, Path(demo.output_dir) / kind)
     # Saved with each stage's model in one atomic step: each stage folder loads alone.
     processor = DenseLlavaProcessor(
-        image_processor,
+        data["image_processor"],
         tokenizer,
         patch_size=config.encoder.patch_size,
         connector=model.connector.config,
