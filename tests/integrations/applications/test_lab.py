@@ -149,7 +149,7 @@ def test_demo_config_of_a_seed_is_the_same_for_every_connector(tmp_path):
     config = LabConfig(output_dir=str(tmp_path), seeds=(3, 4))
     demo = config.demo_config(4, tmp_path / "encoder")
     assert demo.seed == 4 and demo.vision_path == str(tmp_path / "encoder")
-    assert (demo.stage1_steps, demo.stage2_steps, demo.batch_size) == (40, 400, 32)
+    assert (demo.stage1_steps, demo.stage2_steps, demo.batch_size) == (200, 600, 16)
     assert demo.output_dir == str(tmp_path / "runs" / "seed-4")
     assert demo.connectors == tuple(LAB_PRESETS)
 
@@ -221,13 +221,13 @@ def test_stage_configs_are_the_same_for_every_connector_and_follow_stage1_trains
 
     config = LabConfig(output_dir=str(tmp_path), stage2_steps=700, batch_size=4)
     first, second = _stage_configs(config, 3, tmp_path / "dci")
-    assert (first.stage, first.max_steps, first.learning_rate) == ("align", 40, 1e-3)
+    assert (first.stage, first.max_steps, first.learning_rate) == ("instruct", 200, 2e-3)
     assert (second.stage, second.max_steps, second.learning_rate) == ("instruct", 700, 2e-3)
     assert second.connector_learning_rate == 2e-3 and second.seed == 3
     assert first.per_device_train_batch_size == second.per_device_train_batch_size == 4
     assert second.output_dir == str(tmp_path / "dci" / "stage2")
-    trained = dataclasses.replace(config, stage1_trains_llm=True)
-    assert _stage_configs(trained, 3, tmp_path / "dci")[0].stage == "instruct"
+    frozen_llm = dataclasses.replace(config, stage1_trains_llm=False)
+    assert _stage_configs(frozen_llm, 3, tmp_path / "dci")[0].stage == "align"
     with pytest.raises(TypeError, match="stage1_trains_llm must be a bool"):
         LabConfig(stage1_trains_llm=1)
 
