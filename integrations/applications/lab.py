@@ -507,6 +507,58 @@ def summarize(runs: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str,
     return summary
 
 
+def above_prior(
+    summary: dict[str, dict[str, dict[str, Any]]], text_prior: dict[str, float]
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per connector and question type: in how many seeds the accuracy beat the text-only prior
+    (:func:`text_prior_accuracy`, the best an LLM that ignores the image can do), and by how much
+    on average. A type is learned from the image when every seed beats the prior: a mean alone
+    can hide seeds that learned nothing.
+
+    Args:
+        summary: :func:`summarize`'s output.
+        text_prior: ``{question type | "all": fraction}``; types it lacks are left out.
+
+    Returns:
+        ``{connector: {question type: {"seeds_above", "seeds", "mean_difference"}}}``; a seed
+        equal to the prior is not above it; ``mean_difference`` is a fraction (mean - prior).
+    """
+    result: dict[str, dict[str, dict[str, Any]]] = {}
+    for kind, by_type in summary.items():
+        result[kind] = {}
+        for question_type, entry in by_type.items():
+            if question_type not in text_prior:
+                continue
+            prior = text_prior[question_type]
+            result[kind][question_type] = {
+                "seeds_above": sum(value > prior for value in entry["values"]),
+                "seeds": len(entry["values"]),
+                "mean_difference": entry["mean"] - prior,
+            }
+    return result
+
+
+def above_prior_table(results: dict[str, Any]) -> str:
+    """Per connector and question type: seeds above the text-only prior and the mean
+    difference in points (:func:`above_prior`)."""
+    comparison = results["above_prior"]
+    types = _question_types(results["summary"])
+    lines = [
+        "| connector | " + " | ".join(types) + " |",
+        "| --- | " + " | ".join(["---:"] * len(types)) + " |",
+    ]
+    for kind, by_type in comparison.items():
+        cells = [
+            f"{by_type[t]['seeds_above']}/{by_type[t]['seeds']}, "
+            f"{100 * by_type[t]['mean_difference']:+.1f}"
+            if t in by_type
+            else "–"
+            for t in types
+        ]
+        lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 #: Significance level of the lab's paired tests, after Holm's correction over the family of
 #: every (connector, question type) comparison with the reference.
 SIGNIFICANCE_LEVEL = 0.05
@@ -756,6 +808,11 @@ def results_markdown(results: dict[str, Any]) -> str:
             "",
             accuracy_table(results),
             "",
+            "Against the text-only prior (seeds above it, of all; mean difference in points): "
+            "a question type is learned from the image when every seed beats the prior.",
+            "",
+            above_prior_table(results),
+            "",
             *_statistics_section(results),
             "## Encoder",
             "",
@@ -775,9 +832,11 @@ def results_markdown(results: dict[str, Any]) -> str:
             "",
             "## Budget (every connector, every seed)",
             "",
-            f"{config['num_train_images']} training images, stage 1: {config['stage1_steps']} "
-            f"steps at lr {config['stage1_learning_rate']:g}, stage 2: {config['stage2_steps']} "
-            f"steps at lr {config['stage2_learning_rate']:g}, batch {config['batch_size']}, "
+            f"{config['num_train_images']} training images, stage 1 (captions, "
+            f"{'connector and LLM' if config['stage1_trains_llm'] else 'connector only'}): "
+            f"{config['stage1_steps']} steps at lr {config['stage1_learning_rate']:g}, stage 2 "
+            f"(questions, connector and LLM): {config['stage2_steps']} steps at lr "
+            f"{config['stage2_learning_rate']:g}, batch {config['batch_size']}, "
             f"cosine schedule; LLM: Llama-style, {config['llm_blocks']} blocks, width "
             f"{config['llm_width']}, random, the same initial weights for every connector of a "
             "seed.",
@@ -1281,6 +1340,7 @@ def _run_lab(config: LabConfig) -> dict[str, Any]:
             question_counts.get(record["question_type"], 0) + 1
         )
     summary = summarize(runs)
+    text_prior = text_prior_accuracy(files.stage2, files.eval)
     results: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "config": config.to_dict(),
@@ -1288,7 +1348,7 @@ def _run_lab(config: LabConfig) -> dict[str, Any]:
         "projectors": {kind: connectors[kind].projector.to_dict() for kind in config.connectors},
         "visual_tokens": visual_tokens,
         "num_eval_questions": len(eval_records),
-        "text_prior": text_prior_accuracy(files.stage2, files.eval),
+        "text_prior": text_prior,
         "eval_question_counts": question_counts,
         "encoder": {
             "shape_accuracy": encoder.shape_accuracy,
@@ -1301,6 +1361,7 @@ def _run_lab(config: LabConfig) -> dict[str, Any]:
         "runs": runs,
         "jobs": lab_jobs(config),
         "summary": summary,
+        "above_prior": above_prior(summary, text_prior),
         "statistics": compare_connectors(summary, reference_connector(config.connectors)),
         "seconds": {
             "encoder": round(encoder_seconds, 1),

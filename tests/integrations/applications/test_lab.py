@@ -32,6 +32,8 @@ from mmconnect.integrations.applications.lab import (
     LAB_PRESETS,
     LAB_PROJECTOR_SPECS,
     LabConfig,
+    above_prior,
+    above_prior_table,
     accuracy_table,
     compare_connectors,
     comparison_table,
@@ -526,6 +528,29 @@ def test_summarize_gives_the_mean_and_sample_std_over_seeds():
     assert summary["baseline"] == {"all": {"values": [0.125], "mean": 0.125, "std": None}}
 
 
+def test_above_prior_counts_the_seeds_that_beat_the_text_only_prior():
+    runs = {
+        "baseline": {
+            "0": {"accuracy": {"colour": 0.30, "count": 0.70, "all": 0.50}},
+            "1": {"accuracy": {"colour": 0.20, "count": 0.60, "all": 0.40}},
+            "2": {"accuracy": {"colour": 0.25, "count": 0.80, "all": 0.45}},
+        }
+    }
+    prior = {"colour": 0.25, "count": 0.60, "all": 0.42, "shape": 0.33}
+    comparison = above_prior(summarize(runs), prior)
+    # A seed equal to the prior (colour 0.25, count 0.60) is not above it; "shape" has no runs.
+    assert comparison["baseline"]["colour"]["seeds_above"] == 1
+    assert comparison["baseline"]["count"]["seeds_above"] == 2
+    assert comparison["baseline"]["all"]["seeds_above"] == 2
+    assert comparison["baseline"]["colour"]["mean_difference"] == pytest.approx(0.0)
+    assert comparison["baseline"]["count"]["mean_difference"] == pytest.approx(0.1)
+    assert set(comparison["baseline"]) == {"colour", "count", "all"}
+    assert comparison["baseline"]["colour"]["seeds"] == 3
+    table = above_prior_table({"above_prior": comparison, "summary": summarize(runs)})
+    assert table.splitlines()[0] == "| connector | colour | count | all |"
+    assert table.splitlines()[2] == "| baseline | 1/3, +0.0 | 2/3, +10.0 | 2/3, +3.0 |"
+
+
 def test_summarize_refuses_runs_with_different_question_types():
     runs = {"sci": {"0": {"accuracy": {"all": 0.5, "count": 1.0}}, "1": {"accuracy": {"all": 0.5}}}}
     with pytest.raises(
@@ -843,6 +868,7 @@ def test_quick_lab_writes_the_markdown_table_and_charts(quick_lab):
         row = next(line for line in markdown.splitlines() if line.startswith(f"| {kind} |"))
         assert row.endswith(f"| {cell} |"), row
     assert re.search(r"\| colour \| [\d.]+ \|", markdown)  # the probe table
+    assert "stage 1 (captions, connector and LLM): 2 steps" in markdown  # quick: the LLM too
     for name in ("accuracy.png", "encoder_probe.png"):
         assert (quick_lab / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -862,6 +888,11 @@ def test_quick_lab_tests_every_connector_against_the_baseline(quick_lab):
     assert significance_summary(tests) in markdown
     assert comparison_table(tests) in markdown
     assert significance_summary(tests) in (quick_lab / "stdout.txt").read_text()
+    # Every connector against the text-only prior, from the same per-seed accuracies.
+    assert results["above_prior"] == json.loads(
+        json.dumps(above_prior(results["summary"], results["text_prior"]))
+    )
+    assert above_prior_table(results) in markdown
 
 
 @pytest.mark.slow
