@@ -947,13 +947,13 @@ def test_pretraining_objectives_set_how_much_colour_the_read_layer_keeps():
     shape_only, _ = measured(dataclasses.replace(config, colour_weight=0.0))
     assert shape_only[0] - shape_only[-2] > 0.05  # measured: 0.30 -> 0.19
     with_colour, probe = measured(config)
-    assert with_colour[-2] - shape_only[-2] > 0.15  # measured: 0.47 against 0.19
-    assert min(probe) > 0.95  # measured: 0.996
+    assert with_colour[-2] - shape_only[-2] > 0.15  # measured (weight 6): 0.46 against 0.19
+    assert min(probe) > 0.95  # measured: 0.992
     invariant = dataclasses.replace(
         config, shape_layer=-1, colour_weight=0.0, invariance_weight=5.0
     )
     _, dropped = measured(invariant)
-    assert dropped[0] - dropped[-2] > 0.2  # measured: 0.98 -> 0.57
+    assert dropped[0] - dropped[-2] > 0.2  # measured: 0.98 -> 0.59
     assert dropped[0] > 0.9
 
 
