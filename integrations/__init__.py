@@ -27,6 +27,7 @@ imports and the modules that need only the core (the LLaVA and Mini-Gemini codeb
 nothing is registered and :data:`REGISTRATION_ERROR` says why. ``pip install "mmconnect[hf]"``
 adds what the Dense models need.
 """
+
 from __future__ import annotations
 
 import warnings

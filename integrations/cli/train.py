@@ -11,7 +11,9 @@ def add_arguments(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``train`` command."""
     train = subparsers.add_parser("train", help="run both training stages from one YAML file")
     train.add_argument(
-        "--config", required=True, help="the run's YAML file (see mmconnect.integrations.training.run_file)"
+        "--config",
+        required=True,
+        help="the run's YAML file (see mmconnect.integrations.training.run_file)",
     )
     train.add_argument(
         "--overwrite",

@@ -134,7 +134,9 @@ class DenseFamilyModel(abc.ABC):
     # ------------------------------------------------------------------ video frames
     def frame_pixel_values(self, image_processor: Any, images: list[Image.Image]) -> Tensor:
         """Each frame preprocessed as one image of the model's input size: ``[T, 3, H, W]``."""
-        pixels = torch.as_tensor(image_processor(images=images, return_tensors="pt")["pixel_values"])
+        pixels = torch.as_tensor(
+            image_processor(images=images, return_tensors="pt")["pixel_values"]
+        )
         return pixels
 
     def frame_features(self, pixel_values: Tensor) -> Tensor:

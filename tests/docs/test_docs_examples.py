@@ -39,5 +39,6 @@ def isolated_registries(monkeypatch):
 def test_python_examples_run(page: Path, capsys, isolated_registries):
     namespace: dict = {"__name__": f"docs_example_{page.stem}"}
     for block in PYTHON_BLOCK.findall(page.read_text()):
-        # dont_inherit: the page runs as a user's script would, without this module's __future__ flags
-        exec(compile(block, str(page), "exec", dont_inherit=True), namespace)  # blocks share one namespace
+        # dont_inherit: the page runs as a user's script would, without this module's __future__
+        # flags; the blocks share one namespace
+        exec(compile(block, str(page), "exec", dont_inherit=True), namespace)

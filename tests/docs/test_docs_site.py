@@ -115,7 +115,8 @@ def test_no_api_page_for_a_missing_module(folder, package, api_dir):
     stale = sorted(
         page.relative_to(ROOT).as_posix()
         for page in api_dir.rglob("*.md")
-        if page not in expected and page != top_index
+        if page not in expected
+        and page != top_index
         and not (package == "mmconnect" and page.is_relative_to(DOCS / "api" / "integrations"))
     )
     assert not stale, f"API pages for modules that do not exist in {package}: {stale}"
