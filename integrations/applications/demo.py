@@ -25,7 +25,6 @@ import logging
 import os
 import sys
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -405,19 +404,45 @@ def build_demo_model(
 # ---------------------------------------------------------------------------- evaluation
 
 
-@torch.no_grad()
-def answer_accuracy(
-    model: nn.Module, dataset: LlavaDataset, question_types: list[str], batch_size: int = 32
-) -> dict[str, float]:
-    """Exact-answer accuracy per question type (and ``"all"``) on ``dataset``.
+def exact_answers(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int) -> list[bool]:
+    """Per row: does the argmax of ``logits`` give every supervised token of ``labels``?
 
-    An answer counts when the model's argmax at every supervised position (the answer tokens,
-    not the end marker) equals the reference: exactly what greedy decoding would produce.
+    ``logits [B, L, V]`` at position ``t`` predict the token at ``t + 1``; ``labels [B, L]``
+    hold the supervised tokens (answer tokens and the end marker) and ``ignore_index``
+    elsewhere. A row without supervised tokens counts as wrong.
+    """
+    predictions = logits[:, :-1].argmax(dim=-1)
+    targets = labels[:, 1:]
+    supervised = targets != ignore_index
+    return [
+        bool(mask.any()) and bool((prediction[mask] == target[mask]).all())
+        for prediction, target, mask in zip(predictions, targets, supervised, strict=True)
+    ]
+
+
+@torch.no_grad()
+def exact_answer_accuracy(
+    model: torch.nn.Module, dataset: Any, question_types: list[str], batch_size: int = 32
+) -> dict[str, float]:
+    """Exact-answer accuracy per question type (and ``"all"``) of single-turn ``dataset``.
+
+    An answer counts when the model's argmax at every supervised position equals the
+    reference: every answer token *and the end marker* after it, which is what greedy decoding
+    must produce to give exactly the answer and stop. The end marker matters because the word
+    tokenizer splits hyphenated answers (``bottom-right`` is ``bottom``, ``-``, ``right``):
+    without it, a model that always starts a position answer with ``bottom`` would score on
+    every question whose answer starts with ``bottom`` (in the lab, a scorer without the end
+    marker gave such a model 28.3 % on position questions where the text-only prior is 11.7 %).
+
+    Args:
+        model: the Dense LLaVA, ``[B, L]`` token ids and ``[B, 3, S, S]`` pixels in.
+        dataset: a :class:`~mmconnect.integrations.training.data.LlavaDataset` of one question
+            per record.
+        question_types: the type of each record, in order.
     """
     model.eval()
     collator = DataCollator.from_tokenizer(dataset.encoder.tokenizer)
-    eos = dataset.encoder.tokenizer.eos_token_id
-    correct: dict[str, list[bool]] = defaultdict(list)
+    correct: dict[str, list[bool]] = {}
     for start in range(0, len(dataset), batch_size):
         indices = range(start, min(start + batch_size, len(dataset)))
         batch = collator([dataset[index] for index in indices])
@@ -426,13 +451,10 @@ def answer_accuracy(
             attention_mask=batch["attention_mask"],
             pixel_values=batch["pixel_values"],
         ).logits
-        predictions = logits[:, :-1].argmax(dim=-1)
-        targets = batch["labels"][:, 1:]
-        answer = (targets != IGNORE_INDEX) & (targets != eos)
-        for row, index in enumerate(indices):
-            right = bool((predictions[row][answer[row]] == targets[row][answer[row]]).all())
-            correct[question_types[index]].append(right)
-            correct["all"].append(right)
+        rights = exact_answers(logits, batch["labels"], ignore_index=IGNORE_INDEX)
+        for right, index in zip(rights, indices, strict=True):
+            for key in (question_types[index], "all"):
+                correct.setdefault(key, []).append(right)
     return {kind: sum(values) / len(values) for kind, values in sorted(correct.items())}
 
 
@@ -683,7 +705,7 @@ def train_connector(
         processor=processor,
     )
     evaluation = LlavaDataset.from_json(files.eval, template="vicuna_v1", **data)
-    accuracy = answer_accuracy(
+    accuracy = exact_answer_accuracy(
         stage2.model, evaluation, [record["question_type"] for record in eval_records]
     )
     return {

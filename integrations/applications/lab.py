@@ -450,8 +450,8 @@ def text_prior_accuracy(stage2: str | Path, evaluation: str | Path) -> dict[str,
     never asked in training counts as wrong). What an LLM that ignores the image can learn.
 
     Returns:
-        ``{question type | "all": fraction}``, as :func:`~mmconnect.integrations.demo.
-        answer_accuracy`.
+        ``{question type | "all": fraction}``, as
+        :func:`~mmconnect.integrations.applications.demo.exact_answer_accuracy`.
     """
     answers: dict[str, dict[str, int]] = {}
     for record in json.loads(Path(stage2).read_text()):
@@ -1005,63 +1005,6 @@ def _stage_configs(config: LabConfig, seed: int, run_dir: Path) -> tuple[Any, An
     )
 
 
-def exact_answers(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int) -> list[bool]:
-    """Per row: does the argmax of ``logits`` give every supervised token of ``labels``?
-
-    ``logits [B, L, V]`` at position ``t`` predict the token at ``t + 1``; ``labels [B, L]``
-    hold the supervised tokens (answer tokens and the end marker) and ``ignore_index``
-    elsewhere. A row without supervised tokens counts as wrong.
-    """
-    predictions = logits[:, :-1].argmax(dim=-1)
-    targets = labels[:, 1:]
-    supervised = targets != ignore_index
-    return [
-        bool(mask.any()) and bool((prediction[mask] == target[mask]).all())
-        for prediction, target, mask in zip(predictions, targets, supervised, strict=True)
-    ]
-
-
-@torch.no_grad()
-def exact_answer_accuracy(
-    model: torch.nn.Module, dataset: Any, question_types: list[str], batch_size: int = 32
-) -> dict[str, float]:
-    """Exact-answer accuracy per question type (and ``"all"``) of single-turn ``dataset``.
-
-    An answer counts when the model's argmax at every supervised position equals the
-    reference: every answer token *and the end marker* after it, which is what greedy decoding
-    must produce to give exactly the answer and stop. The end marker matters because the word
-    tokenizer splits hyphenated answers (``bottom-right`` is ``bottom``, ``-``, ``right``):
-    without it, a model that would answer ``bottom-right`` scores on every ``bottom`` question
-    (the demo's :func:`~mmconnect.integrations.applications.demo.answer_accuracy` leaves the end
-    marker out; on position questions that gave one constant answer 28.3 % where the text-only
-    prior is 11.7 %).
-
-    Args:
-        model: the Dense LLaVA, ``[B, L]`` token ids and ``[B, 3, S, S]`` pixels in.
-        dataset: a :class:`~mmconnect.integrations.training.data.LlavaDataset` of one question
-            per record.
-        question_types: the type of each record, in order.
-    """
-    from mmconnect.integrations.training.data import IGNORE_INDEX, DataCollator
-
-    model.eval()
-    collator = DataCollator.from_tokenizer(dataset.encoder.tokenizer)
-    correct: dict[str, list[bool]] = {}
-    for start in range(0, len(dataset), batch_size):
-        indices = range(start, min(start + batch_size, len(dataset)))
-        batch = collator([dataset[index] for index in indices])
-        logits = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            pixel_values=batch["pixel_values"],
-        ).logits
-        rights = exact_answers(logits, batch["labels"], ignore_index=IGNORE_INDEX)
-        for right, index in zip(rights, indices, strict=True):
-            for key in (question_types[index], "all"):
-                correct.setdefault(key, []).append(right)
-    return {kind: sum(values) / len(values) for kind, values in sorted(correct.items())}
-
-
 class CachedSamples(torch.utils.data.Dataset):
     """``dataset[i]`` read once per run and kept: stage 2 passes over its conversations about
     three times, and decoding the image and tokenizing the turns again each time costs about a
@@ -1116,14 +1059,19 @@ def train_lab_run(
     """One run: the small Dense LLaVA of ``connector`` on the lab's tower
     (:func:`~mmconnect.integrations.applications.demo.build_demo_model`: the seed's LLM, the same
     for every connector), both stages (built by the private ``_stage_configs``) and the held-out score
-    (:func:`exact_answer_accuracy`: every answer token and the end marker).
+    (:func:`~mmconnect.integrations.applications.demo.exact_answer_accuracy`: every answer token
+    and the end marker).
 
     Returns:
         ``{"visual_tokens", "accuracy": {question type | "all": fraction}, "stage1_losses",
         "stage2_losses": [(step, loss), ...], "model_dir", "stage_configs", "connector",
         "seconds"}``.
     """
-    from mmconnect.integrations.applications.demo import build_demo_model, dataset_arguments
+    from mmconnect.integrations.applications.demo import (
+        build_demo_model,
+        dataset_arguments,
+        exact_answer_accuracy,
+    )
     from mmconnect.integrations.families.llava import DenseLlavaProcessor
     from mmconnect.integrations.training.data import DataCollator, LlavaDataset
     from mmconnect.integrations.training.stages import train_stage

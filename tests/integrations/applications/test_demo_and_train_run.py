@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from mmconnect.integrations.applications.demo import DemoConfig, run_demo
@@ -546,3 +547,31 @@ def test_a_demo_rerun_replaces_its_own_files_and_keeps_the_users(tmp_path):
     assert "data/images/train_00005.png" not in marker["files"]
     assert "data/images/mine.png" not in marker["files"]
     assert len(json.loads((tmp_path / "data" / "stage1.json").read_text())) == 3
+
+
+def test_exact_answers_need_every_answer_token_and_the_end_marker():
+    from mmconnect.integrations.applications.demo import exact_answers
+
+    # Vocabulary: 0 pad, 1 "bottom", 2 "-", 3 "right", 4 end marker. Labels: -100 outside the
+    # answer; position t of the logits predicts token t + 1.
+    def logits_for(tokens: list[int]) -> torch.Tensor:
+        return torch.nn.functional.one_hot(torch.tensor(tokens), 5).float()
+
+    ignore = -100
+    labels = torch.tensor(
+        [
+            [0, 1, 4, ignore, ignore],  # gold "bottom" + end
+            [0, 1, 4, ignore, ignore],  # gold "bottom" + end
+            [0, 1, 2, 3, 4],  # gold "bottom-right" + end
+            [0, ignore, ignore, ignore, ignore],  # nothing supervised
+        ]
+    )
+    logits = torch.stack(
+        [
+            logits_for([1, 4, 0, 0, 0]),  # "bottom", end: right
+            logits_for([1, 2, 0, 0, 0]),  # "bottom" then "-" (would say bottom-...): wrong
+            logits_for([1, 2, 3, 4, 0]),  # "bottom-right", end: right
+            logits_for([1, 4, 0, 0, 0]),
+        ]
+    )
+    assert exact_answers(logits, labels, ignore_index=ignore) == [True, False, True, False]

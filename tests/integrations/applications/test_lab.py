@@ -631,34 +631,6 @@ def test_compare_connectors_needs_two_seeds_and_another_connector():
     assert reference_connector(("dci", "sci")) == "dci"
 
 
-def test_exact_answers_need_every_answer_token_and_the_end_marker():
-    from mmconnect.integrations.applications.lab import exact_answers
-
-    # Vocabulary: 0 pad, 1 "bottom", 2 "-", 3 "right", 4 end marker. Labels: -100 outside the
-    # answer; position t of the logits predicts token t + 1.
-    def logits_for(tokens: list[int]) -> torch.Tensor:
-        return torch.nn.functional.one_hot(torch.tensor(tokens), 5).float()
-
-    ignore = -100
-    labels = torch.tensor(
-        [
-            [0, 1, 4, ignore, ignore],  # gold "bottom" + end
-            [0, 1, 4, ignore, ignore],  # gold "bottom" + end
-            [0, 1, 2, 3, 4],  # gold "bottom-right" + end
-            [0, ignore, ignore, ignore, ignore],  # nothing supervised
-        ]
-    )
-    logits = torch.stack(
-        [
-            logits_for([1, 4, 0, 0, 0]),  # "bottom", end: right
-            logits_for([1, 2, 0, 0, 0]),  # "bottom" then "-" (would say bottom-...): wrong
-            logits_for([1, 2, 3, 4, 0]),  # "bottom-right", end: right
-            logits_for([1, 4, 0, 0, 0]),
-        ]
-    )
-    assert exact_answers(logits, labels, ignore_index=ignore) == [True, False, True, False]
-
-
 def test_text_prior_answers_each_question_with_its_most_frequent_training_answer(tmp_path):
     def turn(human, gpt):
         return [{"from": "human", "value": human}, {"from": "gpt", "value": gpt}]
