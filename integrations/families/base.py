@@ -892,5 +892,34 @@ def convert_model(
     ]
     if meta:
         raise RuntimeError(f"conversion left tensors unset: {meta[:5]}")
+    share_sub_configs(dense, model)
     dense.generation_config = model.generation_config
     return dense.train(model.training)
+
+
+def share_sub_configs(dense: nn.Module, source: nn.Module) -> None:
+    """Make converted ``dense`` hold the sub-configs that its reused modules read.
+
+    The tower and the LLM of a converted model are ``source``'s own modules, and they read
+    ``source``'s sub-config objects (``text_config``, ``vision_config``). A Dense config rebuilt
+    from ``to_dict()`` would be a copy that disagrees on what ``to_dict()`` leaves out: a source
+    loaded with ``attn_implementation="eager"`` would report ``"sdpa"``, save it, and
+    ``set_attn_implementation`` would change the copy, not what runs. As in HF's own models,
+    the top-level config then holds the very objects its modules read; Dense modules built
+    with the copies (a Dense vision model around stock blocks) are pointed at them too.
+    """
+    copies = []  # (the Dense copy, the source's object)
+    for key in dense.config.sub_configs:
+        shared = getattr(source.config, key, None)
+        if shared is not None:
+            copies.append((getattr(dense.config, key), shared))
+            setattr(dense.config, key, shared)
+    for module in dense.modules():
+        config = getattr(module, "config", None)
+        for copy, shared in copies:
+            if config is copy:
+                module.config = shared
+    # The dict form sets the top level alone: a plain string would overwrite the sub-configs,
+    # which are the source's, with the top level's choice.
+    dense.config._attn_implementation = {"": source.config._attn_implementation}
+    dense.config._experts_implementation = {"": source.config._experts_implementation}

@@ -62,6 +62,7 @@ from mmconnect.integrations.families.base import (
     processor_connector,
     refuse_injection,
     reject_interpolation,
+    share_sub_configs,
     tower_features,
 )
 from mmconnect.integrations.families.protocol import (
@@ -416,13 +417,6 @@ def from_gemma3(
         data.pop(key, None)
     data["connector"] = connector.to_dict()
     dense_config = DenseGemma3Config(**data)
-    # The attention implementation is not in to_dict(); the masks are built from the Dense
-    # config for the source's layers, so both must name the same one (eager vs sdpa masks).
-    dense_config._attn_implementation = {
-        "": config._attn_implementation,
-        "text_config": config.text_config._attn_implementation,
-        "vision_config": config.vision_config._attn_implementation,
-    }
     with torch.device("meta"):  # the skeleton, without allocating a second LLM
         dense = DenseGemma3ForConditionalGeneration(dense_config)
     tower = model.model.vision_tower
@@ -441,6 +435,7 @@ def from_gemma3(
     ]
     if meta:
         raise RuntimeError(f"conversion left tensors unset: {meta[:5]}")
+    share_sub_configs(dense, model)
     dense.generation_config = model.generation_config
     return dense.train(model.training)
 

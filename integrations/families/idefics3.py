@@ -68,6 +68,7 @@ from mmconnect.integrations.families.base import (
     processor_connector,
     refuse_injection,
     reject_interpolation,
+    share_sub_configs,
     tower_features,
 )
 from mmconnect.integrations.families.protocol import (
@@ -641,6 +642,7 @@ def convert_tiled(
     ]
     if meta:
         raise RuntimeError(f"conversion left tensors unset: {meta[:5]}")
+    share_sub_configs(dense, model)
     dense.generation_config = model.generation_config
     return dense.train(model.training)
 

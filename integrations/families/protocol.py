@@ -263,8 +263,10 @@ def get_family(model_type: str) -> Family:
 def convert_to_dense(model: nn.Module, connector: Any) -> nn.Module:
     """A Dense model around a stock HF model, by the family whose ``source_class`` it is.
 
-    The tower, LLM and head are ``model``'s own modules (shared, not copied); see each family's
-    converter (``from_llava``, ``from_llava_next``) for what is reused.
+    The tower, LLM and head are ``model``'s own modules (shared, not copied), and the Dense
+    config holds ``model``'s own sub-configs, which those modules read (its attention
+    implementation included); see each family's converter (``from_llava``,
+    ``from_llava_next``) for what else is reused.
 
     Args:
         model: a stock HF model of a registered family's ``source_class`` (the most specific

@@ -62,6 +62,7 @@ from mmconnect.integrations.families.base import (
     DenseInitMixin,
     check_connector_fits,
     refuse_injection,
+    share_sub_configs,
 )
 from mmconnect.integrations.families.packed_vision import (
     PackedImages,
@@ -559,6 +560,7 @@ def from_qwen2_5_vl(
     ]
     if meta:
         raise RuntimeError(f"conversion left tensors unset: {meta[:5]}")
+    share_sub_configs(dense, model)
     dense.generation_config = model.generation_config
     return dense.train(model.training)
 

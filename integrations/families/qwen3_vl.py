@@ -74,6 +74,7 @@ from mmconnect.integrations.families.base import (
     DenseGenerationMixin,
     DenseInitMixin,
     check_connector_fits,
+    share_sub_configs,
 )
 from mmconnect.integrations.families.packed_vision import (
     PackedImages,
@@ -643,6 +644,7 @@ def from_qwen3_vl(
     ]
     if meta:
         raise RuntimeError(f"conversion left tensors unset: {meta[:5]}")
+    share_sub_configs(dense, model)
     dense.generation_config = model.generation_config
     return dense.train(model.training)
 

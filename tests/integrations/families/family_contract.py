@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+from transformers import PreTrainedConfig
 
 from mmconnect import ConnectorConfig, DenseConnector
 
@@ -528,6 +529,43 @@ class FamilyContractTests(abc.ABC):
         assert re.search(self._refusal(kind), str(error.value)), str(error.value)
 
     # ------------------------------------------------------------------ 7. stock parity
+
+    def test_conversion_reports_what_the_source_runs_with(self) -> None:
+        """``convert_to_dense`` around a stock model loaded with ``attn_implementation="eager"``:
+        the Dense config holds the sub-configs its reused tower and LLM read (as the stock model
+        does), so it reports eager, and ``set_attn_implementation`` reaches the modules."""
+        from mmconnect.integrations.families.protocol import convert_to_dense, get_family
+
+        if get_family(self.model_type).source_class is not self.stock_generation_class:
+            pytest.skip(f"no stock class converts to {self.model_type}")
+        torch.manual_seed(0)
+        stock = self.stock_generation_class._from_config(
+            self.stock_config(), attn_implementation="eager"
+        ).eval()
+        dense = convert_to_dense(stock, self.connector("dense"))
+        assert type(dense) is self.generation_class
+        for key in ("text_config", "vision_config"):
+            assert getattr(dense.config, key) is getattr(stock.config, key), key
+            assert getattr(dense.config, key)._attn_implementation == "eager", key
+        assert dense.config._attn_implementation == stock.config._attn_implementation == "eager"
+        # Every HF module reads the Dense config or one of its sub-configs, no stray copy.
+        named = {id(dense.config)} | {
+            id(getattr(dense.config, key)) for key in dense.config.sub_configs
+        }
+        stray = [
+            name
+            for name, module in dense.named_modules()
+            if isinstance(getattr(module, "config", None), PreTrainedConfig)
+            and id(module.config) not in named
+        ]
+        assert stray == []
+        dense.set_attn_implementation("sdpa")
+        running = {
+            name: module.config._attn_implementation
+            for name, module in dense.named_modules()
+            if isinstance(getattr(module, "config", None), PreTrainedConfig)
+        }
+        assert set(running.values()) == {"sdpa"}, running
 
     def test_dense_config_carries_every_stock_attribute(self) -> None:
         stock = self.stock_config()
