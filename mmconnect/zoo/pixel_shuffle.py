@@ -94,6 +94,7 @@ from mmconnect.validation import check_choice, check_int_pair, check_positive_in
 
 __all__ = [
     "INTERNVIT_300M_448",
+    "SIGLIP_B16_512",
     "SIGLIP_SO400M_364",
     "PixelShuffleLinear",
     "PixelShuffleMLP",
@@ -387,6 +388,11 @@ INTERNVIT_300M_448 = EncoderGeometry(
 SIGLIP_SO400M_364 = EncoderGeometry(
     image_size=364, patch_size=14, num_layers=27, num_prefix_tokens=0, width=1152
 )
+#: SigLIP-B/16 at 512 px (SmolVLM-256M / 500M's 93M tower): 12 blocks, width 768, no prefix
+#: token, 16 px patches -> a 32x32 grid.
+SIGLIP_B16_512 = EncoderGeometry(
+    image_size=512, patch_size=16, num_layers=12, num_prefix_tokens=0, width=768
+)
 
 _INTERNVIT = {"vision_dim": 1024, "num_layers": 24}
 _SIGLIP = {"vision_dim": 1152, "num_layers": 27}
@@ -426,6 +432,22 @@ for _name, _fields, _geometry in (
             "projector": PixelShuffleSpec(factor=3),
         },
         SIGLIP_SO400M_384,
+    ),
+    # SmolVLM-256M / 500M: the last block of SigLIP-B/16 (after its post-LayerNorm) into
+    # pixel shuffle 4 + a bias-free Linear to SmolLM2-135M (576) / -360M (960): 32x32 -> 64.
+    *(
+        (
+            f"smolvlm-{_size}-pixel-shuffle-siglip-b16-512",
+            {
+                "vision_dim": 768,
+                "num_layers": 12,
+                "llm_dim": _llm_dim,
+                "fusion": SingleLayerSpec(final_layer=12),
+                "projector": PixelShuffleSpec(factor=4),
+            },
+            SIGLIP_B16_512,
+        )
+        for _size, _llm_dim in (("256m", 576), ("500m", 960))
     ),
     # The Dense Connector's DCI (as dc-dci-siglip-so400m) into SmolVLM's shuffle by 3:
     # [F, mean H[0..12], mean H[13..25]] (3456 channels) on 27x27 -> 81 tokens of 4096.

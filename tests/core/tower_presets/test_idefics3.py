@@ -20,19 +20,28 @@ PRESETS = {
     "smolvlm-pixel-shuffle-siglip-so400m": ((27, 27), 3, 2048, 81),
     "dc-sci+pixel-shuffle-smolvlm": ((27, 27), 3, 2048, 81),
     "dc-dci+pixel-shuffle-smolvlm": ((27, 27), 3, 2048, 81),
+    "smolvlm-256m-pixel-shuffle-siglip-b16-512": ((32, 32), 4, 576, 64),
+    "dc-sci+pixel-shuffle-smolvlm-256m": ((32, 32), 4, 576, 64),
+    "dc-dci+pixel-shuffle-smolvlm-256m": ((32, 32), 4, 576, 64),
+    "smolvlm-500m-pixel-shuffle-siglip-b16-512": ((32, 32), 4, 960, 64),
+    "dc-sci+pixel-shuffle-smolvlm-500m": ((32, 32), 4, 960, 64),
+    "dc-dci+pixel-shuffle-smolvlm-500m": ((32, 32), 4, 960, 64),
 }
+# tower -> (blocks, width, patch, image size): SigLIP-SO400M (364 or 384 px), SigLIP-B/16 (512 px)
+TOWERS = {26: (27, 1152, 14, 364), 27: (27, 1152, 14, 384), 32: (12, 768, 16, 512)}
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_geometry_and_tokens_per_tile(name: str) -> None:
     grid, factor, llm_dim, per_tile = PRESETS[name]
+    blocks, width, patch, size = TOWERS[grid[0]]
     config = ConnectorConfig.from_preset(name)
     geometry = preset_geometry(name)
     assert geometry.grid == grid
-    assert (geometry.num_layers, geometry.width, geometry.num_prefix_tokens) == (27, 1152, 0)
-    assert geometry.patch_size == 14
-    assert geometry.image_size in (364, (364, 364), 384, (384, 384))
-    assert (config.vision_dim, config.num_layers, config.llm_dim) == (1152, 27, llm_dim)
+    assert (geometry.num_layers, geometry.width, geometry.num_prefix_tokens) == (blocks, width, 0)
+    assert geometry.patch_size == patch
+    assert geometry.image_size in (size, (size, size))
+    assert (config.vision_dim, config.num_layers, config.llm_dim) == (width, blocks, llm_dim)
     assert config.projector == PixelShuffleSpec(factor=factor)
     assert config.num_tokens(grid) == per_tile
     assert config.token_grid(grid) == (grid[0] // factor, grid[1] // factor)
@@ -48,6 +57,13 @@ def test_dense_fusions_keep_the_native_final_layer() -> None:
     # every block before the last is in exactly one DCI group; block 27 is F
     groups = idefics3_presets.DCI_GROUPS
     assert sorted(layer for group in groups for layer in group) == list(range(1, 27))
+    # SigLIP-B/16's 12 blocks: F = H[12]; SCI adds blocks 4 and 8; DCI's 11 blocks before the
+    # last split 6 + 5
+    for suffix in ("smolvlm-256m", "smolvlm-500m"):
+        sci = ConnectorConfig.from_preset(f"dc-sci+pixel-shuffle-{suffix}").fusion
+        dci = ConnectorConfig.from_preset(f"dc-dci+pixel-shuffle-{suffix}").fusion
+        assert sci == SCISpec(final_layer=12, extra_layers=(4, 8))
+        assert dci == DCISpec(final_layer=12, groups=((1, 2, 3, 4, 5, 6), (7, 8, 9, 10, 11)))
 
 
 def test_shuffle_width_of_the_dense_fusions() -> None:
@@ -72,6 +88,9 @@ def test_shuffle_width_of_the_dense_fusions() -> None:
         ("dc-dci+pixel-shuffle-idefics3-364", 1, 169),
         ("dc-sci+pixel-shuffle-smolvlm", 4 * 4 + 1, 1377),
         ("dc-sci+pixel-shuffle-smolvlm", 1, 81),
+        # SmolVLM-256M / 500M: longest edge 4 x 512 = 2048 px, 512 px tiles of 64 tokens
+        ("dc-dci+pixel-shuffle-smolvlm-256m", 4 * 4 + 1, 1088),
+        ("dc-dci+pixel-shuffle-smolvlm-500m", 1, 64),
     ],
 )
 def test_tokens_per_image_with_splitting(name: str, tiles: int, tokens: int) -> None:

@@ -213,21 +213,22 @@ def _idefics3_pair(family: str, factor: int, dtype: torch.dtype):
     converter = idefics3_state_from_hf if family == "idefics3" else smolvlm_state_from_hf
     ours_module = build_projector(PixelShuffleSpec(factor=factor), 8, 16).to(dtype)
     ours_module.load_state_dict(converter(theirs_module.state_dict()))
-    tokens = torch.randn(2, 36, 8, generator=torch.Generator().manual_seed(7)).to(dtype)
+    # a 12x12 grid: every factor in use (2, 3, 4) divides it
+    tokens = torch.randn(2, 144, 8, generator=torch.Generator().manual_seed(7)).to(dtype)
     with torch.no_grad():
-        return theirs_module(tokens), ours_module(tokens, (6, 6))
+        return theirs_module(tokens), ours_module(tokens, (12, 12))
 
 
 @pytest.mark.parametrize("family", ["idefics3", "smolvlm"])
-@pytest.mark.parametrize("factor", [2, 3])
+@pytest.mark.parametrize("factor", [2, 3, 4])
 def test_idefics3_parity_fp32(family, factor):
     theirs, ours = _idefics3_pair(family, factor, torch.float32)
-    assert ours.shape == theirs.shape == (2, 36 // factor**2, 16)
+    assert ours.shape == theirs.shape == (2, 144 // factor**2, 16)
     assert torch.equal(ours, theirs)
 
 
 @pytest.mark.parametrize("family", ["idefics3", "smolvlm"])
-@pytest.mark.parametrize("factor", [2, 3])
+@pytest.mark.parametrize("factor", [2, 3, 4])
 def test_idefics3_parity_bf16(family, factor):
     theirs, ours = _idefics3_pair(family, factor, torch.bfloat16)
     assert ours.dtype == theirs.dtype == torch.bfloat16
@@ -480,6 +481,9 @@ PRESET_COUNTS = {
     "internvl-pixel-shuffle-internvit-300m": ((32, 32), 256, 27_540_480),
     "idefics3-pixel-shuffle-siglip-so400m-364": ((26, 26), 169, 18_874_368),
     "smolvlm-pixel-shuffle-siglip-so400m": ((27, 27), 81, 21_233_664),
+    # 576 x (16 x 768) and 960 x (16 x 768): one bias-free Linear
+    "smolvlm-256m-pixel-shuffle-siglip-b16-512": ((32, 32), 64, 7_077_888),
+    "smolvlm-500m-pixel-shuffle-siglip-b16-512": ((32, 32), 64, 11_796_480),
     "dc-dci+pixel-shuffle-siglip-so400m": ((27, 27), 81, 127_401_984),
     "dc-dci+pixel-shuffle-mlp-internvit-300m": ((32, 32), 256, 67_141_632),
 }
@@ -494,6 +498,44 @@ def test_presets_count_exactly_at_their_geometry(name):
     with torch.device("meta"):
         connector = DenseConnector(config)
     assert sum(p.numel() for p in connector.parameters()) == parameters
+
+
+@pytest.mark.parametrize(
+    ("size", "llm_dim", "heads", "kv_heads"), [("256m", 576, 9, 3), ("500m", 960, 15, 5)]
+)
+def test_small_smolvlm_presets_equal_hf_smolvlm_connector_at_their_shapes(
+    size, llm_dim, heads, kv_heads
+):
+    """The native preset at SmolVLM-256M / 500M's widths (SigLIP-B/16: 768; SmolLM2: 576 /
+    960; scale factor 4) against HF's SmolVLMConnector of the same config, on the 32x32 grid of
+    a 512 px tile: the same 64 tokens, bit for bit."""
+    pytest.importorskip("transformers")
+    from transformers import SmolVLMConfig
+    from transformers.models.smolvlm.modeling_smolvlm import SmolVLMConnector
+
+    name = f"smolvlm-{size}-pixel-shuffle-siglip-b16-512"
+    config = ConnectorConfig.from_preset(name)
+    geometry = preset_geometry(name)
+    hf_config = SmolVLMConfig(
+        vision_config={"hidden_size": geometry.width, "num_attention_heads": 12},
+        text_config={
+            "hidden_size": llm_dim,
+            "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads,
+        },
+        scale_factor=4,
+    )
+    theirs = SmolVLMConnector(hf_config).eval()
+    _randomize(theirs, seed=8)
+    ours = DenseConnector(config).eval()
+    ours.projector.load_state_dict(smolvlm_state_from_hf(theirs.state_dict()))
+    # H[12] is the tower's output after post_layernorm: the connector's input in both
+    tokens = torch.randn(1, 1024, 768, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        expected = theirs(tokens)
+        got = ours.projector(tokens, geometry.grid)
+    assert got.shape == expected.shape == (1, 64, llm_dim)
+    assert torch.equal(got, expected)
 
 
 def test_the_dc_presets_refuse_a_grid_their_factor_does_not_divide():

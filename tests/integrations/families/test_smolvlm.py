@@ -242,6 +242,35 @@ def test_preset_for_another_tower_depth_is_refused(stock):
         from_smolvlm(stock, "dc-sci+pixel-shuffle-smolvlm")
 
 
+@pytest.mark.parametrize("size", ["256m", "500m"])
+def test_small_smolvlm_presets_convert_a_model_of_their_depth_and_factor(size):
+    """SmolVLM-256M / 500M's layout at tiny widths (a 12-block tower, 16 px patches, 128 px
+    tiles: an 8x8 grid, shuffled by 4 into 4 tokens): the native preset reuses the stock
+    connector and gives the stock logits; the Dense presets (resized to the widths) run on the
+    same prompt."""
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
+
+    config = SmolVLMConfig(
+        vision_config=toys.vision_config("smolvlm", blocks=12, image_size=128) | {"patch_size": 16},
+        text_config=toys.text_config(),
+        image_token_id=toys.IMAGE,
+        scale_factor=4,
+    )
+    torch.manual_seed(0)
+    stock = SmolVLMForConditionalGeneration(config).eval()
+    pixels = torch.randn(1, 1, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+    ids = torch.tensor([[toys.BOS, *[toys.IMAGE] * 4, toys.BOS + 1]])
+    native = from_smolvlm(stock, f"smolvlm-{size}-pixel-shuffle-siglip-b16-512").eval()
+    with torch.no_grad():
+        expected = stock(input_ids=ids, pixel_values=pixels).logits
+        assert torch.equal(native(input_ids=ids, pixel_values=pixels).logits, expected)
+        for kind in ("sci", "dci"):
+            dense = from_smolvlm(stock, f"dc-{kind}+pixel-shuffle-smolvlm-{size}").eval()
+            assert dense.connector.config.fusion.final_layer == 12
+            logits = dense(input_ids=ids, pixel_values=pixels).logits
+            assert logits.shape == expected.shape and torch.isfinite(logits).all()
+
+
 def test_convert_to_dense_picks_the_smolvlm_family(stock):
     converted = convert_to_dense(stock, toys.connectors("smolvlm")["native"])
     assert type(converted) is DenseSmolVLMForConditionalGeneration
