@@ -11,7 +11,7 @@ import os
 import sys
 
 from mmconnect.integrations.training.stages import StageConfig, train_stage
-from tests.support.training_toys import ToyDataset, build_model, collate
+from tests.support.training_toys import ToyDataset, build_model, collate, end_process_group
 
 
 def main(output_dir: str, per_device_batch: int) -> None:
@@ -27,6 +27,7 @@ def main(output_dir: str, per_device_batch: int) -> None:
         extra_training_arguments=options,
     )
     train_stage(build_model(), ToyDataset(), collate, stage)
+    end_process_group()
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from pathlib import Path
 from torch.distributed.tensor import DTensor
 
 from mmconnect.integrations.training.stages import LoraSettings, StageConfig, train_stage
-from tests.support.training_toys import ToyDataset, build_model, collate
+from tests.support.training_toys import ToyDataset, build_model, collate, end_process_group
 
 ENGINES = ("none", "fsdp", "fsdp-requested", "deepspeed")
 STAGES = ("align", "instruct", "instruct-lora")
@@ -120,6 +120,7 @@ def main(output_dir: str, per_device_batch: int, runs: list[str]) -> None:
         if int(os.environ.get("RANK", "0")) == 0:
             record = {"losses": result.losses, "sharded": sharded}
             (folder / "run.json").write_text(json.dumps(record))
+    end_process_group()
 
 
 if __name__ == "__main__":
