@@ -908,16 +908,16 @@ def share_sub_configs(dense: nn.Module, source: nn.Module) -> None:
     the top-level config then holds the very objects its modules read; Dense modules built
     with the copies (a Dense vision model around stock blocks) are pointed at them too.
     """
-    copies = []  # (the Dense copy, the source's object)
+    replaced = []  # (the Dense copy, the source's object)
     for key in dense.config.sub_configs:
         shared = getattr(source.config, key, None)
         if shared is not None:
-            copies.append((getattr(dense.config, key), shared))
+            replaced.append((getattr(dense.config, key), shared))
             setattr(dense.config, key, shared)
     for module in dense.modules():
         config = getattr(module, "config", None)
-        for copy, shared in copies:
-            if config is copy:
+        for duplicate, shared in replaced:
+            if config is duplicate:
                 module.config = shared
     # The dict form sets the top level alone: a plain string would overwrite the sub-configs,
     # which are the source's, with the top level's choice.
