@@ -93,6 +93,7 @@ from mmconnect.projectors import (
 from mmconnect.validation import check_choice, check_int_pair, check_positive_int
 
 __all__ = [
+    "INTERNVIT_6B_448",
     "INTERNVIT_300M_448",
     "SIGLIP_B16_512",
     "SIGLIP_SO400M_364",
@@ -384,6 +385,11 @@ smolvlm_state_from_hf = idefics3_state_from_hf
 INTERNVIT_300M_448 = EncoderGeometry(
     image_size=448, patch_size=14, num_layers=24, num_prefix_tokens=1, width=1024
 )
+#: InternViT-6B-448px (V1.5 / V2.5: InternVL 1.5, 2.5 and 3's large tower, 26B-78B): 45 blocks,
+#: width 3200, a class token, 448 px with patch 14 -> a 32x32 grid.
+INTERNVIT_6B_448 = EncoderGeometry(
+    image_size=448, patch_size=14, num_layers=45, num_prefix_tokens=1, width=3200
+)
 #: SigLIP-SO400M at Idefics3's 364 px: 27 blocks, width 1152, no prefix token, a 26x26 grid.
 SIGLIP_SO400M_364 = EncoderGeometry(
     image_size=364, patch_size=14, num_layers=27, num_prefix_tokens=0, width=1152
@@ -409,6 +415,18 @@ for _name, _fields, _geometry in (
             "projector": PixelShuffleMLPSpec(factor=2),
         },
         INTERNVIT_300M_448,
+    ),
+    # InternVL3-38B: the same on InternViT-6B (layer 45) to Qwen2.5-32B (5120): 256 tokens.
+    (
+        "internvl-pixel-shuffle-internvit-6b",
+        {
+            "vision_dim": 3200,
+            "num_layers": 45,
+            "llm_dim": 5120,
+            "fusion": SingleLayerSpec(final_layer=45),
+            "projector": PixelShuffleMLPSpec(factor=2),
+        },
+        INTERNVIT_6B_448,
     ),
     # Idefics3-8B: the last block (the tower's post-LayerNorm follows it in Idefics3) into
     # pixel shuffle 2 + a bias-free Linear to Llama-3.1-8B (4096): 26x26 -> 169 tokens.

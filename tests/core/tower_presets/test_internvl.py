@@ -1,4 +1,5 @@
-"""Presets for InternViT-300M-448px as InternVL uses it (mmconnect.tower_presets.internvl):
+"""Presets for InternViT-300M-448px and InternViT-6B-448px as InternVL uses them
+(mmconnect.tower_presets.internvl):
 geometry, layers, exact token counts per tile and per tiled image, widths at real size, and the
 module's doctest."""
 
@@ -97,9 +98,53 @@ def test_dense_fusions_read_the_native_final_layer() -> None:
     )
 
 
+# InternViT-6B (45 blocks, width 3200; InternVL3-38B: Qwen2.5-32B, 5120): preset -> (fusion,
+# projector, resample, tokens per 448 px tile); written by hand.
+DCI_6B = DCISpec(final_layer=45, groups=(tuple(range(0, 23)), tuple(range(23, 45))))
+PRESETS_6B = {
+    "internvl-pixel-shuffle-internvit-6b": (SingleLayerSpec(final_layer=45), SHUFFLE, None, 256),
+    "dc-sci+pixel-shuffle-mlp-internvit-6b": (
+        SCISpec(final_layer=45, extra_layers=(15, 30)),
+        SHUFFLE,
+        None,
+        256,
+    ),
+    "dc-dci+pixel-shuffle-mlp-internvit-6b": (DCI_6B, SHUFFLE, None, 256),
+    "dc-dci-internvit-6b": (DCI_6B, MLPSpec(depth=2), None, 1024),
+    "dc-dci-internvit-6b-efficient": (DCI_6B, MLPSpec(depth=2), ResampleSpec(grid=(16, 16)), 256),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS_6B))
+def test_internvit_6b_geometry_layers_and_tokens_per_tile(name: str) -> None:
+    fusion, projector, resample, per_tile = PRESETS_6B[name]
+    config = ConnectorConfig.from_preset(name)
+    geometry = preset_geometry(name)
+    assert geometry is internvl_presets.INTERNVIT_6B_448
+    assert (geometry.image_size, geometry.patch_size, geometry.grid) == (448, 14, (32, 32))
+    assert (geometry.num_layers, geometry.width, geometry.num_prefix_tokens) == (45, 3200, 1)
+    assert (config.vision_dim, config.num_layers, config.llm_dim) == (3200, 45, 5120)
+    assert (config.fusion, config.projector, config.resample) == (fusion, projector, resample)
+    assert config.num_tokens((32, 32)) == per_tile
+    assert TILES[(1080, 1920)] * config.num_tokens((32, 32)) == 9 * per_tile
+
+
+def test_dense_fusions_follow_one_rule_for_both_towers() -> None:
+    """24 blocks give the 300M constants; 45 split their 45 layers before the last 23 + 22."""
+    fusions = internvl_presets.dense_fusions(24)
+    assert fusions["sci"] == SCISpec(final_layer=24, extra_layers=internvl_presets.SCI_LAYERS)
+    assert fusions["dci"] == DCISpec(final_layer=24, groups=internvl_presets.DCI_GROUPS)
+    assert internvl_presets.dense_fusions(45)["dci"] == DCI_6B
+
+
 @pytest.mark.parametrize(
     ("name", "shapes"),
     [
+        # InternVL3-38B's projector: LayerNorm(12800), Linear(12800 -> 5120), Linear(5120 -> 5120)
+        (
+            "internvl-pixel-shuffle-internvit-6b",
+            {"norm.weight": (12800,), "fc1.weight": (5120, 12800), "fc2.weight": (5120, 5120)},
+        ),
         # InternVL3-8B's projector: LayerNorm(4096), Linear(4096 -> 3584), Linear(3584 -> 3584)
         (
             "internvl-pixel-shuffle-internvit-300m",

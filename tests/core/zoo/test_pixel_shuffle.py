@@ -479,6 +479,8 @@ def test_specs_round_trip_through_configs(spec):
 # ---------------------------------------------------------------------------- presets
 PRESET_COUNTS = {
     "internvl-pixel-shuffle-internvit-300m": ((32, 32), 256, 27_540_480),
+    # LayerNorm(12800) + Linear(12800 -> 5120) + Linear(5120 -> 5120), with biases
+    "internvl-pixel-shuffle-internvit-6b": ((32, 32), 256, 91_786_240),
     "idefics3-pixel-shuffle-siglip-so400m-364": ((26, 26), 169, 18_874_368),
     "smolvlm-pixel-shuffle-siglip-so400m": ((27, 27), 81, 21_233_664),
     # 576 x (16 x 768) and 960 x (16 x 768): one bias-free Linear

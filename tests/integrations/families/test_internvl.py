@@ -24,7 +24,7 @@ from transformers import (
     InternVLModel,
 )
 
-from mmconnect import ConnectorConfig, DCISpec, DeepStackSpec, SingleLayerSpec
+from mmconnect import ConnectorConfig, DCISpec, DeepStackSpec, SCISpec, SingleLayerSpec
 from mmconnect.integrations.families.internvl import (
     DenseInternVLConfig,
     DenseInternVLForConditionalGeneration,
@@ -328,6 +328,39 @@ def test_presets_resized_to_the_tower(stock) -> None:
     assert dense.connector.config.fusion.extra_layers == (8, 16)
     assert (dense.connector.config.vision_dim, dense.connector.config.llm_dim) == (VISION, LLM)
     assert dense.model.tokens_per_tile() == TOKENS_PER_TILE
+
+
+def test_internvit_6b_presets_convert_a_tower_of_its_depth(stock_processor) -> None:
+    """InternViT-6B's layout at tiny widths (45 blocks, RMSNorm, QK-norm, no attention bias): the
+    native 6B preset, resized to the widths, reuses the stock projector and gives the stock
+    logits; the Dense 6B presets read layers 15 / 30 and 0-22 / 23-44 and fill the same tiles."""
+    vision = toys.vision_config(blocks=45).to_dict() | {
+        "norm_type": "rms_norm",
+        "use_qk_norm": True,
+        "attention_bias": False,
+    }
+    config = InternVLConfig(
+        vision_config=vision,
+        text_config=toys.text_config().to_dict(),
+        image_token_id=toys.IMG_CONTEXT,
+        vision_feature_layer=-1,
+    )
+    torch.manual_seed(0)
+    stock = InternVLForConditionalGeneration(config).eval()
+    inputs = dict(stock_processor(images=_images((60, 150)), text=[PROMPT], return_tensors="pt"))
+    native = from_internvl(stock, "internvl-pixel-shuffle-internvit-6b").eval()
+    assert torch.equal(_logits(native, inputs), _logits(stock, inputs))
+    for name, fusion in (
+        ("dc-sci+pixel-shuffle-mlp-internvit-6b", SCISpec(final_layer=45, extra_layers=(15, 30))),
+        (
+            "dc-dci+pixel-shuffle-mlp-internvit-6b",
+            DCISpec(final_layer=45, groups=(tuple(range(0, 23)), tuple(range(23, 45)))),
+        ),
+    ):
+        dense = from_internvl(stock, name).eval()
+        assert dense.connector.config.fusion == fusion
+        logits = _logits(dense, inputs)
+        assert logits.shape == _logits(stock, inputs).shape and torch.isfinite(logits).all()
 
 
 # ---------------------------------------------------------------------------- the tap
