@@ -146,13 +146,19 @@ def test_stock_processor_builds_the_dense_prompts(dense, exported):
         assert (exported["dci"][1](**got).logits - expected).abs().max() <= 1e-5
 
 
-def test_siglip_tower_exports_with_the_full_strategy(tmp_path):
+@pytest.mark.parametrize(
+    ("name", "layers"), [("sci", [7, 3, 5]), ("dci", [7, 0, 1, 2, 3, 4, 5, 6])]
+)
+def test_siglip_tower_exports_with_the_full_strategy(name, layers, tmp_path):
+    """No CLS token: the stock model reads every token ("full") and its processor adds none;
+    the logits equal the Dense model's (SCI bit for bit, DCI within 1e-5) and the stock
+    processor builds the Dense processor's prompts."""
     torch.manual_seed(0)
     stock = LlavaNextForConditionalGeneration(stock_config("siglip")).eval()
     torch.manual_seed(1)
-    model = from_llava_next(stock, CONNECTORS["dci"]).eval()
+    model = from_llava_next(stock, CONNECTORS[name]).eval()
     report = export_to_stock(model, tmp_path / "stock", processor=processor_of(model))
-    assert (report.vision_feature_layer, report.exact) == ([7, 0, 1, 2, 3, 4, 5, 6], False)
+    assert (report.vision_feature_layer, report.exact) == (layers, name == "sci")
     exported = LlavaNextForConditionalGeneration.from_pretrained(tmp_path / "stock").eval()
     processor = AutoProcessor.from_pretrained(tmp_path / "stock")
     assert exported.config.vision_feature_select_strategy == "full"
@@ -163,7 +169,11 @@ def test_siglip_tower_exports_with_the_full_strategy(tmp_path):
     for sizes in SIZES:
         inputs = llava_next_toys.inputs(model, sizes, seed=len(sizes))
         with torch.no_grad():
-            assert (exported(**inputs).logits - model(**inputs).logits).abs().max() <= 1e-5
+            got, expected = exported(**inputs).logits, model(**inputs).logits
+        if name == "sci":
+            assert torch.equal(got, expected)
+        else:
+            assert (got - expected).abs().max() <= 1e-5
     text = ["w1 <image> w2", "w3 <image>", "<image> w4 w5"]
     want = processor_of(model)(images=sample_images(), text=text, padding=True, return_tensors="pt")
     got = processor(images=sample_images(), text=text, padding=True, return_tensors="pt")
