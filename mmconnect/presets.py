@@ -196,6 +196,32 @@ PUBLISHED_PRESETS: tuple[str, ...] = (
 )
 
 
+def fusions_by_depth(depth: int, *, first_layer: int) -> dict[str, SCISpec | DCISpec]:
+    """SCI and DCI for a tower of ``depth`` blocks, by the rule the tower presets share.
+
+    ``F`` is layer ``depth``; SCI adds the outputs of blocks ``depth // 3`` and
+    ``2 * depth // 3`` (a third and two thirds of the depth); DCI adds the means of layers
+    ``first_layer .. depth - 1`` in two halves, the first taking the middle layer when their
+    number is odd. ``first_layer`` is 0 to include the embeddings (InternVL's towers), 1 to
+    leave them out (the SigLIP towers of Idefics3 / SmolVLM).
+
+    Examples:
+        >>> fusions_by_depth(12, first_layer=1)["dci"].groups
+        ((1, 2, 3, 4, 5, 6), (7, 8, 9, 10, 11))
+    """
+    check_int(depth, "depth", minimum=2)
+    hint = f"DCI needs two layers from first_layer to depth - 1 = {depth - 1}"
+    check_int(first_layer, "first_layer", minimum=0, maximum=depth - 2, hint=hint)
+    middle = first_layer + (depth - first_layer + 1) // 2
+    return {
+        "sci": SCISpec(final_layer=depth, extra_layers=(depth // 3, 2 * depth // 3)),
+        "dci": DCISpec(
+            final_layer=depth,
+            groups=(tuple(range(first_layer, middle)), tuple(range(middle, depth))),
+        ),
+    }
+
+
 def list_presets() -> list[str]:
     """The names of the registered presets (built-in and added), sorted."""
     return sorted(_PRESETS)

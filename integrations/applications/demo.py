@@ -422,7 +422,7 @@ def exact_answers(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: i
 
 @torch.no_grad()
 def exact_answer_accuracy(
-    model: torch.nn.Module, dataset: Any, question_types: list[str], batch_size: int = 32
+    model: nn.Module, dataset: LlavaDataset, question_types: list[str], batch_size: int = 32
 ) -> dict[str, float]:
     """Exact-answer accuracy per question type (and ``"all"``) of single-turn ``dataset``.
 

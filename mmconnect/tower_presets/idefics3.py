@@ -70,7 +70,7 @@ Examples:
 from __future__ import annotations
 
 from mmconnect.fusion import DCISpec, SCISpec
-from mmconnect.presets import SIGLIP_SO400M_384, register_preset
+from mmconnect.presets import SIGLIP_SO400M_384, fusions_by_depth, register_preset
 from mmconnect.zoo.pixel_shuffle import SIGLIP_B16_512, SIGLIP_SO400M_364, PixelShuffleSpec
 
 __all__ = [
@@ -96,16 +96,10 @@ def dense_fusions(depth: int) -> dict[str, SCISpec | DCISpec]:
 
     ``F`` is layer ``depth`` (the last block, after ``post_layernorm``); SCI adds the raw outputs
     of blocks ``depth // 3`` and ``2 * depth // 3``; DCI adds the means of blocks
-    ``1 .. depth - 1`` in two halves (the first takes the middle block when their number is odd).
+    ``1 .. depth - 1`` in two halves (the first takes the middle block when their number is odd):
+    :func:`mmconnect.presets.fusions_by_depth` without the embeddings.
     """
-    first_half = depth // 2  # of the depth - 1 blocks before the last, rounded up
-    return {
-        "sci": SCISpec(final_layer=depth, extra_layers=(depth // 3, 2 * depth // 3)),
-        "dci": DCISpec(
-            final_layer=depth,
-            groups=(tuple(range(1, first_half + 1)), tuple(range(first_half + 1, depth))),
-        ),
-    }
+    return fusions_by_depth(depth, first_layer=1)
 
 
 # family suffix -> (shuffle factor, LLM width, tower geometry)

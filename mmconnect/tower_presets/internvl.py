@@ -79,7 +79,7 @@ Examples:
 from __future__ import annotations
 
 from mmconnect.fusion import DCISpec, SCISpec
-from mmconnect.presets import register_preset
+from mmconnect.presets import fusions_by_depth, register_preset
 from mmconnect.resample import ResampleSpec
 from mmconnect.zoo.pixel_shuffle import INTERNVIT_6B_448, INTERNVIT_300M_448, PixelShuffleMLPSpec
 
@@ -106,16 +106,10 @@ def dense_fusions(depth: int) -> dict[str, SCISpec | DCISpec]:
     ``F`` is layer ``depth`` (``last_hidden_state``); SCI adds the outputs of blocks
     ``depth // 3`` and ``2 * depth // 3``; DCI adds the means of layers ``0 .. depth - 1`` (the
     embeddings and the blocks before the last) in two halves, the first taking the middle layer
-    when their number is odd. ``dense_fusions(24)`` gives :data:`SCI_LAYERS` / :data:`DCI_GROUPS`.
+    when their number is odd: :func:`mmconnect.presets.fusions_by_depth` with the embeddings.
+    ``dense_fusions(24)`` gives :data:`SCI_LAYERS` / :data:`DCI_GROUPS`.
     """
-    first_half = (depth + 1) // 2
-    return {
-        "sci": SCISpec(final_layer=depth, extra_layers=(depth // 3, 2 * depth // 3)),
-        "dci": DCISpec(
-            final_layer=depth,
-            groups=(tuple(range(0, first_half)), tuple(range(first_half, depth))),
-        ),
-    }
+    return fusions_by_depth(depth, first_layer=0)
 
 
 # tower name -> (geometry, LLM width): InternVL3-8B (Qwen2.5-7B), InternVL3-38B (Qwen2.5-32B)

@@ -608,6 +608,54 @@ def test_upgrade_format1_is_public_and_pure():
 # ---------------------------------------------------------------------------- presets
 
 
+def test_fusions_by_depth_with_and_without_the_embeddings():
+    """The rule the tower presets share, written out by hand for the towers that use it."""
+    from mmconnect.presets import fusions_by_depth
+
+    so400m = fusions_by_depth(27, first_layer=1)  # Idefics3 / SmolVLM on SigLIP-SO400M
+    assert so400m["sci"] == SCISpec(final_layer=27, extra_layers=(9, 18))
+    assert so400m["dci"] == DCISpec(
+        final_layer=27, groups=(tuple(range(1, 14)), tuple(range(14, 27)))
+    )
+    # SigLIP-B/16: 11 blocks before the last, the first half takes the odd one
+    assert fusions_by_depth(12, first_layer=1)["dci"].groups == (
+        (1, 2, 3, 4, 5, 6),
+        (7, 8, 9, 10, 11),
+    )
+    internvit = fusions_by_depth(24, first_layer=0)  # InternViT-300M, embeddings included
+    assert internvit["sci"] == SCISpec(final_layer=24, extra_layers=(8, 16))
+    assert internvit["dci"].groups == (tuple(range(0, 12)), tuple(range(12, 24)))
+    assert fusions_by_depth(45, first_layer=0)["dci"].groups == (
+        tuple(range(0, 23)),
+        tuple(range(23, 45)),
+    )
+
+
+@pytest.mark.parametrize(
+    ("depth", "first_layer", "error", "message"),
+    [
+        (1, 0, ValueError, r"depth must be an int >= 2, got 1"),
+        (12.0, 1, TypeError, r"depth must be an int >= 2, got 12\.0 \(float\)"),
+        (12, 11, ValueError, r"first_layer must be an int in \[0, 10\], got 11; DCI needs two"),
+        (12, -1, ValueError, r"first_layer must be an int in \[0, 10\], got -1"),
+    ],
+)
+def test_fusions_by_depth_refuses_bad_arguments(depth, first_layer, error, message):
+    from mmconnect.presets import fusions_by_depth
+
+    with pytest.raises(error, match=message):
+        fusions_by_depth(depth, first_layer=first_layer)
+
+
+def test_presets_module_doctests_pass():
+    import doctest
+
+    import mmconnect.presets
+
+    failures, attempted = doctest.testmod(mmconnect.presets)
+    assert failures == 0 and attempted >= 2
+
+
 def test_list_presets_exact():
     """The eight published presets, exactly; the connector zoo's modules register their own."""
     assert set(EXPECTED_PRESETS) <= set(list_presets())
